@@ -1,0 +1,25 @@
+"""numbabn: fast, accurate batch normalization on Numba (CPU) and numba.cuda (GPU).
+
+The functional API works on NumPy arrays of float32 or float64 with any feature
+axis; see the README's "Conventions" section for the meaning of every argument.
+"""
+
+from .functional import (
+    batch_norm,
+    batch_norm_backward,
+    batch_norm_train,
+    batch_stats,
+    normalize,
+    update_running_stats,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "batch_stats",
+    "normalize",
+    "batch_norm_train",
+    "batch_norm_backward",
+    "update_running_stats",
+    "batch_norm",
+]

@@ -1,0 +1,157 @@
+"""Argument checks for the public API.
+
+Every check runs before any computation or write, so a call that fails leaves its
+inputs, parameters and running statistics untouched.  Messages say what was
+expected, what was given, and how to fix it.  Kernels never check anything.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import numpy as np
+
+FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def describe(a) -> str:
+    """A short description of a value for error messages."""
+    if hasattr(a, "shape") and hasattr(a, "dtype"):
+        return f"{type(a).__name__} of shape {tuple(a.shape)} and dtype {a.dtype}"
+    return f"{type(a).__name__} {a!r}"[:120]
+
+
+def is_array(a) -> bool:
+    return isinstance(a, np.ndarray)
+
+
+def check_input(x, name="x"):
+    """``x`` must be a float32/float64 ndarray with ndim >= 2 and no empty axis."""
+    if not is_array(x):
+        raise TypeError(
+            f"{name} must be a numpy.ndarray of float32 or float64; got {describe(x)}. "
+            f"Wrap it with np.asarray({name}, dtype=np.float32)."
+        )
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{name} must have dtype float32 or float64 (native byte order); got {x.dtype}. "
+            f"Convert it with {name}.astype(np.float32)."
+        )
+    if x.ndim < 2:
+        raise ValueError(
+            f"{name} must have at least 2 dimensions (batch and features, e.g. (N, C)); "
+            f"got shape {tuple(x.shape)}. Use {name}.reshape(-1, 1) for a single feature."
+        )
+    if x.size == 0:
+        raise ValueError(f"{name} must not be empty; got shape {tuple(x.shape)}.")
+
+
+def check_axis(axis, ndim) -> int:
+    """Return the feature axis as a non-negative int."""
+    if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
+        raise TypeError(f"axis must be an int; got {describe(axis)}.")
+    if not -ndim <= axis < ndim:
+        raise ValueError(
+            f"axis {axis} is out of range for an input with {ndim} dimensions "
+            f"(expected {-ndim} <= axis < {ndim})."
+        )
+    return int(axis) % ndim
+
+
+def check_eps(eps) -> float:
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+        raise TypeError(f"eps must be a positive float; got {describe(eps)}.")
+    if not (math.isfinite(eps) and eps > 0):
+        raise ValueError(f"eps must be a positive finite number; got {eps!r}.")
+    return float(eps)
+
+
+def check_momentum(momentum) -> float:
+    if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
+        raise TypeError(f"momentum must be a float in [0, 1]; got {describe(momentum)}.")
+    if not 0.0 <= momentum <= 1.0:  # also refuses NaN
+        raise ValueError(f"momentum must be in [0, 1]; got {momentum!r}.")
+    return float(momentum)
+
+
+def check_bool(value, name) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False; got {describe(value)}.")
+    return bool(value)
+
+
+def check_stat_vector(v, name):
+    """A 1-D float32/float64 ndarray that fixes the feature count and dtype."""
+    if not is_array(v) or v.dtype not in FLOAT_DTYPES or v.ndim != 1 or v.size == 0:
+        raise TypeError(
+            f"{name} must be a non-empty 1-D numpy.ndarray of float32 or float64; "
+            f"got {describe(v)}."
+        )
+
+
+def check_vector(v, name, nfeat, dtype, writeable=False):
+    """A per-feature vector: 1-D ndarray of length ``nfeat`` and the input's dtype."""
+    if not is_array(v):
+        raise TypeError(
+            f"{name} must be a numpy.ndarray of shape ({nfeat},) and dtype {dtype}; "
+            f"got {describe(v)}."
+        )
+    if v.dtype != dtype:
+        raise TypeError(
+            f"{name} must have dtype {dtype} to match the input; got {v.dtype}. "
+            f"Convert it with {name}.astype(np.{dtype})."
+        )
+    if v.shape != (nfeat,):
+        raise ValueError(
+            f"{name} must have shape ({nfeat},), one value per feature; got shape {tuple(v.shape)}."
+        )
+    if writeable and not v.flags.writeable:
+        raise ValueError(f"{name} is read-only but must be updated in place; pass a writeable array.")
+
+
+def check_same_as(a, name, x, x_name="x"):
+    """``a`` must be an array of exactly the shape and dtype of ``x``."""
+    if not is_array(a):
+        raise TypeError(
+            f"{name} must be a numpy.ndarray like {x_name} (shape {tuple(x.shape)}, "
+            f"dtype {x.dtype}); got {describe(a)}."
+        )
+    if a.dtype != x.dtype:
+        raise TypeError(f"{name} must have dtype {x.dtype} like {x_name}; got {a.dtype}.")
+    if a.shape != x.shape:
+        raise ValueError(
+            f"{name} must have the shape of {x_name}, {tuple(x.shape)}; got {tuple(a.shape)}."
+        )
+
+
+def check_out(out, x):
+    check_same_as(out, "out", x)
+    if not out.flags.writeable:
+        raise ValueError("out is read-only; pass a writeable array or out=None.")
+
+
+def check_training_count(count, shape, axis):
+    """Training needs at least two values per feature (as PyTorch)."""
+    if count < 2:
+        raise ValueError(
+            f"Expected more than 1 value per feature when training; got input of shape "
+            f"{tuple(shape)} with feature axis {axis}, which has {count} value per feature."
+        )
+
+
+def check_count(count) -> int:
+    if isinstance(count, bool) or not isinstance(count, numbers.Integral):
+        raise TypeError(f"count must be an int (values per feature in the batch); got {describe(count)}.")
+    if count < 2:
+        raise ValueError(
+            f"count must be at least 2 for the unbiased variance count / (count - 1); got {count}."
+        )
+    return int(count)
+
+
+def check_running_pair(running_mean, running_var):
+    if (running_mean is None) != (running_var is None):
+        given, missing = ("running_mean", "running_var") if running_var is None else (
+            "running_var", "running_mean")
+        raise ValueError(f"{given} was given without {missing}; pass both or neither.")
