@@ -116,9 +116,15 @@ def _offset(bias, nfeat):
     return np.zeros(nfeat) if bias is None else _f64(bias)
 
 
+def _cast(dtype, *vectors):
+    """Cast float64 results to the output dtype; a variance beyond float32's range
+    (data near 1e30) becomes inf, which is its correct float32 value."""
+    with np.errstate(over="ignore"):
+        return tuple(None if a is None else a.astype(dtype) for a in vectors)
+
+
 def batch_stats(x3):
-    mean, var = stats(x3)
-    return mean.astype(x3.dtype), var.astype(x3.dtype)
+    return _cast(x3.dtype, *stats(x3))
 
 
 def normalize(x3, mean, var, weight, bias, eps, y3):
@@ -131,8 +137,7 @@ def batch_norm_train(x3, weight, bias, eps, y3):
     mean, var = stats(x3)
     invstd = 1.0 / np.sqrt(var + eps)
     affine(x3, mean, _scale(invstd, weight), _offset(bias, x3.shape[1]), y3)
-    dtype = x3.dtype
-    return mean.astype(dtype), invstd.astype(dtype), var.astype(dtype)
+    return _cast(x3.dtype, mean, invstd, var)
 
 
 def batch_norm_backward(dy3, x3, mean, invstd, weight, dx3):
@@ -155,8 +160,7 @@ def batch_norm_backward(dy3, x3, mean, invstd, weight, dx3):
     backward_dx(dy3, x3, a, true_mean, b, d, dx3)
     if weight is None:
         return None, None
-    dtype = x3.dtype
-    return (invstd * cov * n).astype(dtype), sum_dy.astype(dtype)
+    return _cast(x3.dtype, invstd * cov * n, sum_dy)
 
 
 def update_running_stats(running_mean, running_var, mean, var, count, momentum):
