@@ -299,12 +299,12 @@ def download_file(
 
 def _stream(url: str, out, *, timeout: float, progress: bool, desc: str) -> None:
     """Copy the body at ``url`` into the open file ``out``, checking its length."""
-    request = urllib.request.Request(url, headers={"User-Agent": "numbabn"})
+    received, total = 0, None
     try:
+        request = urllib.request.Request(url, headers={"User-Agent": "numbabn"})
         with urllib.request.urlopen(request, timeout=timeout) as response:
             length = response.headers.get("Content-Length")
             total = int(length) if length and length.isdigit() else None
-            received = 0
             with tqdm(
                 total=total,
                 desc=desc,
@@ -320,11 +320,18 @@ def _stream(url: str, out, *, timeout: float, progress: bool, desc: str) -> None
                     received += len(chunk)
                     bar.update(len(chunk))
     except http.client.IncompleteRead as e:
-        raise MNISTError(f"{url}: transfer cut short after {len(e.partial)} more bytes.") from e
-    except (OSError, http.client.HTTPException, ValueError) as e:
-        # URLError, HTTPError and timeouts are OSErrors; ValueError is a malformed URL.
+        raise MNISTError(
+            f"{url}: transfer cut short: received {received + len(e.partial)} bytes "
+            f"and the connection closed ({e})."
+        ) from e
+    except urllib.error.HTTPError as e:
         raise MNISTError(f"{url}: download failed: {e}") from e
-    if total is not None and received != total:
+    except urllib.error.URLError as e:  # no connection: the reason is the useful part
+        raise MNISTError(f"{url}: download failed: {e.reason}") from e
+    except (OSError, http.client.HTTPException, ValueError) as e:
+        # Timeouts while reading are OSErrors; ValueError is a malformed URL.
+        raise MNISTError(f"{url}: download failed: {type(e).__name__}: {e}") from e
+    if total is not None and received != total:  # http.client may end a short body quietly
         raise MNISTError(f"{url}: transfer cut short: received {received} of {total} bytes.")
 
 
@@ -356,7 +363,7 @@ def _fetch(
                                  timeout=timeout, progress=progress)
             return path, failures
         except MNISTError as e:
-            log.warning("%s Trying the next mirror.", e)
+            log.warning("%s", e)
             failures.append(str(e))
     return None, failures
 
@@ -419,7 +426,8 @@ def load_mnist(
     missing = [name for name, path in paths.items() if path is None]
 
     if missing and not download:
-        raise MNISTError(_missing_message(data_dir, missing, "Downloading is off (download=False)."))
+        reason = "Downloading is off (download=False)."
+        raise MNISTError(_missing_message(data_dir, missing, reason))
     if missing:
         try:
             data_dir.mkdir(parents=True, exist_ok=True)
@@ -433,7 +441,8 @@ def load_mnist(
                 failures += errors
         still_missing = [name for name in missing if paths[name] is None]
         if still_missing:
-            reason = "No mirror served a good copy:\n  " + "\n  ".join(failures or ["no mirrors given"])
+            failures = failures or ["no mirrors given"]
+            reason = "No mirror served a good copy:\n  " + "\n  ".join(failures)
             raise MNISTError(_missing_message(data_dir, still_missing, reason))
 
     arrays = []
