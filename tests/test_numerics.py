@@ -80,3 +80,20 @@ def test_constant_feature(rng):
     assert np.all(np.isfinite(dx)) and np.all(np.isfinite(dw))
     rdx, _, _ = naive.batch_norm_backward(dy, x, w)
     np.testing.assert_allclose(dx, rdx, rtol=1e-4, atol=1e-4)
+
+
+def test_index_arithmetic_beyond_2_31_elements():
+    """An (N, C) view with N * C > 2**31 elements, built with overlapping strides
+    (x[i, c] = base[i + c], a Hankel view) so nothing that large is allocated."""
+    n, c = 2**20 + 3, 2**11
+    assert n * c > 2**31
+    base = np.random.default_rng(5).standard_normal(n + c - 1).astype(np.float32)
+    x = np.lib.stride_tricks.as_strided(base, shape=(n, c), strides=(4, 4), writeable=False)
+    mean, var = nb.batch_stats(x, axis=1)
+    b64 = base.astype(np.float64)
+    csum = np.concatenate([[0.0], np.cumsum(b64)])
+    csq = np.concatenate([[0.0], np.cumsum(b64 * b64)])
+    ref_mean = (csum[n:n + c] - csum[:c]) / n
+    ref_var = (csq[n:n + c] - csq[:c]) / n - ref_mean**2
+    np.testing.assert_allclose(mean, ref_mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(var, ref_var, rtol=1e-5)
