@@ -13,13 +13,6 @@ from .functional import (
     update_running_stats,
 )
 
-__version__ = "0.1.0"
+from .functional import __all__
 
-__all__ = [
-    "batch_stats",
-    "normalize",
-    "batch_norm_train",
-    "batch_norm_backward",
-    "update_running_stats",
-    "batch_norm",
-]
+__version__ = "0.1.0"
