@@ -14,9 +14,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import _layout
+from . import _backend, _layout
 from . import _validate as v
-from ._cpu import ops as _cpu_ops
 
 __all__ = [
     "batch_stats",
@@ -28,20 +27,25 @@ __all__ = [
 ]
 
 
-def _prepare(x, axis):
-    """Validate ``x`` and ``axis``; return the backend's ops and the layout."""
+def _prepare(x, axis, **arrays):
+    """Pick the backend from where ``x`` lives (the other arrays must live there
+    too), validate ``x`` and ``axis``; return ``(backend, layout, x, *arrays)``
+    with device arrays as numba device arrays."""
+    be, (x, *rest) = _backend.select(dict(x=x, **arrays))
     v.check_input(x)
     axis = v.check_axis(axis, x.ndim)
-    return _cpu_ops, _layout.plan_layout(x, axis)
+    return (be, _layout.plan_layout(x, axis), x, *rest)
 
 
-def _view(x, layout):
-    return _layout.as_3d(x, layout)
+def _view(be, x, layout):
+    return be.layout.as_3d(x, layout)
 
 
-def _output(x, layout, out=None):
+def _output(be, x, layout, out=None):
     """Return ``(y3, y, finish)``: where kernels write, what to return, and a
     callback that copies into ``out`` when ``out`` could not be written directly."""
+    if be is not _backend.CPU:
+        return be.layout.output_3d(x, layout, out)
     if out is None:
         y3, y = _layout.empty_like_3d(layout, x.dtype)
         return y3, y, None
@@ -79,8 +83,8 @@ def batch_stats(x, axis=1):
     >>> mean.shape, var.dtype
     ((3,), dtype('float32'))
     """
-    ops, layout = _prepare(x, axis)
-    return ops.batch_stats(_view(x, layout))
+    be, layout, x = _prepare(x, axis)
+    return be.ops.batch_stats(_view(be, x, layout))
 
 
 def normalize(x, mean, var, weight=None, bias=None, eps=1e-5, axis=1, out=None):
@@ -108,7 +112,8 @@ def normalize(x, mean, var, weight=None, bias=None, eps=1e-5, axis=1, out=None):
     >>> mean, var = numbabn.batch_stats(x)
     >>> y = numbabn.normalize(x, mean, var)
     """
-    ops, layout = _prepare(x, axis)
+    be, layout, x, mean, var, weight, bias, out = _prepare(
+        x, axis, mean=mean, var=var, weight=weight, bias=bias, out=out)
     nfeat = layout.shape3[1]
     v.check_vector(mean, "mean", nfeat, x.dtype)
     v.check_vector(var, "var", nfeat, x.dtype)
@@ -116,8 +121,8 @@ def normalize(x, mean, var, weight=None, bias=None, eps=1e-5, axis=1, out=None):
     eps = v.check_eps(eps)
     if out is not None:
         v.check_out(out, x)
-    y3, y, finish = _output(x, layout, out)
-    ops.normalize(_view(x, layout), mean, var, weight, bias, eps, y3)
+    y3, y, finish = _output(be, x, layout, out)
+    be.ops.normalize(_view(be, x, layout), mean, var, weight, bias, eps, y3)
     if finish:
         finish()
     return y
@@ -146,13 +151,13 @@ def batch_norm_train(x, weight=None, bias=None, eps=1e-5, axis=1):
     >>> y, mean, invstd = numbabn.batch_norm_train(x, weight, bias)
     >>> dx, dweight, dbias = numbabn.batch_norm_backward(dy, x, mean, invstd, weight)
     """
-    ops, layout = _prepare(x, axis)
+    be, layout, x, weight, bias = _prepare(x, axis, weight=weight, bias=bias)
     nfeat = layout.shape3[1]
     _check_affine(weight, bias, nfeat, x.dtype)
     eps = v.check_eps(eps)
     v.check_training_count(layout.count, x.shape, axis)
-    y3, y, _ = _output(x, layout)
-    mean, invstd, _ = ops.batch_norm_train(_view(x, layout), weight, bias, eps, y3)
+    y3, y, _ = _output(be, x, layout)
+    mean, invstd, _ = be.ops.batch_norm_train(_view(be, x, layout), weight, bias, eps, y3)
     return y, mean, invstd
 
 
@@ -177,16 +182,17 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, axis=1):
     --------
     >>> dx, dweight, dbias = numbabn.batch_norm_backward(dy, x, mean, invstd, weight)
     """
-    ops, layout = _prepare(x, axis)
+    be, layout, x, dy, mean, invstd, weight = _prepare(
+        x, axis, dy=dy, mean=mean, invstd=invstd, weight=weight)
     v.check_same_as(dy, "dy", x)
     nfeat = layout.shape3[1]
     v.check_vector(mean, "mean", nfeat, x.dtype)
     v.check_vector(invstd, "invstd", nfeat, x.dtype)
     if weight is not None:
         v.check_vector(weight, "weight", nfeat, x.dtype)
-    dx3, dx, _ = _output(x, layout)
-    dweight, dbias = ops.batch_norm_backward(
-        _view(dy, layout), _view(x, layout), mean, invstd, weight, dx3
+    dx3, dx, _ = _output(be, x, layout)
+    dweight, dbias = be.ops.batch_norm_backward(
+        _view(be, dy, layout), _view(be, x, layout), mean, invstd, weight, dx3
     )
     return dx, dweight, dbias
 
@@ -210,6 +216,8 @@ def update_running_stats(running_mean, running_var, mean, var, count, momentum=0
     >>> mean, var = numbabn.batch_stats(x)
     >>> numbabn.update_running_stats(running_mean, running_var, mean, var, count=x.size // 3)
     """
+    be, (running_mean, running_var, mean, var) = _backend.select(dict(
+        running_mean=running_mean, running_var=running_var, mean=mean, var=var))
     v.check_stat_vector(running_mean, "running_mean")
     nfeat, dtype = running_mean.shape[0], running_mean.dtype
     v.check_vector(running_mean, "running_mean", nfeat, dtype, writeable=True)
@@ -218,7 +226,7 @@ def update_running_stats(running_mean, running_var, mean, var, count, momentum=0
     v.check_vector(var, "var", nfeat, dtype)
     count = v.check_count(count)
     momentum = v.check_momentum(momentum)
-    _cpu_ops.update_running_stats(running_mean, running_var, mean, var, count, momentum)
+    be.ops.update_running_stats(running_mean, running_var, mean, var, count, momentum)
 
 
 def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=False,
@@ -251,7 +259,8 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
     >>> y = numbabn.batch_norm(x, rm, rv, training=True)   # updates rm, rv
     >>> y_eval = numbabn.batch_norm(x, rm, rv)              # uses them
     """
-    ops, layout = _prepare(x, axis)
+    be, layout, x, running_mean, running_var, weight, bias = _prepare(
+        x, axis, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
     nfeat = layout.shape3[1]
     training = v.check_bool(training, "training")
     v.check_running_pair(running_mean, running_var)
@@ -269,14 +278,14 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
     eps = v.check_eps(eps)
     if training:
         v.check_training_count(layout.count, x.shape, axis)
-    y3, y, _ = _output(x, layout)
-    x3 = _view(x, layout)
+    y3, y, _ = _output(be, x, layout)
+    x3 = _view(be, x, layout)
     if not training:
-        ops.normalize(x3, running_mean, running_var, weight, bias, eps, y3)
+        be.ops.normalize(x3, running_mean, running_var, weight, bias, eps, y3)
         return y
-    mean, _, var = ops.batch_norm_train(x3, weight, bias, eps, y3)
+    mean, _, var = be.ops.batch_norm_train(x3, weight, bias, eps, y3)
     if has_running:
-        ops.update_running_stats(running_mean, running_var, mean, var, layout.count, momentum)
+        be.ops.update_running_stats(running_mean, running_var, mean, var, layout.count, momentum)
     return y
 
 
