@@ -2,7 +2,9 @@
 
 Each public function validates its arguments (all of them, before touching
 anything), views the input as ``(outer, C, inner)`` around the feature axis (see
-:mod:`numbabn._layout`), and hands the work to the backend's kernels.
+:mod:`numbabn._layout`), and hands the work to the backend's kernels: the CPU's
+for NumPy arrays, the GPU's for device arrays (numba.cuda arrays or objects with
+``__cuda_array_interface__``), chosen by :mod:`numbabn._backend`.
 
 Conventions (stated once, in the README's "Conventions" section): ``axis`` is the
 feature axis; statistics reduce over every other axis; ``var`` is the biased
