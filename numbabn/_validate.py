@@ -12,6 +12,8 @@ import numbers
 
 import numpy as np
 
+from ._backend import is_device_array
+
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
@@ -23,7 +25,13 @@ def describe(a) -> str:
 
 
 def is_array(a) -> bool:
-    return isinstance(a, np.ndarray)
+    """A NumPy array, or a device array once numbabn._backend.select converted it."""
+    return isinstance(a, np.ndarray) or is_device_array(a)
+
+
+def is_writeable(a) -> bool:
+    """Device arrays have no read-only flag; NumPy arrays may be read-only."""
+    return a.flags.writeable if isinstance(a, np.ndarray) else True
 
 
 def check_input(x, name="x"):
@@ -106,7 +114,7 @@ def check_vector(v, name, nfeat, dtype, writeable=False):
         raise ValueError(
             f"{name} must have shape ({nfeat},), one value per feature; got shape {tuple(v.shape)}."
         )
-    if writeable and not v.flags.writeable:
+    if writeable and not is_writeable(v):
         raise ValueError(f"{name} is read-only but must be updated in place; pass a writeable array.")
 
 
@@ -127,7 +135,7 @@ def check_same_as(a, name, x, x_name="x"):
 
 def check_out(out, x):
     check_same_as(out, "out", x)
-    if not out.flags.writeable:
+    if not is_writeable(out):
         raise ValueError("out is read-only; pass a writeable array or out=None.")
 
 

@@ -2,7 +2,9 @@
 
 Each public function validates its arguments (all of them, before touching
 anything), views the input as ``(outer, C, inner)`` around the feature axis (see
-:mod:`numbabn._layout`), and hands the work to the backend's kernels.
+:mod:`numbabn._layout`), and hands the work to the backend's kernels: the CPU's
+for NumPy arrays, the GPU's for device arrays (numba.cuda arrays or objects with
+``__cuda_array_interface__``), chosen by :mod:`numbabn._backend`.
 
 Conventions (stated once, in the README's "Conventions" section): ``axis`` is the
 feature axis; statistics reduce over every other axis; ``var`` is the biased
@@ -14,10 +16,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import _layout
+from . import _backend, _layout
 from . import _validate as v
-from ._cpu import ops as _cpu_ops
-from ._cpu.threads import kernel_guard
 
 __all__ = [
     "batch_stats",
@@ -29,20 +29,25 @@ __all__ = [
 ]
 
 
-def _prepare(x, axis):
-    """Validate ``x`` and ``axis``; return the backend's ops and the layout."""
+def _prepare(x, axis, **arrays):
+    """Pick the backend from where ``x`` lives (the other arrays must live there
+    too), validate ``x`` and ``axis``; return ``(backend, layout, x, *arrays)``
+    with device arrays as numba device arrays."""
+    be, (x, *rest) = _backend.select(dict(x=x, **arrays))
     v.check_input(x)
     axis = v.check_axis(axis, x.ndim)
-    return _cpu_ops, _layout.plan_layout(x, axis)
+    return (be, _layout.plan_layout(x, axis), x, *rest)
 
 
-def _view(x, layout):
-    return _layout.as_3d(x, layout)
+def _view(be, x, layout):
+    return be.layout.as_3d(x, layout)
 
 
-def _output(x, layout, out=None):
+def _output(be, x, layout, out=None):
     """Return ``(y3, y, finish)``: where kernels write, what to return, and a
     callback that copies into ``out`` when ``out`` could not be written directly."""
+    if be is not _backend.CPU:
+        return be.layout.output_3d(x, layout, out)
     if out is None:
         y3, y = _layout.empty_like_3d(layout, x.dtype)
         return y3, y, None
@@ -80,9 +85,9 @@ def batch_stats(x, axis=1):
     >>> mean.shape, var.dtype
     ((3,), dtype('float32'))
     """
-    ops, layout = _prepare(x, axis)
-    with kernel_guard():
-        return ops.batch_stats(_view(x, layout))
+    be, layout, x = _prepare(x, axis)
+    with be.guard():
+        return be.ops.batch_stats(_view(be, x, layout))
 
 
 def normalize(x, mean, var, weight=None, bias=None, eps=1e-5, axis=1, out=None):
@@ -110,7 +115,8 @@ def normalize(x, mean, var, weight=None, bias=None, eps=1e-5, axis=1, out=None):
     >>> mean, var = numbabn.batch_stats(x)
     >>> y = numbabn.normalize(x, mean, var)
     """
-    ops, layout = _prepare(x, axis)
+    be, layout, x, mean, var, weight, bias, out = _prepare(
+        x, axis, mean=mean, var=var, weight=weight, bias=bias, out=out)
     nfeat = layout.shape3[1]
     v.check_vector(mean, "mean", nfeat, x.dtype)
     v.check_vector(var, "var", nfeat, x.dtype)
@@ -118,9 +124,9 @@ def normalize(x, mean, var, weight=None, bias=None, eps=1e-5, axis=1, out=None):
     eps = v.check_eps(eps)
     if out is not None:
         v.check_out(out, x)
-    y3, y, finish = _output(x, layout, out)
-    with kernel_guard():
-        ops.normalize(_view(x, layout), mean, var, weight, bias, eps, y3)
+    y3, y, finish = _output(be, x, layout, out)
+    with be.guard():
+        be.ops.normalize(_view(be, x, layout), mean, var, weight, bias, eps, y3)
     if finish:
         finish()
     return y
@@ -149,14 +155,14 @@ def batch_norm_train(x, weight=None, bias=None, eps=1e-5, axis=1):
     >>> y, mean, invstd = numbabn.batch_norm_train(x, weight, bias)
     >>> dx, dweight, dbias = numbabn.batch_norm_backward(dy, x, mean, invstd, weight)
     """
-    ops, layout = _prepare(x, axis)
+    be, layout, x, weight, bias = _prepare(x, axis, weight=weight, bias=bias)
     nfeat = layout.shape3[1]
     _check_affine(weight, bias, nfeat, x.dtype)
     eps = v.check_eps(eps)
     v.check_training_count(layout.count, x.shape, axis)
-    y3, y, _ = _output(x, layout)
-    with kernel_guard():
-        mean, invstd, _ = ops.batch_norm_train(_view(x, layout), weight, bias, eps, y3)
+    y3, y, _ = _output(be, x, layout)
+    with be.guard():
+        mean, invstd, _ = be.ops.batch_norm_train(_view(be, x, layout), weight, bias, eps, y3)
     return y, mean, invstd
 
 
@@ -181,17 +187,18 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, axis=1):
     --------
     >>> dx, dweight, dbias = numbabn.batch_norm_backward(dy, x, mean, invstd, weight)
     """
-    ops, layout = _prepare(x, axis)
+    be, layout, x, dy, mean, invstd, weight = _prepare(
+        x, axis, dy=dy, mean=mean, invstd=invstd, weight=weight)
     v.check_same_as(dy, "dy", x)
     nfeat = layout.shape3[1]
     v.check_vector(mean, "mean", nfeat, x.dtype)
     v.check_vector(invstd, "invstd", nfeat, x.dtype)
     if weight is not None:
         v.check_vector(weight, "weight", nfeat, x.dtype)
-    dx3, dx, _ = _output(x, layout)
-    with kernel_guard():
-        dweight, dbias = ops.batch_norm_backward(
-            _view(dy, layout), _view(x, layout), mean, invstd, weight, dx3
+    dx3, dx, _ = _output(be, x, layout)
+    with be.guard():
+        dweight, dbias = be.ops.batch_norm_backward(
+            _view(be, dy, layout), _view(be, x, layout), mean, invstd, weight, dx3
         )
     return dx, dweight, dbias
 
@@ -215,6 +222,8 @@ def update_running_stats(running_mean, running_var, mean, var, count, momentum=0
     >>> mean, var = numbabn.batch_stats(x)
     >>> numbabn.update_running_stats(running_mean, running_var, mean, var, count=x.size // 3)
     """
+    be, (running_mean, running_var, mean, var) = _backend.select(dict(
+        running_mean=running_mean, running_var=running_var, mean=mean, var=var))
     v.check_stat_vector(running_mean, "running_mean")
     nfeat, dtype = running_mean.shape[0], running_mean.dtype
     v.check_vector(running_mean, "running_mean", nfeat, dtype, writeable=True)
@@ -223,7 +232,7 @@ def update_running_stats(running_mean, running_var, mean, var, count, momentum=0
     v.check_vector(var, "var", nfeat, dtype)
     count = v.check_count(count)
     momentum = v.check_momentum(momentum)
-    _cpu_ops.update_running_stats(running_mean, running_var, mean, var, count, momentum)
+    be.ops.update_running_stats(running_mean, running_var, mean, var, count, momentum)
 
 
 def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=False,
@@ -256,7 +265,8 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
     >>> y = numbabn.batch_norm(x, rm, rv, training=True)   # updates rm, rv
     >>> y_eval = numbabn.batch_norm(x, rm, rv)              # uses them
     """
-    ops, layout = _prepare(x, axis)
+    be, layout, x, running_mean, running_var, weight, bias = _prepare(
+        x, axis, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
     nfeat = layout.shape3[1]
     training = v.check_bool(training, "training")
     v.check_running_pair(running_mean, running_var)
@@ -274,15 +284,15 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
     eps = v.check_eps(eps)
     if training:
         v.check_training_count(layout.count, x.shape, axis)
-    y3, y, _ = _output(x, layout)
-    x3 = _view(x, layout)
-    with kernel_guard():
+    y3, y, _ = _output(be, x, layout)
+    x3 = _view(be, x, layout)
+    with be.guard():
         if not training:
-            ops.normalize(x3, running_mean, running_var, weight, bias, eps, y3)
+            be.ops.normalize(x3, running_mean, running_var, weight, bias, eps, y3)
             return y
-        mean, _, var = ops.batch_norm_train(x3, weight, bias, eps, y3)
+        mean, _, var = be.ops.batch_norm_train(x3, weight, bias, eps, y3)
     if has_running:
-        ops.update_running_stats(running_mean, running_var, mean, var, layout.count, momentum)
+        be.ops.update_running_stats(running_mean, running_var, mean, var, layout.count, momentum)
     return y
 
 

@@ -1,0 +1,74 @@
+"""Which backend runs a call: NumPy arrays go to the CPU kernels, device arrays
+(numba.cuda arrays, or anything with ``__cuda_array_interface__``: CuPy arrays,
+PyTorch CUDA tensors) to the GPU kernels.
+
+:mod:`numbabn._gpu`, and with it ``numba.cuda``, is imported only when a device
+array is first seen, so a CPU-only install never touches the CUDA driver.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import namedtuple
+
+from . import _layout
+from ._cpu import ops as _cpu_ops
+from ._cpu.threads import kernel_guard
+
+Backend = namedtuple("Backend", "name ops layout guard")
+"""``ops``: the operations (see :mod:`numbabn._cpu.ops`); ``layout``: ``as_3d``
+and ``empty_like_3d`` for that backend's arrays; ``guard()``: a context manager
+held around kernel launches (see :mod:`numbabn._cpu.threads`)."""
+
+CPU = Backend("cpu", _cpu_ops, _layout, kernel_guard)
+_GPU = []
+
+
+def is_device_array(a) -> bool:
+    """A numba device array (or the simulator's) or a CUDA-array-interface object.
+
+    A PyTorch CUDA tensor that requires grad raises its own RuntimeError here
+    (detach it first); CPU tensors and NumPy arrays are host arrays.
+    """
+    return bool(getattr(type(a), "__cuda_ndarray__", False)) or hasattr(
+        a, "__cuda_array_interface__")
+
+
+def gpu() -> Backend:
+    if not _GPU:
+        from ._gpu import layout, ops
+
+        _GPU.append(Backend("gpu", ops, layout, contextlib.nullcontext))
+    return _GPU[0]
+
+
+def select(arrays: dict):
+    """Choose the backend from where the first array lives; return it and the
+    arrays in order, device arrays as numba device arrays (views, no copies).
+
+    Every other array that is not None must live in the same place: a mix of
+    host and device arrays raises ``TypeError`` naming the offending argument.
+    """
+    names = list(arrays)
+    first = names[0]
+    if not is_device_array(arrays[first]):
+        for name in names[1:]:
+            if arrays[name] is not None and is_device_array(arrays[name]):
+                raise TypeError(
+                    f"{name} is a GPU array ({type(arrays[name]).__name__}) but {first} is "
+                    f"a host array ({type(arrays[first]).__name__}); pass all arrays on the "
+                    f"same device, e.g. {name}.copy_to_host() or numba.cuda.to_device({first})."
+                )
+        return CPU, list(arrays.values())
+    backend = gpu()
+    converted = []
+    for name in names:
+        a = arrays[name]
+        if a is not None and not is_device_array(a):
+            raise TypeError(
+                f"{name} is a host array ({type(a).__name__}) but {first} is a GPU array "
+                f"({type(arrays[first]).__name__}); pass all arrays on the same device, "
+                f"e.g. numba.cuda.to_device({name})."
+            )
+        converted.append(None if a is None else backend.layout.as_device_array(a))
+    return backend, converted

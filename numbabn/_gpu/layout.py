@@ -1,0 +1,186 @@
+"""Device-array twin of :mod:`numbabn._layout`: ``(outer, C, inner)`` views of
+numba device arrays, built from the CUDA array interface, without host copies.
+
+numba's ``DeviceNDArray`` cannot transpose beyond 2-D, so views are made by
+hand: a new array over the same memory with permuted and merged strides.  When
+the strides cannot be merged (stepped slices, say) the input is copied once, on
+the device, by :func:`numbabn._gpu.kernels.copy_strided`.
+
+Under the CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``) device arrays are NumPy
+arrays in host memory, and an interface's pointer is a host pointer; the same
+code builds the views through NumPy's array interface.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import cuda
+from numba.core import config
+
+from .. import _config as cfg
+from . import kernels as k
+
+SIMULATOR = bool(config.ENABLE_CUDASIM)
+
+
+class _Interface:
+    """Holds an interface description (and its memory's owner) for NumPy."""
+
+    def __init__(self, desc, owner):
+        self.__array_interface__ = desc
+        self.owner = owner
+
+
+def interface(a) -> dict:
+    """The CUDA array interface of a device array (shape, strides, typestr, data)."""
+    if SIMULATOR and getattr(type(a), "__cuda_ndarray__", False):
+        desc = dict(a._ary.__array_interface__)
+    else:
+        desc = dict(a.__cuda_array_interface__)
+    if desc.get("strides") is None:
+        desc["strides"] = _contiguous_strides(desc["shape"], np.dtype(desc["typestr"]).itemsize)
+    return desc
+
+
+def from_interface(desc, owner):
+    """A numba device array over the memory an interface describes (no copy)."""
+    desc = dict(desc, version=3)
+    if SIMULATOR:
+        from numba.cuda.cudadrv.devicearray import FakeCUDAArray  # the simulator's
+
+        return FakeCUDAArray(np.asarray(_Interface(desc, owner)))
+    return cuda.from_cuda_array_interface(desc, owner=owner, sync=True)
+
+
+def as_device_array(a):
+    """``a`` as a numba device array: itself, or a view of a CUDA-array-interface
+    object (CuPy array, PyTorch CUDA tensor) that keeps the object alive."""
+    if getattr(type(a), "__cuda_ndarray__", False):
+        return a
+    return from_interface(a.__cuda_array_interface__, owner=a)
+
+
+def strided_view(a, shape, strides):
+    """A view of device array ``a`` with the given shape and byte strides."""
+    desc = interface(a)
+    desc["shape"] = tuple(int(n) for n in shape)
+    desc["strides"] = tuple(int(s) for s in strides)
+    return from_interface(desc, owner=a)
+
+
+def _contiguous_strides(shape, itemsize):
+    strides = []
+    step = itemsize
+    for n in reversed(tuple(shape)):
+        strides.append(step)
+        step *= max(int(n), 1)
+    return tuple(reversed(strides))
+
+
+def _merge(shape, strides):
+    """Collapse axes into one ``(size, stride)`` if they form one strided run, else None."""
+    axes = [(n, s) for n, s in zip(shape, strides) if n != 1]
+    size = int(np.prod([n for n, _ in axes], dtype=np.int64))
+    if not axes:
+        return 1, 0
+    for (n0, s0), (n1, s1) in zip(axes, axes[1:]):
+        if s0 != s1 * n1:
+            return None
+    return size, axes[-1][1]
+
+
+def as_3d(x, layout, copy_ok: bool = True):
+    """Return device array ``x`` as ``(outer, C, inner)``, a view whenever possible.
+
+    With ``copy_ok=False`` returns ``None`` instead of copying.
+    """
+    perm = layout.perm
+    x_strides = interface(x)["strides"]
+    shape = [x.shape[a] for a in perm]
+    strides = [x_strides[a] for a in perm]
+    nouter = perm.index(layout.axis)
+    outer = _merge(shape[:nouter], strides[:nouter])
+    inner = _merge(shape[nouter + 1:], strides[nouter + 1:])
+    if outer is not None and inner is not None:
+        shape3 = (outer[0], shape[nouter], inner[0])
+        return strided_view(x, shape3, (outer[1], strides[nouter], inner[1]))
+    if not copy_ok:
+        return None
+    device_copy = cuda.device_array(tuple(shape), dtype=x.dtype)
+    copy_into(device_copy, strided_view(x, shape, strides))
+    return device_copy.reshape(layout.shape3)
+
+
+def from_3d(y3, layout):
+    """Inverse of :func:`as_3d` for an array allocated in the collapsed order."""
+    permuted_shape = tuple(layout.shape[a] for a in layout.perm)
+    permuted_strides = _contiguous_strides(permuted_shape, y3.dtype.itemsize)
+    strides = [0] * len(permuted_shape)
+    for i, a in enumerate(layout.perm):
+        strides[a] = permuted_strides[i]
+    return strided_view(y3, layout.shape, strides)
+
+
+def empty_like_3d(layout, dtype):
+    """Allocate an output in the collapsed order; return ``(y3, y)`` (see
+    :func:`numbabn._layout.empty_like_3d`)."""
+    y3 = cuda.device_array(layout.shape3, dtype=dtype)
+    return y3, from_3d(y3, layout)
+
+
+def output_3d(x, layout, out=None):
+    """Return ``(y3, y, finish)`` as :func:`numbabn.functional._output` does for
+    NumPy: where kernels write, what to return, and a callback that copies into
+    ``out`` when ``out`` could not be written directly (not viewable as 3-D, or
+    overlapping ``x`` in some other way than being ``x`` itself)."""
+    if out is None:
+        y3, y = empty_like_3d(layout, x.dtype)
+        return y3, y, None
+    out3 = as_3d(out, layout, copy_ok=False)
+    if out3 is not None and not _partial_overlap(out, x):
+        return out3, out, None
+    y3, y = empty_like_3d(layout, x.dtype)
+    return y3, out, lambda: copy_into(out, y)
+
+
+def _extent(a):
+    desc = interface(a)
+    lo = hi = desc["data"][0]
+    for n, s in zip(desc["shape"], desc["strides"]):
+        lo += min(0, (n - 1) * s)
+        hi += max(0, (n - 1) * s)
+    return lo, hi + np.dtype(desc["typestr"]).itemsize, desc
+
+
+def _partial_overlap(a, b):
+    """True when ``a`` and ``b`` share memory without being the same view."""
+    lo_a, hi_a, da = _extent(a)
+    lo_b, hi_b, db = _extent(b)
+    if hi_a <= lo_b or hi_b <= lo_a:
+        return False
+    same = (da["data"][0] == db["data"][0] and tuple(da["shape"]) == tuple(db["shape"])
+            and tuple(da["strides"]) == tuple(db["strides"]))
+    return not same
+
+
+def _flat(a):
+    """A flat 1-D view spanning ``a``'s memory, the element offset of ``a[0, ...]``
+    in it, and ``a``'s element strides."""
+    lo, hi, desc = _extent(a)
+    itemsize = np.dtype(desc["typestr"]).itemsize
+    flat = from_interface(
+        dict(desc, shape=((hi - lo) // itemsize,), strides=(itemsize,), data=(lo, False)),
+        owner=a)
+    start = (desc["data"][0] - lo) // itemsize
+    return flat, start, tuple(int(s) // itemsize for s in desc["strides"])
+
+
+def copy_into(dst, src):
+    """``dst[...] = src`` for device arrays of one shape and dtype, any strides."""
+    device_src, src_start, src_strides = _flat(src)
+    device_dst, dst_start, dst_strides = _flat(dst)
+    shape = tuple(int(n) for n in src.shape)
+    threads = cfg.GPU_THREADS
+    blocks = max(1, min(-(-int(np.prod(shape)) // threads), 65535))
+    k.copy_strided[blocks, threads](device_src, src_start, src_strides, device_dst, dst_start,
+                                    dst_strides, shape)

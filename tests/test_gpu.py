@@ -1,0 +1,336 @@
+"""The GPU backend (numbabn._gpu) against the CPU path and a float64 NumPy reference.
+
+Runs under the CUDA simulator by default (see conftest.py) or on a real GPU with
+``NUMBA_ENABLE_CUDASIM=0``; skipped when neither is available.  The simulator
+runs one Python thread per CUDA thread, so most tests shrink the blocks
+(``small_blocks``): 8 threads of 4 values, so that small odd shapes still
+split every feature over several blocks, and channel-contiguous data over
+several feature tiles.  One test runs the shipped configuration.
+"""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import numbabn
+from numbabn import _config
+
+cuda = pytest.importorskip("numba.cuda")
+if not cuda.is_available():
+    pytest.skip("no CUDA GPU, and NUMBA_ENABLE_CUDASIM is off", allow_module_level=True)
+
+SIMULATOR = bool(int(os.environ.get("NUMBA_ENABLE_CUDASIM", "0") or 0))
+
+# (shape, axis): NCHW-like with several blocks per feature and a 1-value last
+# block, channels-last NHWC, dense (N, C) over two feature tiles, 3-D (N, C, L).
+CASES = [
+    pytest.param((5, 3, 13), 1, id="NCL"),
+    pytest.param((2, 4, 3, 3), -1, id="NHWC"),
+    pytest.param((21, 5), 1, id="NC"),
+    pytest.param((3, 2, 4, 5), 1, id="NCHW"),
+]
+DTYPES = [np.float32, np.float64]
+TOL = {np.float32: 3e-5, np.float64: 1e-11}
+
+
+@pytest.fixture(autouse=True)
+def small_blocks(monkeypatch):
+    monkeypatch.setattr(_config, "GPU_THREADS", 8)
+    monkeypatch.setattr(_config, "GPU_ITEMS_PER_THREAD", 4)
+    monkeypatch.setattr(_config, "GPU_FEATURE_TILE", 4)
+
+
+def to_host(a):
+    return None if a is None else a.copy_to_host()
+
+
+def dev(a):
+    return None if a is None else cuda.to_device(a)
+
+
+class CAIWrapper:
+    """Exposes only ``__cuda_array_interface__`` (what CuPy and PyTorch give)."""
+
+    def __init__(self, device_array):
+        self._a = device_array
+
+    @property
+    def __cuda_array_interface__(self):
+        if SIMULATOR:  # the simulator's arrays are host NumPy arrays
+            return dict(self._a._ary.__array_interface__, version=3)
+        return self._a.__cuda_array_interface__
+
+
+def close(got, ref, dtype, what=""):
+    ref = np.asarray(ref, dtype=np.float64)
+    tol = TOL[dtype]
+    scale = max(1.0, float(np.abs(ref).max()))
+    np.testing.assert_allclose(np.asarray(got, np.float64), ref, rtol=tol, atol=tol * scale,
+                               err_msg=what)
+
+
+# --------------------------------------------------------------------------- #
+# float64 NumPy reference
+# --------------------------------------------------------------------------- #
+def _bcast(v, ndim, axis):
+    shape = [1] * ndim
+    shape[axis] = -1
+    return np.asarray(v, np.float64).reshape(shape)
+
+
+def ref_stats(x, axis):
+    xs = np.moveaxis(np.asarray(x, np.float64), axis, -1).reshape(-1, x.shape[axis])
+    return xs.mean(axis=0), xs.var(axis=0)
+
+
+def ref_train(x, w, b, eps, axis):
+    mean, var = ref_stats(x, axis)
+    invstd = 1.0 / np.sqrt(var + eps)
+    y = (x - _bcast(mean, x.ndim, axis)) * _bcast(invstd * w, x.ndim, axis) + _bcast(b, x.ndim, axis)
+    return y, mean, invstd, var
+
+
+def ref_backward(dy, x, w, eps, axis):
+    mean, var = ref_stats(x, axis)
+    invstd = 1.0 / np.sqrt(var + eps)
+    red = tuple(a for a in range(x.ndim) if a != axis % x.ndim)
+    xhat = (x - _bcast(mean, x.ndim, axis)) * _bcast(invstd, x.ndim, axis)
+    g = np.asarray(dy, np.float64)
+    dxhat = g * _bcast(w, x.ndim, axis)
+    dx = _bcast(invstd, x.ndim, axis) * (
+        dxhat - dxhat.mean(axis=red, keepdims=True)
+        - xhat * (dxhat * xhat).mean(axis=red, keepdims=True))
+    return dx, (g * xhat).sum(axis=red), g.sum(axis=red)
+
+
+def make(shape, axis, dtype, seed=0, loc=1.0, spread=3.0):
+    rng = np.random.default_rng(seed)
+    nfeat = shape[axis]
+    x = (loc + spread * rng.standard_normal(shape)).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    w = rng.uniform(0.5, 2.0, nfeat).astype(dtype)
+    b = rng.standard_normal(nfeat).astype(dtype)
+    return x, dy, w, b
+
+
+# --------------------------------------------------------------------------- #
+# Agreement with the CPU path and the reference
+# --------------------------------------------------------------------------- #
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape, axis", CASES)
+def test_train_backward_stats_match_cpu_and_reference(shape, axis, dtype):
+    x, dy, w, b = make(shape, axis, dtype)
+    y, mean, invstd = numbabn.batch_norm_train(dev(x), dev(w), dev(b), eps=1e-3, axis=axis)
+    assert isinstance(y, type(cuda.device_array(1)))
+    assert y.shape == x.shape and y.dtype == x.dtype and mean.dtype == x.dtype
+    ry, rmean, rinvstd, rvar = ref_train(x, w, b, 1e-3, axis)
+    cy, cmean, cinvstd = numbabn.batch_norm_train(x, w, b, eps=1e-3, axis=axis)
+    for got, ref, cpu, what in [(y, ry, cy, "y"), (mean, rmean, cmean, "mean"),
+                                (invstd, rinvstd, cinvstd, "invstd")]:
+        close(to_host(got), ref, dtype, what)
+        close(to_host(got), cpu, dtype, what + " vs cpu")
+
+    dx, dw, db = numbabn.batch_norm_backward(dev(dy), dev(x), mean, invstd, dev(w), axis=axis)
+    rdx, rdw, rdb = ref_backward(dy, x, w, 1e-3, axis)
+    cdx, cdw, cdb = numbabn.batch_norm_backward(dy, x, to_host(mean), to_host(invstd), w, axis=axis)
+    for got, ref, cpu, what in [(dx, rdx, cdx, "dx"), (dw, rdw, cdw, "dweight"),
+                                (db, rdb, cdb, "dbias")]:
+        assert got.dtype == x.dtype
+        close(to_host(got), ref, dtype, what)
+        close(to_host(got), cpu, dtype, what + " vs cpu")
+
+    m, v = numbabn.batch_stats(dev(x), axis=axis)
+    close(to_host(m), rmean, dtype, "batch_stats mean")
+    close(to_host(v), rvar, dtype, "batch_stats var")
+
+
+@pytest.mark.parametrize("shape, axis", [CASES[0], CASES[2]])
+def test_normalize_eval_and_out(shape, axis):
+    dtype = np.float32
+    x, _, w, b = make(shape, axis, dtype, seed=1)
+    rng = np.random.default_rng(2)
+    mean = rng.standard_normal(x.shape[axis]).astype(dtype)
+    var = rng.uniform(0.5, 3.0, x.shape[axis]).astype(dtype)
+    ref = numbabn.normalize(x, mean, var, w, b, axis=axis)
+    y = numbabn.normalize(dev(x), dev(mean), dev(var), dev(w), dev(b), axis=axis)
+    close(to_host(y), ref, dtype, "normalize")
+
+    device_x = dev(x)
+    out = numbabn.normalize(device_x, dev(mean), dev(var), axis=axis, out=device_x)
+    assert out is device_x
+    close(device_x.copy_to_host(), numbabn.normalize(x, mean, var, axis=axis), dtype, "in place")
+
+    y_eval = numbabn.batch_norm(dev(x), dev(mean), dev(var), dev(w), dev(b), axis=axis)
+    close(to_host(y_eval), ref, dtype, "batch_norm eval")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_running_stats_updated_in_place_on_device(dtype):
+    shape, axis = (4, 3, 5), 1
+    x, _, w, b = make(shape, axis, dtype, seed=3)
+    rm = np.linspace(-1, 1, 3).astype(dtype)
+    rv = np.linspace(0.5, 2, 3).astype(dtype)
+    device_rm, device_rv = dev(rm), dev(rv)
+    y = numbabn.batch_norm(dev(x), device_rm, device_rv, dev(w), dev(b), training=True,
+                           momentum=0.3, axis=axis)
+    rm_cpu, rv_cpu = rm.copy(), rv.copy()
+    y_cpu = numbabn.batch_norm(x, rm_cpu, rv_cpu, w, b, training=True, momentum=0.3, axis=axis)
+    close(to_host(y), y_cpu, dtype, "y")
+    close(device_rm.copy_to_host(), rm_cpu, dtype, "running_mean")
+    close(device_rv.copy_to_host(), rv_cpu, dtype, "running_var")
+    _, rmean, _, rvar = ref_train(x, w, b, 1e-5, axis)
+    n = x.size // 3
+    close(device_rv.copy_to_host(), 0.7 * rv + 0.3 * rvar * n / (n - 1), dtype, "vs ref")
+
+    mean, var = numbabn.batch_stats(dev(x), axis=axis)
+    numbabn.update_running_stats(device_rm, device_rv, mean, var, count=n, momentum=1.0)
+    close(device_rm.copy_to_host(), rmean, dtype, "momentum=1 mean")
+    close(device_rv.copy_to_host(), rvar * n / (n - 1), dtype, "momentum=1 var")
+
+
+def test_cuda_array_interface_inputs_are_views():
+    dtype = np.float32
+    shape, axis = (2, 4, 3, 3), -1
+    x, dy, w, b = make(shape, axis, dtype, seed=4)
+    device_rm, device_rv = dev(np.zeros(3, dtype)), dev(np.ones(3, dtype))
+    y = numbabn.batch_norm(CAIWrapper(dev(x)), CAIWrapper(device_rm), CAIWrapper(device_rv),
+                           CAIWrapper(dev(w)), CAIWrapper(dev(b)), training=True, axis=axis)
+    rm_cpu, rv_cpu = np.zeros(3, dtype), np.ones(3, dtype)
+    y_cpu = numbabn.batch_norm(x, rm_cpu, rv_cpu, w, b, training=True, axis=axis)
+    close(to_host(y), y_cpu, dtype, "y")
+    # The running stats were updated through the wrappers, in the original memory.
+    close(device_rm.copy_to_host(), rm_cpu, dtype, "running_mean")
+    close(device_rv.copy_to_host(), rv_cpu, dtype, "running_var")
+
+    # A Fortran-ordered (N, C) array seen through the interface: a (1, C, N) view.
+    xf = np.asfortranarray(make((9, 3), 1, dtype, seed=5)[0])
+    yf, _, _ = numbabn.batch_norm_train(CAIWrapper(cuda.to_device(xf)))
+    close(to_host(yf), numbabn.batch_norm_train(xf)[0], dtype, "fortran")
+
+
+def test_strided_device_input_and_output():
+    dtype = np.float64
+    x, dy, w, b = make((4, 3, 4, 5), 1, dtype, seed=6)
+    device_x = dev(x)[:, :, ::2]  # H and W cannot be merged: copied on the device
+    ref = numbabn.batch_norm_train(np.ascontiguousarray(x[:, :, ::2]), axis=1)
+    got = numbabn.batch_norm_train(device_x, axis=1)
+    for g, r in zip(got, ref):
+        close(to_host(g), r, dtype)
+    out = dev(np.zeros((4, 3, 4, 5), dtype))[:, :, ::2]
+    mean, var = numbabn.batch_stats(device_x)
+    result = numbabn.normalize(device_x, mean, var, out=out)
+    assert result is out
+    close(to_host(out), ref[0], dtype, "strided out")
+
+
+# --------------------------------------------------------------------------- #
+# Errors: mixed host/device, and the same bad-input errors as the CPU path
+# --------------------------------------------------------------------------- #
+def test_mixing_host_and_device_names_the_argument():
+    x, dy, w, b = make((4, 3, 5), 1, np.float32)
+    with pytest.raises(TypeError, match="weight is a host array"):
+        numbabn.batch_norm_train(dev(x), w, dev(b))
+    with pytest.raises(TypeError, match="bias is a GPU array"):
+        numbabn.batch_norm_train(x, w, dev(b))
+    with pytest.raises(TypeError, match="dy is a GPU array"):
+        numbabn.batch_norm_backward(dev(dy), x, w, w)
+    with pytest.raises(TypeError, match="running_var is a host array"):
+        numbabn.batch_norm(dev(x), dev(w), w, training=True)
+    with pytest.raises(TypeError, match="var is a GPU array"):
+        numbabn.update_running_stats(w.copy(), w.copy(), w, dev(w), count=20)
+    with pytest.raises(TypeError, match="out is a host array"):
+        numbabn.normalize(dev(x), dev(w), dev(w), out=x)
+
+
+BAD = {
+    "weight length": lambda A, x, v3: numbabn.batch_norm_train(x, weight=A(np.ones(4, np.float32))),
+    "weight dtype": lambda A, x, v3: numbabn.batch_norm_train(x, weight=A(np.ones(3))),
+    "int x": lambda A, x, v3: numbabn.batch_stats(A(np.ones((4, 3), np.int32))),
+    "1-D x": lambda A, x, v3: numbabn.batch_stats(A(np.ones(4, np.float32))),
+    "axis": lambda A, x, v3: numbabn.batch_stats(x, axis=3),
+    "eps": lambda A, x, v3: numbabn.normalize(x, v3, v3, eps=-1.0),
+    "momentum": lambda A, x, v3: numbabn.batch_norm(x, v3, A(np.ones(3, np.float32)),
+                                                    training=True, momentum=1.5),
+    "one value per feature": lambda A, x, v3: numbabn.batch_norm(
+        A(np.ones((1, 3), np.float32)), v3, A(np.ones(3, np.float32)), training=True),
+    "dy shape": lambda A, x, v3: numbabn.batch_norm_backward(
+        A(np.ones((4, 3), np.float32)), x, v3, v3),
+    "running pair": lambda A, x, v3: numbabn.batch_norm(x, v3, None, training=True),
+    "eval without stats": lambda A, x, v3: numbabn.batch_norm(x, None, None),
+    "count": lambda A, x, v3: numbabn.update_running_stats(v3, A(np.ones(3, np.float32)), v3,
+                                                           v3, count=1),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_inputs_same_errors_and_nothing_changes(case):
+    x = np.random.default_rng(7).standard_normal((4, 3, 2)).astype(np.float32)
+    v3 = np.full(3, 0.25, np.float32)
+    with pytest.raises((TypeError, ValueError)) as cpu_error:
+        BAD[case](lambda a: a, x, v3)
+    device_x, device_v3 = dev(x), dev(v3)
+    with pytest.raises(cpu_error.type) as gpu_error:
+        BAD[case](dev, device_x, device_v3)
+    assert str(gpu_error.value) == str(cpu_error.value)
+    np.testing.assert_array_equal(device_x.copy_to_host(), x)
+    np.testing.assert_array_equal(device_v3.copy_to_host(), v3)
+
+
+# --------------------------------------------------------------------------- #
+# Numerics and reproducibility
+# --------------------------------------------------------------------------- #
+@pytest.mark.parametrize("shape, axis", [((6, 2, 50), 1), ((150, 2), 1)], ids=["NCL", "NC"])
+@pytest.mark.parametrize("loc, spread", [(1e4, 1e-2), (1e6, 1.0)])
+def test_ill_conditioned_float32(shape, axis, loc, spread):
+    x = make(shape, axis, np.float32, seed=8, loc=loc, spread=spread)[0]
+    y, mean, invstd = numbabn.batch_norm_train(dev(x), axis=axis)
+    ry = ref_train(x.astype(np.float64), 1.0, 0.0, 1e-5, axis)[0]  # same float32 values
+    err = np.abs(to_host(y) - ry).max() / np.abs(ry).max()
+    assert err < 1e-4, err
+
+
+def test_nan_stays_in_its_channel():
+    x, dy, w, b = make((5, 3, 13), 1, np.float32, seed=9)
+    x[2, 1, 7] = np.nan
+    y, mean, invstd = numbabn.batch_norm_train(dev(x), dev(w), dev(b))
+    dx, dw, db = numbabn.batch_norm_backward(dev(dy), dev(x), mean, invstd, dev(w))
+    y, dx = to_host(y), to_host(dx)
+    for arr in (y, dx):
+        assert np.isnan(arr[:, 1]).all()
+        assert np.isfinite(arr[:, [0, 2]]).all()
+    for vec in (mean, invstd, dw):
+        vec = to_host(vec)
+        assert np.isnan(vec[1]) and np.isfinite(vec[[0, 2]]).all()
+
+
+@pytest.mark.parametrize("shape, axis", [CASES[0], CASES[1]])
+def test_bitwise_deterministic(shape, axis):
+    x, dy, w, b = make(shape, axis, np.float32, seed=10)
+
+    def run():
+        y, mean, invstd = numbabn.batch_norm_train(dev(x), dev(w), dev(b), axis=axis)
+        grads = numbabn.batch_norm_backward(dev(dy), dev(x), mean, invstd, dev(w), axis=axis)
+        return [to_host(a) for a in (y, mean, invstd, *grads)]
+
+    for a, b_ in zip(run(), run()):
+        assert a.tobytes() == b_.tobytes()
+
+
+def test_shipped_configuration(monkeypatch):
+    """The block sizes that run on a GPU (256 threads), on one small input."""
+    monkeypatch.undo()
+    assert _config.GPU_THREADS == 256
+    x, dy, w, b = make((40, 2), 1, np.float32, seed=11)
+    y, mean, invstd = numbabn.batch_norm_train(dev(x), dev(w), dev(b))
+    close(to_host(y), ref_train(x, w, b, 1e-5, 1)[0], np.float32, "y")
+
+
+def test_cpu_only_import_does_not_load_numba_cuda():
+    code = ("import sys, numpy as np, numbabn; numbabn.batch_norm_train(np.ones((4, 3)));"
+            "assert 'numba.cuda' not in sys.modules, 'numba.cuda was imported'")
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env,
+                   cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
