@@ -15,6 +15,7 @@ import sys
 import numpy as np
 import pytest
 
+import naive
 import numbabn
 from numbabn import _config
 
@@ -73,37 +74,15 @@ def close(got, ref, dtype, what=""):
 
 
 # --------------------------------------------------------------------------- #
-# float64 NumPy reference
+# float64 reference: the naive twin (tests/naive.py)
 # --------------------------------------------------------------------------- #
-def _bcast(v, ndim, axis):
-    shape = [1] * ndim
-    shape[axis] = -1
-    return np.asarray(v, np.float64).reshape(shape)
-
-
-def ref_stats(x, axis):
-    xs = np.moveaxis(np.asarray(x, np.float64), axis, -1).reshape(-1, x.shape[axis])
-    return xs.mean(axis=0), xs.var(axis=0)
-
-
 def ref_train(x, w, b, eps, axis):
-    mean, var = ref_stats(x, axis)
-    invstd = 1.0 / np.sqrt(var + eps)
-    y = (x - _bcast(mean, x.ndim, axis)) * _bcast(invstd * w, x.ndim, axis) + _bcast(b, x.ndim, axis)
-    return y, mean, invstd, var
+    y, mean, invstd = naive.batch_norm_train(x, w, b, eps, axis)
+    return y, mean, invstd, naive.batch_stats(x, axis)[1]
 
 
 def ref_backward(dy, x, w, eps, axis):
-    mean, var = ref_stats(x, axis)
-    invstd = 1.0 / np.sqrt(var + eps)
-    red = tuple(a for a in range(x.ndim) if a != axis % x.ndim)
-    xhat = (x - _bcast(mean, x.ndim, axis)) * _bcast(invstd, x.ndim, axis)
-    g = np.asarray(dy, np.float64)
-    dxhat = g * _bcast(w, x.ndim, axis)
-    dx = _bcast(invstd, x.ndim, axis) * (
-        dxhat - dxhat.mean(axis=red, keepdims=True)
-        - xhat * (dxhat * xhat).mean(axis=red, keepdims=True))
-    return dx, (g * xhat).sum(axis=red), g.sum(axis=red)
+    return naive.batch_norm_backward(dy, x, w, eps, axis)
 
 
 def make(shape, axis, dtype, seed=0, loc=1.0, spread=3.0):
