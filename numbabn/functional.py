@@ -232,7 +232,8 @@ def update_running_stats(running_mean, running_var, mean, var, count, momentum=0
     v.check_vector(var, "var", nfeat, dtype)
     count = v.check_count(count)
     momentum = v.check_momentum(momentum)
-    be.ops.update_running_stats(running_mean, running_var, mean, var, count, momentum)
+    if momentum > 0:  # momentum 0 keeps the old values (even where a batch var is inf)
+        be.ops.update_running_stats(running_mean, running_var, mean, var, count, momentum)
 
 
 def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=False,
@@ -291,7 +292,7 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
             be.ops.normalize(x3, running_mean, running_var, weight, bias, eps, y3)
             return y
         mean, _, var = be.ops.batch_norm_train(x3, weight, bias, eps, y3)
-    if has_running:
+    if has_running and momentum > 0:
         be.ops.update_running_stats(running_mean, running_var, mean, var, layout.count, momentum)
     return y
 
