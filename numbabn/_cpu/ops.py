@@ -133,11 +133,14 @@ def normalize(x3, mean, var, weight, bias, eps, y3):
 
 
 def batch_norm_train(x3, weight, bias, eps, y3):
-    """Normalise with batch statistics; return ``(mean, invstd, var)`` in x's dtype."""
+    """Normalise with batch statistics; return ``(mean, invstd)`` in x's dtype and
+    the biased ``var`` in float64."""
     mean, var = stats(x3)
     invstd = 1.0 / np.sqrt(var + eps)
     affine(x3, mean, _scale(invstd, weight), _offset(bias, x3.shape[1]), y3)
-    return _cast(x3.dtype, mean, invstd, var)
+    # var stays float64: it only feeds the running-stat update, where momentum may
+    # bring a variance beyond float32's range (data near 1e20) back into it.
+    return (*_cast(x3.dtype, mean, invstd), var)
 
 
 def batch_norm_backward(dy3, x3, mean, invstd, weight, dx3):
