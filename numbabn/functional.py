@@ -17,6 +17,7 @@ import numpy as np
 from . import _layout
 from . import _validate as v
 from ._cpu import ops as _cpu_ops
+from ._cpu.threads import kernel_guard
 
 __all__ = [
     "batch_stats",
@@ -80,7 +81,8 @@ def batch_stats(x, axis=1):
     ((3,), dtype('float32'))
     """
     ops, layout = _prepare(x, axis)
-    return ops.batch_stats(_view(x, layout))
+    with kernel_guard():
+        return ops.batch_stats(_view(x, layout))
 
 
 def normalize(x, mean, var, weight=None, bias=None, eps=1e-5, axis=1, out=None):
@@ -117,7 +119,8 @@ def normalize(x, mean, var, weight=None, bias=None, eps=1e-5, axis=1, out=None):
     if out is not None:
         v.check_out(out, x)
     y3, y, finish = _output(x, layout, out)
-    ops.normalize(_view(x, layout), mean, var, weight, bias, eps, y3)
+    with kernel_guard():
+        ops.normalize(_view(x, layout), mean, var, weight, bias, eps, y3)
     if finish:
         finish()
     return y
@@ -152,7 +155,8 @@ def batch_norm_train(x, weight=None, bias=None, eps=1e-5, axis=1):
     eps = v.check_eps(eps)
     v.check_training_count(layout.count, x.shape, axis)
     y3, y, _ = _output(x, layout)
-    mean, invstd, _ = ops.batch_norm_train(_view(x, layout), weight, bias, eps, y3)
+    with kernel_guard():
+        mean, invstd, _ = ops.batch_norm_train(_view(x, layout), weight, bias, eps, y3)
     return y, mean, invstd
 
 
@@ -185,9 +189,10 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, axis=1):
     if weight is not None:
         v.check_vector(weight, "weight", nfeat, x.dtype)
     dx3, dx, _ = _output(x, layout)
-    dweight, dbias = ops.batch_norm_backward(
-        _view(dy, layout), _view(x, layout), mean, invstd, weight, dx3
-    )
+    with kernel_guard():
+        dweight, dbias = ops.batch_norm_backward(
+            _view(dy, layout), _view(x, layout), mean, invstd, weight, dx3
+        )
     return dx, dweight, dbias
 
 
@@ -271,10 +276,11 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
         v.check_training_count(layout.count, x.shape, axis)
     y3, y, _ = _output(x, layout)
     x3 = _view(x, layout)
-    if not training:
-        ops.normalize(x3, running_mean, running_var, weight, bias, eps, y3)
-        return y
-    mean, _, var = ops.batch_norm_train(x3, weight, bias, eps, y3)
+    with kernel_guard():
+        if not training:
+            ops.normalize(x3, running_mean, running_var, weight, bias, eps, y3)
+            return y
+        mean, _, var = ops.batch_norm_train(x3, weight, bias, eps, y3)
     if has_running:
         ops.update_running_stats(running_mean, running_var, mean, var, layout.count, momentum)
     return y

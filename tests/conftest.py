@@ -1,0 +1,89 @@
+"""Shared helpers: input factories for every layout, and per-dtype tolerances."""
+
+import zlib
+
+import numpy as np
+import pytest
+
+# atol + rtol * |ref| per dtype, against the float64 naive twin on the same values.
+TOL = {
+    np.dtype(np.float32): (2e-5, 2e-5),
+    np.dtype(np.float64): (1e-11, 1e-11),
+}
+
+# (shape, axis) pairs covering dense, 3-D, NCHW, NHWC, 5-D, feature-first, and
+# shapes large enough to cross the chunk and channel-block boundaries.
+CASES = [
+    ((37, 5), 1),
+    ((37, 5), 0),
+    ((37, 5), -1),
+    ((9, 4, 11), 1),
+    ((6, 3, 7, 5), 1),
+    ((6, 7, 5, 3), -1),
+    ((6, 3, 7, 5), 2),
+    ((3, 2, 4, 5, 3), 1),
+    ((5000, 3), 1),
+    ((2, 3, 9000), 1),
+    ((700, 2, 13), 1),
+    ((5, 1100), 1),
+]
+
+LAYOUTS = ["c", "f", "transposed", "stepped", "flipped", "readonly"]
+
+
+def assert_close(actual, ref, dtype, scale=1.0, what=""):
+    atol, rtol = TOL[np.dtype(dtype)]
+    actual = np.asarray(actual, dtype=np.float64)
+    ref = np.asarray(ref, dtype=np.float64)
+    assert actual.shape == ref.shape, f"{what}: shape {actual.shape} != {ref.shape}"
+    err = np.abs(actual - ref)
+    bound = atol * scale + rtol * np.abs(ref)
+    worst = np.argmax(err - bound)
+    assert np.all(err <= bound), (
+        f"{what}: max error {err.max():.3g} exceeds tolerance at index "
+        f"{np.unravel_index(worst, err.shape)} (value {actual.flat[worst]!r}, ref {ref.flat[worst]!r})"
+    )
+
+
+def make_array(rng, shape, dtype, layout="c", axis=1, loc=0.0, scale=1.0):
+    """Fresh random values in the requested memory layout (same logical values)."""
+    nfeat = shape[axis]
+    per_feature = [1] * len(shape)
+    per_feature[axis] = nfeat
+    locs = loc + rng.uniform(-2, 2, nfeat).reshape(per_feature)
+    scales = scale * rng.uniform(0.5, 2, nfeat).reshape(per_feature)
+    values = (locs + scales * rng.standard_normal(shape)).astype(dtype)
+    return relayout(values, layout)
+
+
+def relayout(values, layout):
+    """Return an array equal to ``values`` with the memory layout named."""
+    if layout == "c":
+        return np.ascontiguousarray(values)
+    if layout == "f":
+        return np.asfortranarray(values)
+    if layout == "transposed":
+        rev = tuple(range(values.ndim))[::-1]
+        return np.ascontiguousarray(values.transpose(rev)).transpose(rev)
+    if layout == "stepped":
+        big = np.zeros((values.shape[0] * 2,) + values.shape[1:], values.dtype)
+        big[::2] = values
+        return big[::2]
+    if layout == "flipped":
+        return np.ascontiguousarray(values[..., ::-1])[..., ::-1]
+    if layout == "readonly":
+        a = np.array(values)
+        a.flags.writeable = False
+        return a
+    raise ValueError(layout)
+
+
+def vector(rng, n, dtype, lo=-1.0, hi=1.0):
+    return rng.uniform(lo, hi, n).astype(dtype)
+
+
+@pytest.fixture
+def rng(request):
+    # A fresh, reproducible stream per test (seeded by the test's name).
+    seed = zlib.crc32(request.node.nodeid.encode())
+    return np.random.default_rng(seed)

@@ -1,0 +1,87 @@
+"""Several Python threads calling the kernels at once, under each threading layer."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SCRIPT = r"""
+import json, threading
+import numpy as np
+import numbabn as nb
+from numbabn._cpu.threads import threading_layer
+
+rng = np.random.default_rng(1)
+shapes = [((32, 8, 9, 9), 1), ((2000, 16), 1), ((8, 9, 9, 5), -1), ((4, 3, 3000), 1)]
+inputs = [(rng.standard_normal(s).astype(np.float32), a) for s, a in shapes]
+
+def run(x, axis):
+    y, mean, invstd = nb.batch_norm_train(x, axis=axis)
+    dx, _, _ = nb.batch_norm_backward(y, x, mean, invstd, axis=axis)
+    return y, dx
+
+expected = [run(x, a) for x, a in inputs]
+errors = []
+
+def worker(k):
+    try:
+        for it in range(25):
+            i = (k + it) % len(inputs)
+            y, dx = run(*inputs[i])
+            if not (np.array_equal(y, expected[i][0]) and np.array_equal(dx, expected[i][1])):
+                errors.append(f"thread {k} iteration {it}: result differs")
+    except Exception as e:  # pragma: no cover - reported below
+        errors.append(repr(e))
+
+threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+for t in threads: t.start()
+for t in threads: t.join()
+print(json.dumps({"layer": threading_layer(), "errors": errors}))
+"""
+
+
+def _available_layers():
+    layers = ["workqueue"]
+    try:
+        import numba.np.ufunc.omppool  # noqa: F401
+        layers.append("omp")
+    except ImportError:
+        pass
+    try:
+        import numba.np.ufunc.tbbpool  # noqa: F401
+        layers.append("tbb")
+    except ImportError:
+        pass
+    return layers
+
+
+@pytest.mark.parametrize("layer", _available_layers())
+def test_four_threads_get_correct_results(layer):
+    env = dict(os.environ, NUMBA_THREADING_LAYER=layer, NUMBA_NUM_THREADS="2",
+               PYTHONPATH=str(ROOT))
+    res = subprocess.run([sys.executable, "-c", SCRIPT], env=env, cwd=ROOT,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, f"process died (rc {res.returncode}): {res.stderr[-2000:]}"
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["layer"] == layer
+    assert out["errors"] == []
+
+
+def test_default_layer_is_threadsafe():
+    """Numba picks omp or tbb when present; the guard only locks under workqueue."""
+    import numbabn as nb
+    from numbabn._cpu import threads
+
+    nb.batch_stats(np.ones((4, 2)))
+    layer = threads.threading_layer()
+    guard = threads.kernel_guard()
+    if layer in ("omp", "tbb"):
+        assert not hasattr(guard, "acquire")
+    else:
+        assert hasattr(guard, "acquire")
