@@ -100,10 +100,13 @@ def _eval_coefs(c, mean, var, eps, weight, bias, coef):
 
 @njit(**CPU_JIT_STRICT)
 def _backward_coefs(c, sdy, sdyxc, sxc, n, mean, invstd, weight, coef, dwb):
-    """``dx = dy * a + ((x - hi) - lo) * b + d`` for feature ``c``.
+    """``dx = (dy + ((x - hi) - lo) * b + d) * a`` for feature ``c``.
 
-    The saved ``mean`` may be the batch mean rounded to float32; ``sxc / n`` is
-    its rounding error, so the gradient is taken about the exact batch mean.
+    ``a = invstd * weight``, ``b = -invstd**2 * mean(dy * (x - mean))`` and
+    ``d = -mean(dy)``: every factor stays in float32's range for data near 1e30
+    (``a * b`` would underflow).  The saved ``mean`` may be the batch mean
+    rounded to float32; ``sxc / n`` is its rounding error, so the gradient is
+    taken about the exact batch mean.
     """
     m = np.float64(mean[c])
     istd = np.float64(invstd[c])
@@ -114,8 +117,8 @@ def _backward_coefs(c, sdy, sdyxc, sxc, n, mean, invstd, weight, coef, dwb):
     coef[0, c] = a
     coef[1, c] = true_mean
     coef[2, c] = true_mean - coef[1, c]
-    coef[3, c] = -a * istd * istd * cov
-    coef[4, c] = -a * (sdy / n)
+    coef[3, c] = -istd * istd * cov
+    coef[4, c] = -(sdy / n)
     dwb[0, c] = istd * cov * n
     dwb[1, c] = sdy
 
@@ -213,7 +216,7 @@ def _dx_nchw(dy, x, c, r0, r1, j0, j1, coef, dx):
         xr = x[r, c]
         dxr = dx[r, c]
         for j in range(j0, j1):
-            dxr[j] = dyr[j] * a + ((xr[j] - hi) - lo) * b + d
+            dxr[j] = (dyr[j] + ((xr[j] - hi) - lo) * b + d) * a
 
 
 @njit(**CPU_JIT_PARALLEL)
@@ -380,7 +383,7 @@ def _dx_nc(dy, x, r0, r1, c0, c1, coef, dx):
         xr = x[r, c0:c1]
         dxr = dx[r, c0:c1]
         for i in range(w):
-            dxr[i] = dyr[i] * a[i] + ((xr[i] - hi[i]) - lo[i]) * b[i] + d[i]
+            dxr[i] = (dyr[i] + ((xr[i] - hi[i]) - lo[i]) * b[i] + d[i]) * a[i]
 
 
 @njit(**CPU_JIT_PARALLEL)
