@@ -260,6 +260,33 @@ def time_interleaved(fns: dict, budget_s=2.0, block=4, min_rounds=3, max_rounds=
     return {name: (min(ts), float(np.median(ts))) for name, ts in times.items()}
 
 
+def _cpu_busy(interval):
+    """Fraction of all CPUs busy over ``interval`` seconds (Linux; None elsewhere)."""
+    def sample():
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+        return sum(fields), fields[3] + fields[4]  # total, idle + iowait
+
+    try:
+        t1, i1 = sample()
+        time.sleep(interval)
+        t2, i2 = sample()
+    except OSError:
+        return None
+    return 1.0 - (i2 - i1) / max(t2 - t1, 1)
+
+
+def wait_for_quiet(max_wait_s=120.0, busy_below=0.1, interval=0.5):
+    """On a shared machine, wait (at most ``max_wait_s``) until other processes
+    leave the CPUs idle, so that a case is timed on an unloaded machine.  Returns
+    the busy fraction seen last (None where it cannot be read)."""
+    deadline = time.perf_counter() + max_wait_s
+    while True:
+        busy = _cpu_busy(interval)
+        if busy is None or busy < busy_below or time.perf_counter() > deadline:
+            return busy
+
+
 def set_torch_threads():
     """PyTorch uses as many threads as Numba, so ratios compare like with like."""
     if torch is not None:

@@ -37,20 +37,21 @@ CPU_JIT_PARALLEL = dict(CPU_JIT, parallel=dict(fusion=False))
 # bitwise identical for any NUMBA_NUM_THREADS.  Chunk sums are float64 sums of
 # ``x - shift`` and ``(x - shift)**2`` (see kernels.py), so the chunk size only
 # sets the parallel grain and the size of the partial-sum arrays.
-CHUNK_ELEMS = 16384
+CHUNK_ELEMS = 32768
 
-# Channel-contiguous data ``(rows, C)`` is cut into column blocks of at most
-# ``NC_COLS`` features (64 float32 = 4 cache lines per row); a chunk is a block
-# of ``CHUNK_ELEMS // NC_COLS`` rows of one column block.
-NC_COLS = 64
+# Channel-contiguous data ``(rows, C)``: a chunk is ``CHUNK_ELEMS // width``
+# rows of a block of ``width = min(C, NC_COLS)`` columns (2048 float64 partial
+# sums per row block stay in L1).  Partial sums are merged per block of
+# ``NC_MERGE_COLS`` columns, in parallel.
+NC_COLS = 2048
+NC_MERGE_COLS = 64
 
-# Fusion.  A task that owns whole features (one feature of NCHW data, or one
-# column block of channel-contiguous data) computes their statistics, then
-# normalises them while they are still in cache, so ``x`` is read from memory
-# once.  It is used when the bytes a task reads fit in ``FUSE_BYTES`` (L2 is
-# 1 MiB per core on the benchmark machine, and its L3 catches L2 victims) and
-# there are at least ``FUSE_MIN_TASKS`` such tasks to share among threads;
-# otherwise statistics and normalisation are two parallel passes over chunks.
-# Both paths sum the same chunks in the same order: identical bits.
+# Fusion (NCHW-like data).  One task per feature computes its statistics, then
+# normalises it while it is still in cache, so ``x`` is read from memory once.
+# Used when the bytes a task reads fit in ``FUSE_BYTES`` (L2 is 1 MiB per core
+# on the benchmark machine, and its L3 catches L2 victims) and there are at
+# least ``FUSE_MIN_TASKS`` features to share among threads; otherwise
+# statistics and normalisation are two parallel passes over chunks.  Both paths
+# sum the same chunks in the same order: identical bits.
 FUSE_BYTES = 1 << 21
 FUSE_MIN_TASKS = 8

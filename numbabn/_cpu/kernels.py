@@ -3,19 +3,20 @@
 Batch norm is memory-bound.  The least a training forward can move is 2 passes
 of the tensor (read ``x``, write ``y``), the backward 3 (read ``x`` and ``dy``,
 write ``dx``); a plain copy (2 passes) is the ceiling to compare with.  So each
-kernel is one call that does everything for its operation, and reads each input
-from memory once where it can:
+operation is one kernel call, and each input is read from memory once where the
+data allows:
 
-* **fused path** -- a task owns whole features (one feature of NCHW data, or a
-  block of ``NC_COLS`` columns of channel-contiguous data), sums them (pass 1,
-  from memory), turns the sums into per-feature coefficients, and writes the
-  output (pass 2, from L2/L3 where pass 1 left the data).  Used when a task's
-  bytes fit in ``FUSE_BYTES`` and there are ``FUSE_MIN_TASKS`` tasks or more.
-* **two-phase path** -- otherwise (few features, or features too large to stay
-  cached): a parallel loop writes one partial sum per chunk, a second merges them
-  per feature, a third writes the output over chunks.  This path parallelises
-  over chunks of the batch, so 3 channels still use every core; its output pass
-  walks the chunks in reverse, so it starts on the data the sums read last.
+* **fused** (NCHW-like data, enough features, a feature small enough to stay in
+  cache): one task per feature sums it (pass 1, from memory), turns the sums into
+  coefficients, and writes its output (pass 2, from L2/L3 where pass 1 left it).
+* **two-phase** (channel-contiguous data, few features, or huge features): a
+  parallel loop writes one partial sum per chunk, a second merges them per
+  feature, a third writes the output.  Both cores work whatever the number of
+  features (3 channels, or a dense ``(N, C)``).  Each thread takes the same
+  contiguous range of chunks in both passes and walks it backwards the second
+  time, so the output pass starts on the data its own statistics pass read last
+  (still in its L2 / the L3).  The ranges depend on the thread count, the chunks
+  and their merge order do not.
 
 Two layouts, chosen by ``x`` seen as ``(outer, C, inner)``:
 
@@ -31,26 +32,39 @@ sums: with ``shift`` = the feature's first value, ``s1 = sum(x - shift)`` and
 ``(mean - shift)**2 / var``, which is at most ``n`` because ``shift`` is one of
 the values (a few units for typical data): a relative error of at most about
 ``n * 2**-53`` in float64, 1e-10 for a million values, however large the mean
-is next to the spread.  The output is ``((x - hi) - lo) * scale + offset`` in the
-input's dtype, ``hi + lo`` being the float64 mean split in two: ``x - hi`` is
-exact near the mean (Sterbenz), so the subtraction loses nothing to a large mean.
+is next to the spread.  The output is ``(x - hi) * scale + offset`` in the
+input's dtype, where ``hi`` is the float64 mean rounded to the input's dtype:
+``x - hi`` is exact near the mean (Sterbenz), so a large mean costs nothing,
+and the rounding error ``lo = mean - hi`` is folded into the offset in float64
+(``offset = bias - lo * scale``), a term of the size of the output, never the
+catastrophic ``x * scale + (bias - mean * scale)``.
+
+Cost.  Per float32 value, pass 1 widens, subtracts and adds in float64: 4
+AVX-512 double ops per 8 values, ~35 GB/s per core (the pass is compute-bound
+in L2/L3, memory-bound beyond); pass 2 is 2 float32 ops per 16 values.
 
 Reproducibility.  Chunks depend on the shape only; chunk sums are merged in chunk
-order by code compiled without ``reassoc`` (``CPU_JIT_STRICT``); both paths run
-the same chunk code and the same merge, so the result does not depend on the
-thread count or on the path.  Elementwise code is strict too, which keeps
-``(x - hi) - lo`` as written.
+order by code compiled without ``reassoc`` (``CPU_JIT_STRICT``); the fused and
+two-phase paths run the same chunk code and the same merge, so results do not
+depend on the thread count or on the path.  Elementwise code is strict too, which
+keeps ``(x - hi) * scale + offset`` as written.
 """
 
 import numpy as np
 from numba import njit, prange
 
-from .._config import CPU_JIT, CPU_JIT_PARALLEL, CPU_JIT_STRICT
+from .._config import CPU_JIT, CPU_JIT_PARALLEL, CPU_JIT_STRICT, NC_MERGE_COLS
 
 
 @njit(**CPU_JIT_STRICT)
 def _cdiv(a, b):
     return (a + b - 1) // b
+
+
+@njit(**CPU_JIT_STRICT)
+def _thread_span(t, nth, total):
+    """The contiguous range of ``total`` tasks that thread ``t`` of ``nth`` takes."""
+    return total * t // nth, total * (t + 1) // nth
 
 
 # =========================================================================== #
@@ -72,53 +86,51 @@ def _accumulate(total, part, width):
 
 @njit(**CPU_JIT_STRICT)
 def _forward_coefs(c, s1, s2, n, shift, eps, weight, bias, coef, stats):
-    """Mean, var, invstd of feature ``c`` from its shifted sums, and the output's
-    coefficients ``coef[:, c] = (hi, lo, scale, offset)`` in the input's dtype."""
+    """Mean, invstd, var of feature ``c`` from its shifted sums into ``stats``,
+    and ``coef[:, c] = (hi, scale, offset)`` in the input's dtype."""
     m = s1 / n
     mean = shift + m
     var = s2 / n - m * m
     if var < 0.0:  # rounding only; keeps NaN
         var = 0.0
     invstd = 1.0 / np.sqrt(var + eps)
+    scale = invstd * weight[c]
     stats[0, c] = mean
     stats[1, c] = invstd
     stats[2, c] = var
     coef[0, c] = mean
-    coef[1, c] = mean - coef[0, c]
-    coef[2, c] = invstd * weight[c]
-    coef[3, c] = bias[c]
+    coef[1, c] = scale
+    coef[2, c] = bias[c] - (mean - coef[0, c]) * scale
 
 
 @njit(**CPU_JIT_STRICT)
 def _eval_coefs(c, mean, var, eps, weight, bias, coef):
     invstd = 1.0 / np.sqrt(np.float64(var[c]) + eps)
     coef[0, c] = mean[c]
-    coef[1, c] = 0.0
-    coef[2, c] = invstd * weight[c]
-    coef[3, c] = bias[c]
+    coef[1, c] = invstd * weight[c]
+    coef[2, c] = bias[c]
 
 
 @njit(**CPU_JIT_STRICT)
 def _backward_coefs(c, sdy, sdyxc, sxc, n, mean, invstd, weight, coef, dwb):
-    """``dx = (dy + ((x - hi) - lo) * b + d) * a`` for feature ``c``.
+    """``dx = (dy + (x - hi) * b + d) * a`` for feature ``c``: ``coef[:, c] = (a, hi, b, d)``.
 
-    ``a = invstd * weight``, ``b = -invstd**2 * mean(dy * (x - mean))`` and
-    ``d = -mean(dy)``: every factor stays in float32's range for data near 1e30
-    (``a * b`` would underflow).  The saved ``mean`` may be the batch mean
-    rounded to float32; ``sxc / n`` is its rounding error, so the gradient is
-    taken about the exact batch mean.
+    ``a = invstd * weight``, ``b = -invstd**2 * mean(dy * (x - mean))``,
+    ``d = -mean(dy)`` (plus the folded ``lo`` term): every factor stays in
+    float32's range for data near 1e30, where ``a * b`` would underflow.  The
+    saved ``mean`` may be the batch mean rounded to float32; ``sxc / n`` is its
+    rounding error, so the gradient is taken about the exact batch mean.
     """
     m = np.float64(mean[c])
     istd = np.float64(invstd[c])
     delta = sxc / n
     true_mean = m + delta
     cov = (sdyxc - delta * sdy) / n  # mean(dy * (x - true_mean))
-    a = istd * weight[c]
-    coef[0, c] = a
+    b = -istd * istd * cov
+    coef[0, c] = istd * weight[c]
     coef[1, c] = true_mean
-    coef[2, c] = true_mean - coef[1, c]
-    coef[3, c] = -istd * istd * cov
-    coef[4, c] = -(sdy / n)
+    coef[2, c] = b
+    coef[3, c] = -(sdy / n) - (true_mean - coef[1, c]) * b
     dwb[0, c] = istd * cov * n
     dwb[1, c] = sdy
 
@@ -127,16 +139,16 @@ def _backward_coefs(c, sdy, sdyxc, sxc, n, mean, invstd, weight, coef, dwb):
 # NCHW-like family: x is (outer, C, inner), inner > 1.
 # A chunk of feature c is rows [r0, r1) x columns [j0, j1) of x[:, c, :];
 # chunk k of a feature is row block k // ncb, column block k % ncb.
+# Inner loops index 0-based slices: a loop from a non-zero start would keep
+# Numba's negative-index wraparound and vectorise into gathers (5x slower).
 # =========================================================================== #
 @njit(**CPU_JIT)
 def _chunk_sums_nchw(x, c, r0, r1, j0, j1, shift):
-    # Per value: load, widen, subtract, add, fma -- 16 float32 (one line) in 4
-    # AVX-512 double ops; far below the ~20 B/cycle L3 read rate per core.
     s1 = 0.0
     s2 = 0.0
     for r in range(r0, r1):
-        xr = x[r, c]
-        for j in range(j0, j1):
+        xr = x[r, c, j0:j1]
+        for j in range(j1 - j0):
             d = np.float64(xr[j]) - shift
             s1 += d
             s2 += d * d
@@ -160,14 +172,13 @@ def _feature_sums_nchw(x, c, rows, cols, shift):
 @njit(**CPU_JIT_STRICT)
 def _affine_nchw(x, c, r0, r1, j0, j1, coef, y):
     hi = coef[0, c]
-    lo = coef[1, c]
-    s = coef[2, c]
-    o = coef[3, c]
+    s = coef[1, c]
+    o = coef[2, c]
     for r in range(r0, r1):
-        xr = x[r, c]
-        yr = y[r, c]
-        for j in range(j0, j1):
-            yr[j] = ((xr[j] - hi) - lo) * s + o
+        xr = x[r, c, j0:j1]
+        yr = y[r, c, j0:j1]
+        for j in range(j1 - j0):
+            yr[j] = (xr[j] - hi) * s + o
 
 
 @njit(**CPU_JIT)
@@ -176,9 +187,9 @@ def _chunk_backward_sums_nchw(dy, x, c, r0, r1, j0, j1, m):
     sdyxc = 0.0
     sxc = 0.0
     for r in range(r0, r1):
-        dyr = dy[r, c]
-        xr = x[r, c]
-        for j in range(j0, j1):
+        dyr = dy[r, c, j0:j1]
+        xr = x[r, c, j0:j1]
+        for j in range(j1 - j0):
             g = np.float64(dyr[j])
             xc = np.float64(xr[j]) - m
             sdy += g
@@ -208,22 +219,33 @@ def _feature_backward_sums_nchw(dy, x, c, rows, cols, m):
 def _dx_nchw(dy, x, c, r0, r1, j0, j1, coef, dx):
     a = coef[0, c]
     hi = coef[1, c]
-    lo = coef[2, c]
-    b = coef[3, c]
-    d = coef[4, c]
+    b = coef[2, c]
+    d = coef[3, c]
     for r in range(r0, r1):
-        dyr = dy[r, c]
-        xr = x[r, c]
-        dxr = dx[r, c]
-        for j in range(j0, j1):
-            dxr[j] = (dyr[j] + ((xr[j] - hi) - lo) * b + d) * a
+        dyr = dy[r, c, j0:j1]
+        xr = x[r, c, j0:j1]
+        dxr = dx[r, c, j0:j1]
+        for j in range(j1 - j0):
+            dxr[j] = (dyr[j] + (xr[j] - hi) * b + d) * a
+
+
+@njit(**CPU_JIT_STRICT)
+def _chunk_bounds(u, nchunks, ncb, rows, cols, outer, inner):
+    """Feature and bounds of flat task ``u`` = feature * nchunks + chunk."""
+    c = u // nchunks
+    k = u - c * nchunks
+    r0 = (k // ncb) * rows
+    j0 = (k % ncb) * cols
+    return c, k, r0, min(r0 + rows, outer), j0, min(j0 + cols, inner)
 
 
 @njit(**CPU_JIT_PARALLEL)
-def forward_nchw(x, weight, bias, eps, rows, cols, fused, write_y, p1, p2, coef, stats, y):
+def forward_nchw(x, weight, bias, eps, rows, cols, fused, write_y, nth, p1, p2, coef, stats, y):
     """Batch statistics of ``x`` into ``stats`` (mean, invstd, var), and with
     ``write_y`` the normalised output into ``y``.  ``p1``/``p2`` are (C, chunks)
-    scratch for the two-phase path."""
+    scratch for the two-phase path, whose passes are split among ``nth`` threads
+    (Numba's thread count, passed in: calling ``get_num_threads`` here would
+    stop the kernel from being cached)."""
     outer, nfeat, inner = x.shape
     n = outer * inner
     ncb = _cdiv(inner, cols)
@@ -235,29 +257,24 @@ def forward_nchw(x, weight, bias, eps, rows, cols, fused, write_y, p1, p2, coef,
             _forward_coefs(c, s1, s2, n, shift, eps, weight, bias, coef, stats)
             if write_y:
                 _affine_nchw(x, c, 0, outer, 0, inner, coef, y)
-    else:
-        for t in prange(nfeat * nchunks):
-            c = t // nchunks
-            k = t - c * nchunks
-            r0 = (k // ncb) * rows
-            j0 = (k % ncb) * cols
-            p1[c, k], p2[c, k] = _chunk_sums_nchw(
-                x, c, r0, min(r0 + rows, outer), j0, min(j0 + cols, inner), np.float64(x[0, c, 0])
-            )
-        for c in prange(nfeat):
-            shift = np.float64(x[0, c, 0])
-            s1 = _sum_in_order(p1[c])
-            s2 = _sum_in_order(p2[c])
-            _forward_coefs(c, s1, s2, n, shift, eps, weight, bias, coef, stats)
-        if write_y:
-            last = nfeat * nchunks - 1
-            for t in prange(nfeat * nchunks):
-                u = last - t
-                c = u // nchunks
-                k = u - c * nchunks
-                r0 = (k // ncb) * rows
-                j0 = (k % ncb) * cols
-                _affine_nchw(x, c, r0, min(r0 + rows, outer), j0, min(j0 + cols, inner), coef, y)
+        return
+    ntasks = nfeat * nchunks
+    nth = min(nth, ntasks)
+    for t in prange(nth):
+        u0, u1 = _thread_span(t, nth, ntasks)
+        for u in range(u0, u1):
+            c, k, r0, r1, j0, j1 = _chunk_bounds(u, nchunks, ncb, rows, cols, outer, inner)
+            p1[c, k], p2[c, k] = _chunk_sums_nchw(x, c, r0, r1, j0, j1, np.float64(x[0, c, 0]))
+    for c in prange(nfeat):
+        s1 = _sum_in_order(p1[c])
+        s2 = _sum_in_order(p2[c])
+        _forward_coefs(c, s1, s2, n, np.float64(x[0, c, 0]), eps, weight, bias, coef, stats)
+    if write_y:
+        for t in prange(nth):
+            u0, u1 = _thread_span(t, nth, ntasks)
+            for u in range(u1 - 1, u0 - 1, -1):
+                c, k, r0, r1, j0, j1 = _chunk_bounds(u, nchunks, ncb, rows, cols, outer, inner)
+                _affine_nchw(x, c, r0, r1, j0, j1, coef, y)
 
 
 @njit(**CPU_JIT_PARALLEL)
@@ -267,16 +284,13 @@ def normalize_nchw(x, mean, var, weight, bias, eps, rows, cols, coef, y):
         _eval_coefs(c, mean, var, eps, weight, bias, coef)
     ncb = _cdiv(inner, cols)
     nchunks = _cdiv(outer, rows) * ncb
-    for t in prange(nfeat * nchunks):
-        c = t // nchunks
-        k = t - c * nchunks
-        r0 = (k // ncb) * rows
-        j0 = (k % ncb) * cols
-        _affine_nchw(x, c, r0, min(r0 + rows, outer), j0, min(j0 + cols, inner), coef, y)
+    for u in prange(nfeat * nchunks):
+        c, k, r0, r1, j0, j1 = _chunk_bounds(u, nchunks, ncb, rows, cols, outer, inner)
+        _affine_nchw(x, c, r0, r1, j0, j1, coef, y)
 
 
 @njit(**CPU_JIT_PARALLEL)
-def backward_nchw(dy, x, mean, invstd, weight, rows, cols, fused, p, coef, dwb, dx):
+def backward_nchw(dy, x, mean, invstd, weight, rows, cols, fused, nth, p, coef, dwb, dx):
     """dx into ``dx``; (dweight, dbias) into ``dwb``.  ``p`` is (3, C, chunks)
     scratch for the two-phase path."""
     outer, nfeat, inner = x.shape
@@ -288,46 +302,63 @@ def backward_nchw(dy, x, mean, invstd, weight, rows, cols, fused, p, coef, dwb, 
             sdy, sdyxc, sxc = _feature_backward_sums_nchw(dy, x, c, rows, cols, np.float64(mean[c]))
             _backward_coefs(c, sdy, sdyxc, sxc, n, mean, invstd, weight, coef, dwb)
             _dx_nchw(dy, x, c, 0, outer, 0, inner, coef, dx)
-    else:
-        for t in prange(nfeat * nchunks):
-            c = t // nchunks
-            k = t - c * nchunks
-            r0 = (k // ncb) * rows
-            j0 = (k % ncb) * cols
+        return
+    ntasks = nfeat * nchunks
+    nth = min(nth, ntasks)
+    for t in prange(nth):
+        u0, u1 = _thread_span(t, nth, ntasks)
+        for u in range(u0, u1):
+            c, k, r0, r1, j0, j1 = _chunk_bounds(u, nchunks, ncb, rows, cols, outer, inner)
             p[0, c, k], p[1, c, k], p[2, c, k] = _chunk_backward_sums_nchw(
-                dy, x, c, r0, min(r0 + rows, outer), j0, min(j0 + cols, inner), np.float64(mean[c])
+                dy, x, c, r0, r1, j0, j1, np.float64(mean[c])
             )
-        for c in prange(nfeat):
-            sdy = _sum_in_order(p[0, c])
-            sdyxc = _sum_in_order(p[1, c])
-            sxc = _sum_in_order(p[2, c])
-            _backward_coefs(c, sdy, sdyxc, sxc, n, mean, invstd, weight, coef, dwb)
-        last = nfeat * nchunks - 1
-        for t in prange(nfeat * nchunks):
-            u = last - t
-            c = u // nchunks
-            k = u - c * nchunks
-            r0 = (k // ncb) * rows
-            j0 = (k % ncb) * cols
-            _dx_nchw(dy, x, c, r0, min(r0 + rows, outer), j0, min(j0 + cols, inner), coef, dx)
+    for c in prange(nfeat):
+        sdy = _sum_in_order(p[0, c])
+        sdyxc = _sum_in_order(p[1, c])
+        sxc = _sum_in_order(p[2, c])
+        _backward_coefs(c, sdy, sdyxc, sxc, n, mean, invstd, weight, coef, dwb)
+    for t in prange(nth):
+        u0, u1 = _thread_span(t, nth, ntasks)
+        for u in range(u1 - 1, u0 - 1, -1):
+            c, k, r0, r1, j0, j1 = _chunk_bounds(u, nchunks, ncb, rows, cols, outer, inner)
+            _dx_nchw(dy, x, c, r0, r1, j0, j1, coef, dx)
 
 
 # =========================================================================== #
-# Channel-contiguous family: x is (rows, C).  Column block b is columns
-# [b * width, ...) with width = min(C, NC_COLS); a chunk is ``rows`` rows of one
-# column block.  Each column's sum runs over rows in order (the vector lanes are
-# columns), so neither column blocking nor the path changes any result.
+# Channel-contiguous family: x is (rows, C), always two-phase.  A chunk is
+# ``rows`` rows of a block of at most ``width`` columns; partial sums are per
+# (row block, column).  Each column's sum runs over rows in order (the vector
+# lanes are columns), so the column blocking never changes a result.
 # =========================================================================== #
 @njit(**CPU_JIT)
 def _chunk_sums_nc(x, r0, r1, c0, c1, shift, s1, s2):
-    """Shifted sums of columns [c0, c1) over rows [r0, r1) into s1[:c1-c0], s2[:c1-c0]."""
+    """Shifted sums of columns [c0, c1) over rows [r0, r1) into s1[:c1-c0], s2[:c1-c0].
+
+    The accumulators live in memory (one per column), so rows are taken four at
+    a time: one load/store of ``s1``/``s2`` per four rows instead of per row
+    (2.5x faster on (4096, 512) float32).
+    """
     w = c1 - c0
+    sh = shift[c0:c1]
     for i in range(w):
         s1[i] = 0.0
         s2[i] = 0.0
-    for r in range(r0, r1):
+    r = r0
+    while r + 4 <= r1:
+        x0 = x[r, c0:c1]
+        x1 = x[r + 1, c0:c1]
+        x2 = x[r + 2, c0:c1]
+        x3 = x[r + 3, c0:c1]
+        for i in range(w):
+            d0 = np.float64(x0[i]) - sh[i]
+            d1 = np.float64(x1[i]) - sh[i]
+            d2 = np.float64(x2[i]) - sh[i]
+            d3 = np.float64(x3[i]) - sh[i]
+            s1[i] += (d0 + d1) + (d2 + d3)
+            s2[i] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
+        r += 4
+    for r in range(r, r1):
         xr = x[r, c0:c1]
-        sh = shift[c0:c1]
         for i in range(w):
             d = np.float64(xr[i]) - sh[i]
             s1[i] += d
@@ -337,101 +368,109 @@ def _chunk_sums_nc(x, r0, r1, c0, c1, shift, s1, s2):
 @njit(**CPU_JIT_STRICT)
 def _affine_nc(x, r0, r1, c0, c1, coef, y):
     hi = coef[0, c0:c1]
-    lo = coef[1, c0:c1]
-    s = coef[2, c0:c1]
-    o = coef[3, c0:c1]
+    s = coef[1, c0:c1]
+    o = coef[2, c0:c1]
     w = c1 - c0
     for r in range(r0, r1):
         xr = x[r, c0:c1]
         yr = y[r, c0:c1]
         for i in range(w):
-            yr[i] = ((xr[i] - hi[i]) - lo[i]) * s[i] + o[i]
+            yr[i] = (xr[i] - hi[i]) * s[i] + o[i]
 
 
 @njit(**CPU_JIT)
-def _chunk_backward_sums_nc(dy, x, r0, r1, c0, c1, mean, s):
+def _chunk_backward_sums_nc(dy, x, r0, r1, c0, c1, mean, sdy, sdyxc, sxc):
+    """``sum(dy)``, ``sum(dy * xc)``, ``sum(xc)`` of columns [c0, c1) over rows
+    [r0, r1) into ``sdy``, ``sdyxc``, ``sxc``, ``xc = x - mean``; four rows at a
+    time as in :func:`_chunk_sums_nc`."""
     w = c1 - c0
+    m = mean[c0:c1]
     for i in range(w):
-        s[0, i] = 0.0
-        s[1, i] = 0.0
-        s[2, i] = 0.0
-    sdy = s[0]
-    sdyxc = s[1]
-    sxc = s[2]
-    for r in range(r0, r1):
-        dyr = dy[r, c0:c1]
-        xr = x[r, c0:c1]
-        m = mean[c0:c1]
+        sdy[i] = 0.0
+        sdyxc[i] = 0.0
+        sxc[i] = 0.0
+    r = r0
+    while r + 4 <= r1:
+        g0 = dy[r, c0:c1]
+        g1 = dy[r + 1, c0:c1]
+        g2 = dy[r + 2, c0:c1]
+        g3 = dy[r + 3, c0:c1]
+        x0 = x[r, c0:c1]
+        x1 = x[r + 1, c0:c1]
+        x2 = x[r + 2, c0:c1]
+        x3 = x[r + 3, c0:c1]
         for i in range(w):
-            g = np.float64(dyr[i])
-            xc = np.float64(xr[i]) - m[i]
-            sdy[i] += g
-            sdyxc[i] += g * xc
-            sxc[i] += xc
+            mi = np.float64(m[i])
+            a0 = np.float64(g0[i])
+            a1 = np.float64(g1[i])
+            a2 = np.float64(g2[i])
+            a3 = np.float64(g3[i])
+            e0 = np.float64(x0[i]) - mi
+            e1 = np.float64(x1[i]) - mi
+            e2 = np.float64(x2[i]) - mi
+            e3 = np.float64(x3[i]) - mi
+            sdy[i] += (a0 + a1) + (a2 + a3)
+            sdyxc[i] += (a0 * e0 + a1 * e1) + (a2 * e2 + a3 * e3)
+            sxc[i] += (e0 + e1) + (e2 + e3)
+        r += 4
+    for r in range(r, r1):
+        gr = dy[r, c0:c1]
+        xr = x[r, c0:c1]
+        for i in range(w):
+            a = np.float64(gr[i])
+            e = np.float64(xr[i]) - np.float64(m[i])
+            sdy[i] += a
+            sdyxc[i] += a * e
+            sxc[i] += e
 
 
 @njit(**CPU_JIT_STRICT)
 def _dx_nc(dy, x, r0, r1, c0, c1, coef, dx):
     a = coef[0, c0:c1]
     hi = coef[1, c0:c1]
-    lo = coef[2, c0:c1]
-    b = coef[3, c0:c1]
-    d = coef[4, c0:c1]
+    b = coef[2, c0:c1]
+    d = coef[3, c0:c1]
     w = c1 - c0
     for r in range(r0, r1):
         dyr = dy[r, c0:c1]
         xr = x[r, c0:c1]
         dxr = dx[r, c0:c1]
         for i in range(w):
-            dxr[i] = (dyr[i] + ((xr[i] - hi[i]) - lo[i]) * b[i] + d[i]) * a[i]
+            dxr[i] = (dyr[i] + (xr[i] - hi[i]) * b[i] + d[i]) * a[i]
 
 
 @njit(**CPU_JIT_PARALLEL)
-def forward_nc(x, weight, bias, eps, rows, width, fused, write_y, p1, p2, coef, stats, y):
+def forward_nc(x, weight, bias, eps, rows, width, write_y, nth, p1, p2, coef, stats, y):
     """As :func:`forward_nchw` for (rows, C) data; ``p1``/``p2`` are (row blocks, C)."""
     nrows, nfeat = x.shape
-    n = nrows
     nrb = _cdiv(nrows, rows)
-    ncb = _cdiv(nfeat, width)
     shift = np.empty(nfeat)
     for c in range(nfeat):
         shift[c] = x[0, c]
-    if fused:
-        for b in prange(ncb):
-            c0 = b * width
-            c1 = min(c0 + width, nfeat)
-            s1 = np.empty(width)
-            s2 = np.empty(width)
-            t1 = np.zeros(width)
-            t2 = np.zeros(width)
-            for r0 in range(0, nrows, rows):
-                _chunk_sums_nc(x, r0, min(r0 + rows, nrows), c0, c1, shift, s1, s2)
-                _accumulate(t1, s1, c1 - c0)
-                _accumulate(t2, s2, c1 - c0)
-            for c in range(c0, c1):
-                _forward_coefs(c, t1[c - c0], t2[c - c0], n, shift[c], eps, weight, bias, coef, stats)
-            if write_y:
-                _affine_nc(x, 0, nrows, c0, c1, coef, y)
-    else:
-        for rb in prange(nrb):
+    nth = min(nth, nrb)
+    for t in prange(nth):
+        b0, b1 = _thread_span(t, nth, nrb)
+        for rb in range(b0, b1):
             r0 = rb * rows
             r1 = min(r0 + rows, nrows)
             for c0 in range(0, nfeat, width):
                 c1 = min(c0 + width, nfeat)
                 _chunk_sums_nc(x, r0, r1, c0, c1, shift, p1[rb, c0:c1], p2[rb, c0:c1])
-        for b in prange(ncb):
-            c0 = b * width
-            c1 = min(c0 + width, nfeat)
-            t1 = np.zeros(width)
-            t2 = np.zeros(width)
-            for rb in range(nrb):
-                _accumulate(t1, p1[rb, c0:c1], c1 - c0)
-                _accumulate(t2, p2[rb, c0:c1], c1 - c0)
-            for c in range(c0, c1):
-                _forward_coefs(c, t1[c - c0], t2[c - c0], n, shift[c], eps, weight, bias, coef, stats)
-        if write_y:
-            for t in prange(nrb):
-                r0 = (nrb - 1 - t) * rows
+    for b in prange(_cdiv(nfeat, NC_MERGE_COLS)):
+        c0 = b * NC_MERGE_COLS
+        c1 = min(c0 + NC_MERGE_COLS, nfeat)
+        t1 = np.zeros(c1 - c0)
+        t2 = np.zeros(c1 - c0)
+        for rb in range(nrb):
+            _accumulate(t1, p1[rb, c0:c1], c1 - c0)
+            _accumulate(t2, p2[rb, c0:c1], c1 - c0)
+        for c in range(c0, c1):
+            _forward_coefs(c, t1[c - c0], t2[c - c0], nrows, shift[c], eps, weight, bias, coef, stats)
+    if write_y:
+        for t in prange(nth):
+            b0, b1 = _thread_span(t, nth, nrb)
+            for rb in range(b1 - 1, b0 - 1, -1):
+                r0 = rb * rows
                 _affine_nc(x, r0, min(r0 + rows, nrows), 0, nfeat, coef, y)
 
 
@@ -446,43 +485,32 @@ def normalize_nc(x, mean, var, weight, bias, eps, rows, coef, y):
 
 
 @njit(**CPU_JIT_PARALLEL)
-def backward_nc(dy, x, mean, invstd, weight, rows, width, fused, p, coef, dwb, dx):
-    """As :func:`backward_nchw` for (rows, C) data; ``p`` is (row blocks, 3, C)."""
+def backward_nc(dy, x, mean, invstd, weight, rows, width, nth, p, coef, dwb, dx):
+    """As :func:`backward_nchw` for (rows, C) data; ``p`` is (3, row blocks, C)."""
     nrows, nfeat = x.shape
-    n = nrows
     nrb = _cdiv(nrows, rows)
-    ncb = _cdiv(nfeat, width)
-    if fused:
-        for b in prange(ncb):
-            c0 = b * width
-            c1 = min(c0 + width, nfeat)
-            s = np.empty((3, width))
-            t = np.zeros((3, width))
-            for r0 in range(0, nrows, rows):
-                _chunk_backward_sums_nc(dy, x, r0, min(r0 + rows, nrows), c0, c1, mean, s)
-                for q in range(3):
-                    _accumulate(t[q], s[q], c1 - c0)
-            for c in range(c0, c1):
-                i = c - c0
-                _backward_coefs(c, t[0, i], t[1, i], t[2, i], n, mean, invstd, weight, coef, dwb)
-            _dx_nc(dy, x, 0, nrows, c0, c1, coef, dx)
-    else:
-        for rb in prange(nrb):
+    nth = min(nth, nrb)
+    for t in prange(nth):
+        b0, b1 = _thread_span(t, nth, nrb)
+        for rb in range(b0, b1):
             r0 = rb * rows
             r1 = min(r0 + rows, nrows)
             for c0 in range(0, nfeat, width):
                 c1 = min(c0 + width, nfeat)
-                _chunk_backward_sums_nc(dy, x, r0, r1, c0, c1, mean, p[rb, :, c0:c1])
-        for b in prange(ncb):
-            c0 = b * width
-            c1 = min(c0 + width, nfeat)
-            t = np.zeros((3, width))
-            for rb in range(nrb):
-                for q in range(3):
-                    _accumulate(t[q], p[rb, q, c0:c1], c1 - c0)
-            for c in range(c0, c1):
-                i = c - c0
-                _backward_coefs(c, t[0, i], t[1, i], t[2, i], n, mean, invstd, weight, coef, dwb)
-        for t in prange(nrb):
-            r0 = (nrb - 1 - t) * rows
+                _chunk_backward_sums_nc(dy, x, r0, r1, c0, c1, mean,
+                                        p[0, rb, c0:c1], p[1, rb, c0:c1], p[2, rb, c0:c1])
+    for b in prange(_cdiv(nfeat, NC_MERGE_COLS)):
+        c0 = b * NC_MERGE_COLS
+        c1 = min(c0 + NC_MERGE_COLS, nfeat)
+        acc = np.zeros((3, c1 - c0))
+        for rb in range(nrb):
+            for q in range(3):
+                _accumulate(acc[q], p[q, rb, c0:c1], c1 - c0)
+        for c in range(c0, c1):
+            i = c - c0
+            _backward_coefs(c, acc[0, i], acc[1, i], acc[2, i], nrows, mean, invstd, weight, coef, dwb)
+    for t in prange(nth):
+        b0, b1 = _thread_span(t, nth, nrb)
+        for rb in range(b1 - 1, b0 - 1, -1):
+            r0 = rb * rows
             _dx_nc(dy, x, r0, min(r0 + rows, nrows), 0, nfeat, coef, dx)

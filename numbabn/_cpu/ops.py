@@ -13,6 +13,7 @@ depends on the shape alone, and allocates.
 from functools import lru_cache
 
 import numpy as np
+from numba import get_num_threads
 
 from .._config import CHUNK_ELEMS, FUSE_BYTES, FUSE_MIN_TASKS, NC_COLS
 from . import kernels as k
@@ -22,10 +23,10 @@ class _Plan:
     """The fixed chunk grid and path for one ``(outer, C, inner)`` shape.
 
     NCHW-like (``inner > 1``): a chunk is ``rows`` x ``cols`` of one feature's
-    ``(outer, inner)`` plane.  Channel-contiguous (``inner == 1``): a chunk is
-    ``rows`` rows of a block of ``width`` columns.  ``fused`` says whether one
-    task per feature (per column block) may read its inputs (``nread`` arrays of
-    this shape) and keep them in cache for the output pass.
+    ``(outer, inner)`` plane, and ``fused`` says whether one task per feature
+    may read its inputs (``nread`` arrays of this shape) and keep them in cache
+    for the output pass.  Channel-contiguous (``inner == 1``): a chunk is
+    ``rows`` rows of a block of ``cols`` columns; never fused.
     """
 
     __slots__ = ("channels_last", "rows", "cols", "nchunks", "fused")
@@ -34,18 +35,16 @@ class _Plan:
         outer, nfeat, inner = shape3
         self.channels_last = inner == 1
         if self.channels_last:
-            self.cols = min(nfeat, NC_COLS)  # the column-block width
+            self.cols = min(nfeat, NC_COLS)
             self.rows = max(1, CHUNK_ELEMS // self.cols)
             self.nchunks = -(-outer // self.rows)  # row blocks
-            ntasks = -(-nfeat // self.cols)
-            task_bytes = nread * outer * self.cols * itemsize
+            self.fused = False
         else:
             self.cols = min(inner, CHUNK_ELEMS)
             self.rows = max(1, CHUNK_ELEMS // self.cols)
             self.nchunks = -(-outer // self.rows) * -(-inner // self.cols)
-            ntasks = nfeat
             task_bytes = nread * outer * inner * itemsize
-        self.fused = ntasks >= FUSE_MIN_TASKS and task_bytes <= FUSE_BYTES
+            self.fused = nfeat >= FUSE_MIN_TASKS and task_bytes <= FUSE_BYTES
 
 
 @lru_cache(maxsize=256)
@@ -58,7 +57,24 @@ def _as2d(a3):
 
 
 def _param(v, nfeat, dtype, fill):
-    return np.full(nfeat, fill, dtype) if v is None else v
+    return _constant(nfeat, dtype, fill) if v is None else v
+
+
+@lru_cache(maxsize=64)
+def _constant(nfeat, dtype, fill):
+    # Stands in for a missing weight or bias; kernels only read it.
+    return np.full(nfeat, fill, dtype)
+
+
+# Scratch arguments the fused paths never touch.
+_NO_PARTIALS = np.empty((1, 1))
+_NO_PARTIALS3 = np.empty((1, 1, 1))
+
+
+
+@lru_cache(maxsize=8)
+def _no_output(dtype, ndim):
+    return np.empty((1,) * ndim, dtype)
 
 
 def _forward(x3, weight, bias, eps, y3):
@@ -69,21 +85,21 @@ def _forward(x3, weight, bias, eps, y3):
     plan = _plan(x3.shape, dtype.itemsize, 1)
     weight = _param(weight, nfeat, dtype, 1)
     bias = _param(bias, nfeat, dtype, 0)
-    coef = np.empty((4, nfeat), dtype)
+    coef = np.empty((3, nfeat), dtype)
     stats = np.empty((3, nfeat), dtype)
     write_y = y3 is not None
     if plan.channels_last:
-        shape = (1, 1) if plan.fused else (plan.nchunks, nfeat)
+        shape = (plan.nchunks, nfeat)
         p1, p2 = np.empty(shape), np.empty(shape)
-        x2 = _as2d(x3)
-        y2 = _as2d(y3) if write_y else np.empty((1, 1), dtype)
-        k.forward_nc(x2, weight, bias, eps, plan.rows, plan.cols, plan.fused, write_y,
-                     p1, p2, coef, stats, y2)
+        y2 = _as2d(y3) if write_y else _no_output(dtype, 2)
+        k.forward_nc(_as2d(x3), weight, bias, eps, plan.rows, plan.cols, write_y,
+                     get_num_threads(), p1, p2, coef, stats, y2)
     else:
-        shape = (1, 1) if plan.fused else (nfeat, plan.nchunks)
-        p1, p2 = np.empty(shape), np.empty(shape)
+        shape = (nfeat, plan.nchunks)
+        p1, p2 = (_NO_PARTIALS,) * 2 if plan.fused else (np.empty(shape), np.empty(shape))
+        y3 = y3 if write_y else _no_output(dtype, 3)
         k.forward_nchw(x3, weight, bias, eps, plan.rows, plan.cols, plan.fused, write_y,
-                       p1, p2, coef, stats, y3 if write_y else np.empty((1, 1, 1), dtype))
+                       get_num_threads(), p1, p2, coef, stats, y3)
     return stats
 
 
@@ -98,7 +114,7 @@ def normalize(x3, mean, var, weight, bias, eps, y3):
     plan = _plan(x3.shape, dtype.itemsize, 1)
     weight = _param(weight, nfeat, dtype, 1)
     bias = _param(bias, nfeat, dtype, 0)
-    coef = np.empty((4, nfeat), dtype)
+    coef = np.empty((3, nfeat), dtype)
     if plan.channels_last:
         k.normalize_nc(_as2d(x3), mean, var, weight, bias, eps, plan.rows, coef, _as2d(y3))
     else:
@@ -121,16 +137,16 @@ def batch_norm_backward(dy3, x3, mean, invstd, weight, dx3):
     dtype = x3.dtype
     plan = _plan(x3.shape, dtype.itemsize, 2)
     w = _param(weight, nfeat, dtype, 1)
-    coef = np.empty((5, nfeat), dtype)
+    coef = np.empty((4, nfeat), dtype)
     dwb = np.empty((2, nfeat), dtype)
     if plan.channels_last:
-        p = np.empty((1, 1, 1) if plan.fused else (plan.nchunks, 3, nfeat))
-        k.backward_nc(_as2d(dy3), _as2d(x3), mean, invstd, w, plan.rows, plan.cols, plan.fused,
-                      p, coef, dwb, _as2d(dx3))
+        p = np.empty((3, plan.nchunks, nfeat))
+        k.backward_nc(_as2d(dy3), _as2d(x3), mean, invstd, w, plan.rows, plan.cols,
+                      get_num_threads(), p, coef, dwb, _as2d(dx3))
     else:
-        p = np.empty((1, 1, 1) if plan.fused else (3, nfeat, plan.nchunks))
+        p = _NO_PARTIALS3 if plan.fused else np.empty((3, nfeat, plan.nchunks))
         k.backward_nchw(dy3, x3, mean, invstd, w, plan.rows, plan.cols, plan.fused,
-                        p, coef, dwb, dx3)
+                        get_num_threads(), p, coef, dwb, dx3)
     if weight is None:
         return None, None
     return dwb[0], dwb[1]
