@@ -278,15 +278,18 @@ def forward_nchw(x, weight, bias, eps, rows, cols, fused, write_y, nth, p1, p2, 
 
 
 @njit(**CPU_JIT_PARALLEL)
-def normalize_nchw(x, mean, var, weight, bias, eps, rows, cols, coef, y):
+def normalize_nchw(x, mean, var, weight, bias, eps, rows, coef, y):
+    """Elementwise, so any order gives the same bits: walk ``x`` in memory order,
+    in blocks of ``rows`` runs of ``inner`` values (run ``q`` is ``x[q // C, q % C]``)."""
     outer, nfeat, inner = x.shape
     for c in range(nfeat):
         _eval_coefs(c, mean, var, eps, weight, bias, coef)
-    ncb = _cdiv(inner, cols)
-    nchunks = _cdiv(outer, rows) * ncb
-    for u in prange(nfeat * nchunks):
-        c, k, r0, r1, j0, j1 = _chunk_bounds(u, nchunks, ncb, rows, cols, outer, inner)
-        _affine_nchw(x, c, r0, r1, j0, j1, coef, y)
+    nruns = outer * nfeat
+    for b in prange(_cdiv(nruns, rows)):
+        for q in range(b * rows, min((b + 1) * rows, nruns)):
+            r = q // nfeat
+            c = q - r * nfeat
+            _affine_nchw(x, c, r, r + 1, 0, inner, coef, y)
 
 
 @njit(**CPU_JIT_PARALLEL)

@@ -118,7 +118,8 @@ def normalize(x3, mean, var, weight, bias, eps, y3):
     if plan.channels_last:
         k.normalize_nc(_as2d(x3), mean, var, weight, bias, eps, plan.rows, coef, _as2d(y3))
     else:
-        k.normalize_nchw(x3, mean, var, weight, bias, eps, plan.rows, plan.cols, coef, y3)
+        runs = max(1, CHUNK_ELEMS // x3.shape[2])
+        k.normalize_nchw(x3, mean, var, weight, bias, eps, runs, coef, y3)
 
 
 def batch_norm_train(x3, weight, bias, eps, y3):
