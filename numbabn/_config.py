@@ -4,26 +4,58 @@ Kernels import their flags and sizes from here and never write them inline, so a
 reader can see (and a benchmark can change) the whole tuning surface at once.
 """
 
-# LLVM fast-math flags allowed in kernels.  ``reassoc`` lets reductions vectorise
-# and ``contract`` allows fused multiply-adds.  ``nnan`` and ``ninf`` are never
-# allowed: they would let LLVM assume NaN/inf cannot occur, which breaks NaN
-# propagation within a feature (and can leak it into other features).
+# --------------------------------------------------------------------------- #
+# CPU
+# --------------------------------------------------------------------------- #
+
+# LLVM fast-math flags allowed in reduction kernels.  ``reassoc`` lets sums
+# vectorise (several partial accumulators) and ``contract`` allows fused
+# multiply-adds.  ``nnan`` and ``ninf`` are never allowed: they would let LLVM
+# assume NaN/inf cannot occur, which breaks NaN propagation within a feature
+# (and can leak it into other features).
 FASTMATH = frozenset({"reassoc", "contract"})
 
-# Options shared by every CPU kernel.
-CPU_JIT = dict(nogil=True, cache=True, fastmath=set(FASTMATH))
-CPU_JIT_PARALLEL = dict(CPU_JIT, parallel=True)
+# Flags for elementwise code and for the fixed-order merge of chunk sums:
+# ``FASTMATH`` without ``reassoc``.  Elementwise loops vectorise without it, and
+# it must stay off there: with it LLVM may rewrite ``(x - hi) - lo`` (the
+# float32 split of a float64 mean) as ``x - (hi + lo)``, which rounds back to
+# ``x - hi``, and may reorder the merge of chunk sums, which must happen in chunk
+# order for bitwise reproducibility.
+STRICT_FASTMATH = FASTMATH - {"reassoc"}
+
+# Options shared by every CPU kernel.  ``error_model="numpy"`` drops the
+# division-by-zero branches Python semantics would add to float divisions.
+CPU_JIT = dict(nogil=True, cache=True, error_model="numpy", fastmath=set(FASTMATH))
+CPU_JIT_STRICT = dict(CPU_JIT, fastmath=set(STRICT_FASTMATH))
+# One kernel may hold several parallel loops (statistics, merge, normalise);
+# they run one after the other and must not be fused by Numba.
+CPU_JIT_PARALLEL = dict(CPU_JIT, parallel=dict(fusion=False))
 
 # Reduction partition.  Each feature's values are cut into chunks of about
 # ``CHUNK_ELEMS`` elements; the cut depends on the shape only (never on the
-# number of threads), and chunks are merged in a fixed order, so results are
-# bitwise identical for any NUMBA_NUM_THREADS.  4096 float32 values are 16 KiB,
-# so a chunk's second pass (two-pass variance inside the chunk) hits L1.
-CHUNK_ELEMS = 4096
+# number of threads), and chunk sums are merged in chunk order, so results are
+# bitwise identical for any NUMBA_NUM_THREADS.  Chunk sums are float64 sums of
+# ``x - shift`` and ``(x - shift)**2`` (see kernels.py), so the chunk size only
+# sets the parallel grain and the size of the partial-sum arrays.
+CHUNK_ELEMS = 32768
 
-# For channel-contiguous data (feature axis last), a chunk spans at most this
-# many features so that very wide inputs still split into many chunks.
-CHANNEL_BLOCK = 512
+# Channel-contiguous data ``(rows, C)``: a chunk is ``CHUNK_ELEMS // width``
+# rows of a block of ``width = min(C, NC_COLS)`` columns.  The chunk's float64
+# sums (2 x 256 x 8 bytes) and four rows of x stay in L1: 256 columns ran the
+# statistics of (4096, 512) and (256, 1024) float32 1.5-2x faster than 2048.
+# Partial sums are merged per block of ``NC_MERGE_COLS`` columns, in parallel.
+NC_COLS = 256
+NC_MERGE_COLS = 64
+
+# Fusion (NCHW-like data).  One task per feature computes its statistics, then
+# normalises it while it is still in cache, so ``x`` is read from memory once.
+# Used when the bytes a task reads fit in ``FUSE_BYTES`` (L2 is 1 MiB per core
+# on the benchmark machine, and its L3 catches L2 victims) and there are at
+# least ``FUSE_MIN_TASKS`` features to share among threads; otherwise
+# statistics and normalisation are two parallel passes over chunks.  Both paths
+# sum the same chunks in the same order: identical bits.
+FUSE_BYTES = 1 << 21
+FUSE_MIN_TASKS = 8
 
 # --------------------------------------------------------------------------- #
 # GPU (numba.cuda).  Read by numbabn._gpu only; importing this module never

@@ -16,6 +16,8 @@ NCHW-like family.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
+from math import prod
 
 import numpy as np
 
@@ -45,8 +47,13 @@ class Layout:
 
 def plan_layout(x: np.ndarray, axis: int) -> Layout:
     """Choose the axis order that lets ``x`` be viewed as ``(outer, C, inner)``."""
-    shape = tuple(x.shape)
-    strides = tuple(abs(s) for s in x.strides)
+    return _plan_layout(x.shape, x.strides, axis)
+
+
+@lru_cache(maxsize=1024)
+def _plan_layout(shape, strides, axis):
+    # Memoised: a training loop sees the same few shapes and strides every step.
+    strides = tuple(abs(s) for s in strides)
     feature_stride = strides[axis]
     others = [a for a in range(len(shape)) if a != axis]
     # Size-1 axes have meaningless strides; keep them in front (outer).
@@ -55,8 +62,8 @@ def plan_layout(x: np.ndarray, axis: int) -> Layout:
     outer = ones + [a for a in rest if strides[a] > feature_stride]
     inner = [a for a in rest if strides[a] <= feature_stride]
     perm = tuple(outer + [axis] + inner)
-    n_outer = int(np.prod([shape[a] for a in outer], dtype=np.int64))
-    n_inner = int(np.prod([shape[a] for a in inner], dtype=np.int64))
+    n_outer = prod(shape[a] for a in outer)
+    n_inner = prod(shape[a] for a in inner)
     return Layout(shape, axis, perm, (n_outer, shape[axis], n_inner))
 
 
@@ -65,6 +72,8 @@ def as_3d(x: np.ndarray, layout: Layout, copy_ok: bool = True):
 
     With ``copy_ok=False`` returns ``None`` instead of copying.
     """
+    if layout.perm == _identity(x.ndim) and x.flags.c_contiguous:
+        return x.reshape(layout.shape3)
     xp = x.transpose(layout.perm)
     try:
         return np.reshape(xp, layout.shape3, copy=False)
@@ -86,6 +95,17 @@ def empty_like_3d(layout: Layout, dtype):
 
 def from_3d(y3: np.ndarray, layout: Layout) -> np.ndarray:
     """Inverse of :func:`as_3d` for an array allocated in the collapsed order."""
-    permuted_shape = tuple(layout.shape[a] for a in layout.perm)
-    inverse = np.argsort(layout.perm)
+    permuted_shape, inverse = _unpermute(layout.shape, layout.perm)
+    if layout.perm == _identity(len(layout.perm)):
+        return y3.reshape(permuted_shape)
     return y3.reshape(permuted_shape).transpose(inverse)
+
+
+@lru_cache(maxsize=1024)
+def _unpermute(shape, perm):
+    return tuple(shape[a] for a in perm), tuple(sorted(range(len(perm)), key=perm.__getitem__))
+
+
+@lru_cache(maxsize=64)
+def _identity(ndim):
+    return tuple(range(ndim))

@@ -1,239 +1,519 @@
-"""Numba CPU kernels.  Private: inputs are validated and shaped by ``ops.py``.
+"""Numba CPU kernels.  Private: inputs are validated, shaped and allocated by ``ops.py``.
 
-Two families, chosen by the layout of ``x`` seen as ``(outer, C, inner)``:
+Batch norm is memory-bound.  The least a training forward can move is 2 passes
+of the tensor (read ``x``, write ``y``), the backward 3 (read ``x`` and ``dy``,
+write ``dx``); a plain copy (2 passes) is the ceiling to compare with.  So each
+operation is one kernel call, and each input is read from memory once where the
+data allows:
 
-* ``*_nchw`` kernels take the 3-D view with ``inner > 1`` (NCHW-like data: each
-  feature is ``outer`` runs of ``inner`` contiguous values);
+* **fused** (NCHW-like data, enough features, a feature small enough to stay in
+  cache): one task per feature sums it (pass 1, from memory), turns the sums into
+  coefficients, and writes its output (pass 2, from L2/L3 where pass 1 left it).
+* **two-phase** (channel-contiguous data, few features, or huge features): a
+  parallel loop writes one partial sum per chunk, a second merges them per
+  feature, a third writes the output.  Both cores work whatever the number of
+  features (3 channels, or a dense ``(N, C)``).  Each thread takes the same
+  contiguous range of chunks in both passes and walks it backwards the second
+  time, so the output pass starts on the data its own statistics pass read last
+  (still in its L2 / the L3).  The ranges depend on the thread count, the chunks
+  and their merge order do not.
+
+Two layouts, chosen by ``x`` seen as ``(outer, C, inner)``:
+
+* ``*_nchw`` kernels take the 3-D view with ``inner > 1``: each feature is
+  ``outer`` runs of ``inner`` contiguous values;
 * ``*_nc`` kernels take the 2-D view ``(rows, C)`` of channel-contiguous data
-  (NHWC, or dense ``(N, C)``), vectorising across features.
+  (NHWC, dense ``(N, C)``), vectorising across features.
 
-Every reduction runs over a fixed chunk grid that depends on the shape only, and
-chunk results are merged in a fixed order: results are bitwise identical for any
-number of threads.  All accumulation is in float64 whatever the input dtype, and
-statistics are two-pass inside each chunk (the chunk is in L1 for the second
-pass) and merged across chunks with Chan's formula, so ill-conditioned float32
-data (large mean, tiny spread) keeps full accuracy.
+Numerics.  Sums are float64 whatever the input dtype.  Statistics are shifted
+sums: with ``shift`` = the feature's first value, ``s1 = sum(x - shift)`` and
+``s2 = sum((x - shift)**2)`` give ``mean = shift + s1/n`` and
+``var = s2/n - (s1/n)**2``.  The cancellation in ``var`` loses a factor
+``(mean - shift)**2 / var``, which is at most ``n`` because ``shift`` is one of
+the values (a few units for typical data): a relative error of at most about
+``n * 2**-53`` in float64, 1e-10 for a million values, however large the mean
+is next to the spread.  The output is ``(x - hi) * scale + offset`` in the
+input's dtype, where ``hi`` is the float64 mean rounded to the input's dtype:
+``x - hi`` is exact near the mean (Sterbenz), so a large mean costs nothing,
+and the rounding error ``lo = mean - hi`` is folded into the offset in float64
+(``offset = bias - lo * scale``), a term of the size of the output, never the
+catastrophic ``x * scale + (bias - mean * scale)``.
+
+Cost.  Per float32 value, pass 1 widens, subtracts and adds in float64: 4
+AVX-512 double ops per 8 values, ~35 GB/s per core (the pass is compute-bound
+in L2/L3, memory-bound beyond); pass 2 is 2 float32 ops per 16 values.
+
+Reproducibility.  Chunks depend on the shape only; chunk sums are merged in chunk
+order by code compiled without ``reassoc`` (``CPU_JIT_STRICT``); the fused and
+two-phase paths run the same chunk code and the same merge, so results do not
+depend on the thread count or on the path.  Elementwise code is strict too, which
+keeps ``(x - hi) * scale + offset`` as written.
 """
 
 import numpy as np
 from numba import njit, prange
 
-from .._config import CPU_JIT, CPU_JIT_PARALLEL
+from .._config import CPU_JIT, CPU_JIT_PARALLEL, CPU_JIT_STRICT, NC_MERGE_COLS
+
+
+@njit(**CPU_JIT_STRICT)
+def _cdiv(a, b):
+    return (a + b - 1) // b
+
+
+@njit(**CPU_JIT_STRICT)
+def _thread_span(t, nth, total):
+    """The contiguous range of ``total`` tasks that thread ``t`` of ``nth`` takes."""
+    return total * t // nth, total * (t + 1) // nth
+
+
+# =========================================================================== #
+# Per-feature arithmetic (strict: fixed order, no reassociation)
+# =========================================================================== #
+@njit(**CPU_JIT_STRICT)
+def _sum_in_order(p):
+    s = 0.0
+    for k in range(p.shape[0]):
+        s += p[k]
+    return s
+
+
+@njit(**CPU_JIT_STRICT)
+def _accumulate(total, part, width):
+    for i in range(width):
+        total[i] += part[i]
+
+
+@njit(**CPU_JIT_STRICT)
+def _forward_coefs(c, s1, s2, n, shift, eps, weight, bias, coef, stats):
+    """Mean, invstd, var of feature ``c`` from its shifted sums into ``stats``,
+    and ``coef[:, c] = (hi, scale, offset)`` in the input's dtype."""
+    m = s1 / n
+    mean = shift + m
+    var = s2 / n - m * m
+    if var < 0.0:  # rounding only; keeps NaN
+        var = 0.0
+    invstd = 1.0 / np.sqrt(var + eps)
+    scale = invstd * weight[c]
+    stats[0, c] = mean
+    stats[1, c] = invstd
+    stats[2, c] = var
+    coef[0, c] = mean
+    coef[1, c] = scale
+    coef[2, c] = bias[c] - (mean - coef[0, c]) * scale
+
+
+@njit(**CPU_JIT_STRICT)
+def _eval_coefs(c, mean, var, eps, weight, bias, coef):
+    invstd = 1.0 / np.sqrt(np.float64(var[c]) + eps)
+    coef[0, c] = mean[c]
+    coef[1, c] = invstd * weight[c]
+    coef[2, c] = bias[c]
+
+
+@njit(**CPU_JIT_STRICT)
+def _backward_coefs(c, sdy, sdyxc, sxc, n, mean, invstd, weight, coef, dwb):
+    """``dx = (dy + (x - hi) * b + d) * a`` for feature ``c``: ``coef[:, c] = (a, hi, b, d)``.
+
+    ``a = invstd * weight``, ``b = -invstd**2 * mean(dy * (x - mean))``,
+    ``d = -mean(dy)`` (plus the folded ``lo`` term): every factor stays in
+    float32's range for data near 1e30, where ``a * b`` would underflow.  The
+    saved ``mean`` may be the batch mean rounded to float32; ``sxc / n`` is its
+    rounding error, so the gradient is taken about the exact batch mean.
+    """
+    m = np.float64(mean[c])
+    istd = np.float64(invstd[c])
+    delta = sxc / n
+    true_mean = m + delta
+    cov = (sdyxc - delta * sdy) / n  # mean(dy * (x - true_mean))
+    b = -istd * istd * cov
+    coef[0, c] = istd * weight[c]
+    coef[1, c] = true_mean
+    coef[2, c] = b
+    coef[3, c] = -(sdy / n) - (true_mean - coef[1, c]) * b
+    dwb[0, c] = istd * cov * n
+    dwb[1, c] = sdy
+
+
+# =========================================================================== #
+# NCHW-like family: x is (outer, C, inner), inner > 1.
+# A chunk of feature c is rows [r0, r1) x columns [j0, j1) of x[:, c, :];
+# chunk k of a feature is row block k // ncb, column block k % ncb.
+# Inner loops index 0-based slices: a loop from a non-zero start would keep
+# Numba's negative-index wraparound and vectorise into gathers (5x slower).
+# =========================================================================== #
+@njit(**CPU_JIT)
+def _chunk_sums_nchw(x, c, r0, r1, j0, j1, shift):
+    s1 = 0.0
+    s2 = 0.0
+    for r in range(r0, r1):
+        xr = x[r, c, j0:j1]
+        for j in range(j1 - j0):
+            d = np.float64(xr[j]) - shift
+            s1 += d
+            s2 += d * d
+    return s1, s2
+
+
+@njit(**CPU_JIT_STRICT)
+def _feature_sums_nchw(x, c, rows, cols, shift):
+    """Shifted sums of feature ``c``, chunk by chunk in chunk order."""
+    outer, _, inner = x.shape
+    s1 = 0.0
+    s2 = 0.0
+    for r0 in range(0, outer, rows):
+        for j0 in range(0, inner, cols):
+            a, b = _chunk_sums_nchw(x, c, r0, min(r0 + rows, outer), j0, min(j0 + cols, inner), shift)
+            s1 += a
+            s2 += b
+    return s1, s2
+
+
+@njit(**CPU_JIT_STRICT)
+def _affine_nchw(x, c, r0, r1, j0, j1, coef, y):
+    hi = coef[0, c]
+    s = coef[1, c]
+    o = coef[2, c]
+    for r in range(r0, r1):
+        xr = x[r, c, j0:j1]
+        yr = y[r, c, j0:j1]
+        for j in range(j1 - j0):
+            yr[j] = (xr[j] - hi) * s + o
 
 
 @njit(**CPU_JIT)
-def _span(block, size, total):
-    """Start and stop of block number ``block`` of ``size`` items out of ``total``."""
-    start = block * size
-    return start, min(start + size, total)
+def _chunk_backward_sums_nchw(dy, x, c, r0, r1, j0, j1, m):
+    sdy = 0.0
+    sdyxc = 0.0
+    sxc = 0.0
+    for r in range(r0, r1):
+        dyr = dy[r, c, j0:j1]
+        xr = x[r, c, j0:j1]
+        for j in range(j1 - j0):
+            g = np.float64(dyr[j])
+            xc = np.float64(xr[j]) - m
+            sdy += g
+            sdyxc += g * xc
+            sxc += xc
+    return sdy, sdyxc, sxc
 
 
-# --------------------------------------------------------------------------- #
-# Per-feature statistics: partial (mean, M2) per chunk, then a fixed-order merge.
-# --------------------------------------------------------------------------- #
+@njit(**CPU_JIT_STRICT)
+def _feature_backward_sums_nchw(dy, x, c, rows, cols, m):
+    outer, _, inner = x.shape
+    sdy = 0.0
+    sdyxc = 0.0
+    sxc = 0.0
+    for r0 in range(0, outer, rows):
+        for j0 in range(0, inner, cols):
+            a, b, e = _chunk_backward_sums_nchw(
+                dy, x, c, r0, min(r0 + rows, outer), j0, min(j0 + cols, inner), m
+            )
+            sdy += a
+            sdyxc += b
+            sxc += e
+    return sdy, sdyxc, sxc
+
+
+@njit(**CPU_JIT_STRICT)
+def _dx_nchw(dy, x, c, r0, r1, j0, j1, coef, dx):
+    a = coef[0, c]
+    hi = coef[1, c]
+    b = coef[2, c]
+    d = coef[3, c]
+    for r in range(r0, r1):
+        dyr = dy[r, c, j0:j1]
+        xr = x[r, c, j0:j1]
+        dxr = dx[r, c, j0:j1]
+        for j in range(j1 - j0):
+            dxr[j] = (dyr[j] + (xr[j] - hi) * b + d) * a
+
+
+@njit(**CPU_JIT_STRICT)
+def _chunk_bounds(u, nchunks, ncb, rows, cols, outer, inner):
+    """Feature and bounds of flat task ``u`` = feature * nchunks + chunk."""
+    c = u // nchunks
+    k = u - c * nchunks
+    r0 = (k // ncb) * rows
+    j0 = (k % ncb) * cols
+    return c, k, r0, min(r0 + rows, outer), j0, min(j0 + cols, inner)
+
+
 @njit(**CPU_JIT_PARALLEL)
-def stats_partials_nchw(x, rows, cols, pmean, pm2):
+def forward_nchw(x, weight, bias, eps, rows, cols, fused, write_y, nth, p1, p2, coef, stats, y):
+    """Batch statistics of ``x`` into ``stats`` (mean, invstd, var), and with
+    ``write_y`` the normalised output into ``y``.  ``p1``/``p2`` are (C, chunks)
+    scratch for the two-phase path, whose passes are split among ``nth`` threads
+    (Numba's thread count, passed in: calling ``get_num_threads`` here would
+    stop the kernel from being cached)."""
     outer, nfeat, inner = x.shape
-    ncb = (inner + cols - 1) // cols
-    nchunks = pmean.shape[0]
-    for t in prange(nfeat * nchunks):
-        c = t // nchunks
-        k = t - c * nchunks
-        r0, r1 = _span(k // ncb, rows, outer)
-        j0, j1 = _span(k % ncb, cols, inner)
-        s = 0.0
-        for r in range(r0, r1):
-            for j in range(j0, j1):
-                s += x[r, c, j]
-        m = s / ((r1 - r0) * (j1 - j0))
-        q = 0.0
-        for r in range(r0, r1):
-            for j in range(j0, j1):
-                d = x[r, c, j] - m
-                q += d * d
-        pmean[k, c] = m
-        pm2[k, c] = q
-
-
-@njit(**CPU_JIT_PARALLEL)
-def stats_partials_nc(x, rows, cblock, pmean, pm2):
-    nrows, nfeat = x.shape
-    ncb = (nfeat + cblock - 1) // cblock
-    nrb = pmean.shape[0]
-    for t in prange(nrb * ncb):
-        rb = t // ncb
-        r0, r1 = _span(rb, rows, nrows)
-        c0, c1 = _span(t - rb * ncb, cblock, nfeat)
-        s = np.zeros(c1 - c0)
-        for r in range(r0, r1):
-            for c in range(c0, c1):
-                s[c - c0] += x[r, c]
-        n = r1 - r0
-        for i in range(c1 - c0):
-            s[i] = s[i] / n
-        q = np.zeros(c1 - c0)
-        for r in range(r0, r1):
-            for c in range(c0, c1):
-                d = x[r, c] - s[c - c0]
-                q[c - c0] += d * d
-        for c in range(c0, c1):
-            pmean[rb, c] = s[c - c0]
-            pm2[rb, c] = q[c - c0]
-
-
-@njit(**CPU_JIT_PARALLEL)
-def merge_partials(counts, pmean, pm2, mean, var):
-    """Chan's parallel-variance merge of chunk results, in chunk order."""
-    nchunks, nfeat = pmean.shape
+    n = outer * inner
+    ncb = _cdiv(inner, cols)
+    nchunks = _cdiv(outer, rows) * ncb
+    if fused:
+        for c in prange(nfeat):
+            shift = np.float64(x[0, c, 0])
+            s1, s2 = _feature_sums_nchw(x, c, rows, cols, shift)
+            _forward_coefs(c, s1, s2, n, shift, eps, weight, bias, coef, stats)
+            if write_y:
+                _affine_nchw(x, c, 0, outer, 0, inner, coef, y)
+        return
+    ntasks = nfeat * nchunks
+    nth = min(nth, ntasks)
+    for t in prange(nth):
+        u0, u1 = _thread_span(t, nth, ntasks)
+        for u in range(u0, u1):
+            c, k, r0, r1, j0, j1 = _chunk_bounds(u, nchunks, ncb, rows, cols, outer, inner)
+            p1[c, k], p2[c, k] = _chunk_sums_nchw(x, c, r0, r1, j0, j1, np.float64(x[0, c, 0]))
     for c in prange(nfeat):
-        n = counts[0]
-        m = pmean[0, c]
-        q = pm2[0, c]
-        for k in range(1, nchunks):
-            nb = counts[k]
-            total = n + nb
-            d = pmean[k, c] - m
-            m += d * (nb / total)
-            q += pm2[k, c] + d * d * (n * nb / total)
-            n = total
-        mean[c] = m
-        var[c] = q / n
+        s1 = _sum_in_order(p1[c])
+        s2 = _sum_in_order(p2[c])
+        _forward_coefs(c, s1, s2, n, np.float64(x[0, c, 0]), eps, weight, bias, coef, stats)
+    if write_y:
+        for t in prange(nth):
+            u0, u1 = _thread_span(t, nth, ntasks)
+            for u in range(u1 - 1, u0 - 1, -1):
+                c, k, r0, r1, j0, j1 = _chunk_bounds(u, nchunks, ncb, rows, cols, outer, inner)
+                _affine_nchw(x, c, r0, r1, j0, j1, coef, y)
 
 
-# --------------------------------------------------------------------------- #
-# Elementwise affine transform y = (x - shift) * scale + offset, per feature.
-# Used by normalisation (shift = mean) and by the backward's dx
-# (dx = dy * a + (x - mean) * b + d, see ``affine2_*``).
-# --------------------------------------------------------------------------- #
 @njit(**CPU_JIT_PARALLEL)
-def affine_nchw(x, shift, scale, offset, rows, cols, y):
+def normalize_nchw(x, mean, var, weight, bias, eps, rows, coef, y):
+    """Elementwise, so any order gives the same bits: walk ``x`` in memory order,
+    in blocks of ``rows`` runs of ``inner`` values (run ``q`` is ``x[q // C, q % C]``)."""
     outer, nfeat, inner = x.shape
-    nrb = (outer + rows - 1) // rows
-    ncb = (inner + cols - 1) // cols
-    nchunks = nrb * ncb
-    for t in prange(nfeat * nchunks):
-        c = t // nchunks
-        k = t - c * nchunks
-        r0, r1 = _span(k // ncb, rows, outer)
-        j0, j1 = _span(k % ncb, cols, inner)
-        m = shift[c]
-        s = scale[c]
-        o = offset[c]
-        for r in range(r0, r1):
-            for j in range(j0, j1):
-                y[r, c, j] = (x[r, c, j] - m) * s + o
+    for c in range(nfeat):
+        _eval_coefs(c, mean, var, eps, weight, bias, coef)
+    nruns = outer * nfeat
+    for b in prange(_cdiv(nruns, rows)):
+        for q in range(b * rows, min((b + 1) * rows, nruns)):
+            r = q // nfeat
+            c = q - r * nfeat
+            _affine_nchw(x, c, r, r + 1, 0, inner, coef, y)
 
 
 @njit(**CPU_JIT_PARALLEL)
-def affine_nc(x, shift, scale, offset, rows, cblock, y):
-    nrows, nfeat = x.shape
-    nrb = (nrows + rows - 1) // rows
-    ncb = (nfeat + cblock - 1) // cblock
-    for t in prange(nrb * ncb):
-        rb = t // ncb
-        r0, r1 = _span(rb, rows, nrows)
-        c0, c1 = _span(t - rb * ncb, cblock, nfeat)
-        for r in range(r0, r1):
-            for c in range(c0, c1):
-                y[r, c] = (x[r, c] - shift[c]) * scale[c] + offset[c]
-
-
-@njit(**CPU_JIT_PARALLEL)
-def affine2_nchw(dy, x, a, shift, b, d, rows, cols, dx):
+def backward_nchw(dy, x, mean, invstd, weight, rows, cols, fused, nth, p, coef, dwb, dx):
+    """dx into ``dx``; (dweight, dbias) into ``dwb``.  ``p`` is (3, C, chunks)
+    scratch for the two-phase path."""
     outer, nfeat, inner = x.shape
-    nrb = (outer + rows - 1) // rows
-    ncb = (inner + cols - 1) // cols
-    nchunks = nrb * ncb
-    for t in prange(nfeat * nchunks):
-        c = t // nchunks
-        k = t - c * nchunks
-        r0, r1 = _span(k // ncb, rows, outer)
-        j0, j1 = _span(k % ncb, cols, inner)
-        ac = a[c]
-        mc = shift[c]
-        bc = b[c]
-        dc = d[c]
-        for r in range(r0, r1):
-            for j in range(j0, j1):
-                dx[r, c, j] = dy[r, c, j] * ac + (x[r, c, j] - mc) * bc + dc
-
-
-@njit(**CPU_JIT_PARALLEL)
-def affine2_nc(dy, x, a, shift, b, d, rows, cblock, dx):
-    nrows, nfeat = x.shape
-    nrb = (nrows + rows - 1) // rows
-    ncb = (nfeat + cblock - 1) // cblock
-    for t in prange(nrb * ncb):
-        rb = t // ncb
-        r0, r1 = _span(rb, rows, nrows)
-        c0, c1 = _span(t - rb * ncb, cblock, nfeat)
-        for r in range(r0, r1):
-            for c in range(c0, c1):
-                dx[r, c] = dy[r, c] * a[c] + (x[r, c] - shift[c]) * b[c] + d[c]
-
-
-# --------------------------------------------------------------------------- #
-# Backward reductions: per chunk, sum(dy), sum(dy * xc), sum(xc) with
-# xc = x - mean.  sum(xc) recovers the exact batch mean in float64 even when the
-# saved mean was rounded to float32 (see ops.backward).
-# --------------------------------------------------------------------------- #
-@njit(**CPU_JIT_PARALLEL)
-def backward_partials_nchw(dy, x, mean, rows, cols, pdy, pdyxc, pxc):
-    outer, nfeat, inner = x.shape
-    ncb = (inner + cols - 1) // cols
-    nchunks = pdy.shape[0]
-    for t in prange(nfeat * nchunks):
-        c = t // nchunks
-        k = t - c * nchunks
-        r0, r1 = _span(k // ncb, rows, outer)
-        j0, j1 = _span(k % ncb, cols, inner)
-        m = mean[c]
-        sdy = 0.0
-        sdyxc = 0.0
-        sxc = 0.0
-        for r in range(r0, r1):
-            for j in range(j0, j1):
-                g = np.float64(dy[r, c, j])
-                xc = x[r, c, j] - m
-                sdy += g
-                sdyxc += g * xc
-                sxc += xc
-        pdy[k, c] = sdy
-        pdyxc[k, c] = sdyxc
-        pxc[k, c] = sxc
-
-
-@njit(**CPU_JIT_PARALLEL)
-def backward_partials_nc(dy, x, mean, rows, cblock, pdy, pdyxc, pxc):
-    nrows, nfeat = x.shape
-    ncb = (nfeat + cblock - 1) // cblock
-    nrb = pdy.shape[0]
-    for t in prange(nrb * ncb):
-        rb = t // ncb
-        r0, r1 = _span(rb, rows, nrows)
-        c0, c1 = _span(t - rb * ncb, cblock, nfeat)
-        sdy = np.zeros(c1 - c0)
-        sdyxc = np.zeros(c1 - c0)
-        sxc = np.zeros(c1 - c0)
-        for r in range(r0, r1):
-            for c in range(c0, c1):
-                g = np.float64(dy[r, c])
-                xc = x[r, c] - mean[c]
-                sdy[c - c0] += g
-                sdyxc[c - c0] += g * xc
-                sxc[c - c0] += xc
-        for c in range(c0, c1):
-            pdy[rb, c] = sdy[c - c0]
-            pdyxc[rb, c] = sdyxc[c - c0]
-            pxc[rb, c] = sxc[c - c0]
-
-
-@njit(**CPU_JIT_PARALLEL)
-def sum_partials(p, out):
-    """Sum chunk partials over chunks, in chunk order."""
-    nchunks, nfeat = p.shape
+    n = outer * inner
+    ncb = _cdiv(inner, cols)
+    nchunks = _cdiv(outer, rows) * ncb
+    if fused:
+        for c in prange(nfeat):
+            sdy, sdyxc, sxc = _feature_backward_sums_nchw(dy, x, c, rows, cols, np.float64(mean[c]))
+            _backward_coefs(c, sdy, sdyxc, sxc, n, mean, invstd, weight, coef, dwb)
+            _dx_nchw(dy, x, c, 0, outer, 0, inner, coef, dx)
+        return
+    ntasks = nfeat * nchunks
+    nth = min(nth, ntasks)
+    for t in prange(nth):
+        u0, u1 = _thread_span(t, nth, ntasks)
+        for u in range(u0, u1):
+            c, k, r0, r1, j0, j1 = _chunk_bounds(u, nchunks, ncb, rows, cols, outer, inner)
+            p[0, c, k], p[1, c, k], p[2, c, k] = _chunk_backward_sums_nchw(
+                dy, x, c, r0, r1, j0, j1, np.float64(mean[c])
+            )
     for c in prange(nfeat):
-        s = 0.0
-        for k in range(nchunks):
-            s += p[k, c]
-        out[c] = s
+        sdy = _sum_in_order(p[0, c])
+        sdyxc = _sum_in_order(p[1, c])
+        sxc = _sum_in_order(p[2, c])
+        _backward_coefs(c, sdy, sdyxc, sxc, n, mean, invstd, weight, coef, dwb)
+    for t in prange(nth):
+        u0, u1 = _thread_span(t, nth, ntasks)
+        for u in range(u1 - 1, u0 - 1, -1):
+            c, k, r0, r1, j0, j1 = _chunk_bounds(u, nchunks, ncb, rows, cols, outer, inner)
+            _dx_nchw(dy, x, c, r0, r1, j0, j1, coef, dx)
+
+
+# =========================================================================== #
+# Channel-contiguous family: x is (rows, C), always two-phase.  A chunk is
+# ``rows`` rows of a block of at most ``width`` columns; partial sums are per
+# (row block, column).  Each column's sum runs over rows in order (the vector
+# lanes are columns), so the column blocking never changes a result.
+# =========================================================================== #
+@njit(**CPU_JIT)
+def _chunk_sums_nc(x, r0, r1, c0, c1, shift, s1, s2):
+    """Shifted sums of columns [c0, c1) over rows [r0, r1) into s1[:c1-c0], s2[:c1-c0].
+
+    The accumulators live in memory (one per column), so rows are taken four at
+    a time: one load/store of ``s1``/``s2`` per four rows instead of per row
+    (2.5x faster on (4096, 512) float32).
+    """
+    w = c1 - c0
+    sh = shift[c0:c1]
+    for i in range(w):
+        s1[i] = 0.0
+        s2[i] = 0.0
+    r = r0
+    while r + 4 <= r1:
+        x0 = x[r, c0:c1]
+        x1 = x[r + 1, c0:c1]
+        x2 = x[r + 2, c0:c1]
+        x3 = x[r + 3, c0:c1]
+        for i in range(w):
+            d0 = np.float64(x0[i]) - sh[i]
+            d1 = np.float64(x1[i]) - sh[i]
+            d2 = np.float64(x2[i]) - sh[i]
+            d3 = np.float64(x3[i]) - sh[i]
+            s1[i] += (d0 + d1) + (d2 + d3)
+            s2[i] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
+        r += 4
+    for r in range(r, r1):
+        xr = x[r, c0:c1]
+        for i in range(w):
+            d = np.float64(xr[i]) - sh[i]
+            s1[i] += d
+            s2[i] += d * d
+
+
+@njit(**CPU_JIT_STRICT)
+def _affine_nc(x, r0, r1, c0, c1, coef, y):
+    hi = coef[0, c0:c1]
+    s = coef[1, c0:c1]
+    o = coef[2, c0:c1]
+    w = c1 - c0
+    for r in range(r0, r1):
+        xr = x[r, c0:c1]
+        yr = y[r, c0:c1]
+        for i in range(w):
+            yr[i] = (xr[i] - hi[i]) * s[i] + o[i]
+
+
+@njit(**CPU_JIT)
+def _chunk_backward_sums_nc(dy, x, r0, r1, c0, c1, mean, sdy, sdyxc, sxc):
+    """``sum(dy)``, ``sum(dy * xc)``, ``sum(xc)`` of columns [c0, c1) over rows
+    [r0, r1) into ``sdy``, ``sdyxc``, ``sxc``, ``xc = x - mean``; four rows at a
+    time as in :func:`_chunk_sums_nc`."""
+    w = c1 - c0
+    m = mean[c0:c1]
+    for i in range(w):
+        sdy[i] = 0.0
+        sdyxc[i] = 0.0
+        sxc[i] = 0.0
+    r = r0
+    while r + 4 <= r1:
+        g0 = dy[r, c0:c1]
+        g1 = dy[r + 1, c0:c1]
+        g2 = dy[r + 2, c0:c1]
+        g3 = dy[r + 3, c0:c1]
+        x0 = x[r, c0:c1]
+        x1 = x[r + 1, c0:c1]
+        x2 = x[r + 2, c0:c1]
+        x3 = x[r + 3, c0:c1]
+        for i in range(w):
+            mi = np.float64(m[i])
+            a0 = np.float64(g0[i])
+            a1 = np.float64(g1[i])
+            a2 = np.float64(g2[i])
+            a3 = np.float64(g3[i])
+            e0 = np.float64(x0[i]) - mi
+            e1 = np.float64(x1[i]) - mi
+            e2 = np.float64(x2[i]) - mi
+            e3 = np.float64(x3[i]) - mi
+            sdy[i] += (a0 + a1) + (a2 + a3)
+            sdyxc[i] += (a0 * e0 + a1 * e1) + (a2 * e2 + a3 * e3)
+            sxc[i] += (e0 + e1) + (e2 + e3)
+        r += 4
+    for r in range(r, r1):
+        gr = dy[r, c0:c1]
+        xr = x[r, c0:c1]
+        for i in range(w):
+            a = np.float64(gr[i])
+            e = np.float64(xr[i]) - np.float64(m[i])
+            sdy[i] += a
+            sdyxc[i] += a * e
+            sxc[i] += e
+
+
+@njit(**CPU_JIT_STRICT)
+def _dx_nc(dy, x, r0, r1, c0, c1, coef, dx):
+    a = coef[0, c0:c1]
+    hi = coef[1, c0:c1]
+    b = coef[2, c0:c1]
+    d = coef[3, c0:c1]
+    w = c1 - c0
+    for r in range(r0, r1):
+        dyr = dy[r, c0:c1]
+        xr = x[r, c0:c1]
+        dxr = dx[r, c0:c1]
+        for i in range(w):
+            dxr[i] = (dyr[i] + (xr[i] - hi[i]) * b[i] + d[i]) * a[i]
+
+
+@njit(**CPU_JIT_PARALLEL)
+def forward_nc(x, weight, bias, eps, rows, width, write_y, nth, p1, p2, coef, stats, y):
+    """As :func:`forward_nchw` for (rows, C) data; ``p1``/``p2`` are (row blocks, C)."""
+    nrows, nfeat = x.shape
+    nrb = _cdiv(nrows, rows)
+    shift = np.empty(nfeat)
+    for c in range(nfeat):
+        shift[c] = x[0, c]
+    nth = min(nth, nrb)
+    for t in prange(nth):
+        b0, b1 = _thread_span(t, nth, nrb)
+        for rb in range(b0, b1):
+            r0 = rb * rows
+            r1 = min(r0 + rows, nrows)
+            for c0 in range(0, nfeat, width):
+                c1 = min(c0 + width, nfeat)
+                _chunk_sums_nc(x, r0, r1, c0, c1, shift, p1[rb, c0:c1], p2[rb, c0:c1])
+    for b in prange(_cdiv(nfeat, NC_MERGE_COLS)):
+        c0 = b * NC_MERGE_COLS
+        c1 = min(c0 + NC_MERGE_COLS, nfeat)
+        t1 = np.zeros(c1 - c0)
+        t2 = np.zeros(c1 - c0)
+        for rb in range(nrb):
+            _accumulate(t1, p1[rb, c0:c1], c1 - c0)
+            _accumulate(t2, p2[rb, c0:c1], c1 - c0)
+        for c in range(c0, c1):
+            _forward_coefs(c, t1[c - c0], t2[c - c0], nrows, shift[c], eps, weight, bias, coef, stats)
+    if write_y:
+        for t in prange(nth):
+            b0, b1 = _thread_span(t, nth, nrb)
+            for rb in range(b1 - 1, b0 - 1, -1):
+                r0 = rb * rows
+                _affine_nc(x, r0, min(r0 + rows, nrows), 0, nfeat, coef, y)
+
+
+@njit(**CPU_JIT_PARALLEL)
+def normalize_nc(x, mean, var, weight, bias, eps, rows, coef, y):
+    nrows, nfeat = x.shape
+    for c in range(nfeat):
+        _eval_coefs(c, mean, var, eps, weight, bias, coef)
+    for rb in prange(_cdiv(nrows, rows)):
+        r0 = rb * rows
+        _affine_nc(x, r0, min(r0 + rows, nrows), 0, nfeat, coef, y)
+
+
+@njit(**CPU_JIT_PARALLEL)
+def backward_nc(dy, x, mean, invstd, weight, rows, width, nth, p, coef, dwb, dx):
+    """As :func:`backward_nchw` for (rows, C) data; ``p`` is (3, row blocks, C)."""
+    nrows, nfeat = x.shape
+    nrb = _cdiv(nrows, rows)
+    nth = min(nth, nrb)
+    for t in prange(nth):
+        b0, b1 = _thread_span(t, nth, nrb)
+        for rb in range(b0, b1):
+            r0 = rb * rows
+            r1 = min(r0 + rows, nrows)
+            for c0 in range(0, nfeat, width):
+                c1 = min(c0 + width, nfeat)
+                _chunk_backward_sums_nc(dy, x, r0, r1, c0, c1, mean,
+                                        p[0, rb, c0:c1], p[1, rb, c0:c1], p[2, rb, c0:c1])
+    for b in prange(_cdiv(nfeat, NC_MERGE_COLS)):
+        c0 = b * NC_MERGE_COLS
+        c1 = min(c0 + NC_MERGE_COLS, nfeat)
+        acc = np.zeros((3, c1 - c0))
+        for rb in range(nrb):
+            for q in range(3):
+                _accumulate(acc[q], p[q, rb, c0:c1], c1 - c0)
+        for c in range(c0, c1):
+            i = c - c0
+            _backward_coefs(c, acc[0, i], acc[1, i], acc[2, i], nrows, mean, invstd, weight, coef, dwb)
+    for t in prange(nth):
+        b0, b1 = _thread_span(t, nth, nrb)
+        for rb in range(b1 - 1, b0 - 1, -1):
+            r0 = rb * rows
+            _dx_nc(dy, x, r0, min(r0 + rows, nrows), 0, nfeat, coef, dx)

@@ -1,0 +1,153 @@
+"""The fast CPU kernels' own guarantees: both paths give identical bits, results
+do not depend on the thread count, and the shifted float64 sums stay accurate
+when the shift (a feature's first value) is a far outlier."""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import naive
+import numbabn as nb
+from numbabn._cpu import ops
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# (shape, axis): fused NCHW, two-phase NCHW (3 channels, huge inner), dense and
+# channels-last two-phase, inner smaller than a vector, several row blocks.
+PATH_CASES = [
+    ((16, 32, 9, 9), 1),
+    ((4, 3, 150, 150), 1),
+    ((700, 300), 1),
+    ((6, 20, 20, 40), -1),
+    ((300, 10, 3), 1),
+]
+
+
+@pytest.fixture
+def force_path(monkeypatch):
+    """Force the NCHW fused (True) or two-phase (False) path."""
+    def force(fused):
+        def patched(shape3, itemsize, nread):
+            p = ops._Plan(shape3, itemsize, nread)
+            if not p.channels_last:
+                p.fused = fused
+            return p
+
+        monkeypatch.setattr(ops, "_plan", patched)
+    return force
+
+
+def _run_all(x, dy, w, b, axis):
+    y, mean, invstd = nb.batch_norm_train(x, w, b, axis=axis)
+    dx, dw, db = nb.batch_norm_backward(dy, x, mean, invstd, w, axis=axis)
+    m, v = nb.batch_stats(x, axis=axis)
+    return y, mean, invstd, dx, dw, db, m, v
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape,axis", [c for c in PATH_CASES if c[1] == 1 and len(c[0]) > 2])
+def test_fused_and_two_phase_paths_give_identical_bits(rng, force_path, dtype, shape, axis):
+    x = (5 + 3 * rng.standard_normal(shape)).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    w = rng.uniform(0.5, 2, shape[axis]).astype(dtype)
+    b = rng.uniform(-1, 1, shape[axis]).astype(dtype)
+    force_path(True)
+    fused = _run_all(x, dy, w, b, axis)
+    force_path(False)
+    two_phase = _run_all(x, dy, w, b, axis)
+    for a, c in zip(fused, two_phase):
+        np.testing.assert_array_equal(a, c)
+
+
+@pytest.mark.parametrize("shape,axis", PATH_CASES)
+def test_batch_stats_equals_training_statistics_bitwise(rng, shape, axis):
+    x = (2 + rng.standard_normal(shape)).astype(np.float32)
+    _, mean, _ = nb.batch_norm_train(x, axis=axis)
+    m, _ = nb.batch_stats(x, axis=axis)
+    np.testing.assert_array_equal(m, mean)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape,axis", PATH_CASES)
+def test_matches_naive_on_both_families(rng, dtype, shape, axis):
+    x = (5 + 3 * rng.standard_normal(shape)).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    w = rng.uniform(0.5, 2, shape[axis]).astype(dtype)
+    b = rng.uniform(-1, 1, shape[axis]).astype(dtype)
+    y, mean, invstd, dx, dw, db, m, v = _run_all(x, dy, w, b, axis)
+    ry, rmean, rinvstd = naive.batch_norm_train(x, w, b, axis=axis)
+    rdx, rdw, rdb = naive.batch_norm_backward(dy, x, w, axis=axis)
+    rtol = 2e-5 if dtype == np.float32 else 1e-11
+    for a, r in [(y, ry), (mean, rmean), (invstd, rinvstd), (dx, rdx), (m, rmean),
+                 (dw, rdw), (db, rdb)]:
+        scale = np.max(np.abs(r))
+        assert np.max(np.abs(a - r)) <= rtol * max(scale, 1.0)
+
+
+@pytest.mark.parametrize("shape,axis", [((4000, 3), 1), ((8, 5, 40, 40), 1), ((20, 30, 30, 8), -1)])
+def test_outlier_first_value_keeps_variance_accurate(rng, shape, axis):
+    """The shift is each feature's first value; make it 1e6 spreads away from
+    the rest.  The cancellation in s2/n - (s1/n)**2 then costs (mean - shift)**2
+    / var ~ n, harmless in float64 sums."""
+    x = rng.standard_normal(shape)
+    first = [0] * len(shape)
+    first[axis] = slice(None)
+    x[tuple(first)] = 1e6
+    for dtype in (np.float32, np.float64):
+        xd = x.astype(dtype)
+        m, v = nb.batch_stats(xd, axis=axis)
+        rm, rv = naive.batch_stats(xd, axis)
+        tol = 1e-6 if dtype == np.float32 else 1e-9
+        np.testing.assert_allclose(v, rv, rtol=tol)
+        np.testing.assert_allclose(m, rm, rtol=tol)
+
+
+@pytest.mark.parametrize("axis,shape", [(1, (64, 6, 33, 35)), (-1, (64, 33, 35, 6))])
+def test_large_mean_tiny_spread_through_the_fused_and_two_phase_paths(rng, axis, shape):
+    x = (1e6 + rng.standard_normal(shape)).astype(np.float32)
+    y, mean, invstd = nb.batch_norm_train(x, axis=axis)
+    ry, _, _ = naive.batch_norm_train(x, axis=axis)
+    assert np.max(np.abs(y - ry)) <= 1e-4 * np.max(np.abs(ry))
+
+
+HASH_SCRIPT = r"""
+import hashlib, json, sys
+import numpy as np
+import numbabn as nb
+cases = json.loads(sys.argv[1])
+out = {}
+for shape, axis in cases:
+    for dtype in (np.float32, np.float64):
+        rng = np.random.default_rng(3)
+        x = (7 + rng.standard_normal(shape)).astype(dtype)
+        dy = rng.standard_normal(shape).astype(dtype)
+        w = rng.uniform(0.5, 2, shape[axis]).astype(dtype)
+        y, mean, invstd = nb.batch_norm_train(x, w, w, axis=axis)
+        dx, dw, db = nb.batch_norm_backward(dy, x, mean, invstd, w, axis=axis)
+        m, v = nb.batch_stats(x, axis=axis)
+        ye = nb.normalize(x, m, v, w, w, axis=axis)
+        h = hashlib.sha256()
+        for a in (y, mean, invstd, dx, dw, db, m, v, ye):
+            h.update(np.ascontiguousarray(a).tobytes())
+        out[f"{shape}-{axis}-{np.dtype(dtype).name}"] = h.hexdigest()
+print(json.dumps(out))
+"""
+
+
+def _hashes(threads):
+    env = dict(os.environ, NUMBA_NUM_THREADS=str(threads), PYTHONPATH=str(ROOT))
+    cases = json.dumps([[list(s), a] for s, a in PATH_CASES + [((9000, 64), 1)]])
+    res = subprocess.run([sys.executable, "-c", HASH_SCRIPT, cases], env=env, cwd=ROOT,
+                         capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def test_bitwise_identical_for_1_and_2_threads_on_every_path():
+    assert _hashes(1) == _hashes(2)
