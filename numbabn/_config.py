@@ -47,6 +47,16 @@ CHUNK_ELEMS = 32768
 NC_COLS = 256
 NC_MERGE_COLS = 64
 
+# Backward sums in the input's dtype over short blocks.  The three backward sums
+# (``dy``, ``dy * xc``, ``xc``) are taken in vector lanes of the input's dtype
+# over blocks of at most ``BWD_BLOCK`` contiguous values of a row (NCHW-like)
+# or ``BWD_NC_ROWS`` rows of a column (channel-contiguous), and each block's
+# sums are added to float64 accumulators in block order.  For float32 that runs
+# 16 lanes instead of 8 with no widening; a block's float32 rounding is at most
+# about ``block / lanes * 2**-24`` relative.  The blocks depend on the shape only.
+BWD_BLOCK = 256
+BWD_NC_ROWS = 64
+
 # Fusion (NCHW-like data).  One task per feature computes its statistics, then
 # normalises it while it is still in cache, so ``x`` is read from memory once.
 # Used when the bytes a task reads fit in ``FUSE_BYTES`` (L2 is 1 MiB per core

@@ -25,7 +25,14 @@ Two layouts, chosen by ``x`` seen as ``(outer, C, inner)``:
 * ``*_nc`` kernels take the 2-D view ``(rows, C)`` of channel-contiguous data
   (NHWC, dense ``(N, C)``), vectorising across features.
 
-Numerics.  Sums are float64 whatever the input dtype.  Statistics are shifted
+Numerics.  Forward sums are float64 whatever the input dtype.  The backward's
+three sums (``dy``, ``dy * xc``, ``xc`` with ``xc = (x - mean) * scale``,
+``scale`` a power of two near ``invstd``) are taken in the input's dtype over
+short blocks fixed by the shape (``BWD_BLOCK`` values of a row,
+``BWD_NC_ROWS`` rows of a column) and the block sums added in float64, in
+order: ``x - mean`` is exact near the mean (Sterbenz), the scale keeps the
+products in range for any magnitude, and a block's float32 rounding is about
+``block / lanes * 2**-24`` relative.  Statistics are shifted
 sums: with ``shift`` = the feature's first value, ``s1 = sum(x - shift)`` and
 ``s2 = sum((x - shift)**2)`` give ``mean = shift + s1/n`` and
 ``var = s2/n - (s1/n)**2``.  The cancellation in ``var`` loses a factor
@@ -50,10 +57,19 @@ depend on the thread count or on the path.  Elementwise code is strict too, whic
 keeps ``(x - hi) * scale + offset`` as written.
 """
 
+import math
+
 import numpy as np
 from numba import njit, prange
 
-from .._config import CPU_JIT, CPU_JIT_PARALLEL, CPU_JIT_STRICT, NC_MERGE_COLS
+from .._config import (
+    BWD_BLOCK,
+    BWD_NC_ROWS,
+    CPU_JIT,
+    CPU_JIT_PARALLEL,
+    CPU_JIT_STRICT,
+    NC_MERGE_COLS,
+)
 
 
 @njit(**CPU_JIT_STRICT)
@@ -112,7 +128,29 @@ def _eval_coefs(c, mean, var, eps, weight, bias, coef):
 
 
 @njit(**CPU_JIT_STRICT)
-def _backward_coefs(c, sdy, sdyxc, sxc, n, mean, invstd, weight, coef, dwb):
+def _pow2_near(v):
+    """A power of two near ``v`` (1 when ``v`` is not finite and positive),
+    within float32's normal range."""
+    if not (v > 0.0 and v < np.inf):
+        return 1.0
+    _, e = math.frexp(v)
+    return math.ldexp(1.0, max(-120, min(120, e)))
+
+
+@njit(**CPU_JIT_STRICT)
+def _backward_scales(invstd):
+    """Per feature, a power of two near ``invstd`` in the input's dtype: the
+    backward sums take ``xc = (x - mean) * scale`` (exact: a power of two), so
+    ``xc`` is of order 1 and ``dy * xc`` of the order of ``dy`` whatever the
+    data's magnitude (1e30 or 1e-30 stays in float32's range)."""
+    s = np.empty_like(invstd)
+    for c in range(invstd.shape[0]):
+        s[c] = _pow2_near(np.float64(invstd[c]))
+    return s
+
+
+@njit(**CPU_JIT_STRICT)
+def _backward_coefs(c, sdy, sdyxc, sxc, n, mean, invstd, weight, coef, dwb, scale):
     """``dx = (dy + (x - hi) * b + d) * a`` for feature ``c``: ``coef[:, c] = (a, hi, b, d)``.
 
     ``a = invstd * weight``, ``b = -invstd**2 * mean(dy * (x - mean))``,
@@ -120,7 +158,11 @@ def _backward_coefs(c, sdy, sdyxc, sxc, n, mean, invstd, weight, coef, dwb):
     float32's range for data near 1e30, where ``a * b`` would underflow.  The
     saved ``mean`` may be the batch mean rounded to float32; ``sxc / n`` is its
     rounding error, so the gradient is taken about the exact batch mean.
+    ``sdyxc`` and ``sxc`` come scaled by ``scale[c]`` (a power of two).
     """
+    sc = np.float64(scale[c])
+    sdyxc = sdyxc / sc
+    sxc = sxc / sc
     m = np.float64(mean[c])
     istd = np.float64(invstd[c])
     delta = sxc / n
@@ -182,24 +224,41 @@ def _affine_nchw(x, c, r0, r1, j0, j1, coef, y):
 
 
 @njit(**CPU_JIT)
-def _chunk_backward_sums_nchw(dy, x, c, r0, r1, j0, j1, m):
+def _block_backward_sums(dyr, xr, m, s):
+    """The three sums of one block, in the input's dtype (vector lanes of it)."""
+    a = np.float32(0.0)
+    b = np.float32(0.0)
+    e = np.float32(0.0)
+    for j in range(dyr.shape[0]):
+        g = dyr[j]
+        xc = (xr[j] - m) * s
+        a += g
+        b += g * xc
+        e += xc
+    return a, b, e
+
+
+@njit(**CPU_JIT_STRICT)
+def _chunk_backward_sums_nchw(dy, x, c, r0, r1, j0, j1, m, s):
+    """Float64 sums of blocks of at most ``BWD_BLOCK`` values of each row, in order."""
     sdy = 0.0
     sdyxc = 0.0
     sxc = 0.0
+    w = j1 - j0
     for r in range(r0, r1):
         dyr = dy[r, c, j0:j1]
         xr = x[r, c, j0:j1]
-        for j in range(j1 - j0):
-            g = np.float64(dyr[j])
-            xc = np.float64(xr[j]) - m
-            sdy += g
-            sdyxc += g * xc
-            sxc += xc
+        for b0 in range(0, w, BWD_BLOCK):
+            b1 = min(b0 + BWD_BLOCK, w)
+            a, b, e = _block_backward_sums(dyr[b0:b1], xr[b0:b1], m, s)
+            sdy += np.float64(a)
+            sdyxc += np.float64(b)
+            sxc += np.float64(e)
     return sdy, sdyxc, sxc
 
 
 @njit(**CPU_JIT_STRICT)
-def _feature_backward_sums_nchw(dy, x, c, rows, cols, m):
+def _feature_backward_sums_nchw(dy, x, c, rows, cols, m, s):
     outer, _, inner = x.shape
     sdy = 0.0
     sdyxc = 0.0
@@ -207,7 +266,7 @@ def _feature_backward_sums_nchw(dy, x, c, rows, cols, m):
     for r0 in range(0, outer, rows):
         for j0 in range(0, inner, cols):
             a, b, e = _chunk_backward_sums_nchw(
-                dy, x, c, r0, min(r0 + rows, outer), j0, min(j0 + cols, inner), m
+                dy, x, c, r0, min(r0 + rows, outer), j0, min(j0 + cols, inner), m, s
             )
             sdy += a
             sdyxc += b
@@ -300,10 +359,11 @@ def backward_nchw(dy, x, mean, invstd, weight, rows, cols, fused, nth, p, coef, 
     n = outer * inner
     ncb = _cdiv(inner, cols)
     nchunks = _cdiv(outer, rows) * ncb
+    scale = _backward_scales(invstd)
     if fused:
         for c in prange(nfeat):
-            sdy, sdyxc, sxc = _feature_backward_sums_nchw(dy, x, c, rows, cols, np.float64(mean[c]))
-            _backward_coefs(c, sdy, sdyxc, sxc, n, mean, invstd, weight, coef, dwb)
+            sdy, sdyxc, sxc = _feature_backward_sums_nchw(dy, x, c, rows, cols, mean[c], scale[c])
+            _backward_coefs(c, sdy, sdyxc, sxc, n, mean, invstd, weight, coef, dwb, scale)
             _dx_nchw(dy, x, c, 0, outer, 0, inner, coef, dx)
         return
     ntasks = nfeat * nchunks
@@ -313,13 +373,13 @@ def backward_nchw(dy, x, mean, invstd, weight, rows, cols, fused, nth, p, coef, 
         for u in range(u0, u1):
             c, k, r0, r1, j0, j1 = _chunk_bounds(u, nchunks, ncb, rows, cols, outer, inner)
             p[0, c, k], p[1, c, k], p[2, c, k] = _chunk_backward_sums_nchw(
-                dy, x, c, r0, r1, j0, j1, np.float64(mean[c])
+                dy, x, c, r0, r1, j0, j1, mean[c], scale[c]
             )
     for c in prange(nfeat):
         sdy = _sum_in_order(p[0, c])
         sdyxc = _sum_in_order(p[1, c])
         sxc = _sum_in_order(p[2, c])
-        _backward_coefs(c, sdy, sdyxc, sxc, n, mean, invstd, weight, coef, dwb)
+        _backward_coefs(c, sdy, sdyxc, sxc, n, mean, invstd, weight, coef, dwb, scale)
     for t in prange(nth):
         u0, u1 = _thread_span(t, nth, ntasks)
         for u in range(u1 - 1, u0 - 1, -1):
@@ -382,16 +442,18 @@ def _affine_nc(x, r0, r1, c0, c1, coef, y):
 
 
 @njit(**CPU_JIT)
-def _chunk_backward_sums_nc(dy, x, r0, r1, c0, c1, mean, sdy, sdyxc, sxc):
-    """``sum(dy)``, ``sum(dy * xc)``, ``sum(xc)`` of columns [c0, c1) over rows
-    [r0, r1) into ``sdy``, ``sdyxc``, ``sxc``, ``xc = x - mean``; four rows at a
-    time as in :func:`_chunk_sums_nc`."""
+def _rows_backward_sums_nc(dy, x, r0, r1, c0, c1, m, sc, acc):
+    """The three sums of columns [c0, c1) over rows [r0, r1) in the input's
+    dtype into ``acc`` (3, width); four rows at a time as in
+    :func:`_chunk_sums_nc`."""
     w = c1 - c0
-    m = mean[c0:c1]
+    s0 = acc[0]
+    s1 = acc[1]
+    s2 = acc[2]
     for i in range(w):
-        sdy[i] = 0.0
-        sdyxc[i] = 0.0
-        sxc[i] = 0.0
+        s0[i] = 0.0
+        s1[i] = 0.0
+        s2[i] = 0.0
     r = r0
     while r + 4 <= r1:
         g0 = dy[r, c0:c1]
@@ -403,28 +465,50 @@ def _chunk_backward_sums_nc(dy, x, r0, r1, c0, c1, mean, sdy, sdyxc, sxc):
         x2 = x[r + 2, c0:c1]
         x3 = x[r + 3, c0:c1]
         for i in range(w):
-            mi = np.float64(m[i])
-            a0 = np.float64(g0[i])
-            a1 = np.float64(g1[i])
-            a2 = np.float64(g2[i])
-            a3 = np.float64(g3[i])
-            e0 = np.float64(x0[i]) - mi
-            e1 = np.float64(x1[i]) - mi
-            e2 = np.float64(x2[i]) - mi
-            e3 = np.float64(x3[i]) - mi
-            sdy[i] += (a0 + a1) + (a2 + a3)
-            sdyxc[i] += (a0 * e0 + a1 * e1) + (a2 * e2 + a3 * e3)
-            sxc[i] += (e0 + e1) + (e2 + e3)
+            mi = m[i]
+            si = sc[i]
+            a0 = g0[i]
+            a1 = g1[i]
+            a2 = g2[i]
+            a3 = g3[i]
+            e0 = (x0[i] - mi) * si
+            e1 = (x1[i] - mi) * si
+            e2 = (x2[i] - mi) * si
+            e3 = (x3[i] - mi) * si
+            s0[i] += (a0 + a1) + (a2 + a3)
+            s1[i] += (a0 * e0 + a1 * e1) + (a2 * e2 + a3 * e3)
+            s2[i] += (e0 + e1) + (e2 + e3)
         r += 4
     for r in range(r, r1):
         gr = dy[r, c0:c1]
         xr = x[r, c0:c1]
         for i in range(w):
-            a = np.float64(gr[i])
-            e = np.float64(xr[i]) - np.float64(m[i])
-            sdy[i] += a
-            sdyxc[i] += a * e
-            sxc[i] += e
+            a = gr[i]
+            e = (xr[i] - m[i]) * sc[i]
+            s0[i] += a
+            s1[i] += a * e
+            s2[i] += e
+
+
+@njit(**CPU_JIT_STRICT)
+def _chunk_backward_sums_nc(dy, x, r0, r1, c0, c1, mean, scale, sdy, sdyxc, sxc, acc):
+    """``sum(dy)``, ``sum(dy * xc)``, ``sum(xc)`` of columns [c0, c1) over rows
+    [r0, r1) into ``sdy``, ``sdyxc``, ``sxc`` (float64), ``xc = (x - mean) *
+    scale``: blocks of ``BWD_NC_ROWS`` rows summed in the input's dtype, added
+    in block order."""
+    w = c1 - c0
+    m = mean[c0:c1]
+    sc = scale[c0:c1]
+    for i in range(w):
+        sdy[i] = 0.0
+        sdyxc[i] = 0.0
+        sxc[i] = 0.0
+    for b0 in range(r0, r1, BWD_NC_ROWS):
+        _rows_backward_sums_nc(dy, x, b0, min(b0 + BWD_NC_ROWS, r1), c0, c1, m, sc, acc)
+        for i in range(w):
+            sdy[i] += np.float64(acc[0, i])
+            sdyxc[i] += np.float64(acc[1, i])
+            sxc[i] += np.float64(acc[2, i])
 
 
 @njit(**CPU_JIT_STRICT)
@@ -493,15 +577,17 @@ def backward_nc(dy, x, mean, invstd, weight, rows, width, nth, p, coef, dwb, dx)
     nrows, nfeat = x.shape
     nrb = _cdiv(nrows, rows)
     nth = min(nth, nrb)
+    scale = _backward_scales(invstd)
     for t in prange(nth):
+        acc = np.empty((3, width), x.dtype)
         b0, b1 = _thread_span(t, nth, nrb)
         for rb in range(b0, b1):
             r0 = rb * rows
             r1 = min(r0 + rows, nrows)
             for c0 in range(0, nfeat, width):
                 c1 = min(c0 + width, nfeat)
-                _chunk_backward_sums_nc(dy, x, r0, r1, c0, c1, mean,
-                                        p[0, rb, c0:c1], p[1, rb, c0:c1], p[2, rb, c0:c1])
+                _chunk_backward_sums_nc(dy, x, r0, r1, c0, c1, mean, scale,
+                                        p[0, rb, c0:c1], p[1, rb, c0:c1], p[2, rb, c0:c1], acc)
     for b in prange(_cdiv(nfeat, NC_MERGE_COLS)):
         c0 = b * NC_MERGE_COLS
         c1 = min(c0 + NC_MERGE_COLS, nfeat)
@@ -511,7 +597,8 @@ def backward_nc(dy, x, mean, invstd, weight, rows, width, nth, p, coef, dwb, dx)
                 _accumulate(acc[q], p[q, rb, c0:c1], c1 - c0)
         for c in range(c0, c1):
             i = c - c0
-            _backward_coefs(c, acc[0, i], acc[1, i], acc[2, i], nrows, mean, invstd, weight, coef, dwb)
+            _backward_coefs(c, acc[0, i], acc[1, i], acc[2, i], nrows, mean, invstd, weight, coef, dwb,
+                            scale)
     for t in prange(nth):
         b0, b1 = _thread_span(t, nth, nrb)
         for rb in range(b1 - 1, b0 - 1, -1):
