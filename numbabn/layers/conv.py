@@ -6,9 +6,9 @@ GEMM's natural output, BatchNorm2d reads it with its channels-contiguous kernels
 elementwise layers keep the layout, and the next Conv2d gets its channels-last
 input without a copy.
 
-The batch is processed in chunks whose im2col buffer stays in cache
-(``IM2COL_CHUNK_BYTES``); the backward pass recomputes each chunk's columns
-instead of keeping the whole, large column matrix.
+The batch is processed in chunks of at most ``IM2COL_CHUNK_BYTES`` of columns.
+In training mode, when the whole batch fits in one chunk, the forward's columns
+are kept for the backward pass; otherwise the backward recomputes each chunk's.
 """
 
 from __future__ import annotations
@@ -19,8 +19,10 @@ from . import _check, _kernels
 from ._init import fan_in_uniform
 from .base import Layer
 
-# Target size of one chunk's column buffer.  A few MiB fits in L2 + L3 alongside
-# the GEMM's operands; larger chunks spill to DRAM, smaller ones shrink the GEMM.
+# Largest column buffer.  Each chunk costs a parallel im2col launch and three
+# GEMM calls, and every launch synchronises threads (costly on a busy machine),
+# so chunks are large: the cnn's second convolution at batch 128 (85 MB of
+# columns) is one chunk; evaluation batches of 500 are four.
 IM2COL_CHUNK_BYTES = 128 << 20
 
 
@@ -101,7 +103,7 @@ class Conv2d(Layer):
 
     def _chunks(self, n_img, out_h, out_w):
         per_image = out_h * out_w * self._n_cols() * self.dtype.itemsize
-        step = max(1, IM2COL_CHUNK_BYTES // per_image)
+        step = max(1, min(n_img, IM2COL_CHUNK_BYTES // per_image))
         return [(n0, min(n0 + step, n_img)) for n0 in range(0, n_img, step)], step
 
     def _n_cols(self):
@@ -135,25 +137,31 @@ class Conv2d(Layer):
             np.matmul(cols.reshape(y_chunk.shape[0], -1), wmat, out=y_chunk)
             if self.bias is not None:
                 y_chunk += self.bias
-        self._cache = (x_nhwc, x.shape, y.shape)
+        kept = buffer if self.training and len(chunks) == 1 else None
+        self._cache = (x_nhwc, kept, y.shape)
         return y.transpose(0, 3, 1, 2)
 
     def backward(self, dy):
         """Return ``dL/dx`` (channels-last memory, NCHW shape); fill ``grads``."""
-        x_nhwc, x_shape, y_shape = self._cache or (None, None, None)
+        x_nhwc, kept, y_shape = self._cache or (None, None, None)
         y_shape_nchw = None if y_shape is None else (y_shape[0], y_shape[3], y_shape[1], y_shape[2])
         _check.grad_output(dy, "Conv2d", y_shape_nchw, self.dtype)
         dy_nhwc = channels_last(dy)
         n_img, out_h, out_w, c_out = y_shape
         chunks, step = self._chunks(n_img, out_h, out_w)
-        buffer = np.empty(step * out_h * out_w * self._n_cols(), self.dtype)
+        buffer = kept if kept is not None else np.empty(step * out_h * out_w * self._n_cols(), self.dtype)
+        self._cache = (x_nhwc, None, y_shape)   # the kept columns are overwritten below
         wmat_t = self._weight_matrix().T
         dwmat = np.zeros((self._n_cols(), c_out), self.dtype)
         dw_chunk = np.empty_like(dwmat)
         dbias = np.zeros(c_out, np.float64)
         dx = np.empty(x_nhwc.shape, self.dtype)
+        kh, kw = self.kernel_size
         for n0, n1 in chunks:
-            cols = self._columns(x_nhwc, n0, n1, buffer, out_h, out_w)
+            if kept is None:
+                cols = self._columns(x_nhwc, n0, n1, buffer, out_h, out_w)
+            else:
+                cols = buffer.reshape(n1 - n0, out_h, out_w, kh, kw, self.in_channels)
             cols2d = cols.reshape(-1, self._n_cols())
             dy2d = dy_nhwc[n0:n1].reshape(-1, c_out)
             np.matmul(cols2d.T, dy2d, out=dw_chunk)
@@ -163,7 +171,6 @@ class Conv2d(Layer):
             # The chunk's columns are no longer needed: overwrite them with dcols.
             np.matmul(dy2d, wmat_t, out=cols2d)
             _kernels.col2im(cols, *self.stride, *self.padding, dx[n0:n1])
-        kh, kw = self.kernel_size
         self.grads["weight"][...] = dwmat.reshape(kh, kw, self.in_channels, c_out).transpose(3, 2, 0, 1)
         if self.bias is not None:
             self.grads["bias"][...] = dbias
