@@ -1,0 +1,31 @@
+"""Neural-network layers with PyTorch's names and semantics, on NumPy arrays.
+
+Every layer has ``forward(x)``, ``backward(dy) -> dx``, ``params`` and ``grads``
+(dictionaries with the same keys; ``backward`` overwrites the gradients),
+``state_dict()`` / ``load_state_dict()`` and ``train()`` / ``eval()``.  Inputs are
+checked once at each layer's boundary.  Image layers take PyTorch's ``(N, C, H, W)``
+shapes and work channels-last in memory (see :mod:`numbabn.layers.conv`).
+"""
+
+from .activation import Dropout, ReLU, Sigmoid
+from .base import Layer
+from .batchnorm import BatchNorm1d, BatchNorm2d
+from .container import Sequential
+from .conv import Conv2d
+from .flatten import Flatten
+from .linear import Linear
+from .pooling import MaxPool2d
+
+__all__ = [
+    "Layer",
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "Linear",
+    "Conv2d",
+    "ReLU",
+    "Sigmoid",
+    "MaxPool2d",
+    "Flatten",
+    "Dropout",
+    "Sequential",
+]

@@ -1,0 +1,139 @@
+"""Argument and input checks for the layer API, run once at each layer's boundary.
+
+Every check raises before anything is computed or written, so a failing call
+leaves the layer unchanged.  Messages say what was expected, what was given and,
+where there is one, how to fix it.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+
+from .._validate import FLOAT_DTYPES, describe
+
+
+def flag(value, name) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False; got {describe(value)}.")
+    return bool(value)
+
+
+def positive_int(value, name) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive int; got {describe(value)}.")
+    return int(value)
+
+
+def nonnegative_int(value, name) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        raise ValueError(f"{name} must be a non-negative int; got {describe(value)}.")
+    return int(value)
+
+
+def pair(value, name, check=positive_int) -> tuple:
+    """An int or a pair of ints (PyTorch's ``kernel_size=3`` or ``(3, 3)``)."""
+    if isinstance(value, (tuple, list)):
+        if len(value) != 2:
+            raise ValueError(f"{name} must be an int or a pair of ints; got {value!r}.")
+        return check(value[0], name), check(value[1], name)
+    v = check(value, name)
+    return v, v
+
+
+def probability(value, name) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value < 1.0:
+        raise ValueError(f"{name} must be a float in [0, 1); got {describe(value)}.")
+    return float(value)
+
+
+def float_dtype(dtype) -> np.dtype:
+    dt = np.dtype(dtype)
+    if dt not in FLOAT_DTYPES:
+        raise TypeError(f"dtype must be float32 or float64; got {dt}.")
+    return dt
+
+
+def rng(value):
+    """A ``numpy.random.Generator`` from a Generator, an int seed or None."""
+    if isinstance(value, np.random.Generator):
+        return value
+    if value is None or (isinstance(value, numbers.Integral) and not isinstance(value, bool)):
+        return np.random.default_rng(value)
+    raise TypeError(f"rng must be a numpy.random.Generator, an int seed or None; got {describe(value)}.")
+
+
+def layer_input(x, layer, dtype, shape):
+    """Check a forward input against a shape pattern.
+
+    Each entry of ``shape`` is an int (that exact size) or ``None`` (any size);
+    no axis may be empty.
+    """
+    expected = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
+    if not isinstance(x, np.ndarray):
+        raise TypeError(
+            f"{layer} expects a numpy.ndarray of shape {expected} and dtype {dtype}; "
+            f"got {describe(x)}. Wrap it with np.asarray(x, dtype=np.{dtype})."
+        )
+    if x.dtype != dtype:
+        raise TypeError(
+            f"{layer} expects dtype {dtype} (the dtype of its parameters); got {x.dtype}. "
+            f"Convert the input with x.astype(np.{dtype}) or build the layer with dtype=np.{x.dtype}."
+        )
+    if x.ndim != len(shape) or any(s is not None and s != n for s, n in zip(shape, x.shape)) \
+            or x.size == 0:
+        raise ValueError(f"{layer} expects an input of shape {expected}; got shape {tuple(x.shape)}.")
+
+
+def float_input(x, layer, ndim=None):
+    """A non-empty float32/float64 ndarray, with ``ndim`` dimensions when given."""
+    if not isinstance(x, np.ndarray) or x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{layer} expects a float32 or float64 numpy.ndarray; got {describe(x)}.")
+    if (ndim is not None and x.ndim != ndim) or x.size == 0:
+        want = f"{ndim} dimensions" if ndim is not None else "at least one value"
+        raise ValueError(f"{layer} expects a non-empty input with {want}; got shape {tuple(x.shape)}.")
+
+
+def grad_output(dy, layer, y_shape, dtype):
+    """``dy`` must match the shape and dtype of the last forward output."""
+    if y_shape is None:
+        raise RuntimeError(f"{layer}.backward was called before forward; call forward first.")
+    if not isinstance(dy, np.ndarray):
+        raise TypeError(
+            f"{layer}.backward expects dy as a numpy.ndarray of shape {y_shape} and dtype {dtype}; "
+            f"got {describe(dy)}."
+        )
+    if dy.dtype != dtype or dy.shape != tuple(y_shape):
+        raise ValueError(
+            f"{layer}.backward expects dy of shape {tuple(y_shape)} and dtype {dtype}, like the "
+            f"last forward output; got shape {tuple(dy.shape)} and dtype {dy.dtype}."
+        )
+
+
+def state_entries(state, targets, owner):
+    """Check a state dict against the live arrays; return the entries as ndarrays."""
+    if not hasattr(state, "keys"):
+        raise TypeError(f"{owner}.load_state_dict expects a mapping of names to arrays; got {describe(state)}.")
+    missing = sorted(set(targets) - set(state))
+    unexpected = sorted(set(state) - set(targets))
+    if missing or unexpected:
+        raise KeyError(
+            f"{owner}.load_state_dict: state keys do not match the layer. "
+            f"Missing: {missing or 'none'}; unexpected: {unexpected or 'none'}."
+        )
+    values = {}
+    for key, target in targets.items():
+        value = np.asarray(state[key])
+        if value.shape != target.shape:
+            raise ValueError(
+                f"{owner}.load_state_dict: '{key}' must have shape {target.shape}; "
+                f"got {value.shape}."
+            )
+        if not np.can_cast(value.dtype, target.dtype, casting="same_kind"):
+            raise TypeError(
+                f"{owner}.load_state_dict: '{key}' must be castable to {target.dtype}; "
+                f"got dtype {value.dtype}."
+            )
+        values[key] = value
+    return values

@@ -1,0 +1,181 @@
+"""``Conv2d`` as im2col + one BLAS GEMM, channels-last inside.
+
+Inputs and outputs have PyTorch's logical shape ``(N, C, H, W)``, but the output
+is a transposed view of channels-last memory ``(N, H, W, C)``: that is the
+GEMM's natural output, BatchNorm2d reads it with its channels-contiguous kernels,
+elementwise layers keep the layout, and the next Conv2d gets its channels-last
+input without a copy.
+
+The batch is processed in chunks of at most ``IM2COL_CHUNK_BYTES`` of columns.
+In training mode, when the whole batch fits in one chunk, the forward's columns
+are kept for the backward pass; otherwise the backward recomputes each chunk's.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import _check, _kernels
+from ._init import fan_in_uniform
+from .base import Layer
+
+# Largest column buffer.  Each chunk costs a parallel im2col launch and three
+# GEMM calls, and every launch synchronises threads (costly on a busy machine),
+# so chunks are large: the cnn's second convolution at batch 128 (85 MB of
+# columns) is one chunk; evaluation batches of 500 are four.
+IM2COL_CHUNK_BYTES = 128 << 20
+
+
+def channels_last(x):
+    """View an ``(N, C, H, W)`` array as ``(N, H, W, C)``, C-contiguous (copying only if needed)."""
+    return np.ascontiguousarray(x.transpose(0, 2, 3, 1))
+
+
+class Conv2d(Layer):
+    """2-D convolution (cross-correlation, as PyTorch) of ``(N, C_in, H, W)`` inputs.
+
+    Parameters
+    ----------
+    in_channels, out_channels : int
+    kernel_size : int or (int, int)
+    stride : int or (int, int), default 1
+    padding : int or (int, int), default 0
+        Zero padding on each side.
+    bias : bool, default True
+    dtype : float32 or float64, default float32
+    rng : numpy.random.Generator or int, optional
+        Source of the initial weights, ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``
+        with ``fan_in = in_channels * kh * kw`` (PyTorch's default).
+
+    Attributes
+    ----------
+    weight : ndarray ``(out_channels, in_channels, kh, kw)``
+    bias : ndarray ``(out_channels,)`` or None
+
+    Notes
+    -----
+    Output size is ``(H + 2 * padding - kh) // stride + 1`` (likewise for W).
+    The output is channels-last in memory; see the module docstring.
+
+    Examples
+    --------
+    >>> conv = Conv2d(1, 32, 3, rng=0)
+    >>> y = conv.forward(x)          # x: (N, 1, 28, 28) float32 -> y: (N, 32, 26, 26)
+    >>> dx = conv.backward(dy)
+    """
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0,
+                 bias=True, dtype=np.float32, rng=None):
+        super().__init__()
+        self.in_channels = _check.positive_int(in_channels, "in_channels")
+        self.out_channels = _check.positive_int(out_channels, "out_channels")
+        self.kernel_size = _check.pair(kernel_size, "kernel_size")
+        self.stride = _check.pair(stride, "stride")
+        self.padding = _check.pair(padding, "padding", _check.nonnegative_int)
+        self.dtype = _check.float_dtype(dtype)
+        gen = _check.rng(rng)
+        kh, kw = self.kernel_size
+        fan_in = self.in_channels * kh * kw
+        shape = (self.out_channels, self.in_channels, kh, kw)
+        self.weight = fan_in_uniform(gen, shape, fan_in, self.dtype)
+        self.params = {"weight": self.weight}
+        self.bias = None
+        if _check.flag(bias, "bias"):
+            self.bias = fan_in_uniform(gen, self.out_channels, fan_in, self.dtype)
+            self.params["bias"] = self.bias
+        self.grads = {k: np.zeros_like(v) for k, v in self.params.items()}
+        self._cache = None
+
+    def output_size(self, height, width):
+        """``(out_h, out_w)`` for an input of ``height x width``."""
+        (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
+        return (height + 2 * ph - kh) // sh + 1, (width + 2 * pw - kw) // sw + 1
+
+    def _check_input(self, x):
+        _check.layer_input(x, "Conv2d", self.dtype, (None, self.in_channels, None, None))
+        kh, kw = self.kernel_size
+        ph, pw = self.padding
+        if x.shape[2] + 2 * ph < kh or x.shape[3] + 2 * pw < kw:
+            raise ValueError(
+                f"Conv2d input of shape {tuple(x.shape)} is smaller than the kernel "
+                f"{self.kernel_size} even with padding {self.padding}."
+            )
+
+    def _chunks(self, n_img, out_h, out_w):
+        per_image = out_h * out_w * self._n_cols() * self.dtype.itemsize
+        step = max(1, min(n_img, IM2COL_CHUNK_BYTES // per_image))
+        return [(n0, min(n0 + step, n_img)) for n0 in range(0, n_img, step)], step
+
+    def _n_cols(self):
+        kh, kw = self.kernel_size
+        return kh * kw * self.in_channels
+
+    def _weight_matrix(self):
+        """The weight as the GEMM's ``(kh * kw * C_in, C_out)`` operand, matching im2col's order."""
+        return self.weight.transpose(2, 3, 1, 0).reshape(self._n_cols(), self.out_channels)
+
+    def _columns(self, x_nhwc, n0, n1, buffer, out_h, out_w):
+        kh, kw = self.kernel_size
+        cols = buffer[: (n1 - n0) * out_h * out_w * self._n_cols()]
+        cols = cols.reshape(n1 - n0, out_h, out_w, kh, kw, self.in_channels)
+        _kernels.im2col(x_nhwc[n0:n1], *self.stride, *self.padding, cols)
+        return cols
+
+    def forward(self, x):
+        """Return the convolution of ``x``, shape ``(N, C_out, out_h, out_w)``."""
+        self._check_input(x)
+        x_nhwc = channels_last(x)
+        n_img = x.shape[0]
+        out_h, out_w = self.output_size(*x.shape[2:])
+        chunks, step = self._chunks(n_img, out_h, out_w)
+        buffer = np.empty(step * out_h * out_w * self._n_cols(), self.dtype)
+        wmat = self._weight_matrix()
+        y = np.empty((n_img, out_h, out_w, self.out_channels), self.dtype)
+        for n0, n1 in chunks:
+            cols = self._columns(x_nhwc, n0, n1, buffer, out_h, out_w)
+            y_chunk = y[n0:n1].reshape(-1, self.out_channels)
+            np.matmul(cols.reshape(y_chunk.shape[0], -1), wmat, out=y_chunk)
+            if self.bias is not None:
+                y_chunk += self.bias
+        kept = buffer if self.training and len(chunks) == 1 else None
+        self._cache = (x_nhwc, kept, y.shape)
+        return y.transpose(0, 3, 1, 2)
+
+    def backward(self, dy):
+        """Return ``dL/dx`` (channels-last memory, NCHW shape); fill ``grads``."""
+        x_nhwc, kept, y_shape = self._cache or (None, None, None)
+        y_shape_nchw = None if y_shape is None else (y_shape[0], y_shape[3], y_shape[1], y_shape[2])
+        _check.grad_output(dy, "Conv2d", y_shape_nchw, self.dtype)
+        dy_nhwc = channels_last(dy)
+        n_img, out_h, out_w, c_out = y_shape
+        chunks, step = self._chunks(n_img, out_h, out_w)
+        buffer = kept if kept is not None else np.empty(step * out_h * out_w * self._n_cols(), self.dtype)
+        self._cache = (x_nhwc, None, y_shape)   # the kept columns are overwritten below
+        wmat_t = self._weight_matrix().T
+        dwmat = np.zeros((self._n_cols(), c_out), self.dtype)
+        dw_chunk = np.empty_like(dwmat)
+        dbias = np.zeros(c_out, np.float64)
+        dx = np.empty(x_nhwc.shape, self.dtype)
+        kh, kw = self.kernel_size
+        for n0, n1 in chunks:
+            if kept is None:
+                cols = self._columns(x_nhwc, n0, n1, buffer, out_h, out_w)
+            else:
+                cols = buffer.reshape(n1 - n0, out_h, out_w, kh, kw, self.in_channels)
+            cols2d = cols.reshape(-1, self._n_cols())
+            dy2d = dy_nhwc[n0:n1].reshape(-1, c_out)
+            np.matmul(cols2d.T, dy2d, out=dw_chunk)
+            dwmat += dw_chunk
+            if self.bias is not None:
+                dbias += dy2d.sum(axis=0, dtype=np.float64)
+            # The chunk's columns are no longer needed: overwrite them with dcols.
+            np.matmul(dy2d, wmat_t, out=cols2d)
+            _kernels.col2im(cols, *self.stride, *self.padding, dx[n0:n1])
+        self.grads["weight"][...] = dwmat.reshape(kh, kw, self.in_channels, c_out).transpose(3, 2, 0, 1)
+        if self.bias is not None:
+            self.grads["bias"][...] = dbias
+        return dx.transpose(0, 3, 1, 2)
+
+    def extra_repr(self):
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+                f"stride={self.stride}, padding={self.padding}, bias={self.bias is not None}")

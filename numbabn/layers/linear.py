@@ -1,0 +1,71 @@
+"""``Linear``: ``y = x @ weight.T + bias`` with PyTorch's parameter shapes."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import _check
+from ._init import fan_in_uniform
+from .base import Layer
+
+
+class Linear(Layer):
+    """Fully connected layer on ``(N, in_features)`` inputs.
+
+    Parameters
+    ----------
+    in_features, out_features : int
+    bias : bool, default True
+    dtype : float32 or float64, default float32
+    rng : numpy.random.Generator or int, optional
+        Source of the initial weights, ``U(-1/sqrt(in_features), 1/sqrt(in_features))``
+        as PyTorch's default; pass the model's generator for reproducible runs.
+
+    Attributes
+    ----------
+    weight : ndarray ``(out_features, in_features)``
+    bias : ndarray ``(out_features,)`` or None
+
+    Examples
+    --------
+    >>> fc = Linear(784, 10, rng=0)
+    >>> y = fc.forward(x)            # x: (N, 784) float32 -> y: (N, 10)
+    >>> dx = fc.backward(dy)         # fills fc.grads['weight'], fc.grads['bias']
+    """
+
+    def __init__(self, in_features, out_features, bias=True, dtype=np.float32, rng=None):
+        super().__init__()
+        self.in_features = _check.positive_int(in_features, "in_features")
+        self.out_features = _check.positive_int(out_features, "out_features")
+        self.dtype = _check.float_dtype(dtype)
+        gen = _check.rng(rng)
+        shape = (self.out_features, self.in_features)
+        self.weight = fan_in_uniform(gen, shape, self.in_features, self.dtype)
+        self.params = {"weight": self.weight}
+        self.bias = None
+        if _check.flag(bias, "bias"):
+            self.bias = fan_in_uniform(gen, self.out_features, self.in_features, self.dtype)
+            self.params["bias"] = self.bias
+        self.grads = {k: np.zeros_like(v) for k, v in self.params.items()}
+        self._x = None
+
+    def forward(self, x):
+        """Return ``x @ weight.T + bias`` of shape ``(N, out_features)``."""
+        _check.layer_input(x, "Linear", self.dtype, (None, self.in_features))
+        y = np.matmul(x, self.weight.T)
+        if self.bias is not None:
+            y += self.bias
+        self._x = x
+        return y
+
+    def backward(self, dy):
+        """Return ``dy @ weight``; fill ``grads`` with ``dy.T @ x`` and ``dy.sum(0)``."""
+        y_shape = None if self._x is None else (self._x.shape[0], self.out_features)
+        _check.grad_output(dy, "Linear", y_shape, self.dtype)
+        np.matmul(dy.T, self._x, out=self.grads["weight"])
+        if self.bias is not None:
+            np.sum(dy, axis=0, out=self.grads["bias"])
+        return np.matmul(dy, self.weight)
+
+    def extra_repr(self):
+        return f"{self.in_features}, {self.out_features}, bias={self.bias is not None}"

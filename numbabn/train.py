@@ -1,0 +1,316 @@
+"""``numbabn-mnist``: train the ``cnn`` or ``mlp`` model on MNIST with numbabn's layers.
+
+    numbabn-mnist --data-dir ../shared/data/mnist --epochs 5          # cnn, Adam, batch 128
+    numbabn-mnist --model mlp --no-bn --epochs 2 --out runs/mlp-nobn  # paper MLP without BN
+
+Each epoch shows a progress bar, evaluates on the test set, and writes to
+``--out``: ``metrics.json`` (final ``test_accuracy`` and a per-epoch
+``history``), ``curves.png`` (loss and accuracy against epoch) and
+``checkpoint.npz`` (atomic; everything needed to continue with ``--resume``
+and reach bitwise the same weights as an uninterrupted run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .losses import cross_entropy
+from .models import MODELS, build_model
+from .optim import SGD, Adam
+
+EVAL_BATCH = 500
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that decides a run's result (the checkpoint must match it to resume)."""
+
+    model: str = "cnn"
+    batch_norm: bool = True
+    batch_size: int = 128
+    lr: float = 1e-3
+    optimizer: str = "adam"
+    seed: int = 0
+    limit_train: int | None = None
+
+    def make_optimizer(self, params):
+        if self.optimizer == "adam":
+            return Adam(params, lr=self.lr)
+        if self.optimizer == "sgd":
+            return SGD(params, lr=self.lr)
+        raise ValueError(f"unknown optimizer {self.optimizer!r}; choose adam or sgd.")
+
+
+def prepare_images(images):
+    """uint8 ``(N, 28, 28)`` images as float32 ``(N, 1, 28, 28)`` in [0, 1]."""
+    return (np.asarray(images, np.float32) / np.float32(255.0))[:, None, :, :]
+
+
+def epoch_batches(n_images, batch_size, seed, epoch):
+    """The epoch's shuffled mini-batches (index arrays), from a seed derived from
+    ``(seed, epoch)`` so any epoch can be replayed alone.  A final batch of one
+    image is dropped (batch norm cannot train on it)."""
+    order = np.random.default_rng([seed, epoch]).permutation(n_images)
+    batches = [order[i:i + batch_size] for i in range(0, n_images, batch_size)]
+    return [b for b in batches if b.size >= 2]
+
+
+def evaluate(model, images, labels):
+    """Mean loss and accuracy over a data set, in eval mode (restores training mode)."""
+    model.eval()
+    total_loss, correct = 0.0, 0
+    try:
+        for i in range(0, len(labels), EVAL_BATCH):
+            logits = model.forward(images[i:i + EVAL_BATCH])
+            y = labels[i:i + EVAL_BATCH]
+            total_loss += cross_entropy(logits, y)[0] * len(y)
+            correct += int(np.sum(logits.argmax(axis=1) == y))
+    finally:
+        model.train()
+    return total_loss / len(labels), correct / len(labels)
+
+
+class Trainer:
+    """Train a model on in-memory data, writing metrics, curves and checkpoints to ``out_dir``.
+
+    Parameters
+    ----------
+    config : TrainConfig
+    data : tuple
+        ``(train_images, train_labels, test_images, test_labels)`` as
+        :func:`numbabn.data.load_mnist` returns them (uint8 images, int labels).
+    out_dir : str
+    progress : bool, default True
+        Show a tqdm progress bar per epoch.
+    log : callable, default print
+        Receives one summary line per epoch.
+
+    Attributes
+    ----------
+    epochs_done : int
+        Epochs completed and saved in the checkpoint.
+    history : list of dict
+        Per-epoch metrics.
+    """
+
+    def __init__(self, config, data, out_dir, progress=True, log=print):
+        self.config = config
+        self.out_dir = out_dir
+        self.progress = progress
+        self.log = log
+        train_x, train_y, test_x, test_y = data
+        n = len(train_y) if config.limit_train is None else min(config.limit_train, len(train_y))
+        self.train_x, self.train_y = prepare_images(train_x[:n]), np.asarray(train_y[:n], np.int64)
+        self.test_x, self.test_y = prepare_images(test_x), np.asarray(test_y, np.int64)
+        self.rng = np.random.default_rng(config.seed)
+        self.model = build_model(config.model, self.rng, batch_norm=config.batch_norm)
+        self.optimizer = config.make_optimizer(self.model.params)
+        self.epochs_done = 0
+        self.history = []
+
+    @property
+    def checkpoint_path(self):
+        return os.path.join(self.out_dir, "checkpoint.npz")
+
+    # -- checkpoints ---------------------------------------------------------- #
+    def _meta(self):
+        return {"model": self.config.model, "config": asdict(self.config)}
+
+    def save(self):
+        arrays = {f"model.{k}": v for k, v in self.model.state_dict().items()}
+        arrays.update({f"optim.{k}": v for k, v in self.optimizer.state_dict().items()})
+        meta = dict(self._meta(), epochs_done=self.epochs_done, history=self.history,
+                    rng_state=self.rng.bit_generator.state)
+        save_checkpoint(self.checkpoint_path, arrays, meta)
+
+    def resume(self):
+        """Load the checkpoint in ``out_dir``; raises :class:`CheckpointError` if it
+        is missing, damaged, or was written for other settings."""
+        arrays, meta = load_checkpoint(self.checkpoint_path, expect=self._meta())
+        try:
+            self.model.load_state_dict({k[6:]: v for k, v in arrays.items() if k.startswith("model.")})
+            self.optimizer.load_state_dict({k[6:]: v for k, v in arrays.items() if k.startswith("optim.")})
+        except (KeyError, ValueError, TypeError) as e:
+            raise CheckpointError(f"{self.checkpoint_path} does not fit the {self.config.model} model: {e}") from e
+        self.rng.bit_generator.state = meta["rng_state"]
+        self.epochs_done = int(meta["epochs_done"])
+        self.history = list(meta["history"])
+
+    # -- training ------------------------------------------------------------- #
+    def train_epoch(self, epoch, n_epochs):
+        from tqdm import tqdm
+
+        batches = epoch_batches(len(self.train_y), self.config.batch_size, self.config.seed, epoch)
+        loss_sum, correct, seen = 0.0, 0, 0
+        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{n_epochs}", unit="batch",
+                   disable=not self.progress, leave=False)
+        start = time.perf_counter()
+        for i, idx in enumerate(bar):
+            x, y = self.train_x[idx], self.train_y[idx]
+            logits = self.model.forward(x)
+            loss, dlogits = cross_entropy(logits, y)
+            self.model.backward(dlogits)
+            self.optimizer.step(self.model.grads)
+            loss_sum += loss * len(y)
+            correct += int(np.sum(logits.argmax(axis=1) == y))
+            seen += len(y)
+            if i % 10 == 0 or i == len(batches) - 1:
+                bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.4f}", refresh=False)
+        seconds = time.perf_counter() - start
+        bar.close()
+        return {"train_loss": loss_sum / seen, "train_accuracy": correct / seen,
+                "epoch_seconds": seconds, "images_per_second": seen / seconds}
+
+    def run(self, epochs):
+        """Train until ``epochs`` epochs are done (continuing from :attr:`epochs_done`)."""
+        for epoch in range(self.epochs_done, epochs):
+            record = {"epoch": epoch + 1, **self.train_epoch(epoch, epochs)}
+            start = time.perf_counter()
+            record["test_loss"], record["test_accuracy"] = evaluate(self.model, self.test_x, self.test_y)
+            record["eval_seconds"] = time.perf_counter() - start
+            self.history.append(record)
+            self.epochs_done = epoch + 1
+            self.save()
+            self.write_reports()
+            self.log(f"epoch {epoch + 1}/{epochs}: train loss {record['train_loss']:.4f} "
+                     f"acc {record['train_accuracy']:.4f} | test loss {record['test_loss']:.4f} "
+                     f"acc {record['test_accuracy']:.4f} | {record['epoch_seconds']:.1f} s, "
+                     f"{record['images_per_second']:.0f} img/s")
+        return self.metrics()
+
+    # -- reports -------------------------------------------------------------- #
+    def metrics(self):
+        last = self.history[-1] if self.history else {}
+        return {"model": self.config.model, "config": asdict(self.config),
+                "epochs_done": self.epochs_done, "n_train": int(len(self.train_y)),
+                "test_accuracy": last.get("test_accuracy"), "test_loss": last.get("test_loss"),
+                "history": self.history}
+
+    def write_reports(self):
+        path = os.path.join(self.out_dir, "metrics.json")
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(self.metrics(), f, indent=2)
+        os.replace(tmp, path)
+        plot_curves(self.history, os.path.join(self.out_dir, "curves.png"),
+                    title=f"numbabn {self.config.model}" + ("" if self.config.batch_norm else " (no BN)"))
+
+
+def plot_curves(history, path, title=""):
+    """Loss and accuracy (train and test) against epoch, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    for split, style in (("train", "o-"), ("test", "s--")):
+        ax_loss.plot(epochs, [h[f"{split}_loss"] for h in history], style, label=split)
+        ax_acc.plot(epochs, [h[f"{split}_accuracy"] for h in history], style, label=split)
+    ax_loss.set(xlabel="epoch", ylabel="cross-entropy loss", title="loss")
+    ax_acc.set(xlabel="epoch", ylabel="accuracy", title="accuracy")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.legend()
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------- #
+# Command line.
+# --------------------------------------------------------------------------- #
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="numbabn-mnist", description="Train a small network on MNIST with numbabn's layers.")
+    parser.add_argument("--model", choices=sorted(MODELS), default="cnn")
+    parser.add_argument("--no-bn", action="store_true", help="leave out the batch-norm layers")
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--batch-size", type=int, help="default: 128 (cnn), 60 (mlp)")
+    parser.add_argument("--lr", type=float, help="default: 1e-3 (cnn), 0.5 (mlp)")
+    parser.add_argument("--optimizer", choices=["adam", "sgd"], help="default: adam (cnn), sgd (mlp)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--limit-train", type=int, metavar="N", help="train on the first N images only")
+    parser.add_argument("--data-dir", help="MNIST folder (default: $NUMBABN_DATA, else ~/.cache/numbabn/mnist)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--out", metavar="DIR", help="output folder (default: runs/mnist-<model>)")
+    parser.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.npz")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def config_from_args(args):
+    spec = MODELS[args.model]
+    if args.epochs < 1 or (args.batch_size is not None and args.batch_size < 2) \
+            or (args.limit_train is not None and args.limit_train < 2):
+        raise ValueError("--epochs must be >= 1, --batch-size and --limit-train >= 2.")
+    return TrainConfig(
+        model=args.model, batch_norm=not args.no_bn,
+        batch_size=args.batch_size or spec.batch_size,
+        lr=args.lr if args.lr is not None else spec.lr,
+        optimizer=args.optimizer or spec.optimizer,
+        seed=args.seed, limit_train=args.limit_train,
+    )
+
+
+def check_device(device):
+    """Refuse ``cuda`` with a clear message (the layers run on NumPy/CPU)."""
+    if device == "cpu":
+        return
+    import importlib.util
+
+    if importlib.util.find_spec("numbabn._gpu") is None:
+        raise RuntimeError("--device cuda needs numbabn's GPU backend (numbabn._gpu with numba-cuda), "
+                           "which is not installed here; use --device cpu.")
+    raise RuntimeError("--device cuda: the layer API (convolutions, linear layers) runs on the CPU only; "
+                       "numbabn's GPU backend covers the functional batch-norm API. Use --device cpu.")
+
+
+def main(argv=None):
+    """Entry point of ``numbabn-mnist``; returns the exit status (130 after Ctrl-C)."""
+    args = build_parser().parse_args(argv)
+    trainer = None
+    try:
+        trainer = _setup(args)
+        metrics = trainer.run(args.epochs)
+    except (ValueError, RuntimeError, OSError) as e:
+        print(f"numbabn-mnist: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        done = 0 if trainer is None else trainer.epochs_done
+        where = (f"the last complete checkpoint ({done} epoch{'s' if done != 1 else ''}) is "
+                 f"{trainer.checkpoint_path}; continue with --resume" if done else "no epoch was completed")
+        print(f"\ninterrupted: {where}.", file=sys.stderr)
+        return 130
+    print(f"test accuracy {metrics['test_accuracy']:.4f}; metrics, curves and checkpoint in {trainer.out_dir}")
+    return 0
+
+
+def _setup(args):
+    config = config_from_args(args)
+    check_device(args.device)
+    from .data import load_mnist
+
+    data = load_mnist(data_dir=args.data_dir)
+    out_dir = args.out or os.path.join("runs", f"mnist-{config.model}")
+    os.makedirs(out_dir, exist_ok=True)
+    trainer = Trainer(config, data, out_dir, progress=not args.no_progress)
+    if args.resume:
+        trainer.resume()
+        print(f"resuming from {trainer.checkpoint_path} after epoch {trainer.epochs_done}")
+    return trainer
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,385 @@
+"""Layer tests: gradients against central finite differences (float64), forwards
+against plain NumPy loops, BatchNorm against PyTorch, state dicts and input checks."""
+
+import numpy as np
+import pytest
+
+from numbabn.layers import (BatchNorm1d, BatchNorm2d, Conv2d, Dropout, Flatten, Linear,
+                            MaxPool2d, ReLU, Sequential, Sigmoid)
+from numbabn.losses import cross_entropy
+from numbabn.models import bn_paper_mlp, mnist_cnn
+
+F64 = np.float64
+
+
+# --------------------------------------------------------------------------- #
+# Independent references, written as plain loops.
+# --------------------------------------------------------------------------- #
+def naive_conv2d(x, w, b, stride, padding):
+    n, cin, h, wd = x.shape
+    cout, _, kh, kw = w.shape
+    (sh, sw), (ph, pw) = stride, padding
+    xp = np.zeros((n, cin, h + 2 * ph, wd + 2 * pw))
+    xp[:, :, ph:ph + h, pw:pw + wd] = x
+    oh, ow = (h + 2 * ph - kh) // sh + 1, (wd + 2 * pw - kw) // sw + 1
+    y = np.zeros((n, cout, oh, ow))
+    for i in range(oh):
+        for j in range(ow):
+            patch = xp[:, :, i * sh:i * sh + kh, j * sw:j * sw + kw]
+            y[:, :, i, j] = np.einsum("nchw,ochw->no", patch, w)
+    return y + (0 if b is None else b[None, :, None, None])
+
+
+def naive_max_pool(x, k, s, p):
+    n, c, h, w = x.shape
+    xp = np.full((n, c, h + 2 * p, w + 2 * p), -np.inf)
+    xp[:, :, p:p + h, p:p + w] = x
+    oh, ow = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
+    y = np.empty((n, c, oh, ow))
+    for i in range(oh):
+        for j in range(ow):
+            y[:, :, i, j] = xp[:, :, i * s:i * s + k, j * s:j * s + k].max(axis=(2, 3))
+    return y
+
+
+# --------------------------------------------------------------------------- #
+# Finite-difference gradient check.
+# --------------------------------------------------------------------------- #
+def fd_check(layer, x, rng, n_probe=40, h=1e-6, rtol=1e-5, atol=1e-7):
+    """Compare ``backward`` (dx and every grad) with central differences of
+    ``L = sum(forward(x) * r)`` at ``n_probe`` random coordinates per array."""
+    r = rng.standard_normal(layer.forward(x.copy()).shape)
+
+    def loss():
+        return float(np.sum(layer.forward(x.copy()) * r))
+
+    layer.forward(x.copy())
+    dx = layer.backward(r.copy())
+    analytic = {"x": dx, **{k: g.copy() for k, g in layer.grads.items()}}
+    targets = {"x": x, **layer.params}
+    assert set(layer.grads) == set(layer.params)
+    for name, arr in targets.items():
+        flat = arr.reshape(-1)
+        assert np.shares_memory(flat, arr)
+        for i in rng.choice(flat.size, size=min(n_probe, flat.size), replace=False):
+            old = flat[i]
+            flat[i] = old + h
+            up = loss()
+            flat[i] = old - h
+            down = loss()
+            flat[i] = old
+            numeric = (up - down) / (2 * h)
+            got = analytic[name].reshape(-1)[i]
+            assert abs(got - numeric) <= atol + rtol * abs(numeric) + 1e-6 * np.abs(r).sum() * h, \
+                f"{type(layer).__name__} d{name}[{i}]: backward {got}, finite difference {numeric}"
+
+
+@pytest.fixture
+def rng(request):
+    return np.random.default_rng(abs(hash(request.node.name)) % 2**32)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_gradients(rng, bias):
+    fd_check(Linear(7, 5, bias=bias, dtype=F64, rng=rng), rng.standard_normal((6, 7)), rng)
+
+
+def test_linear_forward_matches_matmul(rng):
+    layer = Linear(4, 3, rng=rng)
+    x = rng.standard_normal((5, 4)).astype(np.float32)
+    np.testing.assert_allclose(layer.forward(x), x.astype(F64) @ layer.weight.T.astype(F64) + layer.bias,
+                               rtol=1e-5, atol=1e-6)
+
+
+CONV_CASES = [  # cin, cout, kernel, stride, padding, (h, w)
+    (1, 3, 3, 1, 0, (7, 6)),
+    (3, 4, (2, 3), (2, 1), (1, 2), (8, 7)),
+    (2, 2, 3, 2, 1, (5, 5)),
+]
+
+
+@pytest.mark.parametrize("cin,cout,k,s,p,hw", CONV_CASES)
+def test_conv2d_forward_matches_naive(rng, cin, cout, k, s, p, hw):
+    conv = Conv2d(cin, cout, k, stride=s, padding=p, dtype=F64, rng=rng)
+    x = rng.standard_normal((3, cin) + hw)
+    y = conv.forward(x)
+    ref = naive_conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding)
+    assert y.shape == ref.shape
+    np.testing.assert_allclose(y, ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("cin,cout,k,s,p,hw", CONV_CASES)
+def test_conv2d_gradients(rng, cin, cout, k, s, p, hw):
+    fd_check(Conv2d(cin, cout, k, stride=s, padding=p, dtype=F64, rng=rng),
+             rng.standard_normal((2, cin) + hw), rng)
+
+
+def test_conv2d_accepts_any_memory_layout(rng):
+    conv = Conv2d(3, 4, 3, dtype=F64, rng=rng)
+    x = rng.standard_normal((2, 5, 6, 3)).transpose(0, 3, 1, 2)   # channels-last memory
+    np.testing.assert_array_equal(conv.forward(x), conv.forward(np.ascontiguousarray(x)))
+
+
+def test_conv2d_chunked_batch_matches_whole(rng, monkeypatch):
+    from numbabn.layers import conv as conv_module
+    conv = Conv2d(2, 3, 3, dtype=F64, rng=rng)
+    x = rng.standard_normal((5, 2, 6, 6))
+    dy = rng.standard_normal((5, 3, 4, 4))
+    y_whole, dx_whole = conv.forward(x), conv.backward(dy)
+    dw_whole = conv.grads["weight"].copy()
+    monkeypatch.setattr(conv_module, "IM2COL_CHUNK_BYTES", 1)   # one image per chunk
+    np.testing.assert_allclose(conv.forward(x), y_whole, rtol=1e-13)
+    np.testing.assert_allclose(conv.backward(dy), dx_whole, rtol=1e-13)
+    np.testing.assert_allclose(conv.grads["weight"], dw_whole, rtol=1e-12)
+
+
+@pytest.mark.parametrize("k,s,p", [(2, 2, 0), (3, 2, 1), (3, 1, 0)])
+def test_max_pool_forward_and_gradients(rng, k, s, p):
+    x = rng.standard_normal((2, 3, 7, 6))
+    pool = MaxPool2d(k, stride=s, padding=p)
+    np.testing.assert_array_equal(pool.forward(x), naive_max_pool(x, k, s, p))
+    fd_check(pool, x, rng)
+
+
+def test_max_pool_ties_go_to_the_first_maximum():
+    x = np.zeros((1, 1, 2, 2))
+    pool = MaxPool2d(2)
+    pool.forward(x)
+    np.testing.assert_array_equal(pool.backward(np.ones((1, 1, 1, 1))), [[[[1.0, 0.0], [0.0, 0.0]]]])
+
+
+@pytest.mark.parametrize("make", [ReLU, Sigmoid, Flatten], ids=lambda m: m.__name__)
+def test_parameterless_gradients(rng, make):
+    fd_check(make(), rng.standard_normal((4, 3, 5)), rng)
+
+
+def test_sigmoid_is_stable_for_large_inputs():
+    y = Sigmoid().forward(np.array([[-1e4, -50.0, 0.0, 50.0, 1e4]]))
+    np.testing.assert_allclose(y, [[0.0, 1 / (1 + np.exp(50.0)), 0.5, 1 / (1 + np.exp(-50.0)), 1.0]],
+                               rtol=1e-12, atol=1e-300)
+
+
+def test_relu_inplace_writes_into_input(rng):
+    x = rng.standard_normal((3, 4))
+    y = ReLU(inplace=True).forward(x)
+    assert y is x and (x >= 0).all()
+
+
+def test_dropout_train_and_eval(rng):
+    x = rng.standard_normal((200, 50))
+    drop = Dropout(0.3, rng=np.random.default_rng(0))
+    y = drop.forward(x)
+    kept = y != 0
+    assert 0.65 < kept.mean() < 0.75
+    np.testing.assert_allclose(y[kept], x[kept] / 0.7)
+    np.testing.assert_array_equal(drop.backward(np.ones_like(x)), np.where(kept, 1 / 0.7, 0.0))
+    # The same seed gives the same mask; eval mode is the identity.
+    np.testing.assert_array_equal(Dropout(0.3, rng=np.random.default_rng(0)).forward(x), y)
+    np.testing.assert_array_equal(drop.eval().forward(x), x)
+
+
+@pytest.mark.parametrize("shape,cls", [((6, 4), BatchNorm1d), ((5, 4, 3), BatchNorm1d),
+                                       ((3, 4, 3, 2), BatchNorm2d)])
+@pytest.mark.parametrize("training", [True, False])
+def test_batchnorm_gradients(rng, shape, cls, training):
+    bn = cls(4, dtype=F64)
+    bn.weight[...] = rng.uniform(0.5, 2.0, 4)
+    bn.bias[...] = rng.standard_normal(4)
+    bn.running_mean[...] = rng.standard_normal(4)
+    bn.running_var[...] = rng.uniform(0.5, 2.0, 4)
+    bn.train(training)
+    fd_check(bn, rng.standard_normal(shape) * 2 + 1, rng)
+
+
+def test_sequential_gradients(rng):
+    model = Sequential(Linear(5, 6, dtype=F64, rng=rng), BatchNorm1d(6, dtype=F64), Sigmoid(),
+                       Linear(6, 3, dtype=F64, rng=rng))
+    fd_check(model, rng.standard_normal((8, 5)), rng)
+
+
+def test_small_cnn_gradients(rng):
+    model = Sequential(Conv2d(1, 2, 3, dtype=F64, rng=rng), ReLU(), BatchNorm2d(2, dtype=F64),
+                       MaxPool2d(2), Flatten(), Linear(8, 3, dtype=F64, rng=rng))
+    fd_check(model, rng.standard_normal((3, 1, 6, 6)), rng, n_probe=15)
+
+
+# --------------------------------------------------------------------------- #
+# BatchNorm against PyTorch.
+# --------------------------------------------------------------------------- #
+BN_CONFIGS = [dict(), dict(momentum=None), dict(affine=False), dict(track_running_stats=False),
+              dict(momentum=0.3, eps=1e-3)]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("config", BN_CONFIGS, ids=str)
+@pytest.mark.parametrize("cls,shape", [("BatchNorm1d", (16, 5)), ("BatchNorm1d", (8, 5, 3)),
+                                       ("BatchNorm2d", (4, 5, 3, 6))])
+def test_batchnorm_matches_torch(rng, dtype, config, cls, shape):
+    torch = pytest.importorskip("torch")
+    ours = {"BatchNorm1d": BatchNorm1d, "BatchNorm2d": BatchNorm2d}[cls](5, dtype=dtype, **config)
+    ref = getattr(torch.nn, cls)(5, **config).to(torch.float64 if dtype == np.float64 else torch.float32)
+    tol = dict(rtol=1e-4, atol=1e-5) if dtype == np.float32 else dict(rtol=1e-10, atol=1e-12)
+
+    def compare(x, dy):
+        xt = torch.from_numpy(x.copy()).requires_grad_(True)
+        yt = ref(xt)
+        yt.backward(torch.from_numpy(dy))
+        y = ours.forward(x)
+        dx = ours.backward(dy)
+        np.testing.assert_allclose(y, yt.detach().numpy(), **tol)
+        np.testing.assert_allclose(dx, xt.grad.numpy(), **tol)
+        if ours.affine:
+            np.testing.assert_allclose(ours.grads["weight"], ref.weight.grad.numpy(), **tol)
+            np.testing.assert_allclose(ours.grads["bias"], ref.bias.grad.numpy(), **tol)
+            ref.weight.grad = ref.bias.grad = None
+        if ours.track_running_stats:
+            np.testing.assert_allclose(ours.running_mean, ref.running_mean.numpy(), **tol)
+            np.testing.assert_allclose(ours.running_var, ref.running_var.numpy(), **tol)
+            assert int(ours.num_batches_tracked) == int(ref.num_batches_tracked)
+
+    for step in range(4):
+        x = (rng.standard_normal(shape) * 3 + step).astype(dtype)
+        compare(x, rng.standard_normal(shape).astype(dtype))
+        if ours.affine:   # a stand-in for an optimizer step
+            delta = rng.standard_normal(5).astype(dtype) * 0.1
+            ours.weight += delta
+            ours.bias -= delta
+            with torch.no_grad():
+                ref.weight += torch.from_numpy(delta)
+                ref.bias -= torch.from_numpy(delta)
+    ours.eval()
+    ref.eval()
+    compare((rng.standard_normal(shape) * 2 - 1).astype(dtype), rng.standard_normal(shape).astype(dtype))
+
+
+def test_batchnorm_channels_last_input_keeps_layout(rng):
+    x = rng.standard_normal((4, 3, 5, 6)).astype(np.float32)
+    x_cl = np.ascontiguousarray(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+    bn_a, bn_b = BatchNorm2d(3), BatchNorm2d(3)
+    y_cl = bn_b.forward(x_cl)
+    np.testing.assert_allclose(y_cl, bn_a.forward(x), rtol=1e-5, atol=1e-6)
+    assert y_cl.transpose(0, 2, 3, 1).flags.c_contiguous
+    np.testing.assert_allclose(bn_b.running_var, bn_a.running_var, rtol=1e-6)
+
+
+def test_models_match_torch_forward_and_state_dict_keys(rng):
+    torch = pytest.importorskip("torch")
+    from scripts.bench_train import torch_model_like
+    model = mnist_cnn(rng)
+    net = torch_model_like(model)           # loads our state dict by key
+    x = rng.random((6, 1, 28, 28), dtype=np.float32)
+    for mode in (True, False):
+        model.train(mode)
+        net.train(mode)
+        np.testing.assert_allclose(model.forward(x.copy()), net(torch.from_numpy(x)).detach().numpy(),
+                                   rtol=1e-4, atol=1e-4)
+
+
+# --------------------------------------------------------------------------- #
+# State dicts and input checks.
+# --------------------------------------------------------------------------- #
+def test_state_dict_round_trip(rng):
+    a = bn_paper_mlp(np.random.default_rng(0))
+    b = bn_paper_mlp(np.random.default_rng(1))
+    a.forward(rng.random((10, 1, 28, 28), dtype=np.float32))   # moves running stats
+    state = a.state_dict()
+    assert set(state) == set(a.params) | set(a.buffers)
+    assert "2.num_batches_tracked" in state and "2.running_var" in state   # 0 is Flatten
+    assert int(state["2.num_batches_tracked"]) == 1
+    b.load_state_dict(state)
+    for key, value in b.state_dict().items():
+        np.testing.assert_array_equal(value, state[key])
+    state["1.weight"] += 1.0                               # a copy: changes do not leak back
+    assert not np.array_equal(state["1.weight"], a.params["1.weight"])
+
+
+def test_load_state_dict_errors_leave_layer_unchanged(rng):
+    model = mnist_cnn(rng)
+    before = model.state_dict()
+    bad_shape = dict(before, **{"0.weight": np.zeros((32, 1, 5, 5), np.float32)})
+    bad_shape["11.bias"] = np.ones(10, np.float32)          # valid, checked before the bad one fails
+    with pytest.raises(ValueError, match=r"'0.weight' must have shape \(32, 1, 3, 3\)"):
+        model.load_state_dict(bad_shape)
+    missing = {k: v for k, v in before.items() if k != "2.running_mean"}
+    with pytest.raises(KeyError, match=r"Missing: \['2.running_mean'\]"):
+        model.load_state_dict(missing)
+    with pytest.raises(KeyError, match=r"unexpected: \['99.weight'\]"):
+        model.load_state_dict(dict(before, **{"99.weight": np.zeros(3)}))
+    with pytest.raises(TypeError, match="castable"):
+        model.load_state_dict(dict(before, **{"0.bias": before["0.bias"].astype(np.complex64)}))
+    for key, value in model.state_dict().items():
+        np.testing.assert_array_equal(value, before[key])
+
+
+@pytest.mark.parametrize("layer,x,error,match", [
+    (Linear(4, 3), np.zeros((2, 5), np.float32), ValueError, r"shape \(\*, 4\); got shape \(2, 5\)"),
+    (Linear(4, 3), np.zeros((2, 4), np.float64), TypeError, "expects dtype float32"),
+    (Linear(4, 3), [[0.0] * 4], TypeError, "numpy.ndarray"),
+    (Conv2d(3, 2, 3), np.zeros((2, 1, 5, 5), np.float32), ValueError, r"\(\*, 3, \*, \*\)"),
+    (Conv2d(1, 2, 5), np.zeros((2, 1, 3, 3), np.float32), ValueError, "smaller than the kernel"),
+    (BatchNorm2d(3), np.zeros((2, 3, 4), np.float32), ValueError, r"\(\*, 3, \*, \*\)"),
+    (BatchNorm1d(3), np.zeros((2, 4), np.float32), ValueError, r"\(\*, 3\)"),
+    (MaxPool2d(2), np.zeros((2, 3), np.float32), ValueError, "4 dimensions"),
+    (ReLU(), np.zeros(3, np.int64), TypeError, "float32 or float64"),
+])
+def test_bad_inputs_raise_clear_errors(layer, x, error, match):
+    with pytest.raises(error, match=match):
+        layer.forward(x)
+
+
+def test_bad_input_does_not_change_batchnorm_state():
+    bn = BatchNorm1d(3)
+    with pytest.raises(ValueError):
+        bn.forward(np.ones((1, 3), np.float32))   # one value per feature cannot be trained on
+    assert int(bn.num_batches_tracked) == 0
+    np.testing.assert_array_equal(bn.running_var, np.ones(3))
+
+
+def test_backward_checks(rng):
+    layer = Linear(4, 3)
+    with pytest.raises(RuntimeError, match="before forward"):
+        layer.backward(np.zeros((2, 3), np.float32))
+    layer.forward(np.zeros((2, 4), np.float32))
+    with pytest.raises(ValueError, match=r"dy of shape \(2, 3\)"):
+        layer.backward(np.zeros((2, 4), np.float32))
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda: BatchNorm1d(0), "num_features"),
+    (lambda: BatchNorm1d(3, momentum=1.5), "momentum"),
+    (lambda: BatchNorm1d(3, eps=0.0), "eps"),
+    (lambda: Conv2d(1, 2, (3, 3, 3)), "kernel_size"),
+    (lambda: MaxPool2d(2, padding=2), "half the kernel"),
+    (lambda: Dropout(1.0), "p must be"),
+    (lambda: Linear(3, 2, dtype=np.int32), "float32 or float64"),
+])
+def test_bad_constructor_arguments(make, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        make()
+
+
+def test_cross_entropy_matches_torch_and_is_stable(rng):
+    logits = rng.standard_normal((7, 5)) * 3
+    targets = rng.integers(0, 5, 7)
+    loss, dlogits = cross_entropy(logits, targets)
+    # Finite differences of the loss.
+    h = 1e-6
+    numeric = np.zeros_like(logits)
+    for idx in np.ndindex(logits.shape):
+        up, down = logits.copy(), logits.copy()
+        up[idx] += h
+        down[idx] -= h
+        numeric[idx] = (cross_entropy(up, targets)[0] - cross_entropy(down, targets)[0]) / (2 * h)
+    np.testing.assert_allclose(dlogits, numeric, rtol=1e-6, atol=1e-9)
+    big = np.array([[1e4, 0.0, -1e4]], np.float32)
+    loss_big, grad_big = cross_entropy(big, np.array([1]))
+    assert loss_big == pytest.approx(1e4) and np.isfinite(grad_big).all()
+    torch = pytest.importorskip("torch")
+    ref = torch.nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(targets))
+    assert loss == pytest.approx(float(ref), rel=1e-12)
+
+
+@pytest.mark.parametrize("targets,match", [(np.array([0, 3]), r"\[0, 3\)"), (np.array([0.0, 1.0]), "integer")])
+def test_cross_entropy_bad_targets(targets, match):
+    with pytest.raises(ValueError, match=match):
+        cross_entropy(np.zeros((2, 3)), targets)

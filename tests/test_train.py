@@ -1,0 +1,219 @@
+"""The trainer: real-data smoke run, bitwise resume, Ctrl-C, damaged checkpoints."""
+
+import gzip
+import json
+import os
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from numbabn import train as train_module
+from numbabn.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from numbabn.train import TrainConfig, Trainer, main
+
+REAL_MNIST = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "mnist"
+
+
+def _read_idx(path):
+    """A minimal IDX reader, used only when numbabn.data is not in this checkout."""
+    raw = gzip.decompress(path.read_bytes())
+    ndim = raw[3]
+    dims = [int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
+    return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+def _fallback_load_mnist(data_dir=None, download=True):
+    d = Path(data_dir)
+    names = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+             "t10k-labels-idx1-ubyte"]
+    return tuple(_read_idx(d / f"{n}.gz") for n in names)
+
+
+def synthetic_data(n_train=40, n_test=30, seed=0):
+    rng = np.random.default_rng(seed)
+    return (rng.integers(0, 256, (n_train, 28, 28), dtype=np.uint8), rng.integers(0, 10, n_train).astype(np.uint8),
+            rng.integers(0, 256, (n_test, 28, 28), dtype=np.uint8), rng.integers(0, 10, n_test).astype(np.uint8))
+
+
+@pytest.fixture
+def fake_data_module(monkeypatch):
+    """Make ``numbabn.data.load_mnist`` return small synthetic data."""
+    module = types.ModuleType("numbabn.data")
+    module.load_mnist = lambda data_dir=None, download=True: synthetic_data()
+    monkeypatch.setitem(sys.modules, "numbabn.data", module)
+
+
+def _final_state(trainer):
+    return {**{f"m.{k}": v for k, v in trainer.model.state_dict().items()},
+            **{f"o.{k}": v for k, v in trainer.optimizer.state_dict().items()}}
+
+
+def _assert_same_run(a, b):
+    sa, sb = _final_state(a), _final_state(b)
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        np.testing.assert_array_equal(sa[key], sb[key], err_msg=key)
+    drop = ("epoch_seconds", "images_per_second", "eval_seconds")
+    strip = [[{k: v for k, v in h.items() if k not in drop} for h in t.history] for t in (a, b)]
+    assert strip[0] == strip[1]
+
+
+@pytest.mark.skipif(not REAL_MNIST.is_dir(), reason="no MNIST at ../shared/data/mnist")
+def test_short_real_mnist_run(tmp_path, monkeypatch):
+    try:
+        import numbabn.data  # noqa: F401
+    except ImportError:
+        monkeypatch.setitem(sys.modules, "numbabn.data",
+                            types.SimpleNamespace(load_mnist=_fallback_load_mnist))
+    out = tmp_path / "run"
+    # 62 steps of batch 32: enough for the running statistics used at test time to settle.
+    rc = main(["--data-dir", str(REAL_MNIST), "--limit-train", "2000", "--batch-size", "32",
+               "--epochs", "1", "--out", str(out), "--no-progress"])
+    assert rc == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["test_accuracy"] >= 0.9
+    assert metrics["n_train"] == 2000 and metrics["epochs_done"] == 1
+    (record,) = metrics["history"]
+    for key in ("train_loss", "train_accuracy", "test_loss", "test_accuracy", "epoch_seconds",
+                "images_per_second"):
+        assert np.isfinite(record[key]) and record[key] > 0, key
+    assert record["test_accuracy"] == metrics["test_accuracy"]
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert load_checkpoint(out / "checkpoint.npz")[1]["epochs_done"] == 1
+
+
+@pytest.mark.parametrize("config", [TrainConfig(model="cnn", batch_size=16),
+                                    TrainConfig(model="mlp", batch_size=12, optimizer="sgd", lr=0.5)],
+                         ids=["cnn-adam", "mlp-sgd"])
+def test_resume_equals_uninterrupted_bitwise(tmp_path, config):
+    data = synthetic_data()
+    straight = Trainer(config, data, str(tmp_path / "a"), progress=False, log=lambda s: None)
+    straight.run(3)
+    first = Trainer(config, data, str(tmp_path / "b"), progress=False, log=lambda s: None)
+    first.run(2)
+    resumed = Trainer(config, data, str(tmp_path / "b"), progress=False, log=lambda s: None)
+    resumed.resume()
+    assert resumed.epochs_done == 2
+    resumed.run(3)
+    _assert_same_run(straight, resumed)
+
+
+def test_ctrl_c_keeps_last_checkpoint_and_resume_finishes_the_run(tmp_path, monkeypatch, fake_data_module,
+                                                                  capsys):
+    args = ["--limit-train", "40", "--batch-size", "8", "--epochs", "3", "--out", str(tmp_path),
+            "--no-progress"]
+    real_step = train_module.cross_entropy
+    calls = {"n": 0}
+
+    def interrupt_in_second_epoch(logits, y):
+        calls["n"] += 1
+        if calls["n"] == 8:        # 5 batches per epoch: the 3rd batch of epoch 2
+            raise KeyboardInterrupt
+        return real_step(logits, y)
+
+    monkeypatch.setattr(train_module, "cross_entropy", interrupt_in_second_epoch)
+    assert main(args) == 130
+    assert "last complete checkpoint (1 epoch)" in capsys.readouterr().err
+    assert load_checkpoint(tmp_path / "checkpoint.npz")[1]["epochs_done"] == 1
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+
+    monkeypatch.setattr(train_module, "cross_entropy", real_step)
+    assert main(args + ["--resume"]) == 0
+    straight = Trainer(TrainConfig(batch_size=8, limit_train=40), synthetic_data(), str(tmp_path / "ref"),
+                       progress=False, log=lambda s: None)
+    straight.run(3)
+    resumed = Trainer(TrainConfig(batch_size=8, limit_train=40), synthetic_data(), str(tmp_path),
+                      progress=False, log=lambda s: None)
+    resumed.resume()
+    _assert_same_run(straight, resumed)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert [h["epoch"] for h in metrics["history"]] == [1, 2, 3]
+
+
+def test_interrupted_save_leaves_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint.npz"
+    save_checkpoint(path, {"w": np.arange(3.0)}, {"model": "x"})
+
+    def broken_savez(f, **arrays):
+        f.write(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(np, "savez", broken_savez)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(path, {"w": np.zeros(3)}, {"model": "x"})
+    monkeypatch.undo()
+    arrays, meta = load_checkpoint(path)
+    np.testing.assert_array_equal(arrays["w"], np.arange(3.0))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.npz"]
+
+
+@pytest.fixture
+def saved_run(tmp_path):
+    trainer = Trainer(TrainConfig(model="mlp", batch_size=10, optimizer="sgd", lr=0.1), synthetic_data(),
+                      str(tmp_path), progress=False, log=lambda s: None)
+    trainer.run(1)
+    return trainer
+
+
+def test_truncated_checkpoint_is_refused(saved_run):
+    path = Path(saved_run.checkpoint_path)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="truncated or corrupted"):
+        saved_run.resume()
+
+
+def test_corrupted_checkpoint_is_refused(saved_run):
+    path = Path(saved_run.checkpoint_path)
+    raw = bytearray(path.read_bytes())
+    arrays, _ = load_checkpoint(path)
+    # Flip one byte inside an array's data (found by its bytes, so zip CRCs or our checksum must catch it).
+    needle = arrays["model.1.weight"].tobytes()[:64]
+    at = bytes(raw).index(needle) + 10
+    raw[at] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError):
+        saved_run.resume()
+
+
+def test_edited_array_fails_checksum(tmp_path):
+    path = tmp_path / "c.npz"
+    save_checkpoint(path, {"w": np.arange(4.0)}, {"model": "x"})
+    with np.load(path) as z:
+        entries = {k: z[k] for k in z.files}
+    entries["w"][0] = 99.0                         # a well-formed file with other contents
+    np.savez(path, **entries)
+    with pytest.raises(CheckpointError, match="checksum"):
+        load_checkpoint(path)
+
+
+def test_checkpoint_of_another_model_or_settings_is_refused(saved_run, tmp_path):
+    other = Trainer(TrainConfig(model="cnn"), synthetic_data(), saved_run.out_dir, progress=False)
+    with pytest.raises(CheckpointError, match="model: checkpoint 'mlp', this run 'cnn'"):
+        other.resume()
+    other_lr = Trainer(TrainConfig(model="mlp", batch_size=10, optimizer="sgd", lr=0.2), synthetic_data(),
+                       saved_run.out_dir, progress=False)
+    with pytest.raises(CheckpointError, match="config.lr: checkpoint 0.1, this run 0.2"):
+        other_lr.resume()
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        Trainer(TrainConfig(model="mlp"), synthetic_data(), str(tmp_path / "empty"), progress=False).resume()
+
+
+def test_cli_errors_are_clear(tmp_path, fake_data_module, capsys):
+    assert main(["--device", "cuda", "--out", str(tmp_path)]) == 2
+    assert "--device cuda" in capsys.readouterr().err
+    assert main(["--resume", "--out", str(tmp_path / "none")]) == 2
+    assert "no checkpoint" in capsys.readouterr().err
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "checkpoint.npz").write_bytes(b"not a zip file")
+    assert main(["--resume", "--out", str(tmp_path / "bad")]) == 2
+    assert "truncated or corrupted" in capsys.readouterr().err
+
+
+def test_console_script_module_runs(tmp_path, fake_data_module):
+    assert main(["--model", "mlp", "--no-bn", "--epochs", "1", "--out", str(tmp_path), "--no-progress"]) == 0
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["config"]["batch_norm"] is False and metrics["config"]["optimizer"] == "sgd"
+    assert os.path.getsize(tmp_path / "curves.png") > 1000
