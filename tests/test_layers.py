@@ -74,11 +74,6 @@ def fd_check(layer, x, rng, n_probe=40, h=1e-6, rtol=1e-5, atol=1e-7):
                 f"{type(layer).__name__} d{name}[{i}]: backward {got}, finite difference {numeric}"
 
 
-@pytest.fixture
-def rng(request):
-    return np.random.default_rng(abs(hash(request.node.name)) % 2**32)
-
-
 @pytest.mark.parametrize("bias", [True, False])
 def test_linear_gradients(rng, bias):
     fd_check(Linear(7, 5, bias=bias, dtype=F64, rng=rng), rng.standard_normal((6, 7)), rng)
