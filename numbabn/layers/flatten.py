@@ -30,6 +30,7 @@ class Flatten(Layer):
         self.end_dim = int(end_dim)
         self._x_shape = None
         self._y_shape = None
+        self._dtype = None
 
     def forward(self, x):
         _check.float_input(x, "Flatten")
@@ -38,11 +39,11 @@ class Flatten(Layer):
             raise ValueError(f"Flatten(start_dim={self.start_dim}, end_dim={self.end_dim}) "
                              f"is empty for an input with {x.ndim} dimensions.")
         shape = x.shape[:start] + (int(np.prod(x.shape[start:end + 1])),) + x.shape[end + 1:]
-        self._x_shape, self._y_shape = x.shape, shape
+        self._x_shape, self._y_shape, self._dtype = x.shape, shape, x.dtype
         return np.reshape(x, shape, order="C")
 
     def backward(self, dy):
-        _check.grad_output(dy, "Flatten", self._y_shape, dy.dtype if hasattr(dy, "dtype") else None)
+        _check.grad_output(dy, "Flatten", self._y_shape, self._dtype)
         return dy.reshape(self._x_shape)
 
     def extra_repr(self):
