@@ -31,6 +31,12 @@ CPU_JIT_STRICT = dict(CPU_JIT, fastmath=set(STRICT_FASTMATH))
 # they run one after the other and must not be fused by Numba.
 CPU_JIT_PARALLEL = dict(CPU_JIT, parallel=dict(fusion=False))
 
+# Inputs of at most this many elements run on the calling thread alone (see
+# numbabn._cpu.threads.kernel_guard): waking the thread pool costs more than the
+# work.  The reduction partition does not depend on the thread count, so this
+# changes timing only, never results.
+SERIAL_MAX_ELEMS = 1 << 15
+
 # Reduction partition.  Each feature's values are cut into chunks of about
 # ``CHUNK_ELEMS`` elements; the cut depends on the shape only (never on the
 # number of threads), and chunk sums are merged in chunk order, so results are

@@ -86,7 +86,7 @@ def batch_stats(x, axis=1):
     ((3,), dtype('float32'))
     """
     be, layout, x = _prepare(x, axis)
-    with be.guard():
+    with be.guard(x):
         return be.ops.batch_stats(_view(be, x, layout))
 
 
@@ -125,7 +125,7 @@ def normalize(x, mean, var, weight=None, bias=None, eps=1e-5, axis=1, out=None):
     if out is not None:
         v.check_out(out, x)
     y3, y, finish = _output(be, x, layout, out)
-    with be.guard():
+    with be.guard(x):
         be.ops.normalize(_view(be, x, layout), mean, var, weight, bias, eps, y3)
     if finish:
         finish()
@@ -161,7 +161,7 @@ def batch_norm_train(x, weight=None, bias=None, eps=1e-5, axis=1):
     eps = v.check_eps(eps)
     v.check_training_count(layout.count, x.shape, axis)
     y3, y, _ = _output(be, x, layout)
-    with be.guard():
+    with be.guard(x):
         mean, invstd, _ = be.ops.batch_norm_train(_view(be, x, layout), weight, bias, eps, y3)
     return y, mean, invstd
 
@@ -196,7 +196,7 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, axis=1):
     if weight is not None:
         v.check_vector(weight, "weight", nfeat, x.dtype)
     dx3, dx, _ = _output(be, x, layout)
-    with be.guard():
+    with be.guard(x):
         dweight, dbias = be.ops.batch_norm_backward(
             _view(be, dy, layout), _view(be, x, layout), mean, invstd, weight, dx3
         )
@@ -287,7 +287,7 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
         v.check_training_count(layout.count, x.shape, axis)
     y3, y, _ = _output(be, x, layout)
     x3 = _view(be, x, layout)
-    with be.guard():
+    with be.guard(x):
         if not training:
             be.ops.normalize(x3, running_mean, running_var, weight, bias, eps, y3)
             return y

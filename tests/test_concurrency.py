@@ -80,8 +80,32 @@ def test_default_layer_is_threadsafe():
 
     nb.batch_stats(np.ones((4, 2)))
     layer = threads.threading_layer()
-    guard = threads.kernel_guard()
+    guard = threads._lock_if_needed()
     if layer in ("omp", "tbb"):
         assert not hasattr(guard, "acquire")
     else:
         assert hasattr(guard, "acquire")
+
+
+def test_small_inputs_run_serially_and_restore_the_thread_count():
+    import numba
+
+    import numbabn as nb
+    from numbabn import _config
+    from numbabn._cpu import threads
+
+    before = numba.get_num_threads()
+    small = np.ones((4, 3))
+    with threads.kernel_guard(small):
+        assert numba.get_num_threads() == 1
+    assert numba.get_num_threads() == before
+    with pytest.raises(RuntimeError):
+        with threads.kernel_guard(small):
+            raise RuntimeError("kernel failed")
+    assert numba.get_num_threads() == before
+    large = np.ones(_config.SERIAL_MAX_ELEMS + 1)
+    with threads.kernel_guard(large):
+        assert numba.get_num_threads() == before
+    with pytest.raises(ValueError):
+        nb.batch_norm_train(np.ones((1, 3)))  # refused before any launch
+    assert numba.get_num_threads() == before

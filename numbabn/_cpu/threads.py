@@ -12,6 +12,8 @@ import threading
 
 import numba
 
+from .._config import SERIAL_MAX_ELEMS
+
 _lock = threading.RLock()
 _layer_is_threadsafe = None  # unknown until the first parallel kernel has run
 
@@ -24,8 +26,31 @@ def threading_layer():
         return None
 
 
-def kernel_guard():
-    """A context manager: a lock under ``workqueue`` (or while unknown), else nothing."""
+@contextlib.contextmanager
+def kernel_guard(x=None):
+    """Held around every CPU kernel launch.
+
+    Serialises launches under ``workqueue`` (or while the layer is unknown), and
+    runs inputs of at most ``SERIAL_MAX_ELEMS`` elements on the calling thread
+    alone: waking the pool costs more than such a call (milliseconds when the
+    other core is busy).  Results do not change, since the reduction partition
+    never depends on the thread count.
+    """
+    small = x is not None and x.size <= SERIAL_MAX_ELEMS
+    with _lock_if_needed():
+        if not small:
+            yield
+            return
+        previous = numba.get_num_threads()
+        numba.set_num_threads(1)
+        try:
+            yield
+        finally:
+            numba.set_num_threads(previous)
+
+
+def _lock_if_needed():
+    """A lock under ``workqueue`` (or while the layer is unknown), else nothing."""
     global _layer_is_threadsafe
     if _layer_is_threadsafe is None:
         layer = threading_layer()
