@@ -17,8 +17,8 @@ from ._cpu.threads import kernel_guard
 
 Backend = namedtuple("Backend", "name ops layout guard")
 """``ops``: the operations (see :mod:`numbabn._cpu.ops`); ``layout``: ``as_3d``
-and ``empty_like_3d`` for that backend's arrays; ``guard()``: a context manager
-held around kernel launches (see :mod:`numbabn._cpu.threads`)."""
+and ``empty_like_3d`` for that backend's arrays; ``guard(x)``: a context manager
+held around kernel launches on input ``x`` (see :mod:`numbabn._cpu.threads`)."""
 
 CPU = Backend("cpu", _cpu_ops, _layout, kernel_guard)
 _GPU = []

@@ -77,15 +77,21 @@ def _no_output(dtype, ndim):
     return np.empty((1,) * ndim, dtype)
 
 
+def _affine_setup(x3, weight, bias):
+    """What the forward and normalize kernels share: the plan, weight and bias
+    (1 and 0 when missing) and scratch for the per-feature coefficients."""
+    nfeat, dtype = x3.shape[1], x3.dtype
+    plan = _plan(x3.shape, dtype.itemsize, 1)
+    return (plan, _param(weight, nfeat, dtype, 1), _param(bias, nfeat, dtype, 0),
+            np.empty((3, nfeat), dtype))
+
+
 def _forward(x3, weight, bias, eps, y3):
     """Run the forward kernel; ``y3=None`` computes the statistics only.
     Returns ``stats``: rows mean, invstd, var in float64."""
     nfeat = x3.shape[1]
     dtype = x3.dtype
-    plan = _plan(x3.shape, dtype.itemsize, 1)
-    weight = _param(weight, nfeat, dtype, 1)
-    bias = _param(bias, nfeat, dtype, 0)
-    coef = np.empty((3, nfeat), dtype)
+    plan, weight, bias, coef = _affine_setup(x3, weight, bias)
     stats = np.empty((3, nfeat))
     write_y = y3 is not None
     if plan.channels_last:
@@ -116,12 +122,7 @@ def batch_stats(x3):
 
 
 def normalize(x3, mean, var, weight, bias, eps, y3):
-    nfeat = x3.shape[1]
-    dtype = x3.dtype
-    plan = _plan(x3.shape, dtype.itemsize, 1)
-    weight = _param(weight, nfeat, dtype, 1)
-    bias = _param(bias, nfeat, dtype, 0)
-    coef = np.empty((3, nfeat), dtype)
+    plan, weight, bias, coef = _affine_setup(x3, weight, bias)
     if plan.channels_last:
         k.normalize_nc(_as2d(x3), mean, var, weight, bias, eps, plan.rows, coef, _as2d(y3))
     else:

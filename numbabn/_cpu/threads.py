@@ -3,7 +3,8 @@
 Numba's ``omp`` and ``tbb`` layers accept parallel kernels launched from several
 Python threads at once; the ``workqueue`` fallback (used where neither OpenMP nor
 TBB is available) does not, and can abort the process.  Kernel launches go
-through :func:`kernel_guard`, which serialises them only under ``workqueue``.
+through :func:`kernel_guard`, which serialises them only under ``workqueue``
+and runs small inputs on the calling thread alone.
 Numba prefers ``omp`` then ``tbb`` by default (``NUMBA_THREADING_LAYER``).
 """
 
