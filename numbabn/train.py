@@ -40,6 +40,21 @@ class TrainConfig:
     optimizer: str = "adam"
     seed: int = 0
     limit_train: int | None = None
+    lr_decay: float | None = None  # None: the model's default (cnn 0.7 per epoch, mlp 1)
+    dropout: bool | None = None  # None: the model's default (cnn True, mlp False)
+
+    def __post_init__(self):
+        if self.model not in MODELS:
+            raise ValueError(f"unknown model {self.model!r}; choose one of {sorted(MODELS)}.")
+        spec = MODELS[self.model]  # resolve the defaults, so checkpoints record real values
+        if self.lr_decay is None:
+            object.__setattr__(self, "lr_decay", spec.lr_decay)
+        if self.dropout is None:
+            object.__setattr__(self, "dropout", spec.dropout)
+
+    def epoch_lr(self, epoch):
+        """The learning rate of epoch ``epoch`` (0-based): ``lr * lr_decay**epoch``."""
+        return self.lr * self.lr_decay ** epoch
 
     def make_optimizer(self, params):
         if self.optimizer == "adam":
@@ -111,7 +126,8 @@ class Trainer:
         self.train_x, self.train_y = prepare_images(train_x[:n]), np.asarray(train_y[:n], np.int64)
         self.test_x, self.test_y = prepare_images(test_x), np.asarray(test_y, np.int64)
         self.rng = np.random.default_rng(config.seed)
-        self.model = build_model(config.model, self.rng, batch_norm=config.batch_norm)
+        self.model = build_model(config.model, self.rng, batch_norm=config.batch_norm,
+                                 dropout=config.dropout)
         self.optimizer = config.make_optimizer(self.model.params)
         self.epochs_done = 0
         self.history = []
@@ -149,6 +165,7 @@ class Trainer:
         from tqdm import tqdm
 
         batches = epoch_batches(len(self.train_y), self.config.batch_size, self.config.seed, epoch)
+        self.optimizer.lr = self.config.epoch_lr(epoch)
         loss_sum, correct, seen = 0.0, 0, 0
         bar = tqdm(batches, desc=f"epoch {epoch + 1}/{n_epochs}", unit="batch",
                    disable=not self.progress, leave=False)
@@ -166,7 +183,7 @@ class Trainer:
                 bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.4f}", refresh=False)
         seconds = time.perf_counter() - start
         bar.close()
-        return {"train_loss": loss_sum / seen, "train_accuracy": correct / seen,
+        return {"lr": self.optimizer.lr, "train_loss": loss_sum / seen, "train_accuracy": correct / seen,
                 "epoch_seconds": seconds, "images_per_second": seen / seconds}
 
     def run(self, epochs):
@@ -239,6 +256,10 @@ def build_parser():
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--batch-size", type=int, help="default: 128 (cnn), 60 (mlp)")
     parser.add_argument("--lr", type=float, help="default: 1e-3 (cnn), 0.5 (mlp)")
+    parser.add_argument("--lr-decay", type=float, metavar="GAMMA",
+                        help="multiply the learning rate by GAMMA after each epoch; default: 0.7 (cnn), 1 (mlp)")
+    parser.add_argument("--no-dropout", action="store_true",
+                        help="leave out the cnn's two Dropout layers (the mlp has none)")
     parser.add_argument("--optimizer", choices=["adam", "sgd"], help="default: adam (cnn), sgd (mlp)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--limit-train", type=int, metavar="N", help="train on the first N images only")
@@ -255,12 +276,16 @@ def config_from_args(args):
     if args.epochs < 1 or (args.batch_size is not None and args.batch_size < 2) \
             or (args.limit_train is not None and args.limit_train < 2):
         raise ValueError("--epochs must be >= 1, --batch-size and --limit-train >= 2.")
+    if args.lr_decay is not None and not 0.0 < args.lr_decay <= 1.0:
+        raise ValueError(f"--lr-decay must be in (0, 1]; got {args.lr_decay}.")
     return TrainConfig(
         model=args.model, batch_norm=not args.no_bn,
         batch_size=args.batch_size or spec.batch_size,
         lr=args.lr if args.lr is not None else spec.lr,
         optimizer=args.optimizer or spec.optimizer,
         seed=args.seed, limit_train=args.limit_train,
+        lr_decay=args.lr_decay if args.lr_decay is not None else spec.lr_decay,
+        dropout=spec.dropout and not args.no_dropout,
     )
 
 
