@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from ._cpu.threads import prefer_passive_waiting
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .losses import cross_entropy
 from .models import MODELS, build_model
@@ -42,6 +43,8 @@ class TrainConfig:
     limit_train: int | None = None
     lr_decay: float | None = None  # None: the model's default (cnn 0.7 per epoch, mlp 1)
     dropout: bool | None = None  # None: the model's default (cnn True, mlp False)
+    shift: int | None = None  # augmentation: shift each training image by up to this many
+    #                           pixels; None: the model's default (cnn 2, mlp 0)
 
     def __post_init__(self):
         if self.model not in MODELS:
@@ -51,6 +54,8 @@ class TrainConfig:
             object.__setattr__(self, "lr_decay", spec.lr_decay)
         if self.dropout is None:
             object.__setattr__(self, "dropout", spec.dropout)
+        if self.shift is None:
+            object.__setattr__(self, "shift", spec.shift)
 
     def epoch_lr(self, epoch):
         """The learning rate of epoch ``epoch`` (0-based): ``lr * lr_decay**epoch``."""
@@ -76,6 +81,20 @@ def epoch_batches(n_images, batch_size, seed, epoch):
     order = np.random.default_rng([seed, epoch]).permutation(n_images)
     batches = [order[i:i + batch_size] for i in range(0, n_images, batch_size)]
     return [b for b in batches if b.size >= 2]
+
+
+def random_shifts(images, max_shift, rng):
+    """Each ``(1, H, W)`` image moved by its own random offset in
+    ``[-max_shift, max_shift]`` pixels along each axis, zero filled (data
+    augmentation; a copy, the input is unchanged)."""
+    n, _, height, width = images.shape
+    p = max_shift
+    padded = np.zeros((n, height + 2 * p, width + 2 * p), images.dtype)
+    padded[:, p:p + height, p:p + width] = images[:, 0]
+    top, left = rng.integers(0, 2 * p + 1, size=(2, n))
+    rows = top[:, None] + np.arange(height)
+    cols = left[:, None] + np.arange(width)
+    return padded[np.arange(n)[:, None, None], rows[:, :, None], cols[:, None, :]][:, None]
 
 
 def evaluate(model, images, labels):
@@ -117,6 +136,7 @@ class Trainer:
     """
 
     def __init__(self, config, data, out_dir, progress=True, log=print):
+        prefer_passive_waiting()  # the step interleaves Numba kernels and BLAS GEMMs
         self.config = config
         self.out_dir = out_dir
         self.progress = progress
@@ -166,12 +186,15 @@ class Trainer:
 
         batches = epoch_batches(len(self.train_y), self.config.batch_size, self.config.seed, epoch)
         self.optimizer.lr = self.config.epoch_lr(epoch)
+        shifts = np.random.default_rng([self.config.seed, epoch, 1])
         loss_sum, correct, seen = 0.0, 0, 0
         bar = tqdm(batches, desc=f"epoch {epoch + 1}/{n_epochs}", unit="batch",
                    disable=not self.progress, leave=False)
         start = time.perf_counter()
         for i, idx in enumerate(bar):
             x, y = self.train_x[idx], self.train_y[idx]
+            if self.config.shift:
+                x = random_shifts(x, self.config.shift, shifts)
             logits = self.model.forward(x)
             loss, dlogits = cross_entropy(logits, y)
             self.model.backward(dlogits)
@@ -260,6 +283,9 @@ def build_parser():
                         help="multiply the learning rate by GAMMA after each epoch; default: 0.7 (cnn), 1 (mlp)")
     parser.add_argument("--no-dropout", action="store_true",
                         help="leave out the cnn's two Dropout layers (the mlp has none)")
+    parser.add_argument("--shift", type=int, metavar="PIXELS",
+                        help="augment: shift each training image by up to PIXELS in each direction; "
+                             "default: 2 (cnn), 0 (mlp)")
     parser.add_argument("--optimizer", choices=["adam", "sgd"], help="default: adam (cnn), sgd (mlp)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--limit-train", type=int, metavar="N", help="train on the first N images only")
@@ -276,6 +302,8 @@ def config_from_args(args):
     if args.epochs < 1 or (args.batch_size is not None and args.batch_size < 2) \
             or (args.limit_train is not None and args.limit_train < 2):
         raise ValueError("--epochs must be >= 1, --batch-size and --limit-train >= 2.")
+    if args.shift is not None and not 0 <= args.shift <= 8:
+        raise ValueError(f"--shift must be between 0 and 8 pixels; got {args.shift}.")
     if args.lr_decay is not None and not 0.0 < args.lr_decay <= 1.0:
         raise ValueError(f"--lr-decay must be in (0, 1]; got {args.lr_decay}.")
     return TrainConfig(
@@ -286,6 +314,7 @@ def config_from_args(args):
         seed=args.seed, limit_train=args.limit_train,
         lr_decay=args.lr_decay if args.lr_decay is not None else spec.lr_decay,
         dropout=spec.dropout and not args.no_dropout,
+        shift=args.shift if args.shift is not None else spec.shift,
     )
 
 

@@ -1,8 +1,10 @@
 """Time training steps of the ``cnn`` model: numbabn against PyTorch on the CPU.
 
-Both frameworks train the same model (same weights, same batches, Adam lr 1e-3)
-in one process, with PyTorch limited to numba's thread count.  Before timing,
-one step's loss is checked to agree.  Rounds alternate between the two so that
+Both frameworks train the same model (same weights, same batches, Adam lr 1e-3,
+the same two Dropout layers) in one process, with PyTorch limited to numba's
+thread count.  Before timing, the two models' eval-mode losses on one batch are
+checked to agree (the same weights give the same logits; dropout masks differ,
+so training losses cannot be compared).  Rounds alternate between the two so that
 load from other processes on the machine hits both alike; the best and the
 median round are reported, in images per second.
 
@@ -38,8 +40,8 @@ def torch_model_like(model):
     net = nn.Sequential(
         nn.Conv2d(1, 32, 3), nn.ReLU(inplace=True), nn.BatchNorm2d(32),
         nn.Conv2d(32, 64, 3), nn.ReLU(inplace=True), nn.BatchNorm2d(64),
-        nn.MaxPool2d(2), nn.Flatten(),
-        nn.Linear(9216, 128), nn.ReLU(inplace=True), nn.BatchNorm1d(128),
+        nn.MaxPool2d(2), nn.Dropout(0.25), nn.Flatten(),
+        nn.Linear(9216, 128), nn.ReLU(inplace=True), nn.BatchNorm1d(128), nn.Dropout(0.5),
         nn.Linear(128, 10),
     )
     net.load_state_dict({k: torch.from_numpy(v) for k, v in model.state_dict().items()})
@@ -83,14 +85,25 @@ def main(argv=None):
     if not args.no_torch:
         import torch
         torch.set_num_threads(numba.config.NUMBA_NUM_THREADS)
-        runners["pytorch"] = torch_step(torch_model_like(model))
+        net = torch_model_like(model)
+        runners["pytorch"] = torch_step(net)
     runners["numbabn"] = numbabn_step(model, Adam(model.params, lr=1e-3))
 
-    # Validate before timing: the first step's loss (same weights, same batch) agrees.
-    losses = {name: step(*batches[0]) for name, step in runners.items()}
-    if "pytorch" in losses and abs(losses["pytorch"] - losses["numbabn"]) > 1e-4 * max(1.0, losses["pytorch"]):
-        raise SystemExit(f"first-step losses differ: {losses}")
-    print(f"first-step loss: " + ", ".join(f"{k} {v:.6f}" for k, v in losses.items()))
+    # Validate before timing: same weights, same batch, eval mode -> the same loss.
+    x0, y0 = batches[0]
+    losses = {"numbabn": cross_entropy(model.eval().forward(x0), y0)[0]}
+    model.train()
+    if not args.no_torch:
+        net.eval()
+        with torch.no_grad():
+            losses["pytorch"] = torch.nn.functional.cross_entropy(
+                net(torch.from_numpy(x0)), torch.from_numpy(y0)).item()
+        net.train()
+        if abs(losses["pytorch"] - losses["numbabn"]) > 1e-4 * max(1.0, losses["pytorch"]):
+            raise SystemExit(f"eval-mode losses differ: {losses}")
+    print("eval-mode loss before training: " + ", ".join(f"{k} {v:.6f}" for k, v in losses.items()))
+    for step in runners.values():  # one warm-up step each (compilation, allocations)
+        step(*batches[0])
 
     rates = {name: [] for name in runners}
     for _ in range(args.rounds):
