@@ -2,9 +2,10 @@
 
 Both frameworks train the same model (same weights, same batches, Adam lr 1e-3,
 the same two Dropout layers) in one process, with PyTorch limited to numba's
-thread count.  Before timing, the two models' eval-mode losses on one batch are
-checked to agree (the same weights give the same logits; dropout masks differ,
-so training losses cannot be compared).  Rounds alternate between the two so that
+thread count and numba's workers waiting passively, as in the trainer.  Before
+timing, the two models' eval-mode losses on one batch are checked to agree (the
+same weights give the same logits; dropout masks differ, so training losses
+cannot be compared).  Rounds alternate between the two so that
 load from other processes on the machine hits both alike; the best and the
 median round are reported, in images per second.
 
@@ -20,6 +21,7 @@ import time
 import numba
 import numpy as np
 
+from numbabn._cpu.threads import prefer_passive_waiting
 from numbabn.losses import cross_entropy
 from numbabn.models import mnist_cnn
 from numbabn.optim import Adam
@@ -87,6 +89,10 @@ def main(argv=None):
         torch.set_num_threads(numba.config.NUMBA_NUM_THREADS)
         net = torch_model_like(model)
         runners["pytorch"] = torch_step(net)
+    # As the trainer does: numba's idle workers sleep rather than spin against the
+    # BLAS threads.  PyTorch's OpenMP runtime was loaded (and read its settings)
+    # at `import torch` above, so this leaves PyTorch as it is.
+    prefer_passive_waiting()
     runners["numbabn"] = numbabn_step(model, Adam(model.params, lr=1e-3))
 
     # Validate before timing: same weights, same batch, eval mode -> the same loss.
