@@ -14,17 +14,24 @@ median round are reported, in images per second.
 
 from __future__ import annotations
 
-import argparse
-import statistics
-import time
+import os
 
-import numba
-import numpy as np
+# As the trainer (numbabn.train.cli): NumPy's OpenBLAS workers sleep right after
+# a GEMM instead of spinning against Numba's.  Read once, when NumPy loads
+# OpenBLAS, so it is set before the imports; PyTorch's BLAS (MKL) ignores it.
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 
-from numbabn._cpu.threads import prefer_passive_waiting
-from numbabn.losses import cross_entropy
-from numbabn.models import mnist_cnn
-from numbabn.optim import Adam
+import argparse  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+
+import numba  # noqa: E402
+import numpy as np  # noqa: E402
+
+from numbabn._cpu.threads import prefer_passive_waiting  # noqa: E402
+from numbabn.losses import cross_entropy  # noqa: E402
+from numbabn.models import mnist_cnn  # noqa: E402
+from numbabn.optim import Adam  # noqa: E402
 
 
 def numbabn_step(model, opt):

@@ -285,3 +285,23 @@ def test_prefer_passive_waiting_respects_the_user_and_a_started_pool(monkeypatch
     monkeypatch.setattr(threads, "threading_layer", lambda: None)
     assert threads.prefer_passive_waiting() is True
     assert os.environ["OMP_WAIT_POLICY"] == "passive"
+
+
+def test_cli_restarts_once_with_quiet_thread_pools(monkeypatch):
+    calls = []
+    monkeypatch.delenv("OPENBLAS_THREAD_TIMEOUT", raising=False)
+    monkeypatch.setenv("OMP_WAIT_POLICY", "active")  # the user's choice is kept
+    monkeypatch.setattr(sys, "argv", ["numbabn-mnist", "--epochs", "2"])
+    monkeypatch.setattr(os, "execve", lambda path, args, env: calls.append((path, args, env)))
+    monkeypatch.setattr(train_module, "main", lambda: 0)
+    with pytest.raises(SystemExit):
+        train_module.cli()
+    ((path, args, env),) = calls
+    assert path == sys.executable and args == [sys.executable, "-m", "numbabn.train", "--epochs", "2"]
+    assert env["OPENBLAS_THREAD_TIMEOUT"] == "4" and env["OMP_WAIT_POLICY"] == "active"
+
+    calls.clear()
+    monkeypatch.setenv("OPENBLAS_THREAD_TIMEOUT", "10")  # already set: no restart, runs main
+    with pytest.raises(SystemExit) as exit_info:
+        train_module.cli()
+    assert calls == [] and exit_info.value.code == 0
