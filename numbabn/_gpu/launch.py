@@ -1,0 +1,152 @@
+"""Kernel launches and scratch memory with as little host work as possible.
+
+A call of this package runs one to three small kernels, so numba.cuda's
+per-launch host work, not the GPU, sets its cost.  Two things here cut it:
+
+* :class:`Kernel` launches a kernel through the compiled overload numba would
+  choose for the arguments.  ``kernel[grid, block](*args)`` types every
+  argument on every call (``typeof`` builds a numba type per device array) and
+  looks up a launch configuration; here the overload is found in a dict keyed by
+  what fixes numba's typing of the arguments (an array's class, dtype, shape and
+  strides; a scalar's Python type) and launched with ``overload.launch``.  The
+  first launch with a new key types the arguments once and compiles (or loads
+  from the disk cache) exactly as numba would.
+* :func:`scratch` hands out device arrays for values that live within one call
+  (the float64 block partials): one buffer per thread and CUDA context, grown
+  as needed and reused by the next call instead of being allocated and freed
+  every time.  Reuse is safe because every kernel runs on the default stream,
+  in order: a call's kernels finish with the buffer before the next call's
+  first kernel starts.  A second thread gets its own buffer.
+
+Under the CUDA simulator kernels are launched through the dispatcher (the
+simulator has no compiled overloads), and scratch arrays are NumPy-backed.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+
+import numpy as np
+from numba import cuda
+from numba.core import config
+
+SIMULATOR = bool(config.ENABLE_CUDASIM)
+
+# Argument types whose numba type depends on the Python type alone (the package
+# passes small ints, float64 scalars and flags).
+_SCALARS = frozenset({int, float, bool, np.float64, np.int64, np.bool_})
+
+# Kernels keep at most this many argument signatures, and scratch at most this
+# many shaped views, before starting afresh (a training loop sees a handful).
+MAX_SIGNATURES = 512
+MAX_SCRATCH_VIEWS = 64
+
+
+def dim3(d) -> tuple:
+    """A grid or block size as the ``(x, y, z)`` triple numba launches with."""
+    if isinstance(d, tuple):
+        return tuple(int(n) for n in d) + (1,) * (3 - len(d))
+    return (int(d), 1, 1)
+
+
+def _arg_key(a):
+    t = type(a)
+    if t in _SCALARS:
+        return t
+    if t is tuple:
+        return (t, *map(type, a))
+    return (t, a.dtype, a.shape, a.strides)
+
+
+class Kernel:
+    """A ``numba.cuda.jit`` kernel, launched as ``kernel.launch(grid, block, *args)``
+    with ``grid`` and ``block`` from :func:`dim3`, on the default stream."""
+
+    def __init__(self, dispatcher):
+        self.dispatcher = dispatcher
+        self.__name__ = getattr(dispatcher, "__name__", "kernel")
+        self._overloads = {}
+        self._fast = not SIMULATOR
+
+    def launch(self, grid, block, *args):
+        if self._fast:
+            key = tuple(map(_arg_key, args))
+            overload = self._overloads.get(key)
+            if overload is None:
+                overload = self._compile(key, args)
+            if overload is not None:
+                overload.launch(args, grid, block, 0, 0)
+                return
+        self.dispatcher[grid, block](*args)
+
+    def _compile(self, key, args):
+        """The overload for these arguments' types (compiled or loaded if needed),
+        or None, for good, where this numba.cuda offers no ``launch`` on it."""
+        argtypes = tuple(self.dispatcher.typeof_pyval(a) for a in args)
+        overload = self.dispatcher.compile(argtypes)
+        if not callable(getattr(overload, "launch", None)):
+            self._fast = False
+            return None
+        if len(self._overloads) >= MAX_SIGNATURES:
+            self._overloads.clear()
+        self._overloads[key] = overload
+        return overload
+
+    def __repr__(self):
+        return f"Kernel({self.__name__})"
+
+
+# --------------------------------------------------------------------------- #
+# Scratch memory
+# --------------------------------------------------------------------------- #
+class _Scratch(threading.local):
+    def __init__(self):
+        # id(context) -> (context, flat float64 buffer, {shape: view}); the
+        # context is held so that its id is not reused while the entry lives.
+        self.by_context = {}
+
+
+_scratch = _Scratch()
+
+
+def scratch(shape):
+    """A C-contiguous float64 device array of ``shape`` whose contents are
+    undefined and which the next call on this thread may overwrite: for values
+    produced and consumed within one call, never for anything returned."""
+    shape = tuple(shape)
+    ctx = None if SIMULATOR else cuda.current_context()
+    entry = _scratch.by_context.get(id(ctx))
+    if entry is not None and entry[0] is not ctx:
+        entry = None
+    if entry is not None:
+        view = entry[2].get(shape)
+        if view is not None:
+            return view
+    size = math.prod(shape)
+    if entry is None or entry[1].size < size:
+        # Grow to the largest request so far (rounded up to 4 KiB).
+        capacity = max(size, 0 if entry is None else entry[1].size)
+        entry = (ctx, cuda.device_array(-(-capacity // 512) * 512, np.float64), {})
+        _scratch.by_context[id(ctx)] = entry
+    view = _reshape_prefix(entry[1], shape, size)
+    if len(entry[2]) >= MAX_SCRATCH_VIEWS:
+        entry[2].clear()
+    entry[2][shape] = view
+    return view
+
+
+def _reshape_prefix(flat, shape, size):
+    """The first ``size`` elements of a flat device array, as a C-order ``shape``."""
+    if SIMULATOR:
+        from numba.cuda.cudadrv.devicearray import FakeCUDAArray  # the simulator's
+
+        return FakeCUDAArray(flat._ary[:size].reshape(shape))
+    from .layout import contiguous_strides, device_view
+
+    return device_view(flat, shape, contiguous_strides(shape, flat.dtype.itemsize))
+
+
+def clear_scratch():
+    """Drop this thread's scratch buffers (the memory goes when nothing uses it)."""
+    _scratch.by_context.clear()
