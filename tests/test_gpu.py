@@ -377,24 +377,42 @@ def test_scratch_is_per_thread_and_reused_within_one():
 
 
 def test_kernel_launcher_types_each_signature_once():
+    """The launcher's bookkeeping, against a stand-in for numba's dispatcher."""
     from numbabn._gpu import launch
 
     log = []
 
     class Overload:
-        def launch(self, args, grid, block, stream, sharedmem):
-            log.append(("launch", grid, block, len(args)))
+        launch_config_sensitive = False
+
+        def launch(self, args, griddim, blockdim, stream, sharedmem):
+            log.append(("overload", griddim, blockdim, stream, len(args)))
+
+    class Config:
+        def __init__(self, dispatcher, grid, block):
+            self.dispatcher, self.griddim, self.blockdim = dispatcher, grid, block
+            self.stream, self.sharedmem = "default stream", 0
+
+        def __call__(self, *args):  # numba's path: type, compile if new, launch
+            argtypes = tuple(self.dispatcher.typeof_pyval(a) for a in args)
+            if argtypes not in self.dispatcher.overloads:
+                log.append("compile")
+                self.dispatcher.overloads[argtypes] = self.dispatcher.new_overload()
+            log.append(("dispatcher", len(args)))
 
     class Dispatcher:
         __name__ = "stub"
+        new_overload = Overload
+
+        def __init__(self):
+            self.overloads = {}
+
+        def configure(self, grid, block):
+            log.append("configure")
+            return Config(self, grid, block)
 
         def typeof_pyval(self, a):
-            log.append("typeof")
-            return type(a)
-
-        def compile(self, argtypes):
-            log.append("compile")
-            return Overload()
+            return (type(a), getattr(a, "dtype", None), getattr(a, "strides", None))
 
     kernel = launch.Kernel(Dispatcher())
     kernel._fast = True
@@ -403,24 +421,25 @@ def test_kernel_launcher_types_each_signature_once():
     assert (grid, block) == ((2, 1, 1), (8, 4, 1))
     kernel.launch(grid, block, a, 3, True, np.float64(0.5))
     kernel.launch(grid, block, np.ones((4, 3), np.float32), 5, False, np.float64(2.0))
-    assert log.count("compile") == 1 and log.count("typeof") == 4
-    kernel.launch(grid, block, a.T, 3, True, np.float64(0.5))  # other strides: retyped
+    kernel.launch(grid, block, a, 3, True, np.float64(0.5))
+    assert log == ["configure", "compile", ("dispatcher", 4),
+                   ("overload", grid, block, "default stream", 4),
+                   ("overload", grid, block, "default stream", 4)]
+    log.clear()
+    kernel.launch(grid, block, a.T, 3, True, np.float64(0.5))  # other strides: new key
     kernel.launch(grid, block, a.astype(np.float64), 3, True, np.float64(0.5))  # other dtype
-    assert log.count("compile") == 3
-    assert log.count(("launch", grid, block, 4)) == 4
+    assert log == ["compile", ("dispatcher", 4)] * 2
 
-    class Fallback(Dispatcher):
-        def compile(self, argtypes):
-            return object()  # no launch method: use the dispatcher from then on
+    class Unlaunchable(Overload):
+        launch = None
 
-        def __getitem__(self, config):
-            return lambda *args: log.append(("dispatcher", config, len(args)))
-
-    kernel = launch.Kernel(Fallback())
+    Dispatcher.new_overload = Unlaunchable  # no launch method: keep numba's path
+    kernel = launch.Kernel(Dispatcher())
     kernel._fast = True
+    log.clear()
     kernel.launch(grid, block, a)
     kernel.launch(grid, block, a)
-    assert log[-2:] == [("dispatcher", (grid, block), 1)] * 2 and not kernel._fast
+    assert log == ["configure", "compile", ("dispatcher", 1), ("dispatcher", 1)]
 
 
 @pytest.mark.skipif(SIMULATOR, reason="the simulator launches through the dispatcher")

@@ -3,14 +3,17 @@
 A call of this package runs one to three small kernels, so numba.cuda's
 per-launch host work, not the GPU, sets its cost.  Two things here cut it:
 
-* :class:`Kernel` launches a kernel through the compiled overload numba would
-  choose for the arguments.  ``kernel[grid, block](*args)`` types every
-  argument on every call (``typeof`` builds a numba type per device array) and
-  looks up a launch configuration; here the overload is found in a dict keyed by
-  what fixes numba's typing of the arguments (an array's class, dtype, shape and
-  strides; a scalar's Python type) and launched with ``overload.launch``.  The
-  first launch with a new key types the arguments once and compiles (or loads
-  from the disk cache) exactly as numba would.
+* :class:`Kernel` launches a kernel through the compiled overload numba chose
+  for the arguments.  ``kernel[grid, block](*args)`` types every argument on
+  every call (``typeof`` builds a numba type per device array) before it
+  launches; here the overload is found in a dict keyed by what fixes numba's
+  typing of the arguments (an array's class, dtype, shape and strides; a
+  scalar's Python type) and launched with ``overload.launch`` and numba's own
+  launch configuration for ``[grid, block]`` (its normalised dimensions and
+  default stream).  The first launch with a new key goes through the dispatcher
+  as usual (typing, compiling or loading from the disk cache), then the overload
+  it used is looked up.  Anything unusual (no such overload, a kernel numba marks
+  launch-configuration sensitive, pre-launch callbacks) keeps the usual path.
 * :func:`scratch` hands out device arrays for values that live within one call
   (the float64 block partials): one buffer per thread and CUDA context, grown
   as needed and reused by the next call instead of being allocated and freed
@@ -59,6 +62,9 @@ def _arg_key(a):
     return (t, a.dtype, a.shape, a.strides)
 
 
+_USE_DISPATCHER = object()  # an argument key whose launches go through the dispatcher
+
+
 class Kernel:
     """A ``numba.cuda.jit`` kernel, launched as ``kernel.launch(grid, block, *args)``
     with ``grid`` and ``block`` from :func:`dim3`, on the default stream."""
@@ -66,31 +72,38 @@ class Kernel:
     def __init__(self, dispatcher):
         self.dispatcher = dispatcher
         self.__name__ = getattr(dispatcher, "__name__", "kernel")
-        self._overloads = {}
+        self._overloads = {}  # argument key -> compiled overload, or _USE_DISPATCHER
+        self._configs = {}  # (grid, block) -> numba's launch configuration
         self._fast = not SIMULATOR
 
     def launch(self, grid, block, *args):
-        if self._fast:
-            key = tuple(map(_arg_key, args))
-            overload = self._overloads.get(key)
-            if overload is None:
-                overload = self._compile(key, args)
-            if overload is not None:
-                overload.launch(args, grid, block, 0, 0)
-                return
-        self.dispatcher[grid, block](*args)
+        if not self._fast:
+            self.dispatcher[grid, block](*args)
+            return
+        config = self._configs.get((grid, block))
+        if config is None:
+            config = self._configs[grid, block] = self.dispatcher.configure(grid, block)
+        key = tuple(map(_arg_key, args))
+        overload = self._overloads.get(key)
+        if overload is None:
+            config(*args)  # numba's usual path: types, compiles or loads, launches
+            if len(self._overloads) >= MAX_SIGNATURES:
+                self._overloads.clear()
+            self._overloads[key] = self._overload_for(args)
+        elif overload is _USE_DISPATCHER or getattr(config, "pre_launch_callbacks", None):
+            config(*args)
+        else:
+            overload.launch(args, config.griddim, config.blockdim, config.stream,
+                            config.sharedmem)
 
-    def _compile(self, key, args):
-        """The overload for these arguments' types (compiled or loaded if needed),
-        or None, for good, where this numba.cuda offers no ``launch`` on it."""
+    def _overload_for(self, args):
+        """The compiled overload numba has for these arguments' types, where it
+        can be launched directly; else ``_USE_DISPATCHER``."""
         argtypes = tuple(self.dispatcher.typeof_pyval(a) for a in args)
-        overload = self.dispatcher.compile(argtypes)
-        if not callable(getattr(overload, "launch", None)):
-            self._fast = False
-            return None
-        if len(self._overloads) >= MAX_SIGNATURES:
-            self._overloads.clear()
-        self._overloads[key] = overload
+        overload = getattr(self.dispatcher, "overloads", {}).get(argtypes)
+        if (overload is None or not callable(getattr(overload, "launch", None))
+                or getattr(overload, "launch_config_sensitive", False)):
+            return _USE_DISPATCHER
         return overload
 
     def __repr__(self):
