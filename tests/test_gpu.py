@@ -347,7 +347,14 @@ def test_reused_scratch_gives_the_results_of_a_fresh_buffer():
     assert reused == fresh + fresh[::-1]
 
 
-def test_results_of_consecutive_calls_do_not_alias():
+@pytest.mark.parametrize("slab_bytes", [1 << 20, 1024, 64], ids=["slab", "small-slab", "no-slab"])
+def test_results_of_consecutive_calls_do_not_alias(monkeypatch, slab_bytes):
+    """Results stay fresh memory: parameter tables cut from slabs (one slab for
+    every call, a new slab every few calls, or tables allocated one by one)."""
+    from numbabn._gpu import launch
+
+    monkeypatch.setattr(_config, "GPU_RESULT_SLAB_BYTES", slab_bytes)
+    launch.clear_scratch()
     x, dy, w, b = make((5, 3, 13), 1, np.float32, seed=13)
     rm, rv = dev(np.zeros(3, np.float32)), dev(np.ones(3, np.float32))
     results, snapshots = [], []

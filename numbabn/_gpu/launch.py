@@ -1,7 +1,8 @@
-"""Kernel launches and scratch memory with as little host work as possible.
+"""Kernel launches and device memory with as little host work as possible.
 
-A call of this package runs one to three small kernels, so numba.cuda's
-per-launch host work, not the GPU, sets its cost.  Two things here cut it:
+A call of this package runs one to three short kernels, so on small and
+mid-sized inputs numba.cuda's host work per launch and per allocation, not the
+GPU, sets its cost.  Three things here cut it:
 
 * :class:`Kernel` launches a kernel through the compiled overload numba chose
   for the arguments.  ``kernel[grid, block](*args)`` types every argument on
@@ -14,15 +15,21 @@ per-launch host work, not the GPU, sets its cost.  Two things here cut it:
   as usual (typing, compiling or loading from the disk cache), then the overload
   it used is looked up.  Anything unusual (no such overload, a kernel numba marks
   launch-configuration sensitive, pre-launch callbacks) keeps the usual path.
+* :func:`small_result` hands out fresh memory for the small per-feature tables a
+  call returns (``mean``, ``invstd``, ``dweight``... are rows of one), cut in
+  turn from slabs of ``GPU_RESULT_SLAB_BYTES`` instead of one device
+  allocation (and later free, which synchronises the device) per call.  A table
+  is never handed out twice: a slab is freed by numba once nothing cut from it
+  is referenced, so keeping a result keeps at most its slab allocated.
 * :func:`scratch` hands out device arrays for values that live within one call
   (the float64 block partials): one buffer per thread and CUDA context, grown
   as needed and reused by the next call instead of being allocated and freed
-  every time.  Reuse is safe because every kernel runs on the default stream,
-  in order: a call's kernels finish with the buffer before the next call's
-  first kernel starts.  A second thread gets its own buffer.
+  every time.  Reuse is safe because every kernel runs on the calling thread's
+  default stream, in order: a call's kernels finish with the buffer before the
+  next call's first kernel starts.  Another thread gets its own buffer.
 
 Under the CUDA simulator kernels are launched through the dispatcher (the
-simulator has no compiled overloads), and scratch arrays are NumPy-backed.
+simulator has no compiled overloads), and slabs and scratch are NumPy-backed.
 """
 
 from __future__ import annotations
@@ -33,6 +40,9 @@ import threading
 import numpy as np
 from numba import cuda
 from numba.core import config
+
+from .. import _config as cfg
+from .layout import contiguous_strides, device_view
 
 SIMULATOR = bool(config.ENABLE_CUDASIM)
 
@@ -111,16 +121,47 @@ class Kernel:
 
 
 # --------------------------------------------------------------------------- #
-# Scratch memory
+# Device memory: per-thread, per-context state
 # --------------------------------------------------------------------------- #
-class _Scratch(threading.local):
+class _PerContext(threading.local):
     def __init__(self):
-        # id(context) -> (context, flat float64 buffer, {shape: view}); the
-        # context is held so that its id is not reused while the entry lives.
+        # id(context) -> entry whose first item is the context, held so that its
+        # id is not reused while the entry lives.
         self.by_context = {}
 
+    def get(self):
+        ctx = None if SIMULATOR else cuda.current_context()
+        entry = self.by_context.get(id(ctx))
+        return ctx, (entry if entry is not None and entry[0] is ctx else None)
 
-_scratch = _Scratch()
+
+_scratch = _PerContext()  # entry: [context, flat float64 buffer, {shape: view}]
+_slabs = _PerContext()  # entry: [context, uint8 slab, bytes handed out]
+
+_ALIGN = 256  # bytes; what cudaMalloc guarantees
+
+
+def small_result(shape, dtype):
+    """A fresh C-contiguous device array for a small result returned to the
+    caller, cut from this thread's current slab (or allocated on its own when
+    larger than a quarter of a slab)."""
+    shape = tuple(shape)
+    dtype = np.dtype(dtype)
+    nbytes = math.prod(shape) * dtype.itemsize
+    slab_bytes = cfg.GPU_RESULT_SLAB_BYTES
+    if nbytes > slab_bytes // 4:
+        return cuda.device_array(shape, dtype)
+    ctx, entry = _slabs.get()
+    if entry is None or entry[2] + nbytes > slab_bytes:
+        entry = [ctx, cuda.device_array(slab_bytes, np.uint8), 0]
+        _slabs.by_context[id(ctx)] = entry
+    slab, offset = entry[1], entry[2]
+    entry[2] = offset + -(-nbytes // _ALIGN) * _ALIGN
+    if SIMULATOR:
+        from numba.cuda.cudadrv.devicearray import FakeCUDAArray  # the simulator's
+
+        return FakeCUDAArray(slab._ary[offset:offset + nbytes].view(dtype).reshape(shape))
+    return device_view(slab, shape, contiguous_strides(shape, dtype.itemsize), offset, dtype)
 
 
 def scratch(shape):
@@ -128,10 +169,7 @@ def scratch(shape):
     undefined and which the next call on this thread may overwrite: for values
     produced and consumed within one call, never for anything returned."""
     shape = tuple(shape)
-    ctx = None if SIMULATOR else cuda.current_context()
-    entry = _scratch.by_context.get(id(ctx))
-    if entry is not None and entry[0] is not ctx:
-        entry = None
+    ctx, entry = _scratch.get()
     if entry is not None:
         view = entry[2].get(shape)
         if view is not None:
@@ -140,7 +178,7 @@ def scratch(shape):
     if entry is None or entry[1].size < size:
         # Grow to the largest request so far (rounded up to 4 KiB).
         capacity = max(size, 0 if entry is None else entry[1].size)
-        entry = (ctx, cuda.device_array(-(-capacity // 512) * 512, np.float64), {})
+        entry = [ctx, cuda.device_array(-(-capacity // 512) * 512, np.float64), {}]
         _scratch.by_context[id(ctx)] = entry
     view = _reshape_prefix(entry[1], shape, size)
     if len(entry[2]) >= MAX_SCRATCH_VIEWS:
@@ -155,11 +193,11 @@ def _reshape_prefix(flat, shape, size):
         from numba.cuda.cudadrv.devicearray import FakeCUDAArray  # the simulator's
 
         return FakeCUDAArray(flat._ary[:size].reshape(shape))
-    from .layout import contiguous_strides, device_view
-
     return device_view(flat, shape, contiguous_strides(shape, flat.dtype.itemsize))
 
 
 def clear_scratch():
-    """Drop this thread's scratch buffers (the memory goes when nothing uses it)."""
+    """Drop this thread's scratch buffers and result slabs (their memory goes
+    when nothing uses it)."""
     _scratch.by_context.clear()
+    _slabs.by_context.clear()

@@ -17,6 +17,7 @@ code builds the views through NumPy's array interface.
 
 from __future__ import annotations
 
+import ctypes
 import math
 from functools import lru_cache
 
@@ -30,6 +31,7 @@ from . import kernels as k
 SIMULATOR = bool(config.ENABLE_CUDASIM)
 if not SIMULATOR:
     from numba.cuda.cudadrv.devicearray import DeviceNDArray
+    from numba.cuda.cudadrv.driver import MemoryPointer
 
 
 class _Interface:
@@ -81,13 +83,36 @@ def strided_view(a, shape, strides):
     return from_interface(desc, owner=a)
 
 
-def device_view(a, shape, strides, offset=0):
-    """A ``DeviceNDArray`` over ``a``'s device memory from byte ``offset`` on
-    (not under the simulator).  It holds ``a``'s memory object, and with it
-    whatever keeps that memory alive."""
-    gpu_data = a.gpu_data if offset == 0 else a.gpu_data.view(offset)
-    return DeviceNDArray(tuple(shape), tuple(strides), a.dtype, stream=a.stream,
-                         gpu_data=gpu_data)
+def device_view(a, shape, strides, offset=0, dtype=None):
+    """A ``DeviceNDArray`` (of ``a``'s dtype, or ``dtype``) over ``a``'s device
+    memory from byte ``offset`` on (not under the simulator).  It holds ``a``'s
+    memory object, and with it whatever keeps that memory alive."""
+    gpu_data = a.gpu_data
+    if offset:
+        gpu_data = sub_memory(gpu_data, offset, gpu_data.size - offset)
+    return DeviceNDArray(tuple(shape), tuple(strides), a.dtype if dtype is None else dtype,
+                         stream=a.stream, gpu_data=gpu_data)
+
+
+class _Holder:
+    """The owner of a sub-range of device memory: holds the memory object it was
+    cut from, so that memory stays allocated while the sub-range is in use."""
+
+    __slots__ = ("memory",)
+
+    def __init__(self, memory):
+        self.memory = memory
+
+
+def sub_memory(memory, offset, size):
+    """A numba memory pointer to ``size`` bytes of ``memory`` from ``offset`` on.
+
+    Made like numba's pointers to foreign (CUDA-array-interface) memory: a plain
+    pointer whose owner keeps the parent alive.  Cheaper than ``memory.view``,
+    which registers a reference-counting finalizer per view.
+    """
+    pointer = ctypes.c_void_p(memory.device_pointer_value + offset)
+    return MemoryPointer(memory.context, pointer, size, owner=_Holder(memory))
 
 
 def row(a, i):

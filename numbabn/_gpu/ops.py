@@ -9,9 +9,10 @@ dtype (rows of the kernels' parameter table, see :mod:`numbabn._gpu.kernels`).
 Launches per call: fwd-train 3 (partials, merge, normalise), eval 1, backward 3,
 running-stat update 1.  Host work per call is kept small (it, not the GPU, sets
 the cost of a call on small and mid-sized inputs): each operation looks up the
-CUDA context once, launches compiled overloads directly and takes its float64
-partials from a reused scratch buffer (see :mod:`numbabn._gpu.launch`); launch
-shapes are computed once per input shape.
+CUDA context once, launches compiled overloads directly, takes its float64
+partials from a reused scratch buffer and its parameter table from a slab (see
+:mod:`numbabn._gpu.launch`); launch shapes are computed once per input shape.
+The one device allocation left per call is the output ``y`` or ``dx``.
 """
 
 from functools import lru_cache
@@ -21,7 +22,7 @@ from numba import cuda
 
 from .. import _config as cfg
 from . import kernels as k
-from .launch import Kernel, dim3, scratch
+from .launch import Kernel, dim3, scratch, small_result
 from .layout import row
 
 
@@ -115,7 +116,8 @@ _UPDATE_RUNNING_STATS = Kernel(k.update_running_stats)
 
 
 def _new_params(nfeat, dtype):
-    return cuda.device_array((k.NPARAMS, nfeat), dtype=dtype)
+    """A fresh parameter table: its rows are returned to the caller."""
+    return small_result((k.NPARAMS, nfeat), dtype)
 
 
 def _optional(v, fallback):
