@@ -107,3 +107,11 @@ GPU_UNROLL = 4
 # Channel-contiguous data: at most this many adjacent features per block, so a
 # warp reads one contiguous 128-byte row segment of float32 features.
 GPU_FEATURE_TILE = 32
+
+# The per-feature tables a call returns rows of (mean, invstd, var; dweight,
+# dbias) are cut from slabs of this many bytes instead of being allocated one by
+# one (a device allocation, and the free that follows, cost tens of
+# microseconds).  Nothing is reused: a slab is freed once no result cut from it
+# is referenced, so a result kept alive keeps at most one slab allocated.
+# Tables larger than a quarter of a slab are allocated on their own.
+GPU_RESULT_SLAB_BYTES = 1 << 20

@@ -2,7 +2,7 @@
 
 Usage (on a machine with an NVIDIA GPU; not under NUMBA_ENABLE_CUDASIM)::
 
-    python scripts/gpu_bench.py [--reps 50] [--warmup 10] [--channels-last]
+    python scripts/gpu_bench.py [--reps 50] [--warmup 10] [--channels-last] [--host-calls 200]
 
 For each float32 shape it validates numbabn against PyTorch, then times
 fwd-train (``batch_norm_train``), eval (``batch_norm`` with running stats) and
@@ -16,6 +16,11 @@ dx (3 B); the copy reads and writes B (2 B).  Per-feature vectors are ignored.
 PyTorch is timed with cuDNN on and off; its backward runs through autograd on a
 graph holding only the batch norm (``torch.autograd.grad``).  numbabn is given
 numba device arrays made once, outside the timed region.
+
+A second table gives the host time per call: ``--host-calls`` calls issued back
+to back, then one synchronisation, wall-clock time divided by the number of
+calls.  Where the GPU finishes a call faster than the host issues the next, this
+is the host work (argument checks, allocations, launches) per call.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
 import numpy as np
 
@@ -73,6 +79,17 @@ def median_ms(cuda, fn, reps, warmup):
     return float(np.median(times))
 
 
+def host_us(cuda, fn, calls, warmup):
+    for _ in range(warmup):
+        fn()
+    cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    cuda.synchronize()
+    return (time.perf_counter() - start) / calls * 1e6
+
+
 def rel_err(got, ref):
     got = np.asarray(got, np.float64)
     ref = np.asarray(ref, np.float64)
@@ -110,9 +127,9 @@ def bench_shape(shape, cuda, torch, numbabn, args):
     copy_dst = cuda.device_array_like(d["x"])
 
     row = {"shape": shape, "bytes": nbytes}
-    row["numbabn"] = {op: median_ms(cuda, fn, args.reps, args.warmup)
-                      for op, fn in [("fwd-train", train), ("eval", evaluate),
-                                     ("backward", backward)]}
+    ops = [("fwd-train", train), ("eval", evaluate), ("backward", backward)]
+    row["numbabn"] = {op: median_ms(cuda, fn, args.reps, args.warmup) for op, fn in ops}
+    row["host"] = {op: host_us(cuda, fn, args.host_calls, args.warmup) for op, fn in ops}
     row["copy"] = median_ms(cuda, lambda: copy_dst.copy_to_device(d["x"]), args.reps, args.warmup)
 
     if torch is not None:
@@ -163,10 +180,11 @@ def bench_torch(torch, cuda, x, dy, w, b, rm, rv, axis, args, numbabn_results):
             run_train = lambda: F.batch_norm(tx, None, None, tw, tb, training=True, eps=EPS)  # noqa: E731
             run_eval = lambda: F.batch_norm(tx, trm, trv, tw, tb, training=False, eps=EPS)  # noqa: E731
             run_backward = lambda: torch.autograd.grad(ty, (xg, wg, bg), tdy, retain_graph=True)  # noqa: E731
-            results["cudnn" if cudnn else "native"] = {
-                op: median_ms(cuda, fn, args.reps, args.warmup)
-                for op, fn in [("fwd-train", run_train), ("eval", run_eval),
-                               ("backward", run_backward)]}
+            ops = [("fwd-train", run_train), ("eval", run_eval), ("backward", run_backward)]
+            name = "cudnn" if cudnn else "native"
+            results[name] = {op: median_ms(cuda, fn, args.reps, args.warmup) for op, fn in ops}
+            results[name + " host"] = {op: host_us(cuda, fn, args.host_calls, args.warmup)
+                                       for op, fn in ops}
     return results
 
 
@@ -205,10 +223,29 @@ def print_table(rows, device_name, have_torch):
             print(line)
 
 
+def print_host_table(rows, have_torch, calls):
+    print(f"\nHost time per call, microseconds ({calls} calls back to back, then one "
+          f"synchronisation)\n")
+    head = f"{'shape':>18} {'op':>9} | {'numbabn':>8}"
+    if have_torch:
+        head += f" | {'torch cuDNN':>11} | {'torch native':>12}"
+    print(head)
+    print("-" * len(head))
+    for row in rows:
+        for op in TRAFFIC:
+            line = f"{str(row['shape']):>18} {op:>9} | {row['host'][op]:8.0f}"
+            if have_torch:
+                t = row["torch"]
+                line += f" | {t['cudnn host'][op]:11.0f} | {t['native host'][op]:12.0f}"
+            print(line)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--reps", type=int, default=50)
     parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--host-calls", type=int, default=200,
+                        help="calls per host-time measurement")
     parser.add_argument("--channels-last", action="store_true",
                         help="4-D shapes in NHWC memory (numbabn axis=-1, torch channels_last)")
     args = parser.parse_args(argv)
@@ -219,6 +256,7 @@ def main(argv=None):
     rows = [bench_shape(shape, cuda, torch, numbabn, args) for shape in SHAPES]
     name = cuda.get_current_device().name
     print_table(rows, name.decode() if isinstance(name, bytes) else name, torch is not None)
+    print_host_table(rows, torch is not None, args.host_calls)
 
 
 if __name__ == "__main__":

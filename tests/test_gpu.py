@@ -11,6 +11,7 @@ several feature tiles.  One test runs the shipped configuration.
 import os
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -296,6 +297,170 @@ def test_bitwise_deterministic(shape, axis):
 
     for a, b_ in zip(run(), run()):
         assert a.tobytes() == b_.tobytes()
+
+
+@pytest.mark.parametrize("shape, axis", [CASES[0], CASES[1], CASES[2]])
+def test_eval_kernel_derives_the_training_parameters(shape, axis):
+    """float64: eval mode with the batch mean and var gives the training output
+    bit for bit (the one-launch eval kernel computes what the merge stores)."""
+    x, _, w, b = make(shape, axis, np.float64, seed=14)
+    y, _, _ = numbabn.batch_norm_train(dev(x), dev(w), dev(b), eps=1e-3, axis=axis)
+    mean, var = numbabn.batch_stats(dev(x), axis=axis)
+    y_eval = numbabn.normalize(dev(x), mean, var, dev(w), dev(b), eps=1e-3, axis=axis)
+    assert to_host(y_eval).tobytes() == to_host(y).tobytes()
+    y_eval = numbabn.normalize(dev(x), mean, var, eps=1e-3, axis=axis)
+    y_plain, _, _ = numbabn.batch_norm_train(dev(x), eps=1e-3, axis=axis)
+    assert to_host(y_eval).tobytes() == to_host(y_plain).tobytes()
+
+
+# --------------------------------------------------------------------------- #
+# Host-side caches: reused scratch memory, fresh results, compiled overloads
+# --------------------------------------------------------------------------- #
+def pointer(a):
+    """Device address of the first element."""
+    if SIMULATOR:
+        return a._ary.__array_interface__["data"][0]
+    return a.__cuda_array_interface__["data"][0]
+
+
+def test_reused_scratch_gives_the_results_of_a_fresh_buffer():
+    from numbabn._gpu import launch
+
+    cases = [((5, 3, 13), 1, np.float32), ((21, 5), 1, np.float64),
+             ((2, 4, 3, 3), -1, np.float32), ((3, 2, 4, 5), 1, np.float64)]
+
+    def run(shape, axis, dtype):
+        x, dy, w, b = make(shape, axis, dtype, seed=12)
+        y, mean, invstd = numbabn.batch_norm_train(dev(x), dev(w), dev(b), axis=axis)
+        grads = numbabn.batch_norm_backward(dev(dy), dev(x), mean, invstd, dev(w), axis=axis)
+        stats = numbabn.batch_stats(dev(x), axis=axis)
+        return [to_host(a).tobytes() for a in (y, mean, invstd, *grads, *stats)]
+
+    fresh = []
+    for case in cases:
+        launch.clear_scratch()
+        fresh.append(run(*case))
+    launch.clear_scratch()
+    # One buffer, grown and shrunk into, across shapes, dtypes and layouts.
+    reused = [run(*case) for case in cases + cases[::-1]]
+    assert len(launch._scratch.by_context) == 1
+    assert reused == fresh + fresh[::-1]
+
+
+@pytest.mark.parametrize("slab_bytes", [1 << 20, 1024, 64], ids=["slab", "small-slab", "no-slab"])
+def test_results_of_consecutive_calls_do_not_alias(monkeypatch, slab_bytes):
+    """Results stay fresh memory: parameter tables cut from slabs (one slab for
+    every call, a new slab every few calls, or tables allocated one by one)."""
+    from numbabn._gpu import launch
+
+    monkeypatch.setattr(_config, "GPU_RESULT_SLAB_BYTES", slab_bytes)
+    launch.clear_scratch()
+    x, dy, w, b = make((5, 3, 13), 1, np.float32, seed=13)
+    rm, rv = dev(np.zeros(3, np.float32)), dev(np.ones(3, np.float32))
+    results, snapshots = [], []
+    for shift in (0.0, 1.5):
+        xs = x + np.float32(shift)
+        y, mean, invstd = numbabn.batch_norm_train(dev(xs), dev(w), dev(b))
+        grads = numbabn.batch_norm_backward(dev(dy), dev(xs), mean, invstd, dev(w))
+        stats = numbabn.batch_stats(dev(xs))
+        y_eval = numbabn.batch_norm(dev(xs), rm, rv, dev(w), dev(b))
+        new = [y, mean, invstd, *grads, *stats, y_eval]
+        results += new
+        snapshots += [to_host(a).tobytes() for a in new]
+    assert [to_host(a).tobytes() for a in results] == snapshots  # nothing overwritten
+    assert len({pointer(a) for a in results}) == len(results)
+
+
+def test_scratch_is_per_thread_and_reused_within_one():
+    from numbabn._gpu import launch
+
+    mine = launch.scratch((2, 3))
+    assert launch.scratch((2, 3)) is mine
+    other = []
+    worker = threading.Thread(target=lambda: other.append(launch.scratch((2, 3))))
+    worker.start()
+    worker.join()
+    assert pointer(other[0]) != pointer(mine)
+
+
+def test_kernel_launcher_types_each_signature_once():
+    """The launcher's bookkeeping, against a stand-in for numba's dispatcher."""
+    from numbabn._gpu import launch
+
+    log = []
+
+    class Overload:
+        launch_config_sensitive = False
+
+        def launch(self, args, griddim, blockdim, stream, sharedmem):
+            log.append(("overload", griddim, blockdim, stream, len(args)))
+
+    class Config:
+        def __init__(self, dispatcher, grid, block):
+            self.dispatcher, self.griddim, self.blockdim = dispatcher, grid, block
+            self.stream, self.sharedmem = "default stream", 0
+
+        def __call__(self, *args):  # numba's path: type, compile if new, launch
+            argtypes = tuple(self.dispatcher.typeof_pyval(a) for a in args)
+            if argtypes not in self.dispatcher.overloads:
+                log.append("compile")
+                self.dispatcher.overloads[argtypes] = self.dispatcher.new_overload()
+            log.append(("dispatcher", len(args)))
+
+    class Dispatcher:
+        __name__ = "stub"
+        new_overload = Overload
+
+        def __init__(self):
+            self.overloads = {}
+
+        def configure(self, grid, block):
+            log.append("configure")
+            return Config(self, grid, block)
+
+        def typeof_pyval(self, a):
+            return (type(a), getattr(a, "dtype", None), getattr(a, "strides", None))
+
+    kernel = launch.Kernel(Dispatcher())
+    kernel._fast = True
+    a = np.zeros((4, 3), np.float32)
+    grid, block = launch.dim3(2), launch.dim3((8, 4))
+    assert (grid, block) == ((2, 1, 1), (8, 4, 1))
+    kernel.launch(grid, block, a, 3, True, np.float64(0.5))
+    kernel.launch(grid, block, np.ones((4, 3), np.float32), 5, False, np.float64(2.0))
+    kernel.launch(grid, block, a, 3, True, np.float64(0.5))
+    assert log == ["configure", "compile", ("dispatcher", 4),
+                   ("overload", grid, block, "default stream", 4),
+                   ("overload", grid, block, "default stream", 4)]
+    log.clear()
+    kernel.launch(grid, block, a.T, 3, True, np.float64(0.5))  # other strides: new key
+    kernel.launch(grid, block, a.astype(np.float64), 3, True, np.float64(0.5))  # other dtype
+    assert log == ["compile", ("dispatcher", 4)] * 2
+
+    class Unlaunchable(Overload):
+        launch = None
+
+    Dispatcher.new_overload = Unlaunchable  # no launch method: keep numba's path
+    kernel = launch.Kernel(Dispatcher())
+    kernel._fast = True
+    log.clear()
+    kernel.launch(grid, block, a)
+    kernel.launch(grid, block, a)
+    assert log == ["configure", "compile", ("dispatcher", 1), ("dispatcher", 1)]
+
+
+@pytest.mark.skipif(SIMULATOR, reason="the simulator launches through the dispatcher")
+def test_launches_use_compiled_overloads_on_a_gpu():
+    from numbabn._gpu import ops
+
+    x = make((5, 3, 13), 1, np.float32, seed=15)[0]
+    rm, rv = dev(np.zeros(3, np.float32)), dev(np.ones(3, np.float32))
+    numbabn.batch_norm(dev(x), rm, rv)
+    kernel = ops._NORMALIZE[0]
+    assert kernel._fast and kernel._overloads
+    known = len(kernel._overloads)
+    numbabn.batch_norm(dev(x), rm, rv)
+    assert len(kernel._overloads) == known
 
 
 def test_shipped_configuration(monkeypatch):

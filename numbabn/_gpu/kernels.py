@@ -258,20 +258,18 @@ def merge_partials(partials, chunk, total, weight, bias, has_weight, has_bias, e
                               has_bias, eps, params)
 
 
-@cuda.jit(**GPU_JIT)
-def affine_params(mean, var, weight, bias, has_weight, has_bias, eps, params):
-    """Eval mode: the forward rows of ``params`` from given mean and var."""
-    c = cuda.grid(1)
-    if c < mean.shape[0]:
-        _store_forward_params(c, np.float64(mean[c]), np.float64(var[c]), weight, bias,
-                              has_weight, has_bias, eps, params)
+@cuda.jit(device=True, **GPU_JIT)
+def _forward_scale(c, var, weight, has_weight, eps):
+    """``invstd`` and the scale of ``x - mean`` for feature c, in float64 (as the CPU)."""
+    invstd = 1.0 / math.sqrt(var + eps)
+    scale = invstd * np.float64(weight[c]) if has_weight else invstd
+    return invstd, scale
 
 
 @cuda.jit(device=True, **GPU_JIT)
 def _store_forward_params(c, mean, var, weight, bias, has_weight, has_bias, eps, params):
-    """Per-feature float64 maths (as the CPU path), stored in the input dtype."""
-    invstd = 1.0 / math.sqrt(var + eps)
-    scale = invstd * np.float64(weight[c]) if has_weight else invstd
+    """Per-feature float64 maths, stored in the input dtype."""
+    invstd, scale = _forward_scale(c, var, weight, has_weight, eps)
     offset = np.float64(bias[c]) if has_bias else 0.0
     params[SHIFT_HI, c] = mean
     params[SHIFT_LO, c] = mean - np.float64(params[SHIFT_HI, c])
@@ -282,20 +280,30 @@ def _store_forward_params(c, mean, var, weight, bias, has_weight, has_bias, eps,
     params[VAR, c] = var
 
 
+@cuda.jit(device=True, **GPU_JIT)
+def _eval_params(c, mean, var, weight, bias, has_weight, has_bias, eps, out):
+    """Eval mode: ``out[:4]`` (a local array of the input dtype) = the forward
+    rows SHIFT_HI, SHIFT_LO, XC_SCALE, OFFSET of feature ``c`` from the given mean
+    and var: the values ``_store_forward_params`` would store, without a table."""
+    m = np.float64(mean[c])
+    _, scale = _forward_scale(c, np.float64(var[c]), weight, has_weight, eps)
+    out[0] = m
+    out[1] = m - np.float64(out[0])
+    out[2] = scale
+    out[3] = np.float64(bias[c]) if has_bias else 0.0
+
+
 # --------------------------------------------------------------------------- #
 # Elementwise affine transform, in the input dtype:
-#   y = ((x - SHIFT_HI) - SHIFT_LO) * XC_SCALE + OFFSET         (affine_*)
+#   y = ((x - SHIFT_HI) - SHIFT_LO) * XC_SCALE + OFFSET         (affine_*, normalize_*)
 #   dx = dy * DY_SCALE + ((x - SHIFT_HI) - SHIFT_LO) * XC_SCALE + OFFSET (affine2_*)
+# The ``_*_block`` device functions do one block's share; the kernels differ in
+# where the per-feature values come from (the parameter table, or mean and var).
 # --------------------------------------------------------------------------- #
-@cuda.jit(**GPU_JIT)
-def affine_nchw(x, params, items, y):
-    outer, nfeat, inner = x.shape
-    c, _, start, stop = _nchw_block(cuda.gridDim.x // nfeat, inner, outer * inner, items)
+@cuda.jit(device=True, **GPU_JIT)
+def _affine_block_nchw(x, c, start, stop, items, hi, lo, scale, offset, y):
+    inner = x.shape[2]
     nthreads = cuda.blockDim.x
-    hi = params[SHIFT_HI, c]
-    lo = params[SHIFT_LO, c]
-    scale = params[XC_SCALE, c]
-    offset = params[OFFSET, c]
     r0 = start // inner
     j0 = start - r0 * inner
     i = start + cuda.threadIdx.x
@@ -317,15 +325,10 @@ def affine_nchw(x, params, items, y):
         i += GPU_UNROLL * nthreads
 
 
-@cuda.jit(**GPU_JIT)
-def affine_nc(x, params, rows_per_block, y):
-    nrows, nfeat, _ = x.shape
-    c, cl, _, r0, r1 = _nc_block(nfeat, nrows, rows_per_block)
+@cuda.jit(device=True, **GPU_JIT)
+def _affine_block_nc(x, c, cl, r0, r1, rows_per_block, hi, lo, scale, offset, y):
+    nfeat = x.shape[1]
     nty = cuda.blockDim.y
-    hi = params[SHIFT_HI, cl]
-    lo = params[SHIFT_LO, cl]
-    scale = params[XC_SCALE, cl]
-    offset = params[OFFSET, cl]
     vals = cuda.local.array(GPU_UNROLL, x.dtype)
     for r in range(r0 + cuda.threadIdx.y, r0 + rows_per_block, GPU_UNROLL * nty):
         for u in range(GPU_UNROLL):
@@ -335,6 +338,41 @@ def affine_nc(x, params, rows_per_block, y):
             ru = r + u * nty
             if ru < r1 and c < nfeat:
                 y[ru, c, 0] = ((vals[u] - hi) - lo) * scale + offset
+
+
+@cuda.jit(**GPU_JIT)
+def affine_nchw(x, params, items, y):
+    outer, nfeat, inner = x.shape
+    c, _, start, stop = _nchw_block(cuda.gridDim.x // nfeat, inner, outer * inner, items)
+    _affine_block_nchw(x, c, start, stop, items, params[SHIFT_HI, c], params[SHIFT_LO, c],
+                       params[XC_SCALE, c], params[OFFSET, c], y)
+
+
+@cuda.jit(**GPU_JIT)
+def affine_nc(x, params, rows_per_block, y):
+    nrows, nfeat, _ = x.shape
+    c, cl, _, r0, r1 = _nc_block(nfeat, nrows, rows_per_block)
+    _affine_block_nc(x, c, cl, r0, r1, rows_per_block, params[SHIFT_HI, cl],
+                     params[SHIFT_LO, cl], params[XC_SCALE, cl], params[OFFSET, cl], y)
+
+
+@cuda.jit(**GPU_JIT)
+def normalize_nchw(x, mean, var, weight, bias, has_weight, has_bias, eps, items, y):
+    """Eval mode in one launch: each thread derives its feature's parameters."""
+    outer, nfeat, inner = x.shape
+    c, _, start, stop = _nchw_block(cuda.gridDim.x // nfeat, inner, outer * inner, items)
+    p = cuda.local.array(4, x.dtype)
+    _eval_params(c, mean, var, weight, bias, has_weight, has_bias, eps, p)
+    _affine_block_nchw(x, c, start, stop, items, p[0], p[1], p[2], p[3], y)
+
+
+@cuda.jit(**GPU_JIT)
+def normalize_nc(x, mean, var, weight, bias, has_weight, has_bias, eps, rows_per_block, y):
+    nrows, nfeat, _ = x.shape
+    c, cl, _, r0, r1 = _nc_block(nfeat, nrows, rows_per_block)
+    p = cuda.local.array(4, x.dtype)
+    _eval_params(cl, mean, var, weight, bias, has_weight, has_bias, eps, p)
+    _affine_block_nc(x, c, cl, r0, r1, rows_per_block, p[0], p[1], p[2], p[3], y)
 
 
 @cuda.jit(**GPU_JIT)

@@ -1,10 +1,14 @@
 """Device-array twin of :mod:`numbabn._layout`: ``(outer, C, inner)`` views of
-numba device arrays, built from the CUDA array interface, without host copies.
+numba device arrays, without host copies.
 
 numba's ``DeviceNDArray`` cannot transpose beyond 2-D, so views are made by
-hand: a new array over the same memory with permuted and merged strides.  When
-the strides cannot be merged (stepped slices, say) the input is copied once, on
-the device, by :func:`numbabn._gpu.kernels.copy_strided`.
+hand: a new array over the same memory with permuted and merged strides
+(:func:`device_view`, which shares the parent's device memory object, so it
+costs no CUDA driver call).  When the strides cannot be merged (stepped slices,
+say) the input is copied once, on the device, by
+:func:`numbabn._gpu.kernels.copy_strided`.  Objects that only expose the CUDA
+array interface (CuPy arrays, PyTorch tensors) are wrapped once per call by
+:func:`as_device_array`.
 
 Under the CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``) device arrays are NumPy
 arrays in host memory, and an interface's pointer is a host pointer; the same
@@ -12,6 +16,10 @@ code builds the views through NumPy's array interface.
 """
 
 from __future__ import annotations
+
+import ctypes
+import math
+from functools import lru_cache
 
 import numpy as np
 from numba import cuda
@@ -21,6 +29,9 @@ from .. import _config as cfg
 from . import kernels as k
 
 SIMULATOR = bool(config.ENABLE_CUDASIM)
+if not SIMULATOR:
+    from numba.cuda.cudadrv.devicearray import DeviceNDArray
+    from numba.cuda.cudadrv.driver import MemoryPointer
 
 
 class _Interface:
@@ -38,7 +49,8 @@ def interface(a) -> dict:
     else:
         desc = dict(a.__cuda_array_interface__)
     if desc.get("strides") is None:
-        desc["strides"] = _contiguous_strides(desc["shape"], np.dtype(desc["typestr"]).itemsize)
+        itemsize = np.dtype(desc["typestr"]).itemsize
+        desc["strides"] = contiguous_strides(tuple(desc["shape"]), itemsize)
     return desc
 
 
@@ -61,14 +73,57 @@ def as_device_array(a):
 
 
 def strided_view(a, shape, strides):
-    """A view of device array ``a`` with the given shape and byte strides."""
+    """A view of device array ``a`` (same first element) with the given shape
+    and byte strides."""
+    if not SIMULATOR:
+        return device_view(a, shape, strides)
     desc = interface(a)
     desc["shape"] = tuple(int(n) for n in shape)
     desc["strides"] = tuple(int(s) for s in strides)
     return from_interface(desc, owner=a)
 
 
-def _contiguous_strides(shape, itemsize):
+def device_view(a, shape, strides, offset=0, dtype=None):
+    """A ``DeviceNDArray`` (of ``a``'s dtype, or ``dtype``) over ``a``'s device
+    memory from byte ``offset`` on (not under the simulator).  It holds ``a``'s
+    memory object, and with it whatever keeps that memory alive."""
+    gpu_data = a.gpu_data
+    if offset:
+        gpu_data = sub_memory(gpu_data, offset, gpu_data.size - offset)
+    return DeviceNDArray(tuple(shape), tuple(strides), a.dtype if dtype is None else dtype,
+                         stream=a.stream, gpu_data=gpu_data)
+
+
+class _Holder:
+    """The owner of a sub-range of device memory: holds the memory object it was
+    cut from, so that memory stays allocated while the sub-range is in use."""
+
+    __slots__ = ("memory",)
+
+    def __init__(self, memory):
+        self.memory = memory
+
+
+def sub_memory(memory, offset, size):
+    """A numba memory pointer to ``size`` bytes of ``memory`` from ``offset`` on.
+
+    Made like numba's pointers to foreign (CUDA-array-interface) memory: a plain
+    pointer whose owner keeps the parent alive.  Cheaper than ``memory.view``,
+    which registers a reference-counting finalizer per view.
+    """
+    pointer = ctypes.c_void_p(memory.device_pointer_value + offset)
+    return MemoryPointer(memory.context, pointer, size, owner=_Holder(memory))
+
+
+def row(a, i):
+    """Row ``i`` of a 2-D device array, as a 1-D view."""
+    if SIMULATOR:
+        return a[i]
+    return device_view(a, a.shape[1:], a.strides[1:], offset=i * a.strides[0])
+
+
+@lru_cache(maxsize=1024)
+def contiguous_strides(shape, itemsize):
     strides = []
     step = itemsize
     for n in reversed(tuple(shape)):
@@ -77,16 +132,32 @@ def _contiguous_strides(shape, itemsize):
     return tuple(reversed(strides))
 
 
+
+
 def _merge(shape, strides):
     """Collapse axes into one ``(size, stride)`` if they form one strided run, else None."""
     axes = [(n, s) for n, s in zip(shape, strides) if n != 1]
-    size = int(np.prod([n for n, _ in axes], dtype=np.int64))
     if not axes:
         return 1, 0
     for (n0, s0), (n1, s1) in zip(axes, axes[1:]):
         if s0 != s1 * n1:
             return None
-    return size, axes[-1][1]
+    return math.prod(n for n, _ in axes), axes[-1][1]
+
+
+@lru_cache(maxsize=1024)
+def _view_3d(layout, strides):
+    """``(shape3, strides3)`` of the ``(outer, C, inner)`` view of an array with
+    this layout and these byte strides, or None where the axes do not merge."""
+    perm = layout.perm
+    shape = [layout.shape[a] for a in perm]
+    strides = [strides[a] for a in perm]
+    nouter = perm.index(layout.axis)
+    outer = _merge(shape[:nouter], strides[:nouter])
+    inner = _merge(shape[nouter + 1:], strides[nouter + 1:])
+    if outer is None or inner is None:
+        return None
+    return (outer[0], shape[nouter], inner[0]), (outer[1], strides[nouter], inner[1])
 
 
 def as_3d(x, layout, copy_ok: bool = True):
@@ -94,31 +165,34 @@ def as_3d(x, layout, copy_ok: bool = True):
 
     With ``copy_ok=False`` returns ``None`` instead of copying.
     """
-    perm = layout.perm
-    x_strides = interface(x)["strides"]
-    shape = [x.shape[a] for a in perm]
-    strides = [x_strides[a] for a in perm]
-    nouter = perm.index(layout.axis)
-    outer = _merge(shape[:nouter], strides[:nouter])
-    inner = _merge(shape[nouter + 1:], strides[nouter + 1:])
-    if outer is not None and inner is not None:
-        shape3 = (outer[0], shape[nouter], inner[0])
-        return strided_view(x, shape3, (outer[1], strides[nouter], inner[1]))
+    view = _view_3d(layout, tuple(x.strides))
+    if view is not None:
+        return strided_view(x, *view)
     if not copy_ok:
         return None
+    perm = layout.perm
+    shape = [x.shape[a] for a in perm]
+    strides = [x.strides[a] for a in perm]
     device_copy = cuda.device_array(tuple(shape), dtype=x.dtype)
     copy_into(device_copy, strided_view(x, shape, strides))
     return device_copy.reshape(layout.shape3)
 
 
-def from_3d(y3, layout):
-    """Inverse of :func:`as_3d` for an array allocated in the collapsed order."""
+@lru_cache(maxsize=1024)
+def _caller_strides(layout, itemsize):
+    """Byte strides, in the caller's axis order, of an array allocated in the
+    collapsed (permuted, C-contiguous) order."""
     permuted_shape = tuple(layout.shape[a] for a in layout.perm)
-    permuted_strides = _contiguous_strides(permuted_shape, y3.dtype.itemsize)
+    permuted_strides = contiguous_strides(permuted_shape, itemsize)
     strides = [0] * len(permuted_shape)
     for i, a in enumerate(layout.perm):
         strides[a] = permuted_strides[i]
-    return strided_view(y3, layout.shape, strides)
+    return tuple(strides)
+
+
+def from_3d(y3, layout):
+    """Inverse of :func:`as_3d` for an array allocated in the collapsed order."""
+    return strided_view(y3, layout.shape, _caller_strides(layout, y3.dtype.itemsize))
 
 
 def empty_like_3d(layout, dtype):

@@ -1,0 +1,203 @@
+"""Kernel launches and device memory with as little host work as possible.
+
+A call of this package runs one to three short kernels, so on small and
+mid-sized inputs numba.cuda's host work per launch and per allocation, not the
+GPU, sets its cost.  Three things here cut it:
+
+* :class:`Kernel` launches a kernel through the compiled overload numba chose
+  for the arguments.  ``kernel[grid, block](*args)`` types every argument on
+  every call (``typeof`` builds a numba type per device array) before it
+  launches; here the overload is found in a dict keyed by what fixes numba's
+  typing of the arguments (an array's class, dtype, shape and strides; a
+  scalar's Python type) and launched with ``overload.launch`` and numba's own
+  launch configuration for ``[grid, block]`` (its normalised dimensions and
+  default stream).  The first launch with a new key goes through the dispatcher
+  as usual (typing, compiling or loading from the disk cache), then the overload
+  it used is looked up.  Anything unusual (no such overload, a kernel numba marks
+  launch-configuration sensitive, pre-launch callbacks) keeps the usual path.
+* :func:`small_result` hands out fresh memory for the small per-feature tables a
+  call returns (``mean``, ``invstd``, ``dweight``... are rows of one), cut in
+  turn from slabs of ``GPU_RESULT_SLAB_BYTES`` instead of one device
+  allocation (and later free, which synchronises the device) per call.  A table
+  is never handed out twice: a slab is freed by numba once nothing cut from it
+  is referenced, so keeping a result keeps at most its slab allocated.
+* :func:`scratch` hands out device arrays for values that live within one call
+  (the float64 block partials): one buffer per thread and CUDA context, grown
+  as needed and reused by the next call instead of being allocated and freed
+  every time.  Reuse is safe because every kernel runs on the calling thread's
+  default stream, in order: a call's kernels finish with the buffer before the
+  next call's first kernel starts.  Another thread gets its own buffer.
+
+Under the CUDA simulator kernels are launched through the dispatcher (the
+simulator has no compiled overloads), and slabs and scratch are NumPy-backed.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+
+import numpy as np
+from numba import cuda
+from numba.core import config
+
+from .. import _config as cfg
+from .layout import contiguous_strides, device_view
+
+SIMULATOR = bool(config.ENABLE_CUDASIM)
+
+# Argument types whose numba type depends on the Python type alone (the package
+# passes small ints, float64 scalars and flags).
+_SCALARS = frozenset({int, float, bool, np.float64, np.int64, np.bool_})
+
+# Kernels keep at most this many argument signatures, and scratch at most this
+# many shaped views, before starting afresh (a training loop sees a handful).
+MAX_SIGNATURES = 512
+MAX_SCRATCH_VIEWS = 64
+
+
+def dim3(d) -> tuple:
+    """A grid or block size as the ``(x, y, z)`` triple numba launches with."""
+    if isinstance(d, tuple):
+        return tuple(int(n) for n in d) + (1,) * (3 - len(d))
+    return (int(d), 1, 1)
+
+
+def _arg_key(a):
+    t = type(a)
+    if t in _SCALARS:
+        return t
+    if t is tuple:
+        return (t, *map(type, a))
+    return (t, a.dtype, a.shape, a.strides)
+
+
+_USE_DISPATCHER = object()  # an argument key whose launches go through the dispatcher
+
+
+class Kernel:
+    """A ``numba.cuda.jit`` kernel, launched as ``kernel.launch(grid, block, *args)``
+    with ``grid`` and ``block`` from :func:`dim3`, on the default stream."""
+
+    def __init__(self, dispatcher):
+        self.dispatcher = dispatcher
+        self.__name__ = getattr(dispatcher, "__name__", "kernel")
+        self._overloads = {}  # argument key -> compiled overload, or _USE_DISPATCHER
+        self._configs = {}  # (grid, block) -> numba's launch configuration
+        self._fast = not SIMULATOR
+
+    def launch(self, grid, block, *args):
+        if not self._fast:
+            self.dispatcher[grid, block](*args)
+            return
+        config = self._configs.get((grid, block))
+        if config is None:
+            config = self._configs[grid, block] = self.dispatcher.configure(grid, block)
+        key = tuple(map(_arg_key, args))
+        overload = self._overloads.get(key)
+        if overload is None:
+            config(*args)  # numba's usual path: types, compiles or loads, launches
+            if len(self._overloads) >= MAX_SIGNATURES:
+                self._overloads.clear()
+            self._overloads[key] = self._overload_for(args)
+        elif overload is _USE_DISPATCHER or getattr(config, "pre_launch_callbacks", None):
+            config(*args)
+        else:
+            overload.launch(args, config.griddim, config.blockdim, config.stream,
+                            config.sharedmem)
+
+    def _overload_for(self, args):
+        """The compiled overload numba has for these arguments' types, where it
+        can be launched directly; else ``_USE_DISPATCHER``."""
+        argtypes = tuple(self.dispatcher.typeof_pyval(a) for a in args)
+        overload = getattr(self.dispatcher, "overloads", {}).get(argtypes)
+        if (overload is None or not callable(getattr(overload, "launch", None))
+                or getattr(overload, "launch_config_sensitive", False)):
+            return _USE_DISPATCHER
+        return overload
+
+    def __repr__(self):
+        return f"Kernel({self.__name__})"
+
+
+# --------------------------------------------------------------------------- #
+# Device memory: per-thread, per-context state
+# --------------------------------------------------------------------------- #
+class _PerContext(threading.local):
+    def __init__(self):
+        # id(context) -> entry whose first item is the context, held so that its
+        # id is not reused while the entry lives.
+        self.by_context = {}
+
+    def get(self):
+        ctx = None if SIMULATOR else cuda.current_context()
+        entry = self.by_context.get(id(ctx))
+        return ctx, (entry if entry is not None and entry[0] is ctx else None)
+
+
+_scratch = _PerContext()  # entry: [context, flat float64 buffer, {shape: view}]
+_slabs = _PerContext()  # entry: [context, uint8 slab, bytes handed out]
+
+_ALIGN = 256  # bytes; what cudaMalloc guarantees
+
+
+def small_result(shape, dtype):
+    """A fresh C-contiguous device array for a small result returned to the
+    caller, cut from this thread's current slab (or allocated on its own when
+    larger than a quarter of a slab)."""
+    shape = tuple(shape)
+    dtype = np.dtype(dtype)
+    nbytes = math.prod(shape) * dtype.itemsize
+    slab_bytes = cfg.GPU_RESULT_SLAB_BYTES
+    if nbytes > slab_bytes // 4:
+        return cuda.device_array(shape, dtype)
+    ctx, entry = _slabs.get()
+    if entry is None or entry[2] + nbytes > slab_bytes:
+        entry = [ctx, cuda.device_array(slab_bytes, np.uint8), 0]
+        _slabs.by_context[id(ctx)] = entry
+    slab, offset = entry[1], entry[2]
+    entry[2] = offset + -(-nbytes // _ALIGN) * _ALIGN
+    if SIMULATOR:
+        from numba.cuda.cudadrv.devicearray import FakeCUDAArray  # the simulator's
+
+        return FakeCUDAArray(slab._ary[offset:offset + nbytes].view(dtype).reshape(shape))
+    return device_view(slab, shape, contiguous_strides(shape, dtype.itemsize), offset, dtype)
+
+
+def scratch(shape):
+    """A C-contiguous float64 device array of ``shape`` whose contents are
+    undefined and which the next call on this thread may overwrite: for values
+    produced and consumed within one call, never for anything returned."""
+    shape = tuple(shape)
+    ctx, entry = _scratch.get()
+    if entry is not None:
+        view = entry[2].get(shape)
+        if view is not None:
+            return view
+    size = math.prod(shape)
+    if entry is None or entry[1].size < size:
+        # Grow to the largest request so far (rounded up to 4 KiB).
+        capacity = max(size, 0 if entry is None else entry[1].size)
+        entry = [ctx, cuda.device_array(-(-capacity // 512) * 512, np.float64), {}]
+        _scratch.by_context[id(ctx)] = entry
+    view = _reshape_prefix(entry[1], shape, size)
+    if len(entry[2]) >= MAX_SCRATCH_VIEWS:
+        entry[2].clear()
+    entry[2][shape] = view
+    return view
+
+
+def _reshape_prefix(flat, shape, size):
+    """The first ``size`` elements of a flat device array, as a C-order ``shape``."""
+    if SIMULATOR:
+        from numba.cuda.cudadrv.devicearray import FakeCUDAArray  # the simulator's
+
+        return FakeCUDAArray(flat._ary[:size].reshape(shape))
+    return device_view(flat, shape, contiguous_strides(shape, flat.dtype.itemsize))
+
+
+def clear_scratch():
+    """Drop this thread's scratch buffers and result slabs (their memory goes
+    when nothing uses it)."""
+    _scratch.by_context.clear()
+    _slabs.by_context.clear()
