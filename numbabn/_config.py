@@ -73,6 +73,13 @@ BWD_NC_ROWS = 64
 FUSE_BYTES = 1 << 21
 FUSE_MIN_TASKS = 8
 
+# Layers: Conv2d's largest im2col column buffer.  Each chunk costs a parallel
+# im2col launch and three GEMM calls, and every launch synchronises threads
+# (costly on a busy machine), so chunks are large: the cnn's second convolution
+# at batch 128 (85 MB of columns) is one chunk; evaluation batches of 500 are
+# three.  The layer keeps its buffer between calls.
+IM2COL_CHUNK_BYTES = 128 << 20
+
 # --------------------------------------------------------------------------- #
 # GPU (numba.cuda).  Read by numbabn._gpu only; importing this module never
 # imports numba.cuda.

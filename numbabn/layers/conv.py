@@ -19,14 +19,9 @@ from __future__ import annotations
 import numpy as np
 
 from . import _check, _kernels
+from .._config import IM2COL_CHUNK_BYTES
 from ._init import fan_in_uniform
 from .base import Layer
-
-# Largest column buffer.  Each chunk costs a parallel im2col launch and three
-# GEMM calls, and every launch synchronises threads (costly on a busy machine),
-# so chunks are large: the cnn's second convolution at batch 128 (85 MB of
-# columns) is one chunk; evaluation batches of 500 are four.
-IM2COL_CHUNK_BYTES = 128 << 20
 
 
 def channels_last(x):
