@@ -170,5 +170,6 @@ def _f64(v):
 def update_running_stats(running_mean, running_var, mean, var, count, momentum):
     unbiased = _f64(var) * (count / (count - 1))
     keep = 1.0 - momentum
-    running_mean[...] = keep * _f64(running_mean) + momentum * _f64(mean)
-    running_var[...] = keep * _f64(running_var) + momentum * unbiased
+    with np.errstate(over="ignore"):  # beyond float32's range, inf is the right value
+        running_mean[...] = keep * _f64(running_mean) + momentum * _f64(mean)
+        running_var[...] = keep * _f64(running_var) + momentum * unbiased
