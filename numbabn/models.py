@@ -100,8 +100,9 @@ def bn_paper_mlp(rng, batch_norm=True, dtype=np.float32, init_std=None, dropout=
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A model's builder and its default optimizer, learning rate (and its
-    per-epoch decay factor), batch size and dropout."""
+    """A model's builder and its training defaults: optimizer, learning rate and
+    its per-epoch decay factor, batch size, dropout, and the random shift (pixels)
+    applied to training images."""
 
     build: object
     optimizer: str

@@ -68,7 +68,8 @@ def prefer_passive_waiting():
     For code that interleaves Numba kernels with other multi-threaded work
     (NumPy's BLAS in the layers' GEMMs): spinning workers of one pool take the
     cores the other pool needs.  On the 2-core CI machine the ``cnn`` training
-    step ran 1.7x faster with ``OMP_WAIT_POLICY=passive`` (431 -> 729 img/s).
+    step ran 1.35-1.7x faster with ``OMP_WAIT_POLICY=passive`` (e.g. 431 -> 729
+    img/s; several runs, another job beside them at times).
 
     Sets ``OMP_WAIT_POLICY=passive`` unless the user chose a policy, and only
     before Numba's thread pool has started (OpenMP reads it once, when the
