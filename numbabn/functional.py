@@ -43,23 +43,29 @@ def _view(be, x, layout):
     return be.layout.as_3d(x, layout)
 
 
-def _output(be, x, layout, out=None):
+def _output(be, x, layout, out=None, inputs=None):
     """Return ``(y3, y, finish)``: where kernels write, what to return, and a
-    callback that copies into ``out`` when ``out`` could not be written directly."""
+    callback that copies into ``out`` when ``out`` could not be written directly
+    (not viewable as 3-D, or overlapping one of ``inputs``, default ``(x,)``, in
+    some other way than being that very array)."""
+    inputs = (x,) if inputs is None else inputs
     if be is not _backend.CPU:
-        return be.layout.output_3d(x, layout, out)
+        return be.layout.output_3d(x, layout, out, inputs)
     if out is None:
         y3, y = _layout.empty_like_3d(layout, x.dtype)
         return y3, y, None
     out3 = _layout.as_3d(out, layout, copy_ok=False)
-    aliased = np.may_share_memory(out, x) and not (
-        out.__array_interface__["data"] == x.__array_interface__["data"]
-        and out.strides == x.strides
-    )
-    if out3 is not None and not aliased:
+    if out3 is not None and not any(_partial_overlap(out, a) for a in inputs):
         return out3, out, None
     y3, y = _layout.empty_like_3d(layout, x.dtype)
     return y3, out, lambda: np.copyto(out, y)
+
+
+def _partial_overlap(a, b):
+    """True when ``a`` and ``b`` share memory without being the same view."""
+    same = (a.__array_interface__["data"] == b.__array_interface__["data"]
+            and a.strides == b.strides)
+    return np.may_share_memory(a, b) and not same
 
 
 def batch_stats(x, axis=1):
@@ -132,7 +138,7 @@ def normalize(x, mean, var, weight=None, bias=None, eps=1e-5, axis=1, out=None):
     return y
 
 
-def batch_norm_train(x, weight=None, bias=None, eps=1e-5, axis=1):
+def batch_norm_train(x, weight=None, bias=None, eps=1e-5, axis=1, out=None):
     """Training-mode forward: normalise ``x`` with its own batch statistics.
 
     Parameters
@@ -141,10 +147,14 @@ def batch_norm_train(x, weight=None, bias=None, eps=1e-5, axis=1):
     weight, bias : ndarray of shape ``(C,)`` and ``x.dtype``, optional
     eps : float, default 1e-5
     axis : int, default 1
+    out : ndarray, optional
+        Where to write ``y`` (shape and dtype of ``x``); may be ``x`` itself.
+        Reusing one output array saves the page faults of a fresh one on
+        every call (about 3.5 ms for a 51 MB tensor here).
 
     Returns
     -------
-    y : ndarray like ``x``
+    y : ndarray like ``x`` (``out`` when given)
     mean : ndarray ``(C,)``, the batch mean
     invstd : ndarray ``(C,)``, ``1 / sqrt(var + eps)`` with the biased batch variance
 
@@ -155,18 +165,22 @@ def batch_norm_train(x, weight=None, bias=None, eps=1e-5, axis=1):
     >>> y, mean, invstd = numbabn.batch_norm_train(x, weight, bias)
     >>> dx, dweight, dbias = numbabn.batch_norm_backward(dy, x, mean, invstd, weight)
     """
-    be, layout, x, weight, bias = _prepare(x, axis, weight=weight, bias=bias)
+    be, layout, x, weight, bias, out = _prepare(x, axis, weight=weight, bias=bias, out=out)
     nfeat = layout.shape3[1]
     _check_affine(weight, bias, nfeat, x.dtype)
     eps = v.check_eps(eps)
     v.check_training_count(layout.count, x.shape, axis)
-    y3, y, _ = _output(be, x, layout)
+    if out is not None:
+        v.check_out(out, x)
+    y3, y, finish = _output(be, x, layout, out)
     with be.guard(x):
         mean, invstd, _ = be.ops.batch_norm_train(_view(be, x, layout), weight, bias, eps, y3)
+    if finish:
+        finish()
     return y, mean, invstd
 
 
-def batch_norm_backward(dy, x, mean, invstd, weight=None, axis=1):
+def batch_norm_backward(dy, x, mean, invstd, weight=None, axis=1, out=None):
     """Gradients of :func:`batch_norm_train` (biased batch statistics).
 
     Parameters
@@ -177,29 +191,35 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, axis=1):
     mean, invstd : ndarray ``(C,)`` returned by :func:`batch_norm_train`
     weight : ndarray ``(C,)``, optional
     axis : int, default 1
+    out : ndarray, optional
+        Where to write ``dx`` (shape and dtype of ``x``); may be ``dy`` or ``x``.
 
     Returns
     -------
-    dx : ndarray like ``x``
+    dx : ndarray like ``x`` (``out`` when given)
     dweight, dbias : ndarray ``(C,)``, or ``None`` when ``weight`` is ``None``
 
     Examples
     --------
     >>> dx, dweight, dbias = numbabn.batch_norm_backward(dy, x, mean, invstd, weight)
     """
-    be, layout, x, dy, mean, invstd, weight = _prepare(
-        x, axis, dy=dy, mean=mean, invstd=invstd, weight=weight)
+    be, layout, x, dy, mean, invstd, weight, out = _prepare(
+        x, axis, dy=dy, mean=mean, invstd=invstd, weight=weight, out=out)
     v.check_same_as(dy, "dy", x)
     nfeat = layout.shape3[1]
     v.check_vector(mean, "mean", nfeat, x.dtype)
     v.check_vector(invstd, "invstd", nfeat, x.dtype)
     if weight is not None:
         v.check_vector(weight, "weight", nfeat, x.dtype)
-    dx3, dx, _ = _output(be, x, layout)
+    if out is not None:
+        v.check_out(out, x)
+    dx3, dx, finish = _output(be, x, layout, out, inputs=(x, dy))
     with be.guard(x):
         dweight, dbias = be.ops.batch_norm_backward(
             _view(be, dy, layout), _view(be, x, layout), mean, invstd, weight, dx3
         )
+    if finish:
+        finish()
     return dx, dweight, dbias
 
 

@@ -150,6 +150,62 @@ def test_normalize_in_place_and_overlapping_out(rng):
     assert_close(out2, expected2, np.float64)
 
 
+@pytest.mark.parametrize("layout", ["c", "transposed", "stepped"])
+def test_train_and_backward_out_argument(rng, layout):
+    shape = (10, 3, 6)
+    x = make_array(rng, shape, np.float32, layout, loc=2.0)
+    dy = make_array(rng, shape, np.float32, layout)
+    w = rng.uniform(0.5, 1.5, 3).astype(np.float32)
+    y_ref, mean, invstd = nb.batch_norm_train(x, w)
+    out = make_array(rng, shape, np.float32, layout)
+    y, mean2, invstd2 = nb.batch_norm_train(x, w, out=out)
+    assert y is out
+    np.testing.assert_array_equal(out, y_ref)
+    np.testing.assert_array_equal(mean2, mean)
+    np.testing.assert_array_equal(invstd2, invstd)
+
+    dx_ref, dw_ref, db_ref = nb.batch_norm_backward(dy, x, mean, invstd, w)
+    out = make_array(rng, shape, np.float32, layout)
+    dx, dw, db = nb.batch_norm_backward(dy, x, mean, invstd, w, out=out)
+    assert dx is out
+    np.testing.assert_array_equal(out, dx_ref)
+    np.testing.assert_array_equal(dw, dw_ref)
+    np.testing.assert_array_equal(db, db_ref)
+    assert_close(out, naive.batch_norm_backward(dy, x, w)[0], np.float32)
+
+
+@pytest.mark.parametrize("shape, axis", [((12, 40), 1), ((6, 20, 3, 4), 1), ((5, 4, 4, 16), -1)])
+def test_train_and_backward_in_place(rng, shape, axis):
+    """``out=x`` (forward) and ``out=dy`` or ``out=x`` (backward) give the same bits
+    as a fresh output: every path reads a feature's inputs before writing it."""
+    x = make_array(rng, shape, np.float64, loc=-3.0)
+    dy = make_array(rng, shape, np.float64)
+    y_ref, mean, invstd = nb.batch_norm_train(x, axis=axis)
+    xc = x.copy()
+    y, _, _ = nb.batch_norm_train(xc, axis=axis, out=xc)
+    assert y is xc
+    np.testing.assert_array_equal(xc, y_ref)
+
+    dx_ref, _, _ = nb.batch_norm_backward(dy, x, mean, invstd, axis=axis)
+    for target in ("dy", "x"):
+        xi, dyi = x.copy(), dy.copy()
+        out = dyi if target == "dy" else xi
+        dx, _, _ = nb.batch_norm_backward(dyi, xi, mean, invstd, axis=axis, out=out)
+        assert dx is out
+        np.testing.assert_array_equal(out, dx_ref, err_msg=f"out={target}")
+
+
+def test_backward_out_overlapping_dy(rng):
+    """``out`` overlapping ``dy`` shifted by one row: as if ``dy`` were read first."""
+    base = make_array(rng, (13, 4), np.float64)
+    x = make_array(rng, (12, 4), np.float64, loc=1.0)
+    _, mean, invstd = nb.batch_norm_train(x)
+    dy, out = base[:12], base[1:13]
+    expected, _, _ = nb.batch_norm_backward(dy.copy(), x, mean, invstd)
+    nb.batch_norm_backward(dy, x, mean, invstd, out=out)
+    np.testing.assert_array_equal(out, expected)
+
+
 def test_output_follows_input_memory_order(rng):
     x = make_array(rng, (4, 3, 5, 6), np.float32, "c").transpose(0, 2, 3, 1)  # NHWC view
     y, _, _ = nb.batch_norm_train(x, axis=-1)

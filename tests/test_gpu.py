@@ -128,6 +128,29 @@ def test_train_backward_stats_match_cpu_and_reference(shape, axis, dtype):
 
 
 @pytest.mark.parametrize("shape, axis", [CASES[0], CASES[2]])
+def test_train_and_backward_out(shape, axis):
+    """``out=`` on the device: a separate array, ``x`` itself, and ``dy`` itself."""
+    dtype = np.float32
+    x, dy, w, b = make(shape, axis, dtype, seed=3)
+    y_ref, mean, invstd = numbabn.batch_norm_train(x, w, b, axis=axis)
+    dx_ref, _, _ = numbabn.batch_norm_backward(dy, x, mean, invstd, w, axis=axis)
+
+    out = dev(np.zeros_like(x))
+    y, dmean, dinvstd = numbabn.batch_norm_train(dev(x), dev(w), dev(b), axis=axis, out=out)
+    assert y is out
+    close(out.copy_to_host(), y_ref, dtype, "train out")
+    device_x = dev(x)
+    numbabn.batch_norm_train(device_x, dev(w), dev(b), axis=axis, out=device_x)
+    close(device_x.copy_to_host(), y_ref, dtype, "train in place")
+
+    device_dy = dev(dy)
+    dx, _, _ = numbabn.batch_norm_backward(device_dy, dev(x), dmean, dinvstd, dev(w), axis=axis,
+                                           out=device_dy)
+    assert dx is device_dy
+    close(device_dy.copy_to_host(), dx_ref, dtype, "backward out=dy")
+
+
+@pytest.mark.parametrize("shape, axis", [CASES[0], CASES[2]])
 def test_normalize_eval_and_out(shape, axis):
     dtype = np.float32
     x, _, w, b = make(shape, axis, dtype, seed=1)

@@ -32,10 +32,10 @@ def _call(name, a, **over):
                             eps=a.get("eps", 1e-5), axis=a.get("axis", 1), out=a.get("out"))
     if name == "batch_norm_train":
         return nb.batch_norm_train(a["x"], a["weight"], a["bias"], eps=a.get("eps", 1e-5),
-                                   axis=a.get("axis", 1))
+                                   axis=a.get("axis", 1), out=a.get("out"))
     if name == "batch_norm_backward":
         return nb.batch_norm_backward(a["dy"], a["x"], a["mean"], a["invstd"], a["weight"],
-                                      axis=a.get("axis", 1))
+                                      axis=a.get("axis", 1), out=a.get("out"))
     if name == "update_running_stats":
         return nb.update_running_stats(a["running_mean"], a["running_var"], a["mean"], a["var"],
                                        a.get("count", 10), momentum=a.get("momentum", 0.1))
@@ -49,6 +49,7 @@ def _call(name, a, **over):
 X_FUNCS = ["batch_stats", "normalize", "batch_norm_train", "batch_norm_backward", "batch_norm"]
 ALL = X_FUNCS + ["update_running_stats"]
 BAD_RUNNING = ["update_running_stats", "batch_norm"]
+OUT_FUNCS = ["normalize", "batch_norm_train", "batch_norm_backward"]
 
 
 def _readonly(a):
@@ -111,9 +112,9 @@ CASES = [
     ("training-str", ["batch_norm"], lambda a: dict(training="yes"), TypeError, "training"),
     ("dy-shape", ["batch_norm_backward"], lambda a: dict(dy=a["dy"][:4]), ValueError, "dy"),
     ("dy-dtype", ["batch_norm_backward"], lambda a: dict(dy=a["dy"].astype(np.float64)), TypeError, "dy"),
-    ("out-shape", ["normalize"], lambda a: dict(out=np.empty((8, C, 5), np.float32)), ValueError, "out"),
-    ("out-dtype", ["normalize"], lambda a: dict(out=np.empty(a["x"].shape, np.float64)), TypeError, "out"),
-    ("out-readonly", ["normalize"], lambda a: dict(out=_readonly(a["x"])), ValueError, "out"),
+    ("out-shape", OUT_FUNCS, lambda a: dict(out=np.empty((8, C, 5), np.float32)), ValueError, "out"),
+    ("out-dtype", OUT_FUNCS, lambda a: dict(out=np.empty(a["x"].shape, np.float64)), TypeError, "out"),
+    ("out-readonly", OUT_FUNCS, lambda a: dict(out=_readonly(a["x"])), ValueError, "out"),
     ("count-one", ["update_running_stats"], lambda a: dict(count=1), ValueError, "count"),
     ("count-float", ["update_running_stats"], lambda a: dict(count=10.0), TypeError, "count"),
     ("running-none", ["update_running_stats"], lambda a: dict(running_mean=None), TypeError, "running_mean"),

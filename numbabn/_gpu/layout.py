@@ -202,16 +202,18 @@ def empty_like_3d(layout, dtype):
     return y3, from_3d(y3, layout)
 
 
-def output_3d(x, layout, out=None):
+def output_3d(x, layout, out=None, inputs=None):
     """Return ``(y3, y, finish)`` as :func:`numbabn.functional._output` does for
     NumPy: where kernels write, what to return, and a callback that copies into
     ``out`` when ``out`` could not be written directly (not viewable as 3-D, or
-    overlapping ``x`` in some other way than being ``x`` itself)."""
+    overlapping one of ``inputs``, default ``(x,)``, in some other way than
+    being that very array)."""
+    inputs = (x,) if inputs is None else inputs
     if out is None:
         y3, y = empty_like_3d(layout, x.dtype)
         return y3, y, None
     out3 = as_3d(out, layout, copy_ok=False)
-    if out3 is not None and not _partial_overlap(out, x):
+    if out3 is not None and not any(_partial_overlap(out, a) for a in inputs):
         return out3, out, None
     y3, y = empty_like_3d(layout, x.dtype)
     return y3, out, lambda: copy_into(out, y)
