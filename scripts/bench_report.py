@@ -5,7 +5,9 @@
 
 For every operation and case: numbabn's best time, its GB/s of minimal traffic
 (``benchmarks.cases.TRAFFIC``), the speed-up over PyTorch CPU and over plain
-NumPy, and numbabn's time over a copy of the same array (the bandwidth ceiling).
+NumPy (all three return fresh outputs), and numbabn's time with ``out=`` a
+preallocated array over the time of a copy into a preallocated array (the
+bandwidth ceiling).
 Every implementation is validated against a float64 reference before it is
 timed, and all of a case's implementations are timed in turns (the machine may be
 shared).  Writes ``bench.png``, ``bench.md`` and ``bench.json`` under ``--out``.
@@ -71,6 +73,7 @@ def run(ops, budget, quiet_wait):
             t = time_interleaved(fns, budget_s=budget)
             best = {name: v[0] for name, v in t.items()}
             nb_t = best["numbabn"]
+            nb_out_t = best.get("numbabn_out", nb_t)
             row = {
                 "op": op, "shape": list(case.shape), "axis": case.axis, "dtype": case.dtype,
                 "label": case.label, "mbytes": case.nbytes / 1e6,
@@ -80,7 +83,7 @@ def run(ops, budget, quiet_wait):
                 "copy_gbps": 2 * case.nbytes / best["copy"] / 1e9,
                 "vs_torch": best["torch"] / nb_t if "torch" in best else None,
                 "vs_numpy": best["numpy"] / nb_t,
-                "over_copy": nb_t / best["copy"],
+                "over_copy": nb_out_t / best["copy"],
                 "busy_before": busy,
             }
             rows.append(row)
@@ -89,17 +92,18 @@ def run(ops, budget, quiet_wait):
 
 
 HEADER = ("| op | shape | dtype | numbabn ms | GB/s | torch ms | x torch | numpy ms | x numpy "
-          "| copy ms | copy GB/s | / copy |")
+          "| out= ms | copy ms | copy GB/s | out= / copy |")
 
 
 def _line(r):
     t = r["times_ms"]
     torch_ms = f"{t['torch']:.3f}" if "torch" in t else "-"
     vs_torch = f"{r['vs_torch']:.2f}" if r["vs_torch"] else "-"
+    out_ms = f"{t['numbabn_out']:.3f}" if "numbabn_out" in t else "-"
     shape = "x".join(map(str, r["shape"])) + (" NHWC" if r["axis"] == -1 and len(r["shape"]) == 4 else "")
     return (f"| {r['op']} | {shape} | {r['dtype']} | {t['numbabn']:.3f} | {r['gbps']['numbabn']:.1f} "
             f"| {torch_ms} | {vs_torch} | {t['numpy']:.2f} | {r['vs_numpy']:.1f} "
-            f"| {t['copy']:.3f} | {r['copy_gbps']:.1f} | {r['over_copy']:.2f} |")
+            f"| {out_ms} | {t['copy']:.3f} | {r['copy_gbps']:.1f} | {r['over_copy']:.2f} |")
 
 
 def geomean(values):
@@ -124,7 +128,7 @@ def summary(rows, ops):
                 text += f" (target >= {target[0]}x" + (f", none below {target[1]}x" if target[1] else "")
                 text += f": {'met' if ok else 'NOT met'})"
             text += ";"
-        text += f" time / copy {g_copy:.2f} (geometric mean), worst {worst_copy:.2f}"
+        text += f" time (out=) / copy {g_copy:.2f} (geometric mean), worst {worst_copy:.2f}"
         if target[2]:
             over = [f"{r['label']} {r['over_copy']:.2f}" for r in rs if r["over_copy"] > target[2]]
             text += f" (target <= {target[2]}: {'met' if not over else 'exceeded by ' + ', '.join(over)})"
@@ -138,8 +142,8 @@ def chart(rows, ops, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = ["numbabn", "torch", "numpy"]
-    colors = {"numbabn": "#1f77b4", "torch": "#ee4c2c", "numpy": "#7f7f7f"}
+    names = ["numbabn", "numbabn_out", "torch", "numpy"]
+    colors = {"numbabn": "#1f77b4", "numbabn_out": "#9ecae1", "torch": "#ee4c2c", "numpy": "#7f7f7f"}
     fig, axes = plt.subplots(len(ops), 1, figsize=(12, 3.2 * len(ops)), squeeze=False)
     for ax, op in zip(axes[:, 0], ops):
         rs = [r for r in rows if r["op"] == op]
@@ -147,7 +151,8 @@ def chart(rows, ops, path):
         width = 0.8 / len(names)
         for i, name in enumerate(names):
             vals = [r["gbps"].get(name, 0.0) for r in rs]
-            ax.bar(xs + (i - 1) * width, vals, width, label=name, color=colors[name])
+            ax.bar(xs + (i - 1.5) * width, vals, width, label=name.replace("_out", " out="),
+                   color=colors[name])
         # The copy's own bandwidth: a kernel moving its minimal traffic at copy speed.
         ceiling = [r["copy_gbps"] for r in rs]
         ax.scatter(xs, ceiling, marker="_", s=900, color="black", zorder=3, label="copy speed")
