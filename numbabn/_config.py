@@ -27,6 +27,10 @@ STRICT_FASTMATH = FASTMATH - {"reassoc"}
 # division-by-zero branches Python semantics would add to float divisions.
 CPU_JIT = dict(nogil=True, cache=True, error_model="numpy", fastmath=set(FASTMATH))
 CPU_JIT_STRICT = dict(CPU_JIT, fastmath=set(STRICT_FASTMATH))
+# Elementwise kernels that must give the bits of the NumPy expressions they
+# replace (the optimizer's update): no fast-math flag at all, so no fused
+# multiply-adds either.
+CPU_JIT_IEEE_PARALLEL = dict(CPU_JIT, fastmath=False, parallel=True)
 # One kernel may hold several parallel loops (statistics, merge, normalise);
 # they run one after the other and must not be fused by Numba.
 CPU_JIT_PARALLEL = dict(CPU_JIT, parallel=dict(fusion=False))

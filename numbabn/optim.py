@@ -12,7 +12,9 @@ from __future__ import annotations
 import numbers
 
 import numpy as np
+from numba import njit, prange
 
+from ._config import CPU_JIT_IEEE_PARALLEL
 from ._validate import describe
 
 
@@ -178,6 +180,13 @@ class Adam(Optimizer):
         b1, b2 = self.betas
         m = self.state["exp_avg"][key]
         v = self.state["exp_avg_sq"][key]
+        if all(a.flags.c_contiguous for a in (p, g, m, v)):
+            t = p.dtype.type
+            _adam_kernel(p.reshape(-1), g.reshape(-1), m.reshape(-1), v.reshape(-1),
+                         t(b1), t(1.0 - b1), t(b2), t(1.0 - b2),
+                         t(self.lr / (1.0 - b1 ** self.step_count)),
+                         np.sqrt(1.0 - b2 ** self.step_count), t(self.eps))
+            return
         m *= b1
         m += (1.0 - b1) * g
         v *= b2
@@ -187,3 +196,19 @@ class Adam(Optimizer):
         denom /= np.sqrt(1.0 - b2 ** self.step_count)
         denom += self.eps
         p -= step_size * (m / denom)
+
+
+@njit(**CPU_JIT_IEEE_PARALLEL)
+def _adam_kernel(p, g, m, v, b1, c1, b2, c2, step_size, bc2_sqrt, eps):
+    """:meth:`Adam._update` in one pass over flat arrays (4 ms of NumPy passes
+    for the cnn's 1.2 million parameters), with the same roundings as its NumPy
+    expressions: scalars in ``p``'s dtype except ``bc2_sqrt`` (float64, as
+    ``np.sqrt`` of a Python float), and no fused multiply-adds."""
+    for i in prange(p.shape[0]):
+        gi = g[i]
+        mi = m[i] * b1 + c1 * gi
+        vi = v[i] * b2 + c2 * (gi * gi)
+        m[i] = mi
+        v[i] = vi
+        denom = p.dtype.type(np.sqrt(vi) / bc2_sqrt) + eps
+        p[i] -= step_size * (mi / denom)

@@ -160,6 +160,7 @@ class Conv2d(Layer):
         dwmat = np.zeros((self._n_cols(), c_out), self.dtype)
         dw_chunk = np.empty_like(dwmat)
         dbias = np.zeros(c_out, np.float64)
+        dbias_chunk = np.empty_like(dbias)
         dx = np.empty(x_nhwc.shape, self.dtype)
         kh, kw = self.kernel_size
         for n0, n1 in chunks:
@@ -172,7 +173,8 @@ class Conv2d(Layer):
             np.matmul(cols2d.T, dy2d, out=dw_chunk)
             dwmat += dw_chunk
             if self.bias is not None:
-                dbias += dy2d.sum(axis=0, dtype=np.float64)
+                _kernels.column_sums(dy2d, dbias_chunk)
+                dbias += dbias_chunk
             # The chunk's columns are no longer needed: overwrite them with dcols.
             np.matmul(dy2d, wmat_t, out=cols2d)
             _kernels.col2im(cols, *self.stride, *self.padding, dx[n0:n1])
