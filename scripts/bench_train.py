@@ -1,37 +1,36 @@
 """Time training steps of the ``cnn`` model: numbabn against PyTorch on the CPU.
 
 Both frameworks train the same model (same weights, same batches, Adam lr 1e-3,
-the same two Dropout layers) in one process, with PyTorch limited to numba's
-thread count and numba's workers waiting passively, as in the trainer.  Before
-timing, the two models' eval-mode losses on one batch are checked to agree (the
-same weights give the same logits; dropout masks differ, so training losses
-cannot be compared).  Rounds alternate between the two so that
-load from other processes on the machine hits both alike; the best and the
-median round are reported, in images per second.
+the same two Dropout layers).  Before timing, the two models' eval-mode losses
+on one batch are checked to agree in this process (the same weights give the
+same logits; dropout masks differ, so training losses cannot be compared).
+Each timed round then runs in a fresh process of its own, as a user runs one
+framework at a time: in one process, the thread pool of whichever framework ran
+last keeps spinning into the other's steps (here numbabn lost 10% that way).
+numbabn's round runs with the trainer's settings (``numbabn.train.cli``: quiet
+thread pools), PyTorch's with its defaults and numba's thread count.  Rounds
+alternate between the two so that load from other processes on the machine hits
+both alike; the best and the median round are reported, in images per second.
 
-    PYTHONPATH=. python scripts/bench_train.py --steps 20 --rounds 3
+    PYTHONPATH=. python scripts/bench_train.py --steps 20 --rounds 5
 """
 
 from __future__ import annotations
 
+import argparse
 import os
+import statistics
+import subprocess
+import sys
+import time
 
-# As the trainer (numbabn.train.cli): NumPy's OpenBLAS workers sleep right after
-# a GEMM instead of spinning against Numba's.  Read once, when NumPy loads
-# OpenBLAS, so it is set before the imports; PyTorch's BLAS (MKL) ignores it.
-os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
+import numba
+import numpy as np
 
-import argparse  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
-
-import numba  # noqa: E402
-import numpy as np  # noqa: E402
-
-from numbabn._cpu.threads import prefer_passive_waiting  # noqa: E402
-from numbabn.losses import cross_entropy  # noqa: E402
-from numbabn.models import mnist_cnn  # noqa: E402
-from numbabn.optim import Adam  # noqa: E402
+from numbabn._cpu.threads import prefer_passive_waiting
+from numbabn.losses import cross_entropy
+from numbabn.models import mnist_cnn
+from numbabn.optim import Adam
 
 
 def numbabn_step(model, opt):
@@ -78,53 +77,79 @@ def time_steps(step, batches):
     return time.perf_counter() - t0
 
 
+def make_batches(batch_size, steps):
+    rng = np.random.default_rng(0)
+    return [(rng.random((batch_size, 1, 28, 28), dtype=np.float32),
+             rng.integers(0, 10, batch_size).astype(np.int64)) for _ in range(steps)]
+
+
+def worker(name, batch_size, steps):
+    """One timed round of ``name`` in this process: three warm-up steps
+    (compilation, first allocations), then ``steps`` steps; returns images per second."""
+    batches = make_batches(batch_size, steps)
+    model = mnist_cnn(np.random.default_rng(1))
+    if name == "pytorch":
+        import torch
+        torch.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+        step = torch_step(torch_model_like(model))
+    else:
+        prefer_passive_waiting()
+        step = numbabn_step(model, Adam(model.params, lr=1e-3))
+    for x, y in batches[:3]:
+        step(x, y)
+    return steps * batch_size / time_steps(step, batches)
+
+
+def check_same_model(batch_size):
+    """Same weights, same batch, eval mode: both frameworks give the same loss."""
+    import torch
+    x0, y0 = make_batches(batch_size, 1)[0]
+    model = mnist_cnn(np.random.default_rng(1))
+    net = torch_model_like(model).eval()
+    ours = cross_entropy(model.eval().forward(x0), y0)[0]
+    with torch.no_grad():
+        theirs = torch.nn.functional.cross_entropy(net(torch.from_numpy(x0)), torch.from_numpy(y0)).item()
+    if abs(theirs - ours) > 1e-4 * max(1.0, theirs):
+        raise SystemExit(f"eval-mode losses differ: numbabn {ours}, pytorch {theirs}")
+    print(f"eval-mode loss before training: numbabn {ours:.6f}, pytorch {theirs:.6f}")
+
+
+def run_round(name, args):
+    env = dict(os.environ)
+    if name == "numbabn":
+        from numbabn.train import QUIET_THREAD_POOLS
+        env = {**QUIET_THREAD_POOLS, **env}
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", name,
+           "--batch-size", str(args.batch_size), "--steps", str(args.steps)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"{name} round failed:\n{done.stderr}")
+    return float(done.stdout.split()[-1])
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--steps", type=int, default=20, help="training steps per round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--no-torch", action="store_true", help="time numbabn only")
+    parser.add_argument("--worker", choices=["numbabn", "pytorch"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.worker:
+        print(worker(args.worker, args.batch_size, args.steps))
+        return
 
-    rng = np.random.default_rng(0)
-    batches = [(rng.random((args.batch_size, 1, 28, 28), dtype=np.float32),
-                rng.integers(0, 10, args.batch_size).astype(np.int64)) for _ in range(args.steps)]
-    model = mnist_cnn(np.random.default_rng(1))
-    runners = {}
+    names = ["numbabn"]
     if not args.no_torch:
-        import torch
-        torch.set_num_threads(numba.config.NUMBA_NUM_THREADS)
-        net = torch_model_like(model)
-        runners["pytorch"] = torch_step(net)
-    # As the trainer does: numba's idle workers sleep rather than spin against the
-    # BLAS threads.  PyTorch's OpenMP runtime was loaded (and read its settings)
-    # at `import torch` above, so this leaves PyTorch as it is.
-    prefer_passive_waiting()
-    runners["numbabn"] = numbabn_step(model, Adam(model.params, lr=1e-3))
-
-    # Validate before timing: same weights, same batch, eval mode -> the same loss.
-    x0, y0 = batches[0]
-    losses = {"numbabn": cross_entropy(model.eval().forward(x0), y0)[0]}
-    model.train()
-    if not args.no_torch:
-        net.eval()
-        with torch.no_grad():
-            losses["pytorch"] = torch.nn.functional.cross_entropy(
-                net(torch.from_numpy(x0)), torch.from_numpy(y0)).item()
-        net.train()
-        if abs(losses["pytorch"] - losses["numbabn"]) > 1e-4 * max(1.0, losses["pytorch"]):
-            raise SystemExit(f"eval-mode losses differ: {losses}")
-    print("eval-mode loss before training: " + ", ".join(f"{k} {v:.6f}" for k, v in losses.items()))
-    for step in runners.values():  # one warm-up step each (compilation, allocations)
-        step(*batches[0])
-
-    rates = {name: [] for name in runners}
+        check_same_model(args.batch_size)
+        names.insert(0, "pytorch")
+    rates = {name: [] for name in names}
     for _ in range(args.rounds):
-        for name, step in runners.items():
-            rates[name].append(args.steps * args.batch_size / time_steps(step, batches))
+        for name in names:
+            rates[name].append(run_round(name, args))
     threads = numba.config.NUMBA_NUM_THREADS
-    print(f"cnn training step, batch {args.batch_size}, {args.steps} steps x {args.rounds} rounds, "
-          f"{threads} threads")
+    print(f"cnn training step, batch {args.batch_size}, {args.steps} steps x {args.rounds} rounds "
+          f"(one process each), {threads} threads")
     print(f"{'':10s} {'best img/s':>11s} {'median img/s':>13s}")
     for name, r in rates.items():
         print(f"{name:10s} {max(r):11.0f} {statistics.median(r):13.0f}")
