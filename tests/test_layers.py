@@ -174,6 +174,33 @@ def test_sigmoid_is_stable_for_large_inputs():
                                rtol=1e-12, atol=1e-300)
 
 
+@pytest.mark.parametrize("layout", ["c", "nhwc-memory", "strided"])
+def test_relu_backward_layouts_and_nonfinite(rng, layout):
+    """The flat kernel (dense arrays in any axis order) and the strided fallback
+    both give ``dy`` where ``y > 0`` and 0 elsewhere, even for NaN/inf in ``dy``
+    (PyTorch's threshold_backward), in the layout of the output."""
+    shape = (3, 4, 5, 6)
+    def make(a):
+        if layout == "nhwc-memory":
+            return np.ascontiguousarray(a.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+        if layout == "strided":
+            big = np.zeros(shape[:-1] + (2 * shape[-1],), a.dtype)
+            big[..., ::2] = a
+            return big[..., ::2]
+        return a
+    x = make(rng.standard_normal(shape).astype(np.float32))
+    dy = rng.standard_normal(shape).astype(np.float32)
+    dy[0, 0, 0, :3] = [np.nan, np.inf, -np.inf]
+    x[0, 0, 0, :3] = [-1.0, -2.0, 3.0]
+    dy = make(dy)
+    relu = ReLU()
+    y = relu.forward(x)
+    dx = relu.backward(dy)
+    np.testing.assert_array_equal(dx, np.where(y > 0, dy, 0))
+    assert dx[0, 0, 0, 0] == 0 and dx[0, 0, 0, 1] == 0 and dx[0, 0, 0, 2] == -np.inf
+    assert dx.strides == y.strides
+
+
 def test_relu_inplace_writes_into_input(rng):
     x = rng.standard_normal((3, 4))
     y = ReLU(inplace=True).forward(x)

@@ -127,3 +127,12 @@ def column_sums(a, out):
     for b in range(nblocks):
         for j in range(ncol):
             out[j] += partial[b, j]
+
+
+@njit(**CPU_JIT_PARALLEL)
+def relu_backward(dy, y, dx):
+    """``dx = dy where y > 0, else 0`` over flat arrays (PyTorch's
+    ``threshold_backward``: a NaN or inf in ``dy`` where ``y <= 0`` gives 0)."""
+    zero = dy.dtype.type(0.0)
+    for i in prange(dy.shape[0]):
+        dx[i] = dy[i] if y[i] > 0 else zero

@@ -8,8 +8,21 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import _check
+from . import _check, _kernels
 from .base import Layer
+
+
+def _flat_views(*arrays):
+    """1-D views of arrays with the same shape and strides that cover their
+    memory without gaps (in any axis order), so an elementwise kernel can walk
+    them flat in memory order; None when they cannot."""
+    first = arrays[0]
+    if any(a.strides != first.strides or a.shape != first.shape for a in arrays[1:]):
+        return None
+    order = np.argsort([-abs(s) for s in first.strides], kind="stable")
+    if not first.transpose(order).flags.c_contiguous:
+        return None
+    return [a.transpose(order).reshape(-1) for a in arrays]
 
 
 class _Elementwise(Layer):
@@ -52,8 +65,17 @@ class ReLU(_Elementwise):
         return y
 
     def backward(self, dy):
+        """``dy`` where the output is positive, 0 elsewhere (NaN in ``dy`` there too,
+        as PyTorch)."""
         self._check_backward(dy)
-        return np.multiply(dy, self._saved > 0)
+        y = self._saved
+        dx = np.empty_like(y)
+        flat = _flat_views(dy, y, dx)
+        if flat is None:
+            np.copyto(dx, np.where(y > 0, dy, 0))
+        else:
+            _kernels.relu_backward(*flat)
+        return dx
 
     def extra_repr(self):
         return "inplace=True" if self.inplace else ""
