@@ -197,7 +197,7 @@ class Trainer:
                 x = random_shifts(x, self.config.shift, shifts)
             logits = self.model.forward(x)
             loss, dlogits = cross_entropy(logits, y)
-            self.model.backward(dlogits)
+            self.model.backward(dlogits, input_grad=False)  # the images need no gradient
             self.optimizer.step(self.model.grads)
             loss_sum += loss * len(y)
             correct += int(np.sum(logits.argmax(axis=1) == y))

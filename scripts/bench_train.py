@@ -36,7 +36,7 @@ from numbabn.optim import Adam
 def numbabn_step(model, opt):
     def step(x, y):
         loss, dlogits = cross_entropy(model.forward(x), y)
-        model.backward(dlogits)
+        model.backward(dlogits, input_grad=False)
         opt.step(model.grads)
         return loss
     return step

@@ -429,3 +429,37 @@ def test_cross_entropy_matches_torch_and_is_stable(rng):
 def test_cross_entropy_bad_targets(targets, match):
     with pytest.raises(ValueError, match=match):
         cross_entropy(np.zeros((2, 3)), targets)
+
+
+@pytest.mark.parametrize("build", [
+    lambda rng: Sequential(Conv2d(1, 3, 3, dtype=F64, rng=rng), ReLU(), BatchNorm2d(3, dtype=F64),
+                           Flatten(), Linear(3 * 4 * 4, 5, dtype=F64, rng=rng)),
+    lambda rng: Sequential(Flatten(), Linear(36, 5, dtype=F64, rng=rng), ReLU(),
+                           BatchNorm1d(5, dtype=F64), Linear(5, 2, dtype=F64, rng=rng)),
+    lambda rng: Sequential(BatchNorm2d(1, dtype=F64), Conv2d(1, 2, 3, dtype=F64, rng=rng), Flatten()),
+], ids=["conv-first", "flatten-then-linear", "batchnorm-first"])
+def test_backward_without_input_grad_gives_the_same_parameter_grads(rng, build):
+    """``input_grad=False`` skips dL/dx of the input, nothing else: the same
+    parameter gradients to the bit, and None returned."""
+    model = build(np.random.default_rng(5))
+    x = rng.standard_normal((4, 1, 6, 6))
+    y = model.forward(x)
+    dy = rng.standard_normal(y.shape)
+    dx = model.backward(dy)
+    assert dx.shape == x.shape
+    full = {k: v.copy() for k, v in model.grads.items()}
+    for g in model.grads.values():
+        g[...] = np.nan
+    model.forward(x)
+    assert model.backward(dy, input_grad=False) is None
+    for k, g in model.grads.items():
+        np.testing.assert_array_equal(g, full[k], err_msg=k)
+
+
+def test_backward_without_input_grad_and_no_parameters(rng):
+    model = Sequential(ReLU(), Flatten())
+    x = rng.standard_normal((2, 3, 4))
+    model.forward(x)
+    assert model.backward(rng.standard_normal((2, 12)), input_grad=False) is None
+    with pytest.raises(TypeError, match="input_grad"):
+        model.backward(rng.standard_normal((2, 12)), input_grad="no")

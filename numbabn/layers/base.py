@@ -47,8 +47,14 @@ class Layer:
         """Compute the layer's output for ``x`` and keep what backward needs."""
         raise NotImplementedError
 
-    def backward(self, dy):
-        """Given ``dL/dy`` for the last forward's output, fill ``grads`` and return ``dL/dx``."""
+    def backward(self, dy, input_grad=True):
+        """Given ``dL/dy`` for the last forward's output, fill ``grads`` and return ``dL/dx``.
+
+        Layers with parameters also take ``input_grad=False`` (what
+        :meth:`Sequential.backward` passes to a model's first such layer when
+        its input is data): they fill ``grads``, may skip computing ``dL/dx``,
+        and return None.
+        """
         raise NotImplementedError
 
     def __call__(self, x):

@@ -88,8 +88,9 @@ class _BatchNorm(Layer):
         F.update_running_stats(self.running_mean, self.running_var, mean,
                                var.astype(self.dtype), count, factor)
 
-    def backward(self, dy):
-        """Return ``dL/dx``; fill ``grads['weight']`` and ``grads['bias']`` when affine."""
+    def backward(self, dy, input_grad=True):
+        """Return ``dL/dx`` (None when ``input_grad`` is False); fill
+        ``grads['weight']`` and ``grads['bias']`` when affine."""
         x, mean, invstd, y_shape = self._cache or (None, None, None, None)
         _check.grad_output(dy, type(self).__name__, y_shape, self.dtype)
         if mean is not None:
@@ -99,7 +100,7 @@ class _BatchNorm(Layer):
         if self.affine:
             self.grads["weight"][...] = dweight
             self.grads["bias"][...] = dbias
-        return dx
+        return dx if input_grad else None
 
     def _backward_eval(self, dy, x):
         """Gradient through ``(x - running_mean) * invstd * weight + bias`` (constants)."""

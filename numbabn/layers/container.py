@@ -54,10 +54,24 @@ class Sequential(Layer):
             x = layer.forward(x)
         return x
 
-    def backward(self, dy):
-        for layer in reversed(self.layers):
+    def backward(self, dy, input_grad=True):
+        """Run the layers' backward passes in reverse and return ``dL/dx``.
+
+        ``input_grad=False`` says the model's input is data, as a tensor without
+        ``requires_grad`` in PyTorch: the first layer with parameters fills its
+        ``grads`` without computing ``dL/dx``, the layers before it (which have
+        no parameters) are skipped, and None is returned.
+        """
+        if _check.flag(input_grad, "input_grad"):
+            for layer in reversed(self.layers):
+                dy = layer.backward(dy)
+            return dy
+        first = next((i for i, layer in enumerate(self.layers) if layer.params), None)
+        if first is None:
+            return None
+        for layer in reversed(self.layers[first + 1:]):
             dy = layer.backward(dy)
-        return dy
+        return self.layers[first].backward(dy, input_grad=False)
 
     def train(self, mode=True):
         self.training = _check.flag(mode, "mode")

@@ -146,8 +146,9 @@ class Conv2d(Layer):
         self._cache = (x_nhwc, kept, y.shape)
         return y.transpose(0, 3, 1, 2)
 
-    def backward(self, dy):
-        """Return ``dL/dx`` (channels-last memory, NCHW shape); fill ``grads``."""
+    def backward(self, dy, input_grad=True):
+        """Return ``dL/dx`` (channels-last memory, NCHW shape; None when
+        ``input_grad`` is False, which skips its GEMM and col2im); fill ``grads``."""
         x_nhwc, kept, y_shape = self._cache or (None, None, None)
         y_shape_nchw = None if y_shape is None else (y_shape[0], y_shape[3], y_shape[1], y_shape[2])
         _check.grad_output(dy, "Conv2d", y_shape_nchw, self.dtype)
@@ -161,7 +162,7 @@ class Conv2d(Layer):
         dw_chunk = np.empty_like(dwmat)
         dbias = np.zeros(c_out, np.float64)
         dbias_chunk = np.empty_like(dbias)
-        dx = np.empty(x_nhwc.shape, self.dtype)
+        dx = np.empty(x_nhwc.shape, self.dtype) if input_grad else None
         kh, kw = self.kernel_size
         for n0, n1 in chunks:
             if kept is None:
@@ -175,13 +176,14 @@ class Conv2d(Layer):
             if self.bias is not None:
                 _kernels.column_sums(dy2d, dbias_chunk)
                 dbias += dbias_chunk
-            # The chunk's columns are no longer needed: overwrite them with dcols.
-            np.matmul(dy2d, wmat_t, out=cols2d)
-            _kernels.col2im(cols, *self.stride, *self.padding, dx[n0:n1])
+            if input_grad:
+                # The chunk's columns are no longer needed: overwrite them with dcols.
+                np.matmul(dy2d, wmat_t, out=cols2d)
+                _kernels.col2im(cols, *self.stride, *self.padding, dx[n0:n1])
         self.grads["weight"][...] = dwmat.reshape(kh, kw, self.in_channels, c_out).transpose(3, 2, 0, 1)
         if self.bias is not None:
             self.grads["bias"][...] = dbias
-        return dx.transpose(0, 3, 1, 2)
+        return dx.transpose(0, 3, 1, 2) if input_grad else None
 
     def extra_repr(self):
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "

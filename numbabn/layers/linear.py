@@ -58,14 +58,15 @@ class Linear(Layer):
         self._x = x
         return y
 
-    def backward(self, dy):
-        """Return ``dy @ weight``; fill ``grads`` with ``dy.T @ x`` and ``dy.sum(0)``."""
+    def backward(self, dy, input_grad=True):
+        """Return ``dy @ weight`` (None when ``input_grad`` is False); fill ``grads``
+        with ``dy.T @ x`` and ``dy.sum(0)``."""
         y_shape = None if self._x is None else (self._x.shape[0], self.out_features)
         _check.grad_output(dy, "Linear", y_shape, self.dtype)
         np.matmul(dy.T, self._x, out=self.grads["weight"])
         if self.bias is not None:
             np.sum(dy, axis=0, out=self.grads["bias"])
-        return np.matmul(dy, self.weight)
+        return np.matmul(dy, self.weight) if input_grad else None
 
     def extra_repr(self):
         return f"{self.in_features}, {self.out_features}, bias={self.bias is not None}"
