@@ -19,14 +19,22 @@ from numbabn._cpu import ops
 ROOT = Path(__file__).resolve().parents[1]
 
 # (shape, axis): fused NCHW, two-phase NCHW (3 channels, huge inner), dense and
-# channels-last two-phase, inner smaller than a vector, several row blocks.
+# channels-last two-phase, inner smaller than a vector, several row blocks, and
+# whole rows streamed from memory (backward sums one row at a time).
 PATH_CASES = [
     ((16, 32, 9, 9), 1),
     ((4, 3, 150, 150), 1),
     ((700, 300), 1),
     ((6, 20, 20, 40), -1),
     ((300, 10, 3), 1),
+    ((9000, 64), 1),
 ]
+
+
+def test_path_cases_cover_both_channels_last_backward_sums():
+    by_row = {shape: ops._plan((int(np.prod(shape)) // shape[axis], shape[axis], 1), 4, 2).by_row
+              for shape, axis in PATH_CASES if axis == -1 or len(shape) == 2}
+    assert by_row == {(700, 300): False, (6, 20, 20, 40): False, (9000, 64): True}
 
 
 @pytest.fixture
@@ -142,7 +150,7 @@ print(json.dumps(out))
 
 def _hashes(threads):
     env = dict(os.environ, NUMBA_NUM_THREADS=str(threads), PYTHONPATH=str(ROOT))
-    cases = json.dumps([[list(s), a] for s, a in PATH_CASES + [((9000, 64), 1)]])
+    cases = json.dumps([[list(s), a] for s, a in PATH_CASES])
     res = subprocess.run([sys.executable, "-c", HASH_SCRIPT, cases], env=env, cwd=ROOT,
                          capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr

@@ -445,7 +445,7 @@ def _affine_nc(x, r0, r1, c0, c1, coef, y):
 def _rows_backward_sums_nc(dy, x, r0, r1, c0, c1, m, sc, acc):
     """The three sums of columns [c0, c1) over rows [r0, r1) in the input's
     dtype into ``acc`` (3, width); four rows at a time as in
-    :func:`_chunk_sums_nc`."""
+    :func:`_chunk_sums_nc` (for column blocks, or data in cache)."""
     w = c1 - c0
     s0 = acc[0]
     s1 = acc[1]
@@ -490,12 +490,35 @@ def _rows_backward_sums_nc(dy, x, r0, r1, c0, c1, m, sc, acc):
             s2[i] += e
 
 
+@njit(**CPU_JIT)
+def _row_backward_sums_nc(dy, x, r0, r1, c0, c1, m, sc, acc):
+    """As :func:`_rows_backward_sums_nc`, one row at a time: each load walks
+    memory in order, which is faster when whole rows stream from memory."""
+    w = c1 - c0
+    s0 = acc[0]
+    s1 = acc[1]
+    s2 = acc[2]
+    for i in range(w):
+        s0[i] = 0.0
+        s1[i] = 0.0
+        s2[i] = 0.0
+    for r in range(r0, r1):
+        gr = dy[r, c0:c1]
+        xr = x[r, c0:c1]
+        for i in range(w):
+            a = gr[i]
+            e = (xr[i] - m[i]) * sc[i]
+            s0[i] += a
+            s1[i] += a * e
+            s2[i] += e
+
+
 @njit(**CPU_JIT_STRICT)
-def _chunk_backward_sums_nc(dy, x, r0, r1, c0, c1, mean, scale, sdy, sdyxc, sxc, acc):
+def _chunk_backward_sums_nc(dy, x, r0, r1, c0, c1, mean, scale, by_row, sdy, sdyxc, sxc, acc):
     """``sum(dy)``, ``sum(dy * xc)``, ``sum(xc)`` of columns [c0, c1) over rows
     [r0, r1) into ``sdy``, ``sdyxc``, ``sxc`` (float64), ``xc = (x - mean) *
     scale``: blocks of ``BWD_NC_ROWS`` rows summed in the input's dtype, added
-    in block order."""
+    in block order; ``by_row`` picks :func:`_row_backward_sums_nc`."""
     w = c1 - c0
     m = mean[c0:c1]
     sc = scale[c0:c1]
@@ -504,7 +527,10 @@ def _chunk_backward_sums_nc(dy, x, r0, r1, c0, c1, mean, scale, sdy, sdyxc, sxc,
         sdyxc[i] = 0.0
         sxc[i] = 0.0
     for b0 in range(r0, r1, BWD_NC_ROWS):
-        _rows_backward_sums_nc(dy, x, b0, min(b0 + BWD_NC_ROWS, r1), c0, c1, m, sc, acc)
+        if by_row:
+            _row_backward_sums_nc(dy, x, b0, min(b0 + BWD_NC_ROWS, r1), c0, c1, m, sc, acc)
+        else:
+            _rows_backward_sums_nc(dy, x, b0, min(b0 + BWD_NC_ROWS, r1), c0, c1, m, sc, acc)
         for i in range(w):
             sdy[i] += np.float64(acc[0, i])
             sdyxc[i] += np.float64(acc[1, i])
@@ -572,8 +598,9 @@ def normalize_nc(x, mean, var, weight, bias, eps, rows, coef, y):
 
 
 @njit(**CPU_JIT_PARALLEL)
-def backward_nc(dy, x, mean, invstd, weight, rows, width, nth, p, coef, dwb, dx):
-    """As :func:`backward_nchw` for (rows, C) data; ``p`` is (3, row blocks, C)."""
+def backward_nc(dy, x, mean, invstd, weight, rows, width, by_row, nth, p, coef, dwb, dx):
+    """As :func:`backward_nchw` for (rows, C) data; ``p`` is (3, row blocks, C);
+    ``by_row`` as in :func:`_chunk_backward_sums_nc`."""
     nrows, nfeat = x.shape
     nrb = _cdiv(nrows, rows)
     nth = min(nth, nrb)
@@ -586,7 +613,7 @@ def backward_nc(dy, x, mean, invstd, weight, rows, width, nth, p, coef, dwb, dx)
             r1 = min(r0 + rows, nrows)
             for c0 in range(0, nfeat, width):
                 c1 = min(c0 + width, nfeat)
-                _chunk_backward_sums_nc(dy, x, r0, r1, c0, c1, mean, scale,
+                _chunk_backward_sums_nc(dy, x, r0, r1, c0, c1, mean, scale, by_row,
                                         p[0, rb, c0:c1], p[1, rb, c0:c1], p[2, rb, c0:c1], acc)
     for b in prange(_cdiv(nfeat, NC_MERGE_COLS)):
         c0 = b * NC_MERGE_COLS

@@ -15,7 +15,7 @@ from functools import lru_cache
 import numpy as np
 from numba import get_num_threads
 
-from .._config import CHUNK_ELEMS, FUSE_BYTES, FUSE_MIN_TASKS, NC_COLS
+from .._config import CHUNK_ELEMS, FUSE_BYTES, FUSE_MIN_TASKS, NC_COLS, NC_STREAM_MIN_BYTES
 from . import kernels as k
 
 
@@ -26,10 +26,11 @@ class _Plan:
     ``(outer, inner)`` plane, and ``fused`` says whether one task per feature
     may read its inputs (``nread`` arrays of this shape) and keep them in cache
     for the output pass.  Channel-contiguous (``inner == 1``): a chunk is
-    ``rows`` rows of a block of ``cols`` columns; never fused.
+    ``rows`` rows of a block of ``cols`` columns; never fused; ``by_row`` says
+    whether the backward sums take one row at a time (``NC_STREAM_MIN_BYTES``).
     """
 
-    __slots__ = ("channels_last", "rows", "cols", "nchunks", "fused")
+    __slots__ = ("channels_last", "rows", "cols", "nchunks", "fused", "by_row")
 
     def __init__(self, shape3, itemsize, nread):
         outer, nfeat, inner = shape3
@@ -39,12 +40,14 @@ class _Plan:
             self.rows = max(1, CHUNK_ELEMS // self.cols)
             self.nchunks = -(-outer // self.rows)  # row blocks
             self.fused = False
+            self.by_row = self.cols == nfeat and nread * outer * nfeat * itemsize > NC_STREAM_MIN_BYTES
         else:
             self.cols = min(inner, CHUNK_ELEMS)
             self.rows = max(1, CHUNK_ELEMS // self.cols)
             self.nchunks = -(-outer // self.rows) * -(-inner // self.cols)
             task_bytes = nread * outer * inner * itemsize
             self.fused = nfeat >= FUSE_MIN_TASKS and task_bytes <= FUSE_BYTES
+            self.by_row = False
 
 
 @lru_cache(maxsize=256)
@@ -152,7 +155,7 @@ def batch_norm_backward(dy3, x3, mean, invstd, weight, dx3):
     dwb = np.empty((2, nfeat), dtype)
     if plan.channels_last:
         p = np.empty((3, plan.nchunks, nfeat))
-        k.backward_nc(_as2d(dy3), _as2d(x3), mean, invstd, w, plan.rows, plan.cols,
+        k.backward_nc(_as2d(dy3), _as2d(x3), mean, invstd, w, plan.rows, plan.cols, plan.by_row,
                       get_num_threads(), p, coef, dwb, _as2d(dx3))
     else:
         p = _NO_PARTIALS3 if plan.fused else np.empty((3, nfeat, plan.nchunks))
