@@ -246,19 +246,23 @@ def validate(op: str, name: str, result, ref, dtype):
             raise AssertionError(f"{op}/{name} output {i}: error {err:.3g} > {tol:g} (relative to max |ref|)")
 
 
-def time_interleaved(fns: dict, budget_s=2.0, block=4, min_rounds=3, max_rounds=200):
+def time_interleaved(fns: dict, budget_s=2.0, block=4, min_rounds=3, max_rounds=200, settle_s=0.01):
     """Best and median seconds per call of each function.
 
     Rounds of ``block + 1`` calls per function, functions in turn, so that all see
-    the same (shared, noisy) machine over time; the first call of each block is
-    not timed, so no function pays for the previous one's thread pool still
-    spinning.  Returns ``{name: (best, median)}``.
+    the same (shared, noisy) machine over time.  Before each block the machine is
+    left idle for ``settle_s``: numbabn (Numba's OpenMP) and PyTorch (its own
+    OpenMP copy) keep separate thread pools, whose idle workers spin for a while
+    after each call and would take the cores from the next block's function.
+    The first call of each block is not timed (it wakes the pool).  Returns
+    ``{name: (best, median)}``.
     """
     times = {name: [] for name in fns}
     start = time.perf_counter()
     rounds = 0
     while rounds < min_rounds or (time.perf_counter() - start < budget_s and rounds < max_rounds):
         for name, fn in fns.items():
+            time.sleep(settle_s)
             fn()
             for _ in range(block):
                 t0 = time.perf_counter()
