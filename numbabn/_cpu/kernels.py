@@ -442,18 +442,33 @@ def _affine_nc(x, r0, r1, c0, c1, coef, y):
 
 
 @njit(**CPU_JIT)
-def _rows_backward_sums_nc(dy, x, r0, r1, c0, c1, m, sc, acc):
-    """The three sums of columns [c0, c1) over rows [r0, r1) in the input's
-    dtype into ``acc`` (3, width); four rows at a time as in
-    :func:`_chunk_sums_nc` (for column blocks, or data in cache)."""
+def _add_backward_sums_nc(dy, x, r0, r1, c0, c1, m, sc, acc):
+    """Add the three sums of columns [c0, c1) over rows [r0, r1), in the input's
+    dtype, to ``acc`` (3, width), one row at a time: every load walks memory in
+    order, which is fastest when whole rows stream from memory."""
     w = c1 - c0
     s0 = acc[0]
     s1 = acc[1]
     s2 = acc[2]
-    for i in range(w):
-        s0[i] = 0.0
-        s1[i] = 0.0
-        s2[i] = 0.0
+    for r in range(r0, r1):
+        gr = dy[r, c0:c1]
+        xr = x[r, c0:c1]
+        for i in range(w):
+            a = gr[i]
+            e = (xr[i] - m[i]) * sc[i]
+            s0[i] += a
+            s1[i] += a * e
+            s2[i] += e
+
+
+@njit(**CPU_JIT)
+def _add_backward_sums_nc4(dy, x, r0, r1, c0, c1, m, sc, acc):
+    """As :func:`_add_backward_sums_nc`, four rows at a time as in
+    :func:`_chunk_sums_nc` (faster for column blocks and data in cache)."""
+    w = c1 - c0
+    s0 = acc[0]
+    s1 = acc[1]
+    s2 = acc[2]
     r = r0
     while r + 4 <= r1:
         g0 = dy[r, c0:c1]
@@ -479,38 +494,7 @@ def _rows_backward_sums_nc(dy, x, r0, r1, c0, c1, m, sc, acc):
             s1[i] += (a0 * e0 + a1 * e1) + (a2 * e2 + a3 * e3)
             s2[i] += (e0 + e1) + (e2 + e3)
         r += 4
-    for r in range(r, r1):
-        gr = dy[r, c0:c1]
-        xr = x[r, c0:c1]
-        for i in range(w):
-            a = gr[i]
-            e = (xr[i] - m[i]) * sc[i]
-            s0[i] += a
-            s1[i] += a * e
-            s2[i] += e
-
-
-@njit(**CPU_JIT)
-def _row_backward_sums_nc(dy, x, r0, r1, c0, c1, m, sc, acc):
-    """As :func:`_rows_backward_sums_nc`, one row at a time: each load walks
-    memory in order, which is faster when whole rows stream from memory."""
-    w = c1 - c0
-    s0 = acc[0]
-    s1 = acc[1]
-    s2 = acc[2]
-    for i in range(w):
-        s0[i] = 0.0
-        s1[i] = 0.0
-        s2[i] = 0.0
-    for r in range(r0, r1):
-        gr = dy[r, c0:c1]
-        xr = x[r, c0:c1]
-        for i in range(w):
-            a = gr[i]
-            e = (xr[i] - m[i]) * sc[i]
-            s0[i] += a
-            s1[i] += a * e
-            s2[i] += e
+    _add_backward_sums_nc(dy, x, r, r1, c0, c1, m, sc, acc)
 
 
 @njit(**CPU_JIT_STRICT)
@@ -518,7 +502,7 @@ def _chunk_backward_sums_nc(dy, x, r0, r1, c0, c1, mean, scale, by_row, sdy, sdy
     """``sum(dy)``, ``sum(dy * xc)``, ``sum(xc)`` of columns [c0, c1) over rows
     [r0, r1) into ``sdy``, ``sdyxc``, ``sxc`` (float64), ``xc = (x - mean) *
     scale``: blocks of ``BWD_NC_ROWS`` rows summed in the input's dtype, added
-    in block order; ``by_row`` picks :func:`_row_backward_sums_nc`."""
+    in block order, one row at a time with ``by_row``, else four."""
     w = c1 - c0
     m = mean[c0:c1]
     sc = scale[c0:c1]
@@ -527,10 +511,11 @@ def _chunk_backward_sums_nc(dy, x, r0, r1, c0, c1, mean, scale, by_row, sdy, sdy
         sdyxc[i] = 0.0
         sxc[i] = 0.0
     for b0 in range(r0, r1, BWD_NC_ROWS):
+        acc[...] = 0.0
         if by_row:
-            _row_backward_sums_nc(dy, x, b0, min(b0 + BWD_NC_ROWS, r1), c0, c1, m, sc, acc)
+            _add_backward_sums_nc(dy, x, b0, min(b0 + BWD_NC_ROWS, r1), c0, c1, m, sc, acc)
         else:
-            _rows_backward_sums_nc(dy, x, b0, min(b0 + BWD_NC_ROWS, r1), c0, c1, m, sc, acc)
+            _add_backward_sums_nc4(dy, x, b0, min(b0 + BWD_NC_ROWS, r1), c0, c1, m, sc, acc)
         for i in range(w):
             sdy[i] += np.float64(acc[0, i])
             sdyxc[i] += np.float64(acc[1, i])
