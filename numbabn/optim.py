@@ -180,7 +180,7 @@ class Adam(Optimizer):
         b1, b2 = self.betas
         m = self.state["exp_avg"][key]
         v = self.state["exp_avg_sq"][key]
-        if all(a.flags.c_contiguous for a in (p, g, m, v)):
+        if p.dtype in _KERNEL_DTYPES and all(a.flags.c_contiguous for a in (p, g, m, v)):
             t = p.dtype.type
             _adam_kernel(p.reshape(-1), g.reshape(-1), m.reshape(-1), v.reshape(-1),
                          t(b1), t(1.0 - b1), t(b2), t(1.0 - b2),
@@ -196,6 +196,9 @@ class Adam(Optimizer):
         denom /= np.sqrt(1.0 - b2 ** self.step_count)
         denom += self.eps
         p -= step_size * (m / denom)
+
+
+_KERNEL_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
 @njit(**CPU_JIT_IEEE_PARALLEL)
