@@ -160,7 +160,7 @@ def chart(rows, ops, path):
         ax.set_xticklabels([r["label"].replace(" float", "\nfloat") for r in rs], fontsize=7)
         ax.set_ylabel("GB/s (minimal traffic)")
         ax.set_title(f"{op}: {TRAFFIC[op]} passes of the tensor")
-        ax.legend(fontsize=7, ncol=4, loc="upper right")
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.005, 1.0), markerscale=0.3)
         ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
