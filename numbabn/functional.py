@@ -47,8 +47,11 @@ def _output(be, x, layout, out=None, inputs=None):
     """Return ``(y3, y, finish)``: where kernels write, what to return, and a
     callback that copies into ``out`` when ``out`` could not be written directly
     (not viewable as 3-D, or overlapping one of ``inputs``, default ``(x,)``, in
-    some other way than being that very array)."""
+    some other way than being that very array).  Checks ``out`` first: callers
+    run it before any kernel, so a bad ``out`` changes nothing."""
     inputs = (x,) if inputs is None else inputs
+    if out is not None:
+        v.check_out(out, x)
     if be is not _backend.CPU:
         return be.layout.output_3d(x, layout, out, inputs)
     if out is None:
@@ -128,8 +131,6 @@ def normalize(x, mean, var, weight=None, bias=None, eps=1e-5, axis=1, out=None):
     v.check_vector(var, "var", nfeat, x.dtype)
     _check_affine(weight, bias, nfeat, x.dtype)
     eps = v.check_eps(eps)
-    if out is not None:
-        v.check_out(out, x)
     y3, y, finish = _output(be, x, layout, out)
     with be.guard(x):
         be.ops.normalize(_view(be, x, layout), mean, var, weight, bias, eps, y3)
@@ -170,8 +171,6 @@ def batch_norm_train(x, weight=None, bias=None, eps=1e-5, axis=1, out=None):
     _check_affine(weight, bias, nfeat, x.dtype)
     eps = v.check_eps(eps)
     v.check_training_count(layout.count, x.shape, axis)
-    if out is not None:
-        v.check_out(out, x)
     y3, y, finish = _output(be, x, layout, out)
     with be.guard(x):
         mean, invstd, _ = be.ops.batch_norm_train(_view(be, x, layout), weight, bias, eps, y3)
@@ -211,8 +210,6 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, axis=1, out=None):
     v.check_vector(invstd, "invstd", nfeat, x.dtype)
     if weight is not None:
         v.check_vector(weight, "weight", nfeat, x.dtype)
-    if out is not None:
-        v.check_out(out, x)
     dx3, dx, finish = _output(be, x, layout, out, inputs=(x, dy))
     with be.guard(x):
         dweight, dbias = be.ops.batch_norm_backward(

@@ -65,8 +65,8 @@ class ReLU(_Elementwise):
         return y
 
     def backward(self, dy):
-        """``dy`` where the output is positive, 0 elsewhere (NaN in ``dy`` there too,
-        as PyTorch)."""
+        """``dy`` where the output is positive, else 0 (also where ``dy`` is NaN or
+        inf, as PyTorch's ``threshold_backward``)."""
         self._check_backward(dy)
         y = self._saved
         dx = np.empty_like(y)
