@@ -10,6 +10,7 @@ import numpy as np
 from numba import njit, prange
 
 from .._config import CHUNK_ELEMS, CPU_JIT_PARALLEL, CPU_JIT_STRICT
+from .._cpu.kernels import _accumulate
 
 
 @njit(**CPU_JIT_PARALLEL)
@@ -101,9 +102,7 @@ def max_pool_backward(dy, argmax, dx):
 @njit(**CPU_JIT_STRICT)
 def _add_rows(a, r0, r1, acc):
     for r in range(r0, r1):
-        row = a[r]
-        for j in range(acc.shape[0]):
-            acc[j] += row[j]
+        _accumulate(acc, a[r], acc.shape[0])
 
 
 @njit(**CPU_JIT_PARALLEL)
@@ -122,11 +121,9 @@ def column_sums(a, out):
     partial = np.zeros((nblocks, ncol))
     for b in prange(nblocks):
         _add_rows(a, b * rows, min((b + 1) * rows, n), partial[b])
-    for j in range(ncol):
-        out[j] = 0.0
+    out[:] = 0.0
     for b in range(nblocks):
-        for j in range(ncol):
-            out[j] += partial[b, j]
+        _accumulate(out, partial[b], ncol)
 
 
 @njit(**CPU_JIT_PARALLEL)
