@@ -32,22 +32,22 @@ PATH_CASES = [
 
 
 def test_path_cases_cover_both_channels_last_backward_sums():
-    by_row = {shape: ops._plan((int(np.prod(shape)) // shape[axis], shape[axis], 1), 4, 2).by_row
+    by_row = {shape: ops.plan((int(np.prod(shape)) // shape[axis], shape[axis], 1), 4, 2).by_row
               for shape, axis in PATH_CASES if axis == -1 or len(shape) == 2}
-    assert by_row == {(700, 300): False, (6, 20, 20, 40): False, (9000, 64): True}
+    assert by_row == {(700, 300): 0, (6, 20, 20, 40): 0, (9000, 64): 1}
 
 
 @pytest.fixture
 def force_path(monkeypatch):
     """Force the NCHW fused (True) or two-phase (False) path."""
+    plan = ops.plan
+
     def force(fused):
         def patched(shape3, itemsize, nread):
-            p = ops._Plan(shape3, itemsize, nread)
-            if not p.channels_last:
-                p.fused = fused
-            return p
+            g = plan(shape3, itemsize, nread)
+            return g if shape3[2] == 1 else g._replace(fused=int(fused))
 
-        monkeypatch.setattr(ops, "_plan", patched)
+        monkeypatch.setattr(ops, "plan", patched)
     return force
 
 

@@ -1,5 +1,20 @@
 """Numba CPU kernels.  Private: inputs are validated, shaped and allocated by ``ops.py``.
 
+The per-value and per-feature maths is :mod:`numbabn._core`'s, compiled here
+(the GPU twins in :mod:`numbabn._gpu.kernels` compile the same functions).  Each
+kernel runs the phases of one operation, named as on the GPU:
+
+* ``forward_*``: moments partials per chunk (:func:`_chunk_sums_nchw` /
+  :func:`_chunk_sums_nc`, turned into ``(count, mean, M2)`` by
+  ``shifted_moments``), their Chan merge in chunk order, the coefficients, and
+  optionally the affine pass ``y = (x - HI) * SCALE + OFFSET``;
+* ``normalize_*``: the affine pass with given statistics (eval mode, and
+  ``batch_norm_elemt``);
+* ``backward_*``: the three backward sums per chunk, their merge in chunk order,
+  and optionally the coefficients and the dx pass
+  ``dx = (dy + (x - HI) * XC_COEF + DY_SHIFT) * DX_SCALE``;
+* ``backward_elemt_*``: the dx pass with given sums (``batch_norm_backward_elemt``).
+
 Batch norm is memory-bound.  The least a training forward can move is 2 passes
 of the tensor (read ``x``, write ``y``), the backward 3 (read ``x`` and ``dy``,
 write ``dx``); a plain copy (2 passes) is the ceiling to compare with.  So each
@@ -7,16 +22,16 @@ operation is one kernel call, and each input is read from memory once where the
 data allows:
 
 * **fused** (NCHW-like data, enough features, a feature small enough to stay in
-  cache): one task per feature sums it (pass 1, from memory), turns the sums into
-  coefficients, and writes its output (pass 2, from L2/L3 where pass 1 left it).
+  cache): one task per feature reduces it (pass 1, from memory), turns the result
+  into coefficients, and writes its output (pass 2, from L2/L3 where pass 1 left
+  it).
 * **two-phase** (channel-contiguous data, few features, or huge features): a
-  parallel loop writes one partial sum per chunk, a second merges them per
-  feature, a third writes the output.  Both cores work whatever the number of
-  features (3 channels, or a dense ``(N, C)``).  Each thread takes the same
-  contiguous range of chunks in both passes and walks it backwards the second
-  time, so the output pass starts on the data its own statistics pass read last
-  (still in its L2 / the L3).  The ranges depend on the thread count, the chunks
-  and their merge order do not.
+  parallel loop writes one partial per chunk, a second merges them per feature,
+  a third writes the output.  Both cores work whatever the number of features.
+  Each thread takes the same contiguous range of chunks in both passes and walks
+  it backwards the second time, so the output pass starts on the data its own
+  reduction read last (still in its L2 / the L3).  The ranges depend on the
+  thread count, the chunks and their merge order do not.
 
 Two layouts, chosen by ``x`` seen as ``(outer, C, inner)``:
 
@@ -25,32 +40,24 @@ Two layouts, chosen by ``x`` seen as ``(outer, C, inner)``:
 * ``*_nc`` kernels take the 2-D view ``(rows, C)`` of channel-contiguous data
   (NHWC, dense ``(N, C)``), vectorising across features.
 
-Numerics.  Forward sums are float64 whatever the input dtype.  The backward's
-three sums (``dy``, ``dy * xc``, ``xc`` with ``xc = (x - mean) * scale``,
-``scale`` a power of two near ``invstd``) are taken in the input's dtype over
-short blocks fixed by the shape (``BWD_BLOCK`` values of a row,
-``BWD_NC_ROWS`` rows of a column) and the block sums added in float64, in
-order: ``x - mean`` is exact near the mean (Sterbenz), the scale keeps the
+Launch geometry comes in one ``ops.Geometry`` tuple (rows and columns of a chunk,
+threads, path flags, block lengths): every tunable is a kernel argument, never a
+constant frozen into the compiled (and disk-cached) code.
+
+Numerics.  Forward moments: each chunk sums ``x - shift`` and its square in
+float64 about the chunk's first value (``shift``), which bounds the cancellation
+in ``M2`` by the chunk, then chunks are merged with Chan's formula in chunk
+order.  Backward sums ``dy``, ``dy * xc`` and ``xc`` with ``xc = (x - hi) *
+scale`` (``hi`` the mean in the input's dtype, ``scale`` a power of two near
+``invstd``) are taken in the input's dtype over short blocks fixed by the shape
+(``bwd_block`` values of a row, or rows of a column) and the block sums added in
+float64 in order: ``x - hi`` is exact near the mean (Sterbenz), the scale keeps
 products in range for any magnitude, and a block's float32 rounding is about
-``block / lanes * 2**-24`` relative.  Statistics are shifted
-sums: with ``shift`` = the feature's first value, ``s1 = sum(x - shift)`` and
-``s2 = sum((x - shift)**2)`` give ``mean = shift + s1/n`` and
-``var = s2/n - (s1/n)**2``.  The cancellation in ``var`` loses a factor
-``(mean - shift)**2 / var``, which is at most ``n`` because ``shift`` is one of
-the values (a few units for typical data): a relative error of at most about
-``n * 2**-53`` in float64, 1e-10 for a million values, however large the mean
-is next to the spread.  The output is ``(x - hi) * scale + offset`` in the
-input's dtype, where ``hi`` is the float64 mean rounded to the input's dtype:
-``x - hi`` is exact near the mean (Sterbenz), so a large mean costs nothing,
-and the rounding error ``lo = mean - hi`` is folded into the offset in float64
-(``offset = bias - lo * scale``), a term of the size of the output, never the
-catastrophic ``x * scale + (bias - mean * scale)``.
+``block / lanes * 2**-24`` relative (the README's numerics table holds).  The
+output is ``(x - hi) * scale + offset`` in the input's dtype with the rounding
+``mean - hi`` folded into the offset in float64 (see ``_core.affine_coefs``).
 
-Cost.  Per float32 value, pass 1 widens, subtracts and adds in float64: 4
-AVX-512 double ops per 8 values, ~35 GB/s per core (the pass is compute-bound
-in L2/L3, memory-bound beyond); pass 2 is 2 float32 ops per 16 values.
-
-Reproducibility.  Chunks depend on the shape only; chunk sums are merged in chunk
+Reproducibility.  Chunks depend on the shape only; partials are merged in chunk
 order by code compiled without ``reassoc`` (``CPU_JIT_STRICT``); the fused and
 two-phase paths run the same chunk code and the same merge, so results do not
 depend on the thread count or on the path.  Elementwise code is strict too, which
@@ -62,14 +69,19 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from .._config import (
-    BWD_BLOCK,
-    BWD_NC_ROWS,
-    CPU_JIT,
-    CPU_JIT_PARALLEL,
-    CPU_JIT_STRICT,
-    NC_MERGE_COLS,
-)
+from .. import _core
+from .._config import CPU_JIT, CPU_JIT_PARALLEL, CPU_JIT_STRICT
+from .._core import (DX_SCALE, DY_SHIFT, HI, INVSTD, M2, MEAN, OFFSET, SCALE, SUM_DY,
+                     SUM_DY_XHI, SUM_XHI, VAR, XC_COEF)
+
+# The statistics core, compiled for the CPU.
+shifted_moments = njit(**CPU_JIT_STRICT)(_core.shifted_moments)
+chan_merge = njit(**CPU_JIT_STRICT)(_core.chan_merge)
+invstd_of = njit(**CPU_JIT_STRICT)(_core.invstd_of)
+affine_coefs = njit(**CPU_JIT_STRICT)(_core.affine_coefs)
+sum_dy_xmu_about = njit(**CPU_JIT_STRICT)(_core.sum_dy_xmu_about)
+backward_coefs = njit(**CPU_JIT_STRICT)(_core.backward_coefs)
+parameter_grads = njit(**CPU_JIT_STRICT)(_core.parameter_grads)
 
 
 @njit(**CPU_JIT_STRICT)
@@ -83,48 +95,61 @@ def _thread_span(t, nth, total):
     return total * t // nth, total * (t + 1) // nth
 
 
-# =========================================================================== #
-# Per-feature arithmetic (strict: fixed order, no reassociation)
-# =========================================================================== #
-@njit(**CPU_JIT_STRICT)
-def _sum_in_order(p):
-    s = 0.0
-    for k in range(p.shape[0]):
-        s += p[k]
-    return s
-
-
 @njit(**CPU_JIT_STRICT)
 def _accumulate(total, part, width):
     for i in range(width):
         total[i] += part[i]
 
 
+# =========================================================================== #
+# Per-feature coefficients from statistics or sums (strict: fixed order).
+# Each writes column c of the float64 ``stats``/``sums`` tables and of the
+# coefficient table ``coef`` in the input's dtype.
+# =========================================================================== #
 @njit(**CPU_JIT_STRICT)
-def _forward_coefs(c, s1, s2, n, shift, eps, weight, bias, coef, stats):
-    """Mean, invstd, var of feature ``c`` from its shifted sums into ``stats``,
-    and ``coef[:, c] = (hi, scale, offset)`` in the input's dtype."""
-    m = s1 / n
-    mean = shift + m
-    var = s2 / n - m * m
-    if var < 0.0:  # rounding only; keeps NaN
-        var = 0.0
-    invstd = 1.0 / np.sqrt(var + eps)
-    scale = invstd * weight[c]
-    stats[0, c] = mean
-    stats[1, c] = invstd
-    stats[2, c] = var
-    coef[0, c] = mean
-    coef[1, c] = scale
-    coef[2, c] = bias[c] - (mean - coef[0, c]) * scale
+def _store_forward(c, n, mean, m2, eps, weight, bias, coef, stats):
+    var = m2 / n
+    invstd = invstd_of(var, eps)
+    stats[MEAN, c] = mean
+    stats[INVSTD, c] = invstd
+    stats[VAR, c] = var
+    stats[M2, c] = m2
+    coef[HI, c] = mean
+    coef[SCALE, c], coef[OFFSET, c] = affine_coefs(mean, np.float64(coef[HI, c]), invstd,
+                                                   np.float64(weight[c]), np.float64(bias[c]))
 
 
 @njit(**CPU_JIT_STRICT)
-def _eval_coefs(c, mean, var, eps, weight, bias, coef):
-    invstd = 1.0 / np.sqrt(np.float64(var[c]) + eps)
-    coef[0, c] = mean[c]
-    coef[1, c] = invstd * weight[c]
-    coef[2, c] = bias[c]
+def _normalize_coefs(mean, spread, spread_is_var, eps, weight, bias, coef):
+    """Coefficients from a given mean and either var (``spread_is_var``) or invstd."""
+    for c in range(mean.shape[0]):
+        m = np.float64(mean[c])
+        invstd = invstd_of(np.float64(spread[c]), eps) if spread_is_var else np.float64(spread[c])
+        coef[HI, c] = m
+        coef[SCALE, c], coef[OFFSET, c] = affine_coefs(m, np.float64(coef[HI, c]), invstd,
+                                                       np.float64(weight[c]), np.float64(bias[c]))
+
+
+@njit(**CPU_JIT_STRICT)
+def _store_backward(c, n, sdy, sdyxhi, sxhi, hi, invstd, weight, coef, dwb):
+    """Coefficients of dx about the exact batch mean ``hi + sxhi / n`` (``hi``,
+    the saved mean, may have been rounded to float32), and the parameter grads."""
+    mean = hi + sxhi / n
+    sum_dy_xmu = sum_dy_xmu_about(sdy, sdyxhi, hi, mean)
+    coef[HI, c] = mean
+    coef[DX_SCALE, c], coef[XC_COEF, c], coef[DY_SHIFT, c] = backward_coefs(
+        n, sdy, sum_dy_xmu, mean, np.float64(coef[HI, c]), invstd, np.float64(weight[c]))
+    dwb[0, c], dwb[1, c] = parameter_grads(invstd, sdy, sum_dy_xmu)
+
+
+@njit(**CPU_JIT_STRICT)
+def _elemt_backward_coefs(n, mean, invstd, weight, sum_dy, sum_dy_xmu, coef):
+    for c in range(mean.shape[0]):
+        m = np.float64(mean[c])
+        coef[HI, c] = m
+        coef[DX_SCALE, c], coef[XC_COEF, c], coef[DY_SHIFT, c] = backward_coefs(
+            n, sum_dy[c], sum_dy_xmu[c], m, np.float64(coef[HI, c]), np.float64(invstd[c]),
+            np.float64(weight[c]))
 
 
 @njit(**CPU_JIT_STRICT)
@@ -140,7 +165,7 @@ def _pow2_near(v):
 @njit(**CPU_JIT_STRICT)
 def _backward_scales(invstd):
     """Per feature, a power of two near ``invstd`` in the input's dtype: the
-    backward sums take ``xc = (x - mean) * scale`` (exact: a power of two), so
+    backward sums take ``xc = (x - hi) * scale`` (exact: a power of two), so
     ``xc`` is of order 1 and ``dy * xc`` of the order of ``dy`` whatever the
     data's magnitude (1e30 or 1e-30 stays in float32's range)."""
     s = np.empty_like(invstd)
@@ -150,31 +175,11 @@ def _backward_scales(invstd):
 
 
 @njit(**CPU_JIT_STRICT)
-def _backward_coefs(c, sdy, sdyxc, sxc, n, mean, invstd, weight, coef, dwb, scale):
-    """``dx = (dy + (x - hi) * b + d) * a`` for feature ``c``: ``coef[:, c] = (a, hi, b, d)``.
-
-    ``a = invstd * weight``, ``b = -invstd**2 * mean(dy * (x - mean))``,
-    ``d = -mean(dy)`` (plus the folded ``lo`` term): every factor stays in
-    float32's range for data near 1e30, where ``a * b`` would underflow.  The
-    saved ``mean`` may be the batch mean rounded to float32; ``sxc / n`` is its
-    rounding error, so the gradient is taken about the exact batch mean.
-    ``sdyxc`` and ``sxc`` come scaled by ``scale[c]`` (a power of two).
-    """
+def _unscaled_sums(c, sdy, sdyxc, sxc, scale, sums):
     sc = np.float64(scale[c])
-    sdyxc = sdyxc / sc
-    sxc = sxc / sc
-    m = np.float64(mean[c])
-    istd = np.float64(invstd[c])
-    delta = sxc / n
-    true_mean = m + delta
-    cov = (sdyxc - delta * sdy) / n  # mean(dy * (x - true_mean))
-    b = -istd * istd * cov
-    coef[0, c] = istd * weight[c]
-    coef[1, c] = true_mean
-    coef[2, c] = b
-    coef[3, c] = -(sdy / n) - (true_mean - coef[1, c]) * b
-    dwb[0, c] = istd * cov * n
-    dwb[1, c] = sdy
+    sums[SUM_DY, c] = sdy
+    sums[SUM_DY_XHI, c] = sdyxc / sc
+    sums[SUM_XHI, c] = sxc / sc
 
 
 # =========================================================================== #
@@ -198,24 +203,65 @@ def _chunk_sums_nchw(x, c, r0, r1, j0, j1, shift):
 
 
 @njit(**CPU_JIT_STRICT)
-def _feature_sums_nchw(x, c, rows, cols, shift):
-    """Shifted sums of feature ``c``, chunk by chunk in chunk order."""
+def _chunk_moments_nchw(x, c, r0, r1, j0, j1):
+    """``(count, mean, M2)`` of one chunk, about its first value."""
+    n = (r1 - r0) * (j1 - j0)
+    shift = np.float64(x[r0, c, j0])
+    s1, s2 = _chunk_sums_nchw(x, c, r0, r1, j0, j1, shift)
+    mean, m2 = shifted_moments(n, shift, s1, s2)
+    return n, mean, m2
+
+
+@njit(**CPU_JIT_STRICT)
+def _chunk_bounds(k, ncb, rows, cols, outer, inner):
+    """Bounds of chunk ``k`` of a feature: row block ``k // ncb``, column block ``k % ncb``."""
+    r0 = (k // ncb) * rows
+    j0 = (k % ncb) * cols
+    return r0, min(r0 + rows, outer), j0, min(j0 + cols, inner)
+
+
+@njit(**CPU_JIT_STRICT)
+def _feature_moments_nchw(x, c, rows, cols):
+    """Moments of feature ``c``: chunk by chunk, merged in chunk order."""
     outer, _, inner = x.shape
-    s1 = 0.0
-    s2 = 0.0
-    for r0 in range(0, outer, rows):
-        for j0 in range(0, inner, cols):
-            a, b = _chunk_sums_nchw(x, c, r0, min(r0 + rows, outer), j0, min(j0 + cols, inner), shift)
-            s1 += a
-            s2 += b
-    return s1, s2
+    ncb = _cdiv(inner, cols)
+    n = 0.0
+    mean = 0.0
+    m2 = 0.0
+    for k in range(_cdiv(outer, rows) * ncb):
+        r0, r1, j0, j1 = _chunk_bounds(k, ncb, rows, cols, outer, inner)
+        nk, mk, qk = _chunk_moments_nchw(x, c, r0, r1, j0, j1)
+        n, mean, m2 = chan_merge(n, mean, m2, np.float64(nk), mk, qk)
+    return n, mean, m2
+
+
+@njit(**CPU_JIT_STRICT)
+def _merge_chunk_moments_nchw(p, c, ncb, rows, cols, outer, inner):
+    """Chan-merge feature ``c``'s chunk moments ``p[0, c]`` (means), ``p[1, c]``
+    (M2s) in chunk order (strict code: the kernels allow reassociation)."""
+    n = 0.0
+    mean = 0.0
+    m2 = 0.0
+    for k in range(p.shape[2]):
+        r0, r1, j0, j1 = _chunk_bounds(k, ncb, rows, cols, outer, inner)
+        n, mean, m2 = chan_merge(n, mean, m2, np.float64((r1 - r0) * (j1 - j0)), p[0, c, k],
+                                 p[1, c, k])
+    return n, mean, m2
+
+
+@njit(**CPU_JIT_STRICT)
+def _sum_in_order(p):
+    s = 0.0
+    for k in range(p.shape[0]):
+        s += p[k]
+    return s
 
 
 @njit(**CPU_JIT_STRICT)
 def _affine_nchw(x, c, r0, r1, j0, j1, coef, y):
-    hi = coef[0, c]
-    s = coef[1, c]
-    o = coef[2, c]
+    hi = coef[HI, c]
+    s = coef[SCALE, c]
+    o = coef[OFFSET, c]
     for r in range(r0, r1):
         xr = x[r, c, j0:j1]
         yr = y[r, c, j0:j1]
@@ -239,8 +285,8 @@ def _block_backward_sums(dyr, xr, m, s):
 
 
 @njit(**CPU_JIT_STRICT)
-def _chunk_backward_sums_nchw(dy, x, c, r0, r1, j0, j1, m, s):
-    """Float64 sums of blocks of at most ``BWD_BLOCK`` values of each row, in order."""
+def _chunk_backward_sums_nchw(dy, x, c, r0, r1, j0, j1, m, s, block):
+    """Float64 sums of blocks of at most ``block`` values of each row, in order."""
     sdy = 0.0
     sdyxc = 0.0
     sxc = 0.0
@@ -248,8 +294,8 @@ def _chunk_backward_sums_nchw(dy, x, c, r0, r1, j0, j1, m, s):
     for r in range(r0, r1):
         dyr = dy[r, c, j0:j1]
         xr = x[r, c, j0:j1]
-        for b0 in range(0, w, BWD_BLOCK):
-            b1 = min(b0 + BWD_BLOCK, w)
+        for b0 in range(0, w, block):
+            b1 = min(b0 + block, w)
             a, b, e = _block_backward_sums(dyr[b0:b1], xr[b0:b1], m, s)
             sdy += np.float64(a)
             sdyxc += np.float64(b)
@@ -258,28 +304,27 @@ def _chunk_backward_sums_nchw(dy, x, c, r0, r1, j0, j1, m, s):
 
 
 @njit(**CPU_JIT_STRICT)
-def _feature_backward_sums_nchw(dy, x, c, rows, cols, m, s):
+def _feature_backward_sums_nchw(dy, x, c, rows, cols, m, s, block):
     outer, _, inner = x.shape
+    ncb = _cdiv(inner, cols)
     sdy = 0.0
     sdyxc = 0.0
     sxc = 0.0
-    for r0 in range(0, outer, rows):
-        for j0 in range(0, inner, cols):
-            a, b, e = _chunk_backward_sums_nchw(
-                dy, x, c, r0, min(r0 + rows, outer), j0, min(j0 + cols, inner), m, s
-            )
-            sdy += a
-            sdyxc += b
-            sxc += e
+    for k in range(_cdiv(outer, rows) * ncb):
+        r0, r1, j0, j1 = _chunk_bounds(k, ncb, rows, cols, outer, inner)
+        a, b, e = _chunk_backward_sums_nchw(dy, x, c, r0, r1, j0, j1, m, s, block)
+        sdy += a
+        sdyxc += b
+        sxc += e
     return sdy, sdyxc, sxc
 
 
 @njit(**CPU_JIT_STRICT)
 def _dx_nchw(dy, x, c, r0, r1, j0, j1, coef, dx):
-    a = coef[0, c]
-    hi = coef[1, c]
-    b = coef[2, c]
-    d = coef[3, c]
+    a = coef[DX_SCALE, c]
+    hi = coef[HI, c]
+    b = coef[XC_COEF, c]
+    d = coef[DY_SHIFT, c]
     for r in range(r0, r1):
         dyr = dy[r, c, j0:j1]
         xr = x[r, c, j0:j1]
@@ -289,31 +334,27 @@ def _dx_nchw(dy, x, c, r0, r1, j0, j1, coef, dx):
 
 
 @njit(**CPU_JIT_STRICT)
-def _chunk_bounds(u, nchunks, ncb, rows, cols, outer, inner):
-    """Feature and bounds of flat task ``u`` = feature * nchunks + chunk."""
+def _task_chunk(u, nchunks, ncb, rows, cols, outer, inner):
+    """Feature, chunk and bounds of flat task ``u`` = feature * nchunks + chunk."""
     c = u // nchunks
     k = u - c * nchunks
-    r0 = (k // ncb) * rows
-    j0 = (k % ncb) * cols
-    return c, k, r0, min(r0 + rows, outer), j0, min(j0 + cols, inner)
+    r0, r1, j0, j1 = _chunk_bounds(k, ncb, rows, cols, outer, inner)
+    return c, k, r0, r1, j0, j1
 
 
 @njit(**CPU_JIT_PARALLEL)
-def forward_nchw(x, weight, bias, eps, rows, cols, fused, write_y, nth, p1, p2, coef, stats, y):
-    """Batch statistics of ``x`` into ``stats`` (mean, invstd, var), and with
-    ``write_y`` the normalised output into ``y``.  ``p1``/``p2`` are (C, chunks)
-    scratch for the two-phase path, whose passes are split among ``nth`` threads
-    (Numba's thread count, passed in: calling ``get_num_threads`` here would
-    stop the kernel from being cached)."""
+def forward_nchw(x, weight, bias, eps, geom, write_y, p, coef, stats, y):
+    """Batch statistics of ``x`` into ``stats`` (rows MEAN, INVSTD, VAR, M2), and
+    with ``write_y`` the normalised output into ``y``.  ``p`` is (2, C, chunks)
+    scratch for the two-phase path (chunk means and M2s)."""
     outer, nfeat, inner = x.shape
-    n = outer * inner
+    rows, cols, nth = geom.rows, geom.cols, geom.threads
     ncb = _cdiv(inner, cols)
     nchunks = _cdiv(outer, rows) * ncb
-    if fused:
+    if geom.fused:
         for c in prange(nfeat):
-            shift = np.float64(x[0, c, 0])
-            s1, s2 = _feature_sums_nchw(x, c, rows, cols, shift)
-            _forward_coefs(c, s1, s2, n, shift, eps, weight, bias, coef, stats)
+            n, mean, m2 = _feature_moments_nchw(x, c, rows, cols)
+            _store_forward(c, n, mean, m2, eps, weight, bias, coef, stats)
             if write_y:
                 _affine_nchw(x, c, 0, outer, 0, inner, coef, y)
         return
@@ -322,87 +363,108 @@ def forward_nchw(x, weight, bias, eps, rows, cols, fused, write_y, nth, p1, p2, 
     for t in prange(nth):
         u0, u1 = _thread_span(t, nth, ntasks)
         for u in range(u0, u1):
-            c, k, r0, r1, j0, j1 = _chunk_bounds(u, nchunks, ncb, rows, cols, outer, inner)
-            p1[c, k], p2[c, k] = _chunk_sums_nchw(x, c, r0, r1, j0, j1, np.float64(x[0, c, 0]))
+            c, k, r0, r1, j0, j1 = _task_chunk(u, nchunks, ncb, rows, cols, outer, inner)
+            _, p[0, c, k], p[1, c, k] = _chunk_moments_nchw(x, c, r0, r1, j0, j1)
     for c in prange(nfeat):
-        s1 = _sum_in_order(p1[c])
-        s2 = _sum_in_order(p2[c])
-        _forward_coefs(c, s1, s2, n, np.float64(x[0, c, 0]), eps, weight, bias, coef, stats)
+        n, mean, m2 = _merge_chunk_moments_nchw(p, c, ncb, rows, cols, outer, inner)
+        _store_forward(c, n, mean, m2, eps, weight, bias, coef, stats)
     if write_y:
         for t in prange(nth):
             u0, u1 = _thread_span(t, nth, ntasks)
             for u in range(u1 - 1, u0 - 1, -1):
-                c, k, r0, r1, j0, j1 = _chunk_bounds(u, nchunks, ncb, rows, cols, outer, inner)
+                c, k, r0, r1, j0, j1 = _task_chunk(u, nchunks, ncb, rows, cols, outer, inner)
                 _affine_nchw(x, c, r0, r1, j0, j1, coef, y)
 
 
 @njit(**CPU_JIT_PARALLEL)
-def normalize_nchw(x, mean, var, weight, bias, eps, rows, coef, y):
-    """Elementwise, so any order gives the same bits: walk ``x`` in memory order,
-    in blocks of ``rows`` runs of ``inner`` values (run ``q`` is ``x[q // C, q % C]``)."""
+def normalize_nchw(x, mean, spread, spread_is_var, eps, weight, bias, runs, coef, y):
+    """``y = (x - mean) * invstd * weight + bias`` with ``invstd`` given, or
+    from ``var`` (``spread_is_var``).  Elementwise, so any order gives the same
+    bits: walk ``x`` in memory order, in blocks of ``runs`` runs of ``inner``
+    values (run ``q`` is ``x[q // C, q % C]``)."""
     outer, nfeat, inner = x.shape
-    for c in range(nfeat):
-        _eval_coefs(c, mean, var, eps, weight, bias, coef)
+    _normalize_coefs(mean, spread, spread_is_var, eps, weight, bias, coef)
     nruns = outer * nfeat
-    for b in prange(_cdiv(nruns, rows)):
-        for q in range(b * rows, min((b + 1) * rows, nruns)):
+    for b in prange(_cdiv(nruns, runs)):
+        for q in range(b * runs, min((b + 1) * runs, nruns)):
             r = q // nfeat
             c = q - r * nfeat
             _affine_nchw(x, c, r, r + 1, 0, inner, coef, y)
 
 
 @njit(**CPU_JIT_PARALLEL)
-def backward_nchw(dy, x, mean, invstd, weight, rows, cols, fused, nth, p, coef, dwb, dx):
-    """dx into ``dx``; (dweight, dbias) into ``dwb``.  ``p`` is (3, C, chunks)
-    scratch for the two-phase path."""
+def backward_nchw(dy, x, hi, invstd, weight, geom, write_dx, p, sums, coef, dwb, dx):
+    """The backward sums about ``hi`` into ``sums`` (rows SUM_DY, SUM_DY_XHI,
+    SUM_XHI); with ``write_dx`` also dx into ``dx`` and (dweight, dbias) into
+    ``dwb``.  ``p`` is (3, C, chunks) scratch for the two-phase path."""
     outer, nfeat, inner = x.shape
+    rows, cols, nth, block = geom.rows, geom.cols, geom.threads, geom.bwd_block
     n = outer * inner
     ncb = _cdiv(inner, cols)
     nchunks = _cdiv(outer, rows) * ncb
     scale = _backward_scales(invstd)
-    if fused:
+    if geom.fused:
         for c in prange(nfeat):
-            sdy, sdyxc, sxc = _feature_backward_sums_nchw(dy, x, c, rows, cols, mean[c], scale[c])
-            _backward_coefs(c, sdy, sdyxc, sxc, n, mean, invstd, weight, coef, dwb, scale)
-            _dx_nchw(dy, x, c, 0, outer, 0, inner, coef, dx)
+            a, b, e = _feature_backward_sums_nchw(dy, x, c, rows, cols, hi[c], scale[c], block)
+            _unscaled_sums(c, a, b, e, scale, sums)
+            if write_dx:
+                _store_backward(c, n, sums[SUM_DY, c], sums[SUM_DY_XHI, c], sums[SUM_XHI, c],
+                                np.float64(hi[c]), np.float64(invstd[c]), weight, coef, dwb)
+                _dx_nchw(dy, x, c, 0, outer, 0, inner, coef, dx)
         return
     ntasks = nfeat * nchunks
     nth = min(nth, ntasks)
     for t in prange(nth):
         u0, u1 = _thread_span(t, nth, ntasks)
         for u in range(u0, u1):
-            c, k, r0, r1, j0, j1 = _chunk_bounds(u, nchunks, ncb, rows, cols, outer, inner)
+            c, k, r0, r1, j0, j1 = _task_chunk(u, nchunks, ncb, rows, cols, outer, inner)
             p[0, c, k], p[1, c, k], p[2, c, k] = _chunk_backward_sums_nchw(
-                dy, x, c, r0, r1, j0, j1, mean[c], scale[c]
-            )
+                dy, x, c, r0, r1, j0, j1, hi[c], scale[c], block)
     for c in prange(nfeat):
-        sdy = _sum_in_order(p[0, c])
-        sdyxc = _sum_in_order(p[1, c])
-        sxc = _sum_in_order(p[2, c])
-        _backward_coefs(c, sdy, sdyxc, sxc, n, mean, invstd, weight, coef, dwb, scale)
-    for t in prange(nth):
-        u0, u1 = _thread_span(t, nth, ntasks)
-        for u in range(u1 - 1, u0 - 1, -1):
-            c, k, r0, r1, j0, j1 = _chunk_bounds(u, nchunks, ncb, rows, cols, outer, inner)
-            _dx_nchw(dy, x, c, r0, r1, j0, j1, coef, dx)
+        _unscaled_sums(c, _sum_in_order(p[0, c]), _sum_in_order(p[1, c]), _sum_in_order(p[2, c]),
+                       scale, sums)
+        if write_dx:
+            _store_backward(c, n, sums[SUM_DY, c], sums[SUM_DY_XHI, c], sums[SUM_XHI, c],
+                            np.float64(hi[c]), np.float64(invstd[c]), weight, coef, dwb)
+    if write_dx:
+        for t in prange(nth):
+            u0, u1 = _thread_span(t, nth, ntasks)
+            for u in range(u1 - 1, u0 - 1, -1):
+                c, k, r0, r1, j0, j1 = _task_chunk(u, nchunks, ncb, rows, cols, outer, inner)
+                _dx_nchw(dy, x, c, r0, r1, j0, j1, coef, dx)
+
+
+@njit(**CPU_JIT_PARALLEL)
+def backward_elemt_nchw(dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu, count, runs, coef, dx):
+    """The dx pass with the sums given (taken about ``mean``, over ``count``
+    values: the whole batch, which may span several processes)."""
+    outer, nfeat, inner = x.shape
+    _elemt_backward_coefs(count, mean, invstd, weight, sum_dy, sum_dy_xmu, coef)
+    nruns = outer * nfeat
+    for b in prange(_cdiv(nruns, runs)):
+        for q in range(b * runs, min((b + 1) * runs, nruns)):
+            r = q // nfeat
+            c = q - r * nfeat
+            _dx_nchw(dy, x, c, r, r + 1, 0, inner, coef, dx)
 
 
 # =========================================================================== #
 # Channel-contiguous family: x is (rows, C), always two-phase.  A chunk is
-# ``rows`` rows of a block of at most ``width`` columns; partial sums are per
+# ``rows`` rows of a block of at most ``cols`` columns; partials are per
 # (row block, column).  Each column's sum runs over rows in order (the vector
 # lanes are columns), so the column blocking never changes a result.
 # =========================================================================== #
 @njit(**CPU_JIT)
-def _chunk_sums_nc(x, r0, r1, c0, c1, shift, s1, s2):
-    """Shifted sums of columns [c0, c1) over rows [r0, r1) into s1[:c1-c0], s2[:c1-c0].
+def _chunk_sums_nc(x, r0, r1, c0, c1, s1, s2):
+    """Sums of columns [c0, c1) over rows [r0, r1), about row r0 (each column's
+    first value in the chunk), into s1[:c1-c0], s2[:c1-c0].
 
     The accumulators live in memory (one per column), so rows are taken four at
     a time: one load/store of ``s1``/``s2`` per four rows instead of per row
     (2.5x faster on (4096, 512) float32).
     """
     w = c1 - c0
-    sh = shift[c0:c1]
+    sh = x[r0, c0:c1]
     for i in range(w):
         s1[i] = 0.0
         s2[i] = 0.0
@@ -413,26 +475,54 @@ def _chunk_sums_nc(x, r0, r1, c0, c1, shift, s1, s2):
         x2 = x[r + 2, c0:c1]
         x3 = x[r + 3, c0:c1]
         for i in range(w):
-            d0 = np.float64(x0[i]) - sh[i]
-            d1 = np.float64(x1[i]) - sh[i]
-            d2 = np.float64(x2[i]) - sh[i]
-            d3 = np.float64(x3[i]) - sh[i]
+            h = np.float64(sh[i])
+            d0 = np.float64(x0[i]) - h
+            d1 = np.float64(x1[i]) - h
+            d2 = np.float64(x2[i]) - h
+            d3 = np.float64(x3[i]) - h
             s1[i] += (d0 + d1) + (d2 + d3)
             s2[i] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
         r += 4
     for r in range(r, r1):
         xr = x[r, c0:c1]
         for i in range(w):
-            d = np.float64(xr[i]) - sh[i]
+            d = np.float64(xr[i]) - np.float64(sh[i])
             s1[i] += d
             s2[i] += d * d
 
 
 @njit(**CPU_JIT_STRICT)
+def _chunk_moments_nc(x, r0, r1, c0, c1, means, m2s):
+    """Means and M2s of columns [c0, c1) over rows [r0, r1) into ``means``/``m2s``."""
+    _chunk_sums_nc(x, r0, r1, c0, c1, means, m2s)
+    n = r1 - r0
+    for i in range(c1 - c0):
+        means[i], m2s[i] = shifted_moments(n, np.float64(x[r0, c0 + i]), means[i], m2s[i])
+
+
+@njit(**CPU_JIT_STRICT)
+def _merge_moments_nc(p, nrows, rows, c0, c1, eps, weight, bias, coef, stats):
+    """Chan-merge the row blocks' moments of columns [c0, c1) in row-block order."""
+    w = c1 - c0
+    mean = np.zeros(w)
+    m2 = np.zeros(w)
+    n = 0.0
+    for rb in range(_cdiv(nrows, rows)):
+        nb = np.float64(min(rows, nrows - rb * rows))
+        pm = p[0, rb, c0:c1]
+        pq = p[1, rb, c0:c1]
+        for i in range(w):
+            _, mean[i], m2[i] = chan_merge(n, mean[i], m2[i], nb, pm[i], pq[i])
+        n += nb
+    for i in range(w):
+        _store_forward(c0 + i, n, mean[i], m2[i], eps, weight, bias, coef, stats)
+
+
+@njit(**CPU_JIT_STRICT)
 def _affine_nc(x, r0, r1, c0, c1, coef, y):
-    hi = coef[0, c0:c1]
-    s = coef[1, c0:c1]
-    o = coef[2, c0:c1]
+    hi = coef[HI, c0:c1]
+    s = coef[SCALE, c0:c1]
+    o = coef[OFFSET, c0:c1]
     w = c1 - c0
     for r in range(r0, r1):
         xr = x[r, c0:c1]
@@ -498,24 +588,25 @@ def _add_backward_sums_nc4(dy, x, r0, r1, c0, c1, m, sc, acc):
 
 
 @njit(**CPU_JIT_STRICT)
-def _chunk_backward_sums_nc(dy, x, r0, r1, c0, c1, mean, scale, by_row, sdy, sdyxc, sxc, acc):
+def _chunk_backward_sums_nc(dy, x, r0, r1, c0, c1, hi, scale, geom, sdy, sdyxc, sxc, acc):
     """``sum(dy)``, ``sum(dy * xc)``, ``sum(xc)`` of columns [c0, c1) over rows
-    [r0, r1) into ``sdy``, ``sdyxc``, ``sxc`` (float64), ``xc = (x - mean) *
-    scale``: blocks of ``BWD_NC_ROWS`` rows summed in the input's dtype, added
-    in block order, one row at a time with ``by_row``, else four."""
+    [r0, r1) into ``sdy``, ``sdyxc``, ``sxc`` (float64), ``xc = (x - hi) *
+    scale``: blocks of ``geom.bwd_block`` rows summed in the input's dtype, added
+    in block order, one row at a time with ``geom.by_row``, else four."""
     w = c1 - c0
-    m = mean[c0:c1]
+    m = hi[c0:c1]
     sc = scale[c0:c1]
     for i in range(w):
         sdy[i] = 0.0
         sdyxc[i] = 0.0
         sxc[i] = 0.0
-    for b0 in range(r0, r1, BWD_NC_ROWS):
+    for b0 in range(r0, r1, geom.bwd_block):
+        b1 = min(b0 + geom.bwd_block, r1)
         acc[...] = 0.0
-        if by_row:
-            _add_backward_sums_nc(dy, x, b0, min(b0 + BWD_NC_ROWS, r1), c0, c1, m, sc, acc)
+        if geom.by_row:
+            _add_backward_sums_nc(dy, x, b0, b1, c0, c1, m, sc, acc)
         else:
-            _add_backward_sums_nc4(dy, x, b0, min(b0 + BWD_NC_ROWS, r1), c0, c1, m, sc, acc)
+            _add_backward_sums_nc4(dy, x, b0, b1, c0, c1, m, sc, acc)
         for i in range(w):
             sdy[i] += np.float64(acc[0, i])
             sdyxc[i] += np.float64(acc[1, i])
@@ -524,10 +615,10 @@ def _chunk_backward_sums_nc(dy, x, r0, r1, c0, c1, mean, scale, by_row, sdy, sdy
 
 @njit(**CPU_JIT_STRICT)
 def _dx_nc(dy, x, r0, r1, c0, c1, coef, dx):
-    a = coef[0, c0:c1]
-    hi = coef[1, c0:c1]
-    b = coef[2, c0:c1]
-    d = coef[3, c0:c1]
+    a = coef[DX_SCALE, c0:c1]
+    hi = coef[HI, c0:c1]
+    b = coef[XC_COEF, c0:c1]
+    d = coef[DY_SHIFT, c0:c1]
     w = c1 - c0
     for r in range(r0, r1):
         dyr = dy[r, c0:c1]
@@ -538,14 +629,12 @@ def _dx_nc(dy, x, r0, r1, c0, c1, coef, dx):
 
 
 @njit(**CPU_JIT_PARALLEL)
-def forward_nc(x, weight, bias, eps, rows, width, write_y, nth, p1, p2, coef, stats, y):
-    """As :func:`forward_nchw` for (rows, C) data; ``p1``/``p2`` are (row blocks, C)."""
+def forward_nc(x, weight, bias, eps, geom, write_y, p, coef, stats, y):
+    """As :func:`forward_nchw` for (rows, C) data; ``p`` is (2, row blocks, C)."""
     nrows, nfeat = x.shape
+    rows, width = geom.rows, geom.cols
     nrb = _cdiv(nrows, rows)
-    shift = np.empty(nfeat)
-    for c in range(nfeat):
-        shift[c] = x[0, c]
-    nth = min(nth, nrb)
+    nth = min(geom.threads, nrb)
     for t in prange(nth):
         b0, b1 = _thread_span(t, nth, nrb)
         for rb in range(b0, b1):
@@ -553,17 +642,11 @@ def forward_nc(x, weight, bias, eps, rows, width, write_y, nth, p1, p2, coef, st
             r1 = min(r0 + rows, nrows)
             for c0 in range(0, nfeat, width):
                 c1 = min(c0 + width, nfeat)
-                _chunk_sums_nc(x, r0, r1, c0, c1, shift, p1[rb, c0:c1], p2[rb, c0:c1])
-    for b in prange(_cdiv(nfeat, NC_MERGE_COLS)):
-        c0 = b * NC_MERGE_COLS
-        c1 = min(c0 + NC_MERGE_COLS, nfeat)
-        t1 = np.zeros(c1 - c0)
-        t2 = np.zeros(c1 - c0)
-        for rb in range(nrb):
-            _accumulate(t1, p1[rb, c0:c1], c1 - c0)
-            _accumulate(t2, p2[rb, c0:c1], c1 - c0)
-        for c in range(c0, c1):
-            _forward_coefs(c, t1[c - c0], t2[c - c0], nrows, shift[c], eps, weight, bias, coef, stats)
+                _chunk_moments_nc(x, r0, r1, c0, c1, p[0, rb, c0:c1], p[1, rb, c0:c1])
+    for b in prange(_cdiv(nfeat, geom.merge_cols)):
+        c0 = b * geom.merge_cols
+        c1 = min(c0 + geom.merge_cols, nfeat)
+        _merge_moments_nc(p, nrows, rows, c0, c1, eps, weight, bias, coef, stats)
     if write_y:
         for t in prange(nth):
             b0, b1 = _thread_span(t, nth, nrb)
@@ -573,22 +656,22 @@ def forward_nc(x, weight, bias, eps, rows, width, write_y, nth, p1, p2, coef, st
 
 
 @njit(**CPU_JIT_PARALLEL)
-def normalize_nc(x, mean, var, weight, bias, eps, rows, coef, y):
+def normalize_nc(x, mean, spread, spread_is_var, eps, weight, bias, rows, coef, y):
+    """As :func:`normalize_nchw` for (rows, C) data."""
     nrows, nfeat = x.shape
-    for c in range(nfeat):
-        _eval_coefs(c, mean, var, eps, weight, bias, coef)
+    _normalize_coefs(mean, spread, spread_is_var, eps, weight, bias, coef)
     for rb in prange(_cdiv(nrows, rows)):
         r0 = rb * rows
         _affine_nc(x, r0, min(r0 + rows, nrows), 0, nfeat, coef, y)
 
 
 @njit(**CPU_JIT_PARALLEL)
-def backward_nc(dy, x, mean, invstd, weight, rows, width, by_row, nth, p, coef, dwb, dx):
-    """As :func:`backward_nchw` for (rows, C) data; ``p`` is (3, row blocks, C);
-    ``by_row`` as in :func:`_chunk_backward_sums_nc`."""
+def backward_nc(dy, x, hi, invstd, weight, geom, write_dx, p, sums, coef, dwb, dx):
+    """As :func:`backward_nchw` for (rows, C) data; ``p`` is (3, row blocks, C)."""
     nrows, nfeat = x.shape
+    rows, width = geom.rows, geom.cols
     nrb = _cdiv(nrows, rows)
-    nth = min(nth, nrb)
+    nth = min(geom.threads, nrb)
     scale = _backward_scales(invstd)
     for t in prange(nth):
         acc = np.empty((3, width), x.dtype)
@@ -598,21 +681,35 @@ def backward_nc(dy, x, mean, invstd, weight, rows, width, by_row, nth, p, coef, 
             r1 = min(r0 + rows, nrows)
             for c0 in range(0, nfeat, width):
                 c1 = min(c0 + width, nfeat)
-                _chunk_backward_sums_nc(dy, x, r0, r1, c0, c1, mean, scale, by_row,
+                _chunk_backward_sums_nc(dy, x, r0, r1, c0, c1, hi, scale, geom,
                                         p[0, rb, c0:c1], p[1, rb, c0:c1], p[2, rb, c0:c1], acc)
-    for b in prange(_cdiv(nfeat, NC_MERGE_COLS)):
-        c0 = b * NC_MERGE_COLS
-        c1 = min(c0 + NC_MERGE_COLS, nfeat)
+    for b in prange(_cdiv(nfeat, geom.merge_cols)):
+        c0 = b * geom.merge_cols
+        c1 = min(c0 + geom.merge_cols, nfeat)
         acc = np.zeros((3, c1 - c0))
         for rb in range(nrb):
             for q in range(3):
                 _accumulate(acc[q], p[q, rb, c0:c1], c1 - c0)
         for c in range(c0, c1):
             i = c - c0
-            _backward_coefs(c, acc[0, i], acc[1, i], acc[2, i], nrows, mean, invstd, weight, coef, dwb,
-                            scale)
-    for t in prange(nth):
-        b0, b1 = _thread_span(t, nth, nrb)
-        for rb in range(b1 - 1, b0 - 1, -1):
-            r0 = rb * rows
-            _dx_nc(dy, x, r0, min(r0 + rows, nrows), 0, nfeat, coef, dx)
+            _unscaled_sums(c, acc[0, i], acc[1, i], acc[2, i], scale, sums)
+            if write_dx:
+                _store_backward(c, nrows, sums[SUM_DY, c], sums[SUM_DY_XHI, c],
+                                sums[SUM_XHI, c], np.float64(hi[c]), np.float64(invstd[c]),
+                                weight, coef, dwb)
+    if write_dx:
+        for t in prange(nth):
+            b0, b1 = _thread_span(t, nth, nrb)
+            for rb in range(b1 - 1, b0 - 1, -1):
+                r0 = rb * rows
+                _dx_nc(dy, x, r0, min(r0 + rows, nrows), 0, nfeat, coef, dx)
+
+
+@njit(**CPU_JIT_PARALLEL)
+def backward_elemt_nc(dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu, count, rows, coef, dx):
+    """As :func:`backward_elemt_nchw` for (rows, C) data."""
+    nrows, nfeat = x.shape
+    _elemt_backward_coefs(count, mean, invstd, weight, sum_dy, sum_dy_xmu, coef)
+    for rb in prange(_cdiv(nrows, rows)):
+        r0 = rb * rows
+        _dx_nc(dy, x, r0, min(r0 + rows, nrows), 0, nfeat, coef, dx)

@@ -2,57 +2,74 @@
 
 Every function takes arrays already validated and viewed as ``(outer, C, inner)``
 by :mod:`numbabn.functional`; outputs of the input's shape are written into the
-``y3``/``dx3`` arrays given.  Per-feature results come back in the input's dtype.
-The GPU backend (``numbabn._gpu.ops``) has the same functions and signatures.
+``y3``/``dx3`` arrays given.  The GPU backend (``numbabn._gpu.ops``) has the
+same functions, signatures and return dtypes:
+
+* the fused operations return per-feature results in the input's dtype, except
+  the batch variance of :func:`batch_norm_train` (float64: it feeds the
+  running-statistics update, where momentum may bring a variance beyond
+  float32's range back into it);
+* the split primitives (:func:`batch_moments`, :func:`batch_norm_backward_reduce`)
+  return float64 partials, ready to merge across processes.
 
 Each operation is a single kernel call (see :mod:`numbabn._cpu.kernels` for the
-fused and two-phase paths); this module only plans the chunk grid, which
-depends on the shape alone, and allocates.
+fused and two-phase paths); this module plans the chunk grid, which depends on
+the shape alone, and allocates.  Every tunable is read from :mod:`numbabn._config`
+per plan and passed to the kernels as an argument.
 """
 
+from collections import namedtuple
 from functools import lru_cache
 
 import numpy as np
 from numba import get_num_threads
 
-from .._config import CHUNK_ELEMS, FUSE_BYTES, FUSE_MIN_TASKS, NC_COLS, NC_STREAM_MIN_BYTES
+from .. import _config as cfg
+from .. import _core
 from . import kernels as k
 
+Geometry = namedtuple("Geometry", "rows cols threads fused by_row bwd_block merge_cols")
+"""A kernel's launch geometry, one argument (all ints).
 
-class _Plan:
-    """The fixed chunk grid and path for one ``(outer, C, inner)`` shape.
-
-    NCHW-like (``inner > 1``): a chunk is ``rows`` x ``cols`` of one feature's
-    ``(outer, inner)`` plane, and ``fused`` says whether one task per feature
-    may read its inputs (``nread`` arrays of this shape) and keep them in cache
-    for the output pass.  Channel-contiguous (``inner == 1``): a chunk is
-    ``rows`` rows of a block of ``cols`` columns; never fused; ``by_row`` says
-    whether the backward sums take one row at a time (``NC_STREAM_MIN_BYTES``).
-    """
-
-    __slots__ = ("channels_last", "rows", "cols", "nchunks", "fused", "by_row")
-
-    def __init__(self, shape3, itemsize, nread):
-        outer, nfeat, inner = shape3
-        self.channels_last = inner == 1
-        if self.channels_last:
-            self.cols = min(nfeat, NC_COLS)
-            self.rows = max(1, CHUNK_ELEMS // self.cols)
-            self.nchunks = -(-outer // self.rows)  # row blocks
-            self.fused = False
-            self.by_row = self.cols == nfeat and nread * outer * nfeat * itemsize > NC_STREAM_MIN_BYTES
-        else:
-            self.cols = min(inner, CHUNK_ELEMS)
-            self.rows = max(1, CHUNK_ELEMS // self.cols)
-            self.nchunks = -(-outer // self.rows) * -(-inner // self.cols)
-            task_bytes = nread * outer * inner * itemsize
-            self.fused = nfeat >= FUSE_MIN_TASKS and task_bytes <= FUSE_BYTES
-            self.by_row = False
+NCHW-like (``inner > 1``): a chunk is ``rows`` x ``cols`` of one feature's
+``(outer, inner)`` plane, and ``fused`` says whether one task per feature may
+read its inputs and keep them in cache for the output pass.  Channel-contiguous
+(``inner == 1``): a chunk is ``rows`` rows of a block of ``cols`` columns; never
+fused; ``by_row`` says whether the backward sums take one row at a time.
+``threads`` splits the two-phase passes (results never depend on it);
+``bwd_block`` is the backward's block of values summed in the input's dtype;
+``merge_cols`` the columns per task of the channel-contiguous merge.
+"""
 
 
 @lru_cache(maxsize=256)
-def _plan(shape3, itemsize, nread):
-    return _Plan(shape3, itemsize, nread)
+def _plan(shape3, itemsize, nread, tunables, threads):
+    outer, nfeat, inner = shape3
+    chunk, nc_cols, fuse_bytes, fuse_min_tasks, stream_min, bwd_block, bwd_nc_rows, merge = tunables
+    if inner == 1:
+        cols = min(nfeat, nc_cols)
+        rows = max(1, chunk // cols)
+        by_row = cols == nfeat and nread * outer * nfeat * itemsize > stream_min
+        return Geometry(rows, cols, threads, 0, int(by_row), bwd_nc_rows, merge)
+    cols = min(inner, chunk)
+    rows = max(1, chunk // cols)
+    fused = nfeat >= fuse_min_tasks and nread * outer * inner * itemsize <= fuse_bytes
+    return Geometry(rows, cols, threads, int(fused), 0, bwd_block, merge)
+
+
+def plan(shape3, itemsize, nread):
+    """The geometry for one ``(outer, C, inner)`` shape reading ``nread`` arrays,
+    with the tunables of :mod:`numbabn._config` as they are now."""
+    tunables = (cfg.CHUNK_ELEMS, cfg.NC_COLS, cfg.FUSE_BYTES, cfg.FUSE_MIN_TASKS,
+                cfg.NC_STREAM_MIN_BYTES, cfg.BWD_BLOCK, cfg.BWD_NC_ROWS, cfg.NC_MERGE_COLS)
+    return _plan(tuple(shape3), itemsize, nread, tunables, get_num_threads())
+
+
+def _nchunks(shape3, geom):
+    outer, _, inner = shape3
+    if inner == 1:
+        return -(-outer // geom.rows)
+    return -(-outer // geom.rows) * -(-inner // geom.cols)
 
 
 def _as2d(a3):
@@ -69,101 +86,141 @@ def _constant(nfeat, dtype, fill):
     return np.full(nfeat, fill, dtype)
 
 
-# Scratch arguments the fused paths never touch.
-_NO_PARTIALS = np.empty((1, 1))
-_NO_PARTIALS3 = np.empty((1, 1, 1))
-
-
-
 @lru_cache(maxsize=8)
 def _no_output(dtype, ndim):
     return np.empty((1,) * ndim, dtype)
 
 
-def _affine_setup(x3, weight, bias):
-    """What the forward and normalize kernels share: the plan, weight and bias
-    (1 and 0 when missing) and scratch for the per-feature coefficients."""
-    nfeat, dtype = x3.shape[1], x3.dtype
-    plan = _plan(x3.shape, dtype.itemsize, 1)
-    return (plan, _param(weight, nfeat, dtype, 1), _param(bias, nfeat, dtype, 0),
-            np.empty((3, nfeat), dtype))
+def _elementwise_runs(x3):
+    """Rows (channel-contiguous) or runs of ``inner`` values per elementwise task."""
+    return max(1, cfg.CHUNK_ELEMS // (x3.shape[1] if x3.shape[2] == 1 else x3.shape[2]))
 
 
 def _forward(x3, weight, bias, eps, y3):
     """Run the forward kernel; ``y3=None`` computes the statistics only.
-    Returns ``stats``: rows mean, invstd, var in float64."""
-    nfeat = x3.shape[1]
-    dtype = x3.dtype
-    plan, weight, bias, coef = _affine_setup(x3, weight, bias)
-    stats = np.empty((3, nfeat))
+    Returns the float64 ``stats`` table (rows ``_core.MEAN``, ``INVSTD``, ``VAR``, ``M2``)."""
+    nfeat, dtype = x3.shape[1], x3.dtype
+    geom = plan(x3.shape, dtype.itemsize, 1)
+    weight, bias = _param(weight, nfeat, dtype, 1), _param(bias, nfeat, dtype, 0)
+    coef = np.empty((_core.NCOEFS, nfeat), dtype)
+    stats = np.empty((_core.NSTATS, nfeat))
     write_y = y3 is not None
-    if plan.channels_last:
-        shape = (plan.nchunks, nfeat)
-        p1, p2 = np.empty(shape), np.empty(shape)
+    if x3.shape[2] == 1:
+        p = np.empty((2, _nchunks(x3.shape, geom), nfeat))
         y2 = _as2d(y3) if write_y else _no_output(dtype, 2)
-        k.forward_nc(_as2d(x3), weight, bias, eps, plan.rows, plan.cols, write_y,
-                     get_num_threads(), p1, p2, coef, stats, y2)
+        k.forward_nc(_as2d(x3), weight, bias, eps, geom, write_y, p, coef, stats, y2)
     else:
-        shape = (nfeat, plan.nchunks)
-        p1, p2 = (_NO_PARTIALS,) * 2 if plan.fused else (np.empty(shape), np.empty(shape))
+        p = _no_output(np.float64, 3) if geom.fused else np.empty(
+            (2, nfeat, _nchunks(x3.shape, geom)))
         y3 = y3 if write_y else _no_output(dtype, 3)
-        k.forward_nchw(x3, weight, bias, eps, plan.rows, plan.cols, plan.fused, write_y,
-                       get_num_threads(), p1, p2, coef, stats, y3)
+        k.forward_nchw(x3, weight, bias, eps, geom, write_y, p, coef, stats, y3)
     return stats
 
 
 def _cast(dtype, *vectors):
     """Cast float64 results to the output dtype; a variance beyond float32's range
     (data near 1e30) becomes inf, which is its correct float32 value."""
+    if dtype == np.float64:
+        return vectors
     with np.errstate(over="ignore"):
         return tuple(v.astype(dtype) for v in vectors)
 
 
 def batch_stats(x3):
     stats = _forward(x3, None, None, 1.0, None)
-    return _cast(x3.dtype, stats[0], stats[2])
+    return _cast(x3.dtype, stats[_core.MEAN], stats[_core.VAR])
+
+
+def batch_moments(x3):
+    """Float64 ``(mean, M2)`` per feature (the count is ``outer * inner``)."""
+    stats = _forward(x3, None, None, 1.0, None)
+    return stats[_core.MEAN], stats[_core.M2]
+
+
+def _normalize(x3, mean, spread, spread_is_var, weight, bias, eps, y3):
+    nfeat, dtype = x3.shape[1], x3.dtype
+    weight, bias = _param(weight, nfeat, dtype, 1), _param(bias, nfeat, dtype, 0)
+    coef = np.empty((_core.NCOEFS, nfeat), dtype)
+    runs = _elementwise_runs(x3)
+    if x3.shape[2] == 1:
+        k.normalize_nc(_as2d(x3), mean, spread, spread_is_var, eps, weight, bias, runs, coef,
+                       _as2d(y3))
+    else:
+        k.normalize_nchw(x3, mean, spread, spread_is_var, eps, weight, bias, runs, coef, y3)
 
 
 def normalize(x3, mean, var, weight, bias, eps, y3):
-    plan, weight, bias, coef = _affine_setup(x3, weight, bias)
-    if plan.channels_last:
-        k.normalize_nc(_as2d(x3), mean, var, weight, bias, eps, plan.rows, coef, _as2d(y3))
-    else:
-        runs = max(1, CHUNK_ELEMS // x3.shape[2])
-        k.normalize_nchw(x3, mean, var, weight, bias, eps, runs, coef, y3)
+    _normalize(x3, mean, var, True, weight, bias, eps, y3)
+
+
+def batch_norm_elemt(x3, mean, invstd, weight, bias, y3):
+    _normalize(x3, mean, invstd, False, weight, bias, 1.0, y3)
 
 
 def batch_norm_train(x3, weight, bias, eps, y3):
     """Normalise with batch statistics; return ``(mean, invstd)`` in x's dtype and
-    the biased ``var`` in float64: it only feeds the running-stat update, where
-    momentum may bring a variance beyond float32's range back into it."""
+    the biased ``var`` in float64."""
     stats = _forward(x3, weight, bias, eps, y3)
-    return (*_cast(x3.dtype, stats[0], stats[1]), stats[2])
+    return (*_cast(x3.dtype, stats[_core.MEAN], stats[_core.INVSTD]), stats[_core.VAR])
+
+
+def _backward(dy3, x3, hi, invstd, weight, dx3):
+    """Run the backward kernel; ``dx3=None`` computes the sums only.  Returns the
+    float64 ``sums`` table (rows ``_core.SUM_DY``, ``SUM_DY_XHI``, ``SUM_XHI``,
+    about ``hi``) and ``(dweight, dbias)`` rows in x's dtype."""
+    nfeat, dtype = x3.shape[1], x3.dtype
+    geom = plan(x3.shape, dtype.itemsize, 2)
+    w = _param(weight, nfeat, dtype, 1)
+    coef = np.empty((_core.NCOEFS, nfeat), dtype)
+    sums = np.empty((_core.NSUMS, nfeat))
+    dwb = np.empty((2, nfeat), dtype)
+    write_dx = dx3 is not None
+    if x3.shape[2] == 1:
+        p = np.empty((3, _nchunks(x3.shape, geom), nfeat))
+        dx2 = _as2d(dx3) if write_dx else _no_output(dtype, 2)
+        k.backward_nc(_as2d(dy3), _as2d(x3), hi, invstd, w, geom, write_dx, p, sums, coef, dwb,
+                      dx2)
+    else:
+        p = _no_output(np.float64, 3) if geom.fused else np.empty(
+            (3, nfeat, _nchunks(x3.shape, geom)))
+        dx3 = dx3 if write_dx else _no_output(dtype, 3)
+        k.backward_nchw(dy3, x3, hi, invstd, w, geom, write_dx, p, sums, coef, dwb, dx3)
+    return sums, dwb
 
 
 def batch_norm_backward(dy3, x3, mean, invstd, weight, dx3):
     """Write dx into ``dx3``; return ``(dweight, dbias)`` (None without weight).
 
     The saved ``mean`` may have been rounded to float32; the kernel also sums
-    ``x - mean`` to recover the exact batch mean (see ``kernels._backward_coefs``).
+    ``x - mean`` to recover the exact batch mean (see ``kernels._store_backward``).
     """
-    nfeat = x3.shape[1]
-    dtype = x3.dtype
-    plan = _plan(x3.shape, dtype.itemsize, 2)
-    w = _param(weight, nfeat, dtype, 1)
-    coef = np.empty((4, nfeat), dtype)
-    dwb = np.empty((2, nfeat), dtype)
-    if plan.channels_last:
-        p = np.empty((3, plan.nchunks, nfeat))
-        k.backward_nc(_as2d(dy3), _as2d(x3), mean, invstd, w, plan.rows, plan.cols, plan.by_row,
-                      get_num_threads(), p, coef, dwb, _as2d(dx3))
-    else:
-        p = _NO_PARTIALS3 if plan.fused else np.empty((3, nfeat, plan.nchunks))
-        k.backward_nchw(dy3, x3, mean, invstd, w, plan.rows, plan.cols, plan.fused,
-                        get_num_threads(), p, coef, dwb, dx3)
+    _, dwb = _backward(dy3, x3, mean, invstd, weight, dx3)
     if weight is None:
         return None, None
     return dwb[0], dwb[1]
+
+
+def batch_norm_backward_reduce(dy3, x3, mean, invstd):
+    """Float64 ``(sum(dy), sum(dy * (x - mean)))`` per feature, about the given
+    ``mean`` (any float dtype; a float64 mean is used exactly)."""
+    hi = mean.astype(x3.dtype, copy=False)
+    sums, _ = _backward(dy3, x3, hi, invstd.astype(x3.dtype, copy=False), None, None)
+    sum_dy = sums[_core.SUM_DY]
+    return sum_dy, _core.sum_dy_xmu_about(sum_dy, sums[_core.SUM_DY_XHI],
+                                          hi.astype(np.float64), mean.astype(np.float64))
+
+
+def batch_norm_backward_elemt(dy3, x3, mean, invstd, weight, sum_dy, sum_dy_xmu, count, dx3):
+    nfeat, dtype = x3.shape[1], x3.dtype
+    w = _param(weight, nfeat, dtype, 1)
+    coef = np.empty((_core.NCOEFS, nfeat), dtype)
+    runs = _elementwise_runs(x3)
+    if x3.shape[2] == 1:
+        k.backward_elemt_nc(_as2d(dy3), _as2d(x3), mean, invstd, w, sum_dy, sum_dy_xmu,
+                            float(count), runs, coef, _as2d(dx3))
+    else:
+        k.backward_elemt_nchw(dy3, x3, mean, invstd, w, sum_dy, sum_dy_xmu, float(count), runs,
+                              coef, dx3)
 
 
 def _f64(v):

@@ -1,0 +1,118 @@
+"""The statistics core: the scalar maths every normalization shares, written once.
+
+Plain Python functions of float64 scalars.  Each backend compiles the same
+functions for itself: :mod:`numbabn._cpu.kernels` with ``njit`` and
+:mod:`numbabn._gpu.kernels` as ``numba.cuda`` device functions, so the CPU and GPU twins cannot drift apart in
+their arithmetic.  The functions call nothing but ``math``: a compiled function
+cannot call another plain Python function.
+
+The pipeline of every normalization, per group of values (a feature for batch
+norm, a row for layer/group/instance norm):
+
+1. **accumulate** a block of ``n`` values about a pivot (``shift``, one of the
+   values) into ``s1 = sum(x - shift)`` and ``s2 = sum((x - shift)**2)`` in
+   float64, and turn them into the block's moments with :func:`shifted_moments`;
+2. **merge** blocks' ``(count, mean, M2)`` with :func:`chan_merge`, always in a
+   fixed order (block order on one process, rank order across processes), so
+   results are bitwise reproducible;
+3. **coefficients**: :func:`invstd_of` and :func:`affine_coefs` give the forward
+   ``y = (x - hi) * scale + offset``; :func:`sum_dy_xmu_about` and
+   :func:`backward_coefs` give the backward ``dx = (dy + (x - hi) * b + d) * a``.
+
+Accuracy.  ``hi`` is the float64 mean rounded to the input's dtype, so
+``x - hi`` is exact for values near the mean (Sterbenz) and a large mean next to
+a tiny spread costs nothing; the rounding ``mean - hi`` is folded into the
+offsets in float64.  The cancellation in ``M2 = s2 - s1**2 / n`` is bounded by
+``(mean - shift)**2 / var``, at most ``n`` since the pivot is one of the values.
+NaN propagates through every function (comparisons that clamp keep NaN).
+"""
+
+from __future__ import annotations
+
+import math
+
+# Rows of the per-feature tables both backends build and return rows of.
+# Float64 statistics of a forward reduction:
+MEAN, INVSTD, VAR, M2 = 0, 1, 2, 3
+NSTATS = 4
+# Float64 sums of a backward reduction, about ``hi`` (the mean in the input dtype):
+SUM_DY, SUM_DY_XHI, SUM_XHI = 0, 1, 2
+NSUMS = 3
+# Coefficients of the elementwise passes, in the input dtype:
+#   forward:  y  = (x - HI) * SCALE + OFFSET
+#   backward: dx = (dy + (x - HI) * XC_COEF + DY_SHIFT) * DX_SCALE
+HI, SCALE, OFFSET = 0, 1, 2
+DX_SCALE, XC_COEF, DY_SHIFT = 1, 2, 3
+NCOEFS = 4
+
+
+def shifted_moments(n, shift, s1, s2):
+    """``(mean, M2)`` of ``n > 0`` values from their shifted sums
+    ``s1 = sum(x - shift)`` and ``s2 = sum((x - shift)**2)``."""
+    m = s1 / n
+    m2 = s2 - s1 * m
+    if m2 < 0.0:  # rounding only; NaN fails the test and stays
+        m2 = 0.0
+    return shift + m, m2
+
+
+def chan_merge(n, mean, m2, nb, mean_b, m2_b):
+    """Chan et al.'s merge of ``(n, mean, M2)`` with ``(nb, mean_b, M2_b)``.
+
+    An empty side (count 0) leaves the other as it is, whatever its mean holds.
+    """
+    if nb == 0.0:
+        return n, mean, m2
+    if n == 0.0:
+        return nb, mean_b, m2_b
+    total = n + nb
+    d = mean_b - mean
+    return total, mean + d * (nb / total), m2 + m2_b + d * d * (n * (nb / total))
+
+
+def invstd_of(var, eps):
+    """``1 / sqrt(var + eps)``."""
+    return 1.0 / math.sqrt(var + eps)
+
+
+def affine_coefs(mean, hi, invstd, weight, bias):
+    """``(scale, offset)`` of ``y = (x - hi) * scale + offset``, which equals
+    ``(x - mean) * invstd * weight + bias`` with ``hi`` the mean in the input's
+    dtype (``mean - hi`` is its rounding)."""
+    scale = invstd * weight
+    return scale, bias - (mean - hi) * scale
+
+
+def sum_dy_xmu_about(sum_dy, sum_dy_xhi, hi, mean):
+    """``sum(dy * (x - mean))`` from ``sum(dy * (x - hi))``: moves the centre of
+    the backward's second sum from ``hi`` (what the kernels subtract, in the
+    input's dtype) to ``mean`` (float64), exactly up to one rounding."""
+    return sum_dy_xhi - (mean - hi) * sum_dy
+
+
+def backward_coefs(n, sum_dy, sum_dy_xmu, mean, hi, invstd, weight):
+    """``(a, b, d)`` of ``dx = (dy + (x - hi) * b + d) * a``, the gradient
+
+    ``dx = weight * invstd * (dy - sum_dy / n - (x - mean) * invstd**2 * sum_dy_xmu / n)``
+
+    of batch-statistics normalization over ``n`` values, with ``sum_dy_xmu``
+    taken about ``mean`` (float64) and ``hi`` the mean in the input's dtype.
+    Every factor stays within float32's range for data near 1e30, where the
+    product ``a * b`` would underflow.
+    """
+    a = invstd * weight
+    b = -invstd * invstd * (sum_dy_xmu / n)
+    d = -(sum_dy / n) - (mean - hi) * b
+    return a, b, d
+
+
+def parameter_grads(invstd, sum_dy, sum_dy_xmu):
+    """``(dweight, dbias)`` of one feature: ``invstd * sum(dy * (x - mean))`` and ``sum(dy)``."""
+    return invstd * sum_dy_xmu, sum_dy
+
+
+FUNCTIONS = (shifted_moments, chan_merge, invstd_of, affine_coefs, sum_dy_xmu_about,
+             backward_coefs, parameter_grads)
+"""Every core function, for the backends to compile: each backend binds them at
+module level (``chan_merge = njit(...)(_core.chan_merge)``), since compiled code
+can call a module-level compiled function but not a plain Python one."""
