@@ -5,10 +5,15 @@ axis; see the README's "Conventions" section for the meaning of every argument.
 """
 
 from .functional import (
+    batch_moments,
     batch_norm,
     batch_norm_backward,
+    batch_norm_backward_elemt,
+    batch_norm_backward_reduce,
+    batch_norm_elemt,
     batch_norm_train,
     batch_stats,
+    merge_moments,
     normalize,
     update_running_stats,
 )

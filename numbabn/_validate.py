@@ -34,8 +34,10 @@ def is_writeable(a) -> bool:
     return a.flags.writeable if isinstance(a, np.ndarray) else True
 
 
-def check_input(x, name="x"):
-    """``x`` must be a float32/float64 ndarray with ndim >= 2 and no empty axis."""
+def check_input(x, name="x", allow_empty_batch=False):
+    """``x`` must be a float32/float64 ndarray with ndim >= 2 and no empty axis
+    (with ``allow_empty_batch``, only the feature axis must be non-empty: the
+    caller checks that)."""
     if not is_array(x):
         raise TypeError(
             f"{name} must be a numpy.ndarray of float32 or float64; got {describe(x)}. "
@@ -51,7 +53,7 @@ def check_input(x, name="x"):
             f"{name} must have at least 2 dimensions (batch and features, e.g. (N, C)); "
             f"got shape {tuple(x.shape)}. Use {name}.reshape(-1, 1) for a single feature."
         )
-    if x.size == 0:
+    if x.size == 0 and not allow_empty_batch:
         raise ValueError(f"{name} must not be empty; got shape {tuple(x.shape)}.")
 
 
@@ -118,6 +120,25 @@ def check_vector(v, name, nfeat, dtype, writeable=False):
         raise ValueError(f"{name} is read-only but must be updated in place; pass a writeable array.")
 
 
+def check_stat(v, name, nfeat, dtype):
+    """A per-feature statistic or sum: 1-D, length ``nfeat``, dtype ``dtype`` or
+    float64 (the split primitives' partials are float64)."""
+    if not is_array(v):
+        raise TypeError(
+            f"{name} must be a numpy.ndarray of shape ({nfeat},) and dtype {dtype} or float64; "
+            f"got {describe(v)}."
+        )
+    if v.dtype not in (np.dtype(dtype), np.dtype(np.float64)):
+        raise TypeError(
+            f"{name} must have dtype {dtype} (the input's) or float64; got {v.dtype}. "
+            f"Convert it with {name}.astype(np.float64)."
+        )
+    if v.shape != (nfeat,):
+        raise ValueError(
+            f"{name} must have shape ({nfeat},), one value per feature; got shape {tuple(v.shape)}."
+        )
+
+
 def check_same_as(a, name, x, x_name="x"):
     """``a`` must be an array of exactly the shape and dtype of ``x``."""
     if not is_array(a):
@@ -148,10 +169,12 @@ def check_training_count(count, shape, axis):
         )
 
 
-def check_count(count) -> int:
+def check_count(count, minimum=2) -> int:
     if isinstance(count, bool) or not isinstance(count, numbers.Integral):
         raise TypeError(f"count must be an int (values per feature in the batch); got {describe(count)}.")
-    if count < 2:
+    if minimum == 1 and count < 1:
+        raise ValueError(f"count must be at least 1 (values per feature in the whole batch); got {count}.")
+    if count < minimum:
         raise ValueError(
             f"count must be at least 2 for the unbiased variance count / (count - 1); got {count}."
         )

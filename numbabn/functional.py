@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import _backend, _layout
+from . import _backend, _core, _layout
 from . import _validate as v
 
 __all__ = [
@@ -26,16 +26,24 @@ __all__ = [
     "batch_norm_backward",
     "update_running_stats",
     "batch_norm",
+    "batch_moments",
+    "merge_moments",
+    "batch_norm_elemt",
+    "batch_norm_backward_reduce",
+    "batch_norm_backward_elemt",
 ]
 
 
-def _prepare(x, axis, **arrays):
+def _prepare(x, axis, allow_empty_batch=False, **arrays):
     """Pick the backend from where ``x`` lives (the other arrays must live there
     too), validate ``x`` and ``axis``; return ``(backend, layout, x, *arrays)``
     with device arrays as numba device arrays."""
     be, (x, *rest) = _backend.select(dict(x=x, **arrays))
-    v.check_input(x)
+    v.check_input(x, allow_empty_batch=allow_empty_batch)
     axis = v.check_axis(axis, x.ndim)
+    if x.shape[axis] == 0:
+        raise ValueError(f"x must have at least one feature; got shape {tuple(x.shape)} with "
+                         f"feature axis {axis}.")
     return (be, _layout.plan_layout(x, axis), x, *rest)
 
 
@@ -166,6 +174,13 @@ def batch_norm_train(x, weight=None, bias=None, eps=1e-5, axis=1, out=None):
     >>> y, mean, invstd = numbabn.batch_norm_train(x, weight, bias)
     >>> dx, dweight, dbias = numbabn.batch_norm_backward(dy, x, mean, invstd, weight)
     """
+    y, mean, invstd, _ = _batch_norm_train(x, weight, bias, eps, axis, out)
+    return y, mean, invstd
+
+
+def _batch_norm_train(x, weight, bias, eps, axis, out):
+    """:func:`batch_norm_train` that also returns the biased batch variance in
+    float64 (for the layers' running statistics; no round trip through invstd)."""
     be, layout, x, weight, bias, out = _prepare(x, axis, weight=weight, bias=bias, out=out)
     nfeat = layout.shape3[1]
     _check_affine(weight, bias, nfeat, x.dtype)
@@ -173,10 +188,10 @@ def batch_norm_train(x, weight=None, bias=None, eps=1e-5, axis=1, out=None):
     v.check_training_count(layout.count, x.shape, axis)
     y3, y, finish = _output(be, x, layout, out)
     with be.guard(x):
-        mean, invstd, _ = be.ops.batch_norm_train(_view(be, x, layout), weight, bias, eps, y3)
+        mean, invstd, var = be.ops.batch_norm_train(_view(be, x, layout), weight, bias, eps, y3)
     if finish:
         finish()
-    return y, mean, invstd
+    return y, mean, invstd, var
 
 
 def batch_norm_backward(dy, x, mean, invstd, weight=None, axis=1, out=None):
@@ -230,7 +245,7 @@ def update_running_stats(running_mean, running_var, mean, var, count, momentum=0
     Parameters
     ----------
     running_mean, running_var : writeable ndarray ``(C,)``, float32 or float64
-    mean, var : ndarray ``(C,)`` of the same dtype, the batch statistics
+    mean, var : ndarray ``(C,)`` of the same dtype or float64, the batch statistics
     count : int >= 2, the number of values per feature in the batch
     momentum : float in [0, 1], default 0.1, the weight of the new batch
 
@@ -245,8 +260,8 @@ def update_running_stats(running_mean, running_var, mean, var, count, momentum=0
     nfeat, dtype = running_mean.shape[0], running_mean.dtype
     v.check_vector(running_mean, "running_mean", nfeat, dtype, writeable=True)
     v.check_vector(running_var, "running_var", nfeat, dtype, writeable=True)
-    v.check_vector(mean, "mean", nfeat, dtype)
-    v.check_vector(var, "var", nfeat, dtype)
+    v.check_stat(mean, "mean", nfeat, dtype)
+    v.check_stat(var, "var", nfeat, dtype)
     count = v.check_count(count)
     momentum = v.check_momentum(momentum)
     if momentum > 0:  # momentum 0 keeps the old values (even where a batch var is inf)
@@ -313,6 +328,211 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
         be.ops.update_running_stats(running_mean, running_var, mean, var, layout.count, momentum)
     return y
 
+
+
+# --------------------------------------------------------------------------- #
+# Split primitives: the pieces of batch norm with a reduction between them, for
+# statistics merged across processes (numbabn.distributed) or any other way.
+# Partials are float64; see the README's "Split primitives" section.
+# --------------------------------------------------------------------------- #
+def batch_moments(x, axis=1):
+    """Per-feature moments of ``x``, mergeable with :func:`merge_moments`.
+
+    Parameters
+    ----------
+    x : ndarray, float32 or float64, ndim >= 2
+        Any layout; the batch may be empty (0 values per feature).
+    axis : int, default 1
+        The feature axis.
+
+    Returns
+    -------
+    count : int
+        Values per feature (the product of every axis but ``axis``).
+    mean, m2 : ndarray ``(C,)`` float64
+        The mean and ``M2 = sum((x - mean)**2)`` of each feature (0 and 0 for
+        an empty batch), accumulated as in :func:`batch_norm_train`: its
+        ``mean`` and ``var = m2 / count`` are these, rounded.
+
+    Examples
+    --------
+    >>> count, mean, m2 = numbabn.batch_moments(x)
+    >>> var = m2 / count                       # the biased batch variance
+    """
+    be, layout, x = _prepare(x, axis, allow_empty_batch=True)
+    if layout.count == 0:
+        nfeat = layout.shape3[1]
+        return 0, np.zeros(nfeat), np.zeros(nfeat)
+    with be.guard(x):
+        mean, m2 = be.ops.batch_moments(_view(be, x, layout))
+    return layout.count, mean, m2
+
+
+def merge_moments(counts, means, m2s):
+    """Merge several batches' moments (Chan et al.), in the order given.
+
+    The merge order is fixed (first row first), so every process that merges
+    the same partials gets bitwise the same result.
+
+    Parameters
+    ----------
+    counts : sequence of P ints >= 0
+        Values per feature of each part (as returned by :func:`batch_moments`).
+    means, m2s : array_like ``(P, C)``, float64
+        Each part's per-feature mean and M2.
+
+    Returns
+    -------
+    count : int
+    mean, m2 : ndarray ``(C,)`` float64
+        The moments of the concatenated batches.
+
+    Examples
+    --------
+    >>> parts = [numbabn.batch_moments(x) for x in (x0, x1)]
+    >>> count, mean, m2 = numbabn.merge_moments(*zip(*parts))
+    """
+    counts = list(counts)
+    for c in counts:
+        if isinstance(c, bool) or not isinstance(c, (int, np.integer)) or c < 0:
+            raise TypeError(f"counts must be non-negative ints; got {v.describe(c)}.")
+    means = np.asarray(means, dtype=np.float64)
+    m2s = np.asarray(m2s, dtype=np.float64)
+    if means.ndim != 2 or m2s.shape != means.shape or means.shape[0] != len(counts) \
+            or means.shape[0] == 0:
+        raise ValueError(
+            f"means and m2s must both have shape (P, C) with P = len(counts) = {len(counts)} >= 1; "
+            f"got {means.shape} and {m2s.shape}.")
+    n, mean, m2 = 0.0, np.zeros(means.shape[1]), np.zeros(means.shape[1])
+    for nb, mb, qb in zip(counts, means, m2s):
+        n, mean, m2 = _core.chan_merge(n, mean, m2, float(nb), mb, qb)
+    return int(sum(counts)), np.array(mean, dtype=np.float64), np.array(m2, dtype=np.float64)
+
+
+def batch_norm_elemt(x, mean, invstd, weight=None, bias=None, axis=1, out=None):
+    """``(x - mean) * invstd * weight + bias``, broadcast along ``axis``.
+
+    The elementwise half of a training forward whose statistics came from
+    elsewhere (:func:`merge_moments` across processes, say).
+
+    Parameters
+    ----------
+    x : ndarray, float32 or float64, ndim >= 2
+    mean, invstd : ndarray ``(C,)``, ``x.dtype`` or float64
+        A float64 mean is used exactly (its rounding to ``x.dtype`` is folded
+        into the offset), so large means stay accurate in float32.
+    weight, bias : ndarray ``(C,)`` and ``x.dtype``, optional
+    axis : int, default 1
+    out : ndarray, optional
+        Where to write the result; may be ``x`` itself.
+
+    Returns
+    -------
+    y : ndarray like ``x`` (``out`` when given)
+
+    Examples
+    --------
+    >>> count, m, m2 = numbabn.batch_moments(x)
+    >>> y = numbabn.batch_norm_elemt(x, m, 1 / np.sqrt(m2 / count + 1e-5))
+    """
+    be, layout, x, mean, invstd, weight, bias, out = _prepare(
+        x, axis, allow_empty_batch=True, mean=mean, invstd=invstd, weight=weight, bias=bias,
+        out=out)
+    nfeat = layout.shape3[1]
+    v.check_stat(mean, "mean", nfeat, x.dtype)
+    v.check_stat(invstd, "invstd", nfeat, x.dtype)
+    _check_affine(weight, bias, nfeat, x.dtype)
+    y3, y, finish = _output(be, x, layout, out)
+    if layout.count:
+        with be.guard(x):
+            be.ops.batch_norm_elemt(_view(be, x, layout), mean, invstd, weight, bias, y3)
+    if finish:
+        finish()
+    return y
+
+
+def batch_norm_backward_reduce(dy, x, mean, invstd, axis=1):
+    """The reduction half of the backward: per-feature float64 sums.
+
+    Parameters
+    ----------
+    dy, x : ndarray of the same shape and dtype (float32 or float64)
+        The batch may be empty (the sums are then 0).
+    mean, invstd : ndarray ``(C,)``, ``x.dtype`` or float64
+        The statistics the forward normalised with.
+    axis : int, default 1
+
+    Returns
+    -------
+    sum_dy, sum_dy_xmu : ndarray ``(C,)`` float64
+        ``sum(dy)`` and ``sum(dy * (x - mean))`` over every axis but ``axis``.
+        ``invstd * sum_dy_xmu`` and ``sum_dy`` are this batch's ``dweight``
+        and ``dbias``.
+
+    Examples
+    --------
+    >>> sum_dy, sum_dy_xmu = numbabn.batch_norm_backward_reduce(dy, x, mean, invstd)
+    >>> dx = numbabn.batch_norm_backward_elemt(dy, x, mean, invstd, weight, sum_dy,
+    ...                                        sum_dy_xmu, count=x.size // x.shape[1])
+    """
+    be, layout, x, dy, mean, invstd = _prepare(
+        x, axis, allow_empty_batch=True, dy=dy, mean=mean, invstd=invstd)
+    v.check_same_as(dy, "dy", x)
+    nfeat = layout.shape3[1]
+    v.check_stat(mean, "mean", nfeat, x.dtype)
+    v.check_stat(invstd, "invstd", nfeat, x.dtype)
+    if layout.count == 0:
+        return np.zeros(nfeat), np.zeros(nfeat)
+    with be.guard(x):
+        return be.ops.batch_norm_backward_reduce(
+            _view(be, dy, layout), _view(be, x, layout), mean, invstd)
+
+
+def batch_norm_backward_elemt(dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu, count, axis=1,
+                              out=None):
+    """The elementwise half of the backward: dx from the (merged) sums.
+
+    ``dx = weight * invstd * (dy - sum_dy / count - (x - mean) * invstd**2 * sum_dy_xmu / count)``
+
+    Parameters
+    ----------
+    dy, x : ndarray of the same shape and dtype
+    mean, invstd : ndarray ``(C,)``, ``x.dtype`` or float64, as in the forward
+    weight : ndarray ``(C,)`` and ``x.dtype``, or None
+    sum_dy, sum_dy_xmu : ndarray ``(C,)``, float64 (or ``x.dtype``)
+        From :func:`batch_norm_backward_reduce`, summed over every part of the
+        batch.
+    count : int >= 1
+        Values per feature in the whole batch (all parts).
+    axis : int, default 1
+    out : ndarray, optional
+        Where to write dx; may be ``dy`` or ``x``.
+
+    Returns
+    -------
+    dx : ndarray like ``x`` (``out`` when given)
+    """
+    be, layout, x, dy, mean, invstd, weight, sum_dy, sum_dy_xmu, out = _prepare(
+        x, axis, allow_empty_batch=True, dy=dy, mean=mean, invstd=invstd, weight=weight,
+        sum_dy=sum_dy, sum_dy_xmu=sum_dy_xmu, out=out)
+    v.check_same_as(dy, "dy", x)
+    nfeat = layout.shape3[1]
+    v.check_stat(mean, "mean", nfeat, x.dtype)
+    v.check_stat(invstd, "invstd", nfeat, x.dtype)
+    if weight is not None:
+        v.check_vector(weight, "weight", nfeat, x.dtype)
+    v.check_stat(sum_dy, "sum_dy", nfeat, x.dtype)
+    v.check_stat(sum_dy_xmu, "sum_dy_xmu", nfeat, x.dtype)
+    count = v.check_count(count, minimum=1)
+    dx3, dx, finish = _output(be, x, layout, out, inputs=(x, dy))
+    if layout.count:
+        with be.guard(x):
+            be.ops.batch_norm_backward_elemt(
+                _view(be, dy, layout), _view(be, x, layout), mean, invstd, weight, sum_dy,
+                sum_dy_xmu, count, dx3)
+    if finish:
+        finish()
+    return dx
 
 def _check_affine(weight, bias, nfeat, dtype):
     if weight is not None:

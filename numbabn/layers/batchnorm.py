@@ -67,26 +67,23 @@ class _BatchNorm(Layer):
         """
         self._check_input(x)
         if self.training or not self.track_running_stats:
-            y, mean, invstd = F.batch_norm_train(x, self.weight, self.bias, self.eps)
+            y, mean, invstd, var = F._batch_norm_train(x, self.weight, self.bias, self.eps, 1, None)
             if self.training and self.track_running_stats:
-                self._update_running_stats(mean, invstd, x.size // self.num_features)
+                self._update_running_stats(mean, var, x.size // self.num_features)
             self._cache = (x, mean, invstd, y.shape)
         else:
             y = F.normalize(x, self.running_mean, self.running_var, self.weight, self.bias, self.eps)
             self._cache = (x, None, None, y.shape)
         return y
 
-    def _update_running_stats(self, mean, invstd, count):
+    def _update_running_stats(self, mean, var, count):
+        """``var``: the biased batch variance in float64, straight from the kernel."""
         self.num_batches_tracked += 1
         if self.momentum is None:  # cumulative moving average, as PyTorch
             factor = 1.0 / float(self.num_batches_tracked)
         else:
             factor = self.momentum
-        # batch_norm_train returns invstd = 1/sqrt(var + eps); recovering var in
-        # float64 costs no pass over x and errs by at most ~2 ulp * (var + eps).
-        var = np.maximum(1.0 / np.square(invstd.astype(np.float64)) - self.eps, 0.0)
-        F.update_running_stats(self.running_mean, self.running_var, mean,
-                               var.astype(self.dtype), count, factor)
+        F.update_running_stats(self.running_mean, self.running_var, mean, var, count, factor)
 
     def backward(self, dy, input_grad=True):
         """Return ``dL/dx`` (None when ``input_grad`` is False); fill
