@@ -1,12 +1,16 @@
 """The MNIST data set: find, download, verify and read its four IDX files.
 
-``load_mnist`` looks for the files in one directory (``data_dir``, else
-``$NUMBABN_DATA``, else ``~/.cache/numbabn/mnist``), each either gzipped
-(``train-images-idx3-ubyte.gz``) or raw (``train-images-idx3-ubyte``).  Missing
-files are downloaded from the first of ``MIRRORS`` that serves a good copy; a
-download goes to a temporary file in the same directory and is renamed into place
-only once it has passed the same checks as a file already there, so the cache
-never keeps a partial or corrupt file.
+numbabn ships the four files (``numbabn/datasets/mnist``, ``SHIPPED_DATA_DIR``),
+so nothing needs downloading.  ``load_mnist`` reads them from one directory,
+found in this order (``find_mnist``): ``data_dir`` when given, else
+``$NUMBABN_DATA`` when set, else ``~/.cache/numbabn/mnist`` when it holds all
+four files, else the shipped copy.  Each file is gzipped
+(``train-images-idx3-ubyte.gz``) or raw (``train-images-idx3-ubyte``).  Files
+missing from a directory given explicitly (or from the cache, when the shipped
+copy is gone too) are downloaded from the first of ``MIRRORS`` that serves a
+good copy; a download goes to a temporary file in the same directory and is
+renamed into place only once it has passed the same checks as a file already
+there, so the cache never keeps a partial or corrupt file.
 
 Every file is checked before its data is used: the IDX magic number (element type
 and number of dimensions), that the payload length matches the dimensions in the
@@ -32,7 +36,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
+
+from ._extras import MissingExtraError, require
 
 __all__ = [
     "MNISTError",
@@ -40,7 +45,9 @@ __all__ = [
     "MIRRORS",
     "DEFAULT_DATA_DIR",
     "DATA_DIR_ENV",
+    "SHIPPED_DATA_DIR",
     "load_mnist",
+    "find_mnist",
     "read_idx",
     "resolve_data_dir",
     "find_file",
@@ -68,6 +75,8 @@ MIRRORS: tuple[str, ...] = (
 
 DATA_DIR_ENV = "NUMBABN_DATA"
 DEFAULT_DATA_DIR = Path("~/.cache/numbabn/mnist")
+#: The copy of MNIST installed with numbabn (package data, also in the wheel).
+SHIPPED_DATA_DIR = Path(__file__).resolve().parent / "datasets" / "mnist"
 
 #: Seconds to wait for a mirror to connect or to send the next block.
 TIMEOUT = 30.0
@@ -90,7 +99,10 @@ class MNISTError(ValueError):
 
 
 def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
-    """Return the directory that holds (or will hold) the MNIST files.
+    """Return the directory named by the user, else the download cache.
+
+    This is where downloads go; ``load_mnist`` reads from ``find_mnist``, which
+    prefers the copy shipped with numbabn to an incomplete cache.
 
     Parameters
     ----------
@@ -114,6 +126,33 @@ def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
     return Path(data_dir).expanduser()
 
 
+def find_mnist(data_dir: str | os.PathLike | None = None) -> tuple[Path, str]:
+    """Return the directory ``load_mnist`` reads, and where it came from.
+
+    The first of: ``data_dir`` when not None (``"argument"``); ``$NUMBABN_DATA``
+    when set and non-empty (``"$NUMBABN_DATA"``); ``~/.cache/numbabn/mnist`` when
+    it holds all four files (``"cache"``); the copy shipped with numbabn when it
+    holds all four (``"shipped"``); else the cache directory again (``"cache"``),
+    for ``load_mnist`` to download into.  A directory given explicitly is used
+    even when files are missing from it, so ``load_mnist`` downloads into it or
+    says what is missing.  Nothing is read or created here.
+
+    Examples
+    --------
+    >>> find_mnist("/data/mnist")
+    (PosixPath('/data/mnist'), 'argument')
+    """
+    if data_dir is not None:
+        return Path(data_dir).expanduser(), "argument"
+    if os.environ.get(DATA_DIR_ENV):
+        return Path(os.environ[DATA_DIR_ENV]).expanduser(), f"${DATA_DIR_ENV}"
+    cache = DEFAULT_DATA_DIR.expanduser()
+    for directory, origin in ((cache, "cache"), (SHIPPED_DATA_DIR, "shipped")):
+        if all(find_file(directory, name) is not None for name in MNIST_FILES):
+            return directory, origin
+    return cache, "cache"
+
+
 def find_file(data_dir: str | os.PathLike, name: str) -> Path | None:
     """Return ``data_dir/name.gz`` or ``data_dir/name``, whichever exists first, else None."""
     for candidate in (Path(data_dir) / f"{name}.gz", Path(data_dir) / name):
@@ -123,6 +162,10 @@ def find_file(data_dir: str | os.PathLike, name: str) -> Path | None:
 
 
 _REPLACE_HINT = "Delete the file to download it again, or replace it with a good copy."
+_SHIPPED_HINT = (
+    "This is the copy installed with numbabn, which is damaged: reinstall numbabn, or point "
+    f"--data-dir or ${DATA_DIR_ENV} at a directory with good copies of the four files."
+)
 
 
 def read_idx(
@@ -165,13 +208,18 @@ def read_idx(
     >>> labels.shape                                                           # doctest: +SKIP
     (10000,)
     """
+    return _read_idx(path, md5=md5, ndim=ndim, dtype=dtype, hint=_REPLACE_HINT)
+
+
+def _read_idx(path, *, md5, ndim, dtype, hint: str) -> np.ndarray:
+    """``read_idx`` with ``hint`` (what to do about a bad file) in its errors."""
     path = Path(path)
     try:
         raw = path.read_bytes()
     except OSError as e:
         raise MNISTError(f"{path}: cannot read the file ({e}).") from e
-    data = _decompress(raw, source=path, hint=_REPLACE_HINT)
-    return _parse_idx(data, source=path, md5=md5, ndim=ndim, dtype=dtype, hint=_REPLACE_HINT)
+    data = _decompress(raw, source=path, hint=hint)
+    return _parse_idx(data, source=path, md5=md5, ndim=ndim, dtype=dtype, hint=hint)
 
 
 def _decompress(raw: bytes, *, source, hint: str) -> bytes:
@@ -265,7 +313,8 @@ def download_file(
     timeout : float, optional
         Seconds to wait for the connection and for each block of the body.
     progress : bool, optional
-        Show a tqdm progress bar on stderr.
+        Show a tqdm progress bar on stderr (without one, and a warning, when
+        tqdm is not installed).
 
     Returns
     -------
@@ -305,16 +354,7 @@ def _stream(url: str, out, *, timeout: float, progress: bool, desc: str) -> None
         with urllib.request.urlopen(request, timeout=timeout) as response:
             length = response.headers.get("Content-Length")
             total = int(length) if length and length.isdigit() else None
-            with tqdm(
-                total=total,
-                desc=desc,
-                unit="B",
-                unit_scale=True,
-                unit_divisor=1024,
-                file=sys.stderr,
-                disable=not progress,
-                leave=False,
-            ) as bar:
+            with _progress_bar(total, desc, progress) as bar:
                 while chunk := response.read(_CHUNK_BYTES):
                     out.write(chunk)
                     received += len(chunk)
@@ -333,6 +373,32 @@ def _stream(url: str, out, *, timeout: float, progress: bool, desc: str) -> None
         raise MNISTError(f"{url}: download failed: {type(e).__name__}: {e}") from e
     if total is not None and received != total:  # http.client may end a short body quietly
         raise MNISTError(f"{url}: transfer cut short: received {received} of {total} bytes.")
+
+
+class _NoBar:
+    """Stands in for a tqdm bar when there is none."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def update(self, n=1):
+        pass
+
+
+def _progress_bar(total, desc, progress):
+    """A tqdm byte counter on stderr, or a silent stand-in (progress off, or no tqdm)."""
+    if not progress:
+        return _NoBar()
+    try:
+        tqdm = require("tqdm", "The download progress bar").tqdm
+    except MissingExtraError as e:
+        log.warning("%s Downloading without a progress bar.", e)
+        return _NoBar()
+    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024,
+                file=sys.stderr, leave=False)
 
 
 def _missing_message(data_dir: Path, missing: Sequence[str], reason: str) -> str:
@@ -377,16 +443,17 @@ def load_mnist(
     progress: bool = True,
     timeout: float = TIMEOUT,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Load MNIST, downloading and verifying missing files first.
+    """Load MNIST, verifying every file (and downloading missing ones first).
 
     Parameters
     ----------
     data_dir : str or path-like, optional
-        Directory of the four IDX files; see ``resolve_data_dir`` for the default
-        (``$NUMBABN_DATA``, else ``~/.cache/numbabn/mnist``).
+        Directory of the four IDX files.  When None, ``find_mnist`` picks
+        ``$NUMBABN_DATA``, else ``~/.cache/numbabn/mnist`` when complete, else
+        the copy shipped with numbabn (so no download is needed).
     download : bool, optional
-        Download missing files into ``data_dir`` (created if needed).  When False,
-        missing files raise ``MNISTError`` saying where to put them.
+        Download files missing from the directory into it (created if needed).
+        When False, missing files raise ``MNISTError`` saying where to put them.
     mirrors : sequence of str, optional
         Base URLs to try in order; defaults to ``MIRRORS``.
     md5s : mapping of str to str, optional
@@ -411,8 +478,8 @@ def load_mnist(
     Raises
     ------
     MNISTError
-        When a file is missing and cannot be downloaded, or a file (found or
-        downloaded) fails a check.
+        When a file is missing and cannot be downloaded, or a file (found,
+        shipped or downloaded) fails a check.
 
     Examples
     --------
@@ -420,7 +487,9 @@ def load_mnist(
     >>> x_train.shape, y_train.dtype                     # doctest: +SKIP
     ((60000, 28, 28), dtype('uint8'))
     """
-    data_dir = resolve_data_dir(data_dir)
+    data_dir, origin = find_mnist(data_dir)
+    log.info("MNIST from %s (%s)", data_dir, origin)
+    hint = _SHIPPED_HINT if origin == "shipped" else _REPLACE_HINT
     mirrors = MIRRORS if mirrors is None else tuple(mirrors)
     paths = {name: find_file(data_dir, name) for name in MNIST_FILES}
     missing = [name for name, path in paths.items() if path is None]
@@ -448,8 +517,10 @@ def load_mnist(
     arrays = []
     for split in ("train", "t10k"):
         images_name, labels_name = f"{split}-images-idx3-ubyte", f"{split}-labels-idx1-ubyte"
-        images = read_idx(paths[images_name], md5=md5s[images_name], ndim=3, dtype=np.uint8)
-        labels = read_idx(paths[labels_name], md5=md5s[labels_name], ndim=1, dtype=np.uint8)
+        images = _read_idx(paths[images_name], md5=md5s[images_name], ndim=3, dtype=np.uint8,
+                           hint=hint)
+        labels = _read_idx(paths[labels_name], md5=md5s[labels_name], ndim=1, dtype=np.uint8,
+                           hint=hint)
         if len(labels) != len(images):
             raise MNISTError(
                 f"{paths[labels_name]} holds {len(labels)} labels but {paths[images_name]} "

@@ -2,7 +2,8 @@
 
 The tests write tiny IDX files (a few 4x5 "images") with an MD5 table of their own,
 and serve them from an HTTP server on 127.0.0.1 so the real download code runs.
-One test reads the real data set from ../shared/data/mnist when it is there.
+Others read the copy of the real data set shipped in the package, and the one at
+../shared/data/mnist when it is there.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import hashlib
 import http.server
 import socket
 import struct
+import sys
 import threading
 import time
 from pathlib import Path
@@ -467,3 +469,106 @@ def test_real_mnist_from_shared():
         assert set(np.unique(y)) == set(range(10))
     assert x_train.max() == 255 and x_train.min() == 0
     assert seconds < 5.0, f"loading took {seconds:.2f} s"
+
+
+# --- where MNIST is found: explicit > $NUMBABN_DATA > cache > shipped copy -------------------
+
+
+@pytest.fixture
+def places(tmp_path, monkeypatch):
+    """Four directories, each holding its own tiny data set (another seed), as the explicit
+    directory, $NUMBABN_DATA, the cache (under a fake HOME) and the shipped copy."""
+    dirs = {
+        "argument": tmp_path / "given",
+        "$NUMBABN_DATA": tmp_path / "env",
+        "cache": tmp_path / "home/.cache/numbabn/mnist",
+        "shipped": tmp_path / "site-packages/numbabn/datasets/mnist",
+    }
+    sets = {}
+    for seed, (origin, directory) in enumerate(dirs.items()):
+        arrays, contents = tiny_mnist(seed=seed)
+        write_files(directory, contents)
+        sets[origin] = arrays, {name: md5(raw) for name, raw in contents.items()}
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("NUMBABN_DATA", str(dirs["$NUMBABN_DATA"]))
+    monkeypatch.setattr(data, "SHIPPED_DATA_DIR", dirs["shipped"])
+    return dirs, sets
+
+
+def test_search_order_explicit_env_cache_shipped(places, monkeypatch):
+    dirs, sets = places
+
+    def loads(origin, data_dir=None):
+        arrays, md5s = sets[origin]
+        assert data.find_mnist(data_dir) == (dirs[origin], origin)
+        assert_loaded(load_mnist(data_dir, download=False, md5s=md5s), arrays)
+
+    loads("argument", dirs["argument"])
+    loads("$NUMBABN_DATA")
+    monkeypatch.setenv("NUMBABN_DATA", "")  # empty counts as unset
+    loads("cache")
+    (dirs["cache"] / "t10k-labels-idx1-ubyte.gz").unlink()  # an incomplete cache is passed over
+    loads("shipped")
+    monkeypatch.delenv("NUMBABN_DATA")
+    loads("shipped")
+
+
+def test_explicit_dirs_are_used_even_when_incomplete(places, monkeypatch):
+    dirs, sets = places
+    (dirs["$NUMBABN_DATA"] / "t10k-labels-idx1-ubyte.gz").unlink()
+    _, md5s = sets["$NUMBABN_DATA"]
+    with pytest.raises(MNISTError, match=r"missing from .*env: t10k-labels-idx1-ubyte\.gz"):
+        load_mnist(download=False, md5s=md5s)
+    empty = dirs["argument"].parent / "empty"
+    with pytest.raises(MNISTError, match="missing from"):
+        load_mnist(empty, download=False, md5s=md5s)
+
+
+def test_without_a_shipped_copy_the_cache_is_the_download_target(places, monkeypatch, tmp_path):
+    dirs, sets = places
+    monkeypatch.delenv("NUMBABN_DATA")
+    monkeypatch.setattr(data, "SHIPPED_DATA_DIR", tmp_path / "stripped")
+    (dirs["cache"] / "t10k-labels-idx1-ubyte.gz").unlink()
+    assert data.find_mnist() == (dirs["cache"], "cache")
+    with pytest.raises(MNISTError, match=r"t10k-labels-idx1-ubyte\.gz.*download=False"):
+        load_mnist(download=False, md5s=sets["cache"][1])
+
+
+def test_corrupted_shipped_copy_is_refused(places, monkeypatch):
+    dirs, sets = places
+    monkeypatch.delenv("NUMBABN_DATA")
+    monkeypatch.setenv("HOME", str(dirs["argument"].parent / "nohome"))
+    _, md5s = sets["shipped"]
+    # A well-formed IDX file with one pixel changed: only the MD5 can tell.
+    path = dirs["shipped"] / "train-images-idx3-ubyte.gz"
+    raw = bytearray(gzip.decompress(path.read_bytes()))
+    raw[-1] ^= 0x01
+    path.write_bytes(gzip.compress(bytes(raw)))
+    with pytest.raises(MNISTError) as info:
+        load_mnist(md5s=md5s, mirrors=[])
+    message = str(info.value)
+    assert str(path) in message and "MD5 of the decompressed contents" in message
+    assert "installed with numbabn" in message and "reinstall numbabn" in message
+    assert gzip.decompress(path.read_bytes()) == bytes(raw)  # refused, not replaced
+
+
+def test_shipped_mnist_is_complete_and_verified(monkeypatch, tmp_path):
+    # The real copy in the package: found with nothing configured, and it passes the MD5s.
+    monkeypatch.delenv("NUMBABN_DATA", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert data.SHIPPED_DATA_DIR.parent.parent == Path(data.__file__).resolve().parent
+    assert data.find_mnist() == (data.SHIPPED_DATA_DIR, "shipped")
+    assert sorted(p.name for p in data.SHIPPED_DATA_DIR.glob("*.gz")) == ALL_GZ
+    x_train, y_train, x_test, y_test = load_mnist(download=False)
+    assert x_train.shape == (60000, 28, 28) and y_test.shape == (10000,)
+    assert list(tmp_path.iterdir()) == []  # nothing downloaded or cached
+
+
+def test_download_without_tqdm_warns_and_still_works(tmp_path, server, tiny, monkeypatch, caplog, capsys):
+    arrays, contents, md5s = tiny
+    serve(server, "m1", contents)
+    monkeypatch.setitem(sys.modules, "tqdm", None)
+    result = load_mnist(tmp_path, mirrors=[f"{server.base}/m1/"], md5s=md5s, progress=True)
+    assert_loaded(result, arrays)
+    assert "pip install 'numbabn[train]'" in caplog.text
+    assert capsys.readouterr().err == ""
