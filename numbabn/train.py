@@ -1,7 +1,11 @@
 """``numbabn-mnist``: train the ``cnn`` or ``mlp`` model on MNIST with numbabn's layers.
 
-    numbabn-mnist --data-dir ../shared/data/mnist --epochs 5          # cnn, Adam, batch 128
+    numbabn-mnist --epochs 5                                          # cnn, Adam, batch 128
     numbabn-mnist --model mlp --no-bn --epochs 2 --out runs/mlp-nobn  # paper MLP without BN
+
+MNIST comes with numbabn (see :func:`numbabn.data.find_mnist`); ``--data-dir``
+reads another copy.  The progress bar (tqdm) and the curves (matplotlib) need
+the ``train`` extra: ``pip install 'numbabn[train]'``.
 
 Each epoch shows a progress bar, evaluates on the test set, and writes to
 ``--out``: ``metrics.json`` (final ``test_accuracy`` and a per-epoch
@@ -13,6 +17,8 @@ and reach bitwise the same weights as an uninterrupted run).
 from __future__ import annotations
 
 import argparse
+import glob
+import hashlib
 import json
 import os
 import sys
@@ -22,12 +28,16 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from ._cpu.threads import prefer_passive_waiting
+from ._extras import MissingExtraError, require
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .losses import cross_entropy
 from .models import MODELS, build_model
 from .optim import SGD, Adam
 
 EVAL_BATCH = 500
+
+#: Said once, before the first batch, when Numba's on-disk cache lacks the run's kernels.
+COMPILE_MESSAGE = "compiling kernels (first run only, ~15 s)..."
 
 
 @dataclass(frozen=True)
@@ -123,9 +133,13 @@ class Trainer:
         :func:`numbabn.data.load_mnist` returns them (uint8 images, int labels).
     out_dir : str
     progress : bool, default True
-        Show a tqdm progress bar per epoch.
+        Show a tqdm progress bar per epoch (needs the ``train`` extra).
     log : callable, default print
-        Receives one summary line per epoch.
+        Receives one summary line per epoch, and :data:`COMPILE_MESSAGE` before
+        the first batch when the kernels are not in Numba's cache yet.
+
+    Constructing a trainer changes no environment variables (the
+    ``numbabn-mnist`` command sets its own in :func:`cli`).
 
     Attributes
     ----------
@@ -136,7 +150,6 @@ class Trainer:
     """
 
     def __init__(self, config, data, out_dir, progress=True, log=print):
-        prefer_passive_waiting()  # the step interleaves Numba kernels and BLAS GEMMs
         self.config = config
         self.out_dir = out_dir
         self.progress = progress
@@ -151,6 +164,7 @@ class Trainer:
         self.optimizer = config.make_optimizer(self.model.params)
         self.epochs_done = 0
         self.history = []
+        self._compile_checked = False
 
     @property
     def checkpoint_path(self):
@@ -182,14 +196,16 @@ class Trainer:
 
     # -- training ------------------------------------------------------------- #
     def train_epoch(self, epoch, n_epochs):
-        from tqdm import tqdm
-
         batches = epoch_batches(len(self.train_y), self.config.batch_size, self.config.seed, epoch)
         self.optimizer.lr = self.config.epoch_lr(epoch)
         shifts = np.random.default_rng([self.config.seed, epoch, 1])
         loss_sum, correct, seen = 0.0, 0, 0
-        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{n_epochs}", unit="batch",
-                   disable=not self.progress, leave=False)
+        self._announce_compilation()
+        if self.progress:
+            tqdm = require("tqdm", "The trainer's progress bar", otherwise="pass progress=False").tqdm
+            bar = tqdm(batches, desc=f"epoch {epoch + 1}/{n_epochs}", unit="batch", leave=False)
+        else:
+            bar = _NoProgress(batches)
         start = time.perf_counter()
         for i, idx in enumerate(bar):
             x, y = self.train_x[idx], self.train_y[idx]
@@ -208,6 +224,13 @@ class Trainer:
         bar.close()
         return {"lr": self.optimizer.lr, "train_loss": loss_sum / seen, "train_accuracy": correct / seen,
                 "epoch_seconds": seconds, "images_per_second": seen / seconds}
+
+    def _announce_compilation(self):
+        """Log :data:`COMPILE_MESSAGE` once, before the first batch, on a cold cache."""
+        if not self._compile_checked:
+            self._compile_checked = True
+            if not kernels_cached(kernel_sources(self.config)):
+                self.log(COMPILE_MESSAGE)
 
     def run(self, epochs):
         """Train until ``epochs`` epochs are done (continuing from :attr:`epochs_done`)."""
@@ -244,9 +267,79 @@ class Trainer:
                     title=f"numbabn {self.config.model}" + ("" if self.config.batch_norm else " (no BN)"))
 
 
+class _NoProgress:
+    """The batches, with the few tqdm methods ``train_epoch`` calls doing nothing."""
+
+    def __init__(self, batches):
+        self.batches = batches
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def set_postfix(self, *args, **kwargs):
+        pass
+
+    def close(self):
+        pass
+
+
+def kernel_sources(config):
+    """Source files of the Numba kernels a run of ``config`` compiles (``cache=True``):
+    the batch-norm kernels with BN, the convolution, pooling and ReLU kernels for
+    the cnn, Adam's kernel for Adam.  (The mlp without BN and with SGD has none.)"""
+    from . import optim
+    from ._cpu import kernels as bn_kernels
+    from .layers import _kernels as layer_kernels
+
+    sources = []
+    if config.batch_norm:
+        sources.append(bn_kernels.__file__)
+    if config.model == "cnn":
+        sources.append(layer_kernels.__file__)
+    if config.optimizer == "adam":
+        sources.append(optim.__file__)
+    return sources
+
+
+def kernels_cached(sources):
+    """Whether Numba's on-disk cache holds kernels of every file in ``sources``.
+
+    A cheap look at the file system, without compiling or loading anything: each
+    source needs an index file (``<module>.<function>-<line>.py<ver>.nbi``) no
+    older than the source, where Numba keeps its cache: ``$NUMBA_CACHE_DIR``
+    when set, else the source's ``__pycache__`` or the user-wide Numba cache.
+    An index can still lack a signature, so this may miss a partial compile;
+    it never reads as cold once a run has cached its kernels.
+    """
+    from numba.core import config as numba_config
+
+    for source in sources:
+        source = os.path.abspath(source)
+        folder = os.path.dirname(source)
+        # Numba's _CacheLocator.get_suitable_cache_subpath: the folder's name and a hash of its path.
+        subpath = f"{os.path.basename(folder)}_{hashlib.sha1(folder.encode()).hexdigest()}"
+        if numba_config.CACHE_DIR:
+            places = [os.path.join(numba_config.CACHE_DIR, subpath)]
+        else:
+            places = [os.path.join(folder, "__pycache__")]
+            try:
+                from numba.misc.appdirs import AppDirs
+
+                places.append(os.path.join(AppDirs(appname="numba", appauthor=False).user_cache_dir, subpath))
+            except ImportError:  # moved in another Numba version: the in-tree cache is the usual one
+                pass
+        stem = os.path.splitext(os.path.basename(source))[0]
+        source_time = os.stat(source).st_mtime
+        indexes = [p for place in places for p in glob.glob(os.path.join(glob.escape(place), f"{stem}.*.nbi"))]
+        if not any(os.stat(p).st_mtime >= source_time for p in indexes):
+            return False
+    return True
+
+
 def plot_curves(history, path, title=""):
-    """Loss and accuracy (train and test) against epoch, as a PNG."""
-    import matplotlib
+    """Loss and accuracy (train and test) against epoch, as a PNG (needs matplotlib,
+    from the ``train`` extra)."""
+    matplotlib = require("matplotlib", "The trainer's loss and accuracy curves")
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -289,7 +382,8 @@ def build_parser():
     parser.add_argument("--optimizer", choices=["adam", "sgd"], help="default: adam (cnn), sgd (mlp)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--limit-train", type=int, metavar="N", help="train on the first N images only")
-    parser.add_argument("--data-dir", help="MNIST folder (default: $NUMBABN_DATA, else ~/.cache/numbabn/mnist)")
+    parser.add_argument("--data-dir", help="MNIST folder (default: $NUMBABN_DATA, else ~/.cache/numbabn/mnist "
+                                           "when it holds the four files, else the copy shipped with numbabn)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--out", metavar="DIR", help="output folder (default: runs/mnist-<model>)")
     parser.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.npz")
@@ -342,14 +436,18 @@ QUIET_THREAD_POOLS = {"OPENBLAS_THREAD_TIMEOUT": "4", "OMP_WAIT_POLICY": "passiv
 def cli():
     """The ``numbabn-mnist`` console script: :func:`main` with quiet thread pools.
 
-    OpenBLAS reads ``OPENBLAS_THREAD_TIMEOUT`` once, when NumPy loads it, which
-    has happened by the time this runs; so, unless the variable is set, the
-    command starts itself again once (``python -m numbabn.train``) with the
-    settings of :data:`QUIET_THREAD_POOLS` that the user has not set.
+    The only place the trainer changes environment variables.  OpenBLAS reads
+    ``OPENBLAS_THREAD_TIMEOUT`` once, when NumPy loads it, which has happened by
+    the time this runs; so, unless the variable is set, the command starts
+    itself again once (``python -m numbabn.train``) with the settings of
+    :data:`QUIET_THREAD_POOLS` that the user has not set.  When it is set (the
+    restarted process, or the user's choice), ``OMP_WAIT_POLICY=passive`` is
+    still set unless the user chose a policy (before Numba's pool starts).
     """
     if "OPENBLAS_THREAD_TIMEOUT" not in os.environ:
         env = {**QUIET_THREAD_POOLS, **os.environ}
         os.execve(sys.executable, [sys.executable, "-m", "numbabn.train", *sys.argv[1:]], env)
+    prefer_passive_waiting()  # the step interleaves Numba kernels and BLAS GEMMs
     sys.exit(main())
 
 
@@ -359,9 +457,10 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     trainer = None
     try:
+        _require_train_extra(progress=not args.no_progress)
         trainer = _setup(args)
         metrics = trainer.run(args.epochs)
-    except (ValueError, RuntimeError, OSError) as e:
+    except (ValueError, RuntimeError, OSError, MissingExtraError) as e:
         print(f"numbabn-mnist: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -372,6 +471,13 @@ def main(argv=None):
         return 130
     print(f"test accuracy {metrics['test_accuracy']:.4f}; metrics, curves and checkpoint in {trainer.out_dir}")
     return 0
+
+
+def _require_train_extra(progress):
+    """Fail before loading data when the ``train`` extra is missing."""
+    if progress:
+        require("tqdm", "numbabn-mnist's progress bar", otherwise="run with --no-progress")
+    require("matplotlib", "numbabn-mnist's loss and accuracy curves")
 
 
 def _setup(args):
@@ -390,4 +496,4 @@ def _setup(args):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli()  # the command's restart runs this; OPENBLAS_THREAD_TIMEOUT is set by then, so no second one

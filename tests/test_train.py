@@ -1,6 +1,7 @@
-"""The trainer: real-data smoke run, bitwise resume, Ctrl-C, damaged checkpoints."""
+"""The trainer: real-data smoke run, bitwise resume, Ctrl-C, damaged checkpoints, the
+environment, the missing ``train`` extra and the first-run compile message."""
 
-import gzip
+import hashlib
 import json
 import os
 import sys
@@ -11,25 +12,11 @@ import numpy as np
 import pytest
 
 from numbabn import train as train_module
+from numbabn._extras import MissingExtraError
 from numbabn.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from numbabn.train import TrainConfig, Trainer, main
+from numbabn.train import COMPILE_MESSAGE, TrainConfig, Trainer, main
 
-REAL_MNIST = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "mnist"
-
-
-def _read_idx(path):
-    """A minimal IDX reader, used only when numbabn.data is not in this checkout."""
-    raw = gzip.decompress(path.read_bytes())
-    ndim = raw[3]
-    dims = [int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
-    return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(dims)
-
-
-def _fallback_load_mnist(data_dir=None, download=True):
-    d = Path(data_dir)
-    names = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
-             "t10k-labels-idx1-ubyte"]
-    return tuple(_read_idx(d / f"{n}.gz") for n in names)
+FIX = "pip install 'numbabn[train]'"
 
 
 def synthetic_data(n_train=40, n_test=30, seed=0):
@@ -61,16 +48,13 @@ def _assert_same_run(a, b):
     assert strip[0] == strip[1]
 
 
-@pytest.mark.skipif(not REAL_MNIST.is_dir(), reason="no MNIST at ../shared/data/mnist")
 def test_short_real_mnist_run(tmp_path, monkeypatch):
-    try:
-        import numbabn.data  # noqa: F401
-    except ImportError:
-        monkeypatch.setitem(sys.modules, "numbabn.data",
-                            types.SimpleNamespace(load_mnist=_fallback_load_mnist))
+    # No --data-dir, no $NUMBABN_DATA and an empty cache: the MNIST shipped with numbabn.
+    monkeypatch.delenv("NUMBABN_DATA", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
     out = tmp_path / "run"
     # 125 steps of batch 32 (with the cnn's dropout and shifts): 95.4% here, a clear margin.
-    rc = main(["--data-dir", str(REAL_MNIST), "--limit-train", "4000", "--batch-size", "32",
+    rc = main(["--limit-train", "4000", "--batch-size", "32",
                "--epochs", "1", "--out", str(out), "--no-progress"])
     assert rc == 0
     metrics = json.loads((out / "metrics.json").read_text())
@@ -305,3 +289,135 @@ def test_cli_restarts_once_with_quiet_thread_pools(monkeypatch):
     with pytest.raises(SystemExit) as exit_info:
         train_module.cli()
     assert calls == [] and exit_info.value.code == 0
+    assert os.environ["OMP_WAIT_POLICY"] == "active"
+
+    # The restarted process (or a user who set only OPENBLAS_THREAD_TIMEOUT): the command
+    # still asks for passive OpenMP waiting, as the trainer itself used to.
+    from numbabn._cpu import threads
+
+    monkeypatch.delenv("OMP_WAIT_POLICY")
+    monkeypatch.setattr(threads, "threading_layer", lambda: None)  # Numba's pool not started yet
+    seen = {}
+    monkeypatch.setattr(train_module, "main", lambda: seen.setdefault("policy", os.environ.get("OMP_WAIT_POLICY")))
+    with pytest.raises(SystemExit):
+        train_module.cli()
+    assert calls == [] and seen == {"policy": "passive"}
+
+
+@pytest.fixture
+def bare_environ(monkeypatch):
+    """No thread-pool variables set and Numba's pool 'not started', so anything that
+    wanted to set them would."""
+    from numbabn._cpu import threads
+
+    for name in ("OMP_WAIT_POLICY", "OPENBLAS_THREAD_TIMEOUT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(threads, "threading_layer", lambda: None)
+
+
+def test_trainer_and_main_leave_os_environ_unchanged(tmp_path, bare_environ, fake_data_module):
+    before = dict(os.environ)
+    trainer = Trainer(TrainConfig(model="mlp", batch_size=10), synthetic_data(), str(tmp_path / "a"),
+                      progress=False, log=lambda s: None)
+    assert dict(os.environ) == before
+    trainer.run(1)
+    assert dict(os.environ) == before
+    assert main(["--model", "mlp", "--epochs", "1", "--out", str(tmp_path / "b"), "--no-progress"]) == 0
+    assert dict(os.environ) == before
+
+
+# --- the train extra (tqdm, matplotlib) ---------------------------------------------
+
+
+@pytest.mark.parametrize("module", ["tqdm", "matplotlib"])
+def test_cli_without_the_train_extra_names_the_fix(tmp_path, monkeypatch, fake_data_module, capsys, module):
+    monkeypatch.setitem(sys.modules, module, None)  # "import tqdm" now raises ImportError
+    assert main(["--model", "mlp", "--epochs", "1", "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert f"needs {module}" in err and FIX in err
+    assert not (tmp_path / "run").exists()  # refused before anything was loaded or written
+
+
+def test_no_progress_needs_no_tqdm(tmp_path, monkeypatch, fake_data_module):
+    monkeypatch.setitem(sys.modules, "tqdm", None)
+    assert main(["--model", "mlp", "--epochs", "1", "--out", str(tmp_path), "--no-progress"]) == 0
+
+
+def test_trainer_without_the_train_extra_names_the_fix(tmp_path, monkeypatch):
+    config = TrainConfig(model="mlp", batch_size=10)
+    monkeypatch.setitem(sys.modules, "tqdm", None)
+    trainer = Trainer(config, synthetic_data(), str(tmp_path), progress=True, log=lambda s: None)
+    with pytest.raises(MissingExtraError, match="progress bar needs tqdm") as info:
+        trainer.run(1)
+    assert FIX in str(info.value) and isinstance(info.value, ImportError)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(MissingExtraError, match="curves needs matplotlib") as info:
+        train_module.plot_curves([], str(tmp_path / "c.png"))
+    assert FIX in str(info.value)
+
+
+# --- the first-run compile message ---------------------------------------------------
+
+
+@pytest.mark.parametrize("cached", [False, True], ids=["cold", "warm"])
+def test_compile_message_once_before_the_first_batch_on_a_cold_cache(tmp_path, monkeypatch, cached):
+    events = []
+    monkeypatch.setattr(train_module, "kernels_cached", lambda sources: cached)
+    real_forward = train_module.cross_entropy
+
+    def count_batches(logits, y):
+        events.append("batch")
+        return real_forward(logits, y)
+
+    monkeypatch.setattr(train_module, "cross_entropy", count_batches)
+    trainer = Trainer(TrainConfig(model="mlp", batch_size=10), synthetic_data(), str(tmp_path),
+                      progress=False, log=lambda line: events.append(line))
+    trainer.run(2)
+    messages = [e for e in events if e == COMPILE_MESSAGE]
+    if cached:
+        assert messages == []
+    else:
+        assert messages == [COMPILE_MESSAGE] and events[0] == COMPILE_MESSAGE
+
+
+def test_kernels_cached_looks_for_fresh_numba_index_files(tmp_path, monkeypatch):
+    from numba.core import config as numba_config
+
+    monkeypatch.setattr(numba_config, "CACHE_DIR", "")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # an empty user-wide cache
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    source = tmp_path / "pkg" / "kern.py"
+    source.parent.mkdir()
+    source.write_text("# kernels\n")
+    os.utime(source, (1_000_000, 1_000_000))
+    assert train_module.kernels_cached([]) is True
+    assert train_module.kernels_cached([source]) is False  # a fresh clone: no index
+    index = source.parent / "__pycache__" / "kern.fn-3.py311.nbi"
+    index.parent.mkdir()
+    index.write_bytes(b"")
+    os.utime(index, (2_000_000, 2_000_000))
+    assert train_module.kernels_cached([source]) is True
+    (source.parent / "__pycache__" / "other.fn-3.py311.nbi").write_bytes(b"")
+    os.utime(source, (3_000_000, 3_000_000))  # the source changed after: Numba recompiles
+    assert train_module.kernels_cached([source]) is False
+
+    store = tmp_path / "numba-cache"  # $NUMBA_CACHE_DIR: only that folder counts
+    monkeypatch.setattr(numba_config, "CACHE_DIR", str(store))
+    os.utime(source, (1_000_000, 1_000_000))
+    assert train_module.kernels_cached([source]) is False
+    folder = str(source.parent)
+    sub = store / f"pkg_{hashlib.sha1(folder.encode()).hexdigest()}"
+    sub.mkdir(parents=True)
+    (sub / "kern.fn-3.py311.nbi").write_bytes(b"")
+    assert train_module.kernels_cached([source]) is True
+
+
+def test_a_run_leaves_the_cache_warm_for_the_next(tmp_path):
+    # After one run has compiled (or loaded) its kernels, the check says warm: no message.
+    config = TrainConfig(model="cnn", batch_size=8, limit_train=16)
+    data = synthetic_data(n_train=16, n_test=8)
+    Trainer(config, data, str(tmp_path / "a"), progress=False, log=lambda s: None).run(1)
+    assert train_module.kernels_cached(train_module.kernel_sources(config))
+    lines = []
+    Trainer(config, data, str(tmp_path / "b"), progress=False, log=lines.append).run(1)
+    assert COMPILE_MESSAGE not in lines
