@@ -86,10 +86,9 @@ def _channels_last_like(sizes, strides, order) -> bool:
     return True
 
 
-def _memory_format(t):
-    """``t.suggest_memory_format()``: the format PyTorch's batch norm gives its
-    output and input gradient (channels-last for NHWC/NDHWC-strided inputs,
-    contiguous otherwise, whatever other permutation the input has)."""
+def _suggest_memory_format(t):
+    """``Tensor.suggest_memory_format()``: channels-last for NHWC/NDHWC-like
+    strides, contiguous otherwise."""
     if t.dim() == 4 and _channels_last_like(t.shape, t.stride(), (1, 3, 2, 0)):
         return torch.channels_last
     if t.dim() == 5 and _channels_last_like(t.shape, t.stride(), (1, 4, 3, 2, 0)):
@@ -97,8 +96,39 @@ def _memory_format(t):
     return torch.contiguous_format
 
 
-def _empty_like(t):
-    return torch.empty_like(t, memory_format=_memory_format(t))
+def _dense_format(t):
+    """The format ``t`` is contiguous in (contiguous first, as ATen's
+    ``suggest_memory_format_contig``), or None."""
+    if t.is_contiguous():
+        return torch.contiguous_format
+    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    if t.dim() == 5 and t.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return None
+
+
+def _output_like(x):
+    """An empty output with the strides ATen's CPU batch norm gives its output: the
+    format x is contiguous in, else x's suggested format (a permuted or sliced
+    input gives a contiguous or channels-last output, as in PyTorch)."""
+    if x.dim() < 4:
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
+    fmt = _dense_format(x)
+    return torch.empty_like(x, memory_format=fmt if fmt is not None else _suggest_memory_format(x))
+
+
+def _grad_input_like(x, dy):
+    """An empty input gradient with ATen's strides (``batch_norm_backward_cpu``):
+    x's dense format when x and dy are both dense with the same suggested
+    format, else x's suggested format."""
+    if x.dim() < 4:
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
+    fmt = _dense_format(x)
+    if fmt is None or _dense_format(dy) is None or \
+            _suggest_memory_format(x) != _suggest_memory_format(dy):
+        fmt = _suggest_memory_format(x)
+    return torch.empty_like(x, memory_format=fmt)
 
 
 def _arr(t):
@@ -139,7 +169,7 @@ class _TrainFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, eps, stats):
-        y = _empty_like(x)
+        y = _output_like(x)
         _, mean, invstd = _nb.batch_norm_train(_arr(x), _arr(weight), _arr(bias), eps,
                                                out=_arr(y))
         if stats is not None:
@@ -161,7 +191,7 @@ class _TrainFn(torch.autograd.Function):
     def backward(ctx, dy):
         x, weight = ctx.saved_tensors
         mean, invstd = ctx.stats
-        dx = _empty_like(x)
+        dx = _grad_input_like(x, dy)
         _, dweight, dbias = _nb.batch_norm_backward(_arr(dy), _arr(x), mean, invstd,
                                                     _arr(weight), out=_arr(dx))
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
@@ -177,7 +207,7 @@ class _EvalFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, eps):
-        y = _empty_like(x)
+        y = _output_like(x)
         _nb.normalize(_arr(x), _arr(running_mean), _arr(running_var), _arr(weight),
                       _arr(bias), eps, out=_arr(y))
         ctx.save_for_backward(x, weight, running_mean, running_var)
@@ -190,7 +220,7 @@ class _EvalFn(torch.autograd.Function):
     def backward(ctx, dy):
         x, weight, running_mean, running_var = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        dx = _empty_like(x)
+        dx = _grad_input_like(x, dy)
         dweight = dbias = None
         dims = [0] + list(range(2, x.dim()))
         if need_b:
