@@ -1,12 +1,25 @@
-"""One place for every tuning constant and compiler flag used by the kernels.
+"""One place for every tuning constant and compiler flag of the kernels.
 
-Kernels import their flags and sizes from here and never write them inline, so a
-reader can see (and a benchmark can change) the whole tuning surface at once.
+Two kinds of value live here, in two sections:
+
+* **Host-side tunables** (chunk sizes, thresholds, launch shapes).  Read by the
+  host drivers on every call and passed to the kernels as arguments, never
+  frozen into compiled code: a benchmark may set ``numbabn._config.NAME = value``
+  at run time and the next call uses it.  Those marked "partition" change the
+  fixed reduction partition, hence the rounding (results stay bitwise
+  reproducible for a given value); the others change timing only.
+* **Compile-time values** (fast-math flags, jit options, the GPU's shared and
+  local array sizes).  They are compiled into the kernels, and Numba's on-disk
+  cache does not see them, so :mod:`numbabn._cache` keys the cache on them
+  (:func:`compile_time_values`): when one changes, numbabn's cached kernels are
+  dropped and recompiled.  Change them before ``numbabn`` is imported.
+
+Kernels import their flags and sizes from here and never write them inline.
 """
 
-# --------------------------------------------------------------------------- #
-# CPU
-# --------------------------------------------------------------------------- #
+# =========================================================================== #
+# Compile-time values (keyed into the on-disk cache by numbabn._cache)
+# =========================================================================== #
 
 # LLVM fast-math flags allowed in reduction kernels.  ``reassoc`` lets sums
 # vectorise (several partial accumulators) and ``contract`` allows fused
@@ -15,12 +28,11 @@ reader can see (and a benchmark can change) the whole tuning surface at once.
 # (and can leak it into other features).
 FASTMATH = frozenset({"reassoc", "contract"})
 
-# Flags for elementwise code and for the fixed-order merge of chunk sums:
+# Flags for elementwise code and for fixed-order merges of partials:
 # ``FASTMATH`` without ``reassoc``.  Elementwise loops vectorise without it, and
-# it must stay off there: with it LLVM may rewrite ``(x - hi) - lo`` (the
-# float32 split of a float64 mean) as ``x - (hi + lo)``, which rounds back to
-# ``x - hi``, and may reorder the merge of chunk sums, which must happen in chunk
-# order for bitwise reproducibility.
+# it must stay off there: with it LLVM may rewrite ``(x - hi) * s + o`` and the
+# float64 offset algebra, and may reorder the merge of chunk partials, which
+# must happen in chunk order for bitwise reproducibility.
 STRICT_FASTMATH = FASTMATH - {"reassoc"}
 
 # Options shared by every CPU kernel.  ``error_model="numpy"`` drops the
@@ -35,18 +47,48 @@ CPU_JIT_IEEE_PARALLEL = dict(CPU_JIT, fastmath=False, parallel=True)
 # they run one after the other and must not be fused by Numba.
 CPU_JIT_PARALLEL = dict(CPU_JIT, parallel=dict(fusion=False))
 
+# numba.cuda's ``fastmath`` is all-or-nothing: it turns on nnan/ninf together
+# with flush-to-zero and approximate division and square root.  All are unwanted
+# (NaN propagation, magnitudes near 1e-30), so it stays off.  NVVM contracts
+# multiply-adds into FMAs by default, which is the part of fast math we want.
+GPU_JIT = dict(fastmath=False, cache=True)
+
+# Compile-time size of the GPU's shared-memory reduction buffers: GPU_THREADS
+# must not exceed it.  3 float64 buffers of 256 values are 6 KiB per block.
+GPU_MAX_THREADS = 256
+
+# Loads issued back to back by one GPU thread before they are used (a local
+# array's size), so that each thread keeps several memory requests in flight.
+# Must divide GPU_ITEMS_PER_THREAD.
+GPU_UNROLL = 4
+
+COMPILE_TIME = ("FASTMATH", "STRICT_FASTMATH", "CPU_JIT", "CPU_JIT_STRICT",
+                "CPU_JIT_IEEE_PARALLEL", "CPU_JIT_PARALLEL", "GPU_JIT", "GPU_MAX_THREADS",
+                "GPU_UNROLL")
+
+
+def compile_time_values() -> dict:
+    """The compile-time values as they are now, by name (what keys the cache)."""
+    return {name: globals()[name] for name in COMPILE_TIME}
+
+
+# =========================================================================== #
+# Host-side tunables (read per call)
+# =========================================================================== #
+
+# --- CPU ---------------------------------------------------------------------
+
 # Inputs of at most this many elements run on the calling thread alone (see
 # numbabn._cpu.threads.kernel_guard): waking the thread pool costs more than the
 # work.  The reduction partition does not depend on the thread count, so this
 # changes timing only, never results.
 SERIAL_MAX_ELEMS = 1 << 15
 
-# Reduction partition.  Each feature's values are cut into chunks of about
-# ``CHUNK_ELEMS`` elements; the cut depends on the shape only (never on the
-# number of threads), and chunk sums are merged in chunk order, so results are
-# bitwise identical for any NUMBA_NUM_THREADS.  Chunk sums are float64 sums of
-# ``x - shift`` and ``(x - shift)**2`` (see kernels.py), so the chunk size only
-# sets the parallel grain and the size of the partial-sum arrays.
+# Reduction partition (partition).  Each feature's values are cut into chunks
+# of about ``CHUNK_ELEMS`` elements; the cut depends on the shape only (never on
+# the number of threads), and chunk moments are merged in chunk order, so
+# results are bitwise identical for any NUMBA_NUM_THREADS.  Also the grain of the
+# elementwise passes and of the layers' column sums.
 CHUNK_ELEMS = 32768
 
 # Channel-contiguous data ``(rows, C)``: a chunk is ``CHUNK_ELEMS // width``
@@ -86,43 +128,27 @@ NC_STREAM_MIN_BYTES = 1 << 21
 FUSE_BYTES = 1 << 21
 FUSE_MIN_TASKS = 8
 
-# Layers: Conv2d's largest im2col column buffer.  Each chunk costs a parallel
+# --- Layers ------------------------------------------------------------------
+
+# Conv2d's largest im2col column buffer.  Each chunk costs a parallel
 # im2col launch and three GEMM calls, and every launch synchronises threads
 # (costly on a busy machine), so chunks are large: the cnn's second convolution
 # at batch 128 (85 MB of columns) is one chunk; evaluation batches of 500 are
 # three.  The layer keeps its buffer between calls.
 IM2COL_CHUNK_BYTES = 128 << 20
 
-# --------------------------------------------------------------------------- #
-# GPU (numba.cuda).  Read by numbabn._gpu only; importing this module never
-# imports numba.cuda.
-# --------------------------------------------------------------------------- #
-
-# numba.cuda's ``fastmath`` is all-or-nothing: it turns on nnan/ninf together
-# with flush-to-zero and approximate division and square root.  All are unwanted
-# (NaN propagation, magnitudes near 1e-30), so it stays off.  NVVM contracts
-# multiply-adds into FMAs by default, which is the part of fast math we want.
-GPU_JIT = dict(fastmath=False, cache=True)
+# --- GPU (numba.cuda; read by numbabn._gpu only) -----------------------------
 
 # Threads per block for every kernel.  The reduction tree inside a block has this
 # many leaves; it is part of the fixed partition, so changing it changes the
 # rounding of statistics (results stay bitwise reproducible for a given value).
 GPU_THREADS = 256
 
-# Compile-time size of the shared-memory reduction buffers: GPU_THREADS must not
-# exceed it.  3 float64 buffers of 256 values are 6 KiB per block.
-GPU_MAX_THREADS = 256
-
 # Values each thread visits per block.  A block reduces GPU_THREADS *
 # GPU_ITEMS_PER_THREAD values of one feature (4096 by default), so a feature of
 # n values is split over ceil(n / 4096) blocks: the grid fills the GPU even for
 # C = 3, and the split depends on the shape only (deterministic merge order).
 GPU_ITEMS_PER_THREAD = 16
-
-# Loads issued back to back by one thread before they are used, so that each
-# thread keeps several memory requests in flight.  Must divide
-# GPU_ITEMS_PER_THREAD.
-GPU_UNROLL = 4
 
 # Channel-contiguous data: at most this many adjacent features per block, so a
 # warp reads one contiguous 128-byte row segment of float32 features.

@@ -14,6 +14,7 @@ import numbers
 import numpy as np
 from numba import njit, prange
 
+from . import _cache
 from ._config import CPU_JIT_IEEE_PARALLEL
 from ._validate import describe
 
@@ -215,3 +216,6 @@ def _adam_kernel(p, g, m, v, b1, c1, b2, c2, step_size, bc2_sqrt, eps):
         v[i] = vi
         denom = p.dtype.type(np.sqrt(vi) / bc2_sqrt) + eps
         p[i] -= step_size * (mi / denom)
+
+
+_cache.check(globals())  # before any kernel above loads from the disk cache

@@ -1,15 +1,9 @@
 """Several Python threads calling the kernels at once, under each threading layer."""
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from harness import run_json
 
 SCRIPT = r"""
 import json, threading
@@ -63,12 +57,7 @@ def _available_layers():
 
 @pytest.mark.parametrize("layer", _available_layers())
 def test_four_threads_get_correct_results(layer):
-    env = dict(os.environ, NUMBA_THREADING_LAYER=layer, NUMBA_NUM_THREADS="2",
-               PYTHONPATH=str(ROOT))
-    res = subprocess.run([sys.executable, "-c", SCRIPT], env=env, cwd=ROOT,
-                         capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, f"process died (rc {res.returncode}): {res.stderr[-2000:]}"
-    out = json.loads(res.stdout.strip().splitlines()[-1])
+    out = run_json(SCRIPT, threads=2, env={"NUMBA_THREADING_LAYER": layer})
     assert out["layer"] == layer
     assert out["errors"] == []
 

@@ -1,14 +1,6 @@
 """Bitwise reproducibility across runs and thread counts, and the on-disk JIT cache."""
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
-import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
+from harness import run_json
 
 HASH_SCRIPT = r"""
 import hashlib, json
@@ -53,11 +45,7 @@ print(json.dumps({"hits": hits, "misses": misses}))
 
 
 def _run(script, threads):
-    env = dict(os.environ, NUMBA_NUM_THREADS=str(threads), PYTHONPATH=str(ROOT))
-    res = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT,
-                         capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    return run_json(script, threads=threads)
 
 
 def test_bitwise_identical_for_1_and_2_threads_and_across_runs():
@@ -73,3 +61,43 @@ def test_second_process_loads_kernels_from_disk_cache():
     second = _run(CACHE_SCRIPT, 2)
     assert second["misses"] == 0, second
     assert second["hits"] > 0, second
+
+
+KEYED_SCRIPT = r"""
+import hashlib, importlib.util, json, sys
+# Load _config first and change a compile-time value before numbabn is imported.
+spec = importlib.util.spec_from_file_location("numbabn._config", "numbabn/_config.py")
+cfg = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(cfg)
+if sys.argv[1] == "ieee":  # no fused multiply-adds anywhere
+    for name in ("CPU_JIT", "CPU_JIT_STRICT", "CPU_JIT_PARALLEL"):
+        setattr(cfg, name, dict(getattr(cfg, name), fastmath=False))
+sys.modules["numbabn._config"] = cfg
+import numpy as np
+import numbabn as nb
+from numbabn._cpu import kernels
+rng = np.random.default_rng(5)
+x = (3 + rng.standard_normal((512, 24))).astype(np.float32)
+w = rng.standard_normal(24).astype(np.float32)
+y, mean, invstd = nb.batch_norm_train(x, w, w)
+misses = sum(sum(f.stats.cache_misses.values()) for f in vars(kernels).values()
+             if hasattr(f, "stats"))
+digest = hashlib.sha256(b"".join(a.tobytes() for a in (y, mean, invstd))).hexdigest()
+print(json.dumps({"hash": digest, "misses": misses}))
+"""
+
+
+def test_changing_a_compile_time_value_never_loads_stale_kernels(tmp_path):
+    """Numba's cache key ignores flags and constants; numbabn._cache keys the
+    cache on _config's compile-time values, so a warm cache never gives the bits
+    of other settings."""
+    warm, fresh = {"NUMBA_CACHE_DIR": str(tmp_path / "warm")}, {"NUMBA_CACHE_DIR": str(tmp_path / "fresh")}
+    default = run_json(KEYED_SCRIPT, "default", env=warm)
+    ieee_after_default = run_json(KEYED_SCRIPT, "ieee", env=warm)
+    ieee_cold = run_json(KEYED_SCRIPT, "ieee", env=fresh)
+    assert ieee_after_default["misses"] > 0  # recompiled, not loaded
+    assert ieee_after_default["hash"] == ieee_cold["hash"]
+    assert ieee_cold["hash"] != default["hash"]  # the setting does change the bits
+    default_again = run_json(KEYED_SCRIPT, "default", env=warm)
+    assert default_again["misses"] > 0 and default_again["hash"] == default["hash"]
+    assert run_json(KEYED_SCRIPT, "default", env=warm) == dict(default_again, misses=0)

@@ -122,7 +122,7 @@ def test_conv2d_chunked_batch_matches_whole(rng, monkeypatch):
     dy = rng.standard_normal((5, 3, 4, 4))
     y_whole, dx_whole = conv.forward(x), conv.backward(dy)
     dw_whole = conv.grads["weight"].copy()
-    monkeypatch.setattr(conv_module, "IM2COL_CHUNK_BYTES", 1)   # one image per chunk
+    monkeypatch.setattr(conv_module._config, "IM2COL_CHUNK_BYTES", 1)   # one image per chunk
     np.testing.assert_allclose(conv.forward(x), y_whole, rtol=1e-13)
     np.testing.assert_allclose(conv.backward(dy), dx_whole, rtol=1e-13)
     np.testing.assert_allclose(conv.grads["weight"], dw_whole, rtol=1e-12)

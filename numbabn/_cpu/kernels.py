@@ -69,7 +69,7 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from .. import _core
+from .. import _cache, _core
 from .._config import CPU_JIT, CPU_JIT_PARALLEL, CPU_JIT_STRICT
 from .._core import (DX_SCALE, DY_SHIFT, HI, INVSTD, M2, MEAN, OFFSET, SCALE, SUM_DY,
                      SUM_DY_XHI, SUM_XHI, VAR, XC_COEF)
@@ -713,3 +713,6 @@ def backward_elemt_nc(dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu, count, ro
     for rb in prange(_cdiv(nrows, rows)):
         r0 = rb * rows
         _dx_nc(dy, x, r0, min(r0 + rows, nrows), 0, nfeat, coef, dx)
+
+
+_cache.check(globals())  # before any kernel above loads from the disk cache

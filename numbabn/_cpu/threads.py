@@ -14,7 +14,7 @@ import threading
 
 import numba
 
-from .._config import SERIAL_MAX_ELEMS
+from .. import _config
 
 _lock = threading.RLock()
 _layer_is_threadsafe = None  # unknown until the first parallel kernel has run
@@ -38,7 +38,7 @@ def kernel_guard(x=None):
     other core is busy).  Results do not change, since the reduction partition
     never depends on the thread count.
     """
-    small = x is not None and x.size <= SERIAL_MAX_ELEMS
+    small = x is not None and x.size <= _config.SERIAL_MAX_ELEMS
     with _lock_if_needed():
         if not small:
             yield

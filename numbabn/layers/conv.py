@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import _check, _kernels
-from .._config import IM2COL_CHUNK_BYTES
+from .. import _config
 from ._init import fan_in_uniform
 from .base import Layer
 
@@ -108,7 +108,7 @@ class Conv2d(Layer):
 
     def _chunks(self, n_img, out_h, out_w):
         per_image = out_h * out_w * self._n_cols() * self.dtype.itemsize
-        step = max(1, min(n_img, IM2COL_CHUNK_BYTES // per_image))
+        step = max(1, min(n_img, _config.IM2COL_CHUNK_BYTES // per_image))
         return [(n0, min(n0 + step, n_img)) for n0 in range(0, n_img, step)], step
 
     def _n_cols(self):
@@ -174,7 +174,7 @@ class Conv2d(Layer):
             np.matmul(cols2d.T, dy2d, out=dw_chunk)
             dwmat += dw_chunk
             if self.bias is not None:
-                _kernels.column_sums(dy2d, dbias_chunk)
+                _kernels.column_sums(dy2d, max(1, _config.CHUNK_ELEMS // dy2d.shape[1]), dbias_chunk)
                 dbias += dbias_chunk
             if input_grad:
                 # The chunk's columns are no longer needed: overwrite them with dcols.
