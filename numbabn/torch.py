@@ -7,8 +7,9 @@ runs numbabn's kernels through a ``torch.autograd.Function``:
 
 - CPU float32/float64 tensors go to the CPU kernels without a copy
   (``tensor.detach().numpy()`` views, any strides, channels-last included);
-- CUDA float32/float64 tensors go to numbabn's GPU kernels through
-  ``__cuda_array_interface__`` (numbabn must see a real GPU, not the simulator);
+- CUDA float32/float64 tensors on device 0 and PyTorch's default stream go to
+  numbabn's GPU kernels through ``__cuda_array_interface__`` (numba must see a
+  real GPU, not the simulator; not tested on a GPU yet);
 - everything else (float16/bfloat16, an empty batch, one value per channel in
   training, eps <= 0, momentum outside [0, 1], mismatched dtypes or devices,
   tensor subclasses, TorchScript tracing, ``torch.compile``, functorch transforms,
@@ -284,7 +285,10 @@ class _NumbabnForward:
             return None
         device = x.device.type
         if device == "cuda":
-            if not _gpu_available():
+            # numba launches on its default stream in its current context
+            # (device 0 unless changed): other devices or streams run stock.
+            if not _gpu_available() or x.device.index not in (0, None) or \
+                    torch.cuda.current_stream(x.device).cuda_stream != 0:
                 return None
         elif device != "cpu":
             return None

@@ -1,0 +1,149 @@
+"""Time a PyTorch training step with stock BatchNorm2d and with numbabn.torch's.
+
+The network: 4 blocks of Conv2d(3x3, no bias) - BatchNorm2d - ReLU with 64
+channels at 56x56 (the first block takes 3 input channels), global average
+pooling and a Linear(64, 10) head; batch 32, float32, on the CPU with
+``torch.set_num_threads(THREADS)``.  One step is forward, cross-entropy,
+backward and an SGD step (lr 0.01, momentum 0.9).  The numbabn model is a deep
+copy of the stock one passed through ``numbabn.torch.replace_batchnorm``.
+
+Before timing, both models' losses and outputs on the same batch from the same
+weights are checked to agree (1e-5 relative).  Timing interleaves the two
+models: each round runs STEPS steps of one then STEPS of the other (the order
+alternating between rounds), after 10 ms of idle so the previous OpenMP pool
+(PyTorch's or Numba's) has stopped spinning; the median step time over rounds
+is reported for each.  For context, the same is done for the four BatchNorm
+layers alone (forward and backward of one BatchNorm2d on a (32, 64, 56, 56)
+tensor, 4 times).
+
+    PYTHONPATH=. python scripts/bench_torch_dropin.py [--rounds 7] [--steps 3]
+        [--memory-format nchw|channels_last|both]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+
+import numba
+import torch
+from torch import nn
+
+import numbabn.torch as nbt
+
+BATCH, CHANNELS, SIZE, BLOCKS, CLASSES = 32, 64, 56, 4, 10
+
+
+def network():
+    layers, cin = [], 3
+    for _ in range(BLOCKS):
+        layers += [nn.Conv2d(cin, CHANNELS, 3, padding=1, bias=False),
+                   nn.BatchNorm2d(CHANNELS), nn.ReLU(inplace=True)]
+        cin = CHANNELS
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(CHANNELS, CLASSES)]
+    return nn.Sequential(*layers)
+
+
+def make_step(model):
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+    def step(x, t):
+        opt.zero_grad(set_to_none=True)
+        loss = nn.functional.cross_entropy(model(x), t)
+        loss.backward()
+        opt.step()
+        return loss
+
+    return step
+
+
+def bn_alone(cls, fmt):
+    bn = cls(CHANNELS)
+    x = torch.randn(BATCH, CHANNELS, SIZE, SIZE).contiguous(memory_format=fmt).requires_grad_()
+    dy = torch.randn(x.shape).contiguous(memory_format=fmt)
+
+    def run():
+        for _ in range(BLOCKS):
+            x.grad = None
+            bn(x).backward(dy)
+
+    return run
+
+
+def timed(fn, reps):
+    time.sleep(0.01)  # let the other framework's OpenMP pool go quiet
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    return (time.perf_counter() - t0) / reps * 1e3
+
+
+def interleave(fns, rounds, reps):
+    """Median ms per call of each fn, rounds alternating the order."""
+    times = {name: [] for name in fns}
+    names = list(fns)
+    for r in range(rounds):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            times[name].append(timed(fns[name], reps))
+    return {name: statistics.median(v) for name, v in times.items()}, times
+
+
+def validate(stock, mine, x, t):
+    with torch.no_grad():
+        out1, out2 = stock(x), mine(x)
+    rel = ((out1 - out2).abs().max() / out1.abs().max()).item()
+    loss1 = nn.functional.cross_entropy(out1, t).item()
+    loss2 = nn.functional.cross_entropy(out2, t).item()
+    print(f"  check: loss stock {loss1:.7f}, numbabn {loss2:.7f}; logits max rel diff {rel:.1e}")
+    assert abs(loss1 - loss2) <= 1e-5 * abs(loss1) and rel <= 1e-5, "results differ"
+
+
+def bench(fmt_name, rounds, steps):
+    fmt = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}[fmt_name]
+    torch.manual_seed(0)
+    stock = network().to(memory_format=fmt)
+    mine = nbt.replace_batchnorm(copy.deepcopy(stock))
+    x = torch.randn(BATCH, 3, SIZE, SIZE).contiguous(memory_format=fmt)
+    t = torch.randint(0, CLASSES, (BATCH,))
+    print(f"\n== {fmt_name}: batch {BATCH}, {BLOCKS} x (Conv 3x3 - BN - ReLU), {CHANNELS} ch "
+          f"at {SIZE}x{SIZE}, float32 ==")
+    validate(stock, mine, x, t)  # training mode: batch statistics
+    step_stock, step_mine = make_step(stock), make_step(mine)
+    for _ in range(2):  # warm-up (kernels compiled, allocator warm)
+        step_stock(x, t), step_mine(x, t)
+    med, _ = interleave({"stock": lambda: step_stock(x, t), "numbabn": lambda: step_mine(x, t)},
+                        rounds, steps)
+    print(f"  training step: stock {med['stock']:.1f} ms, numbabn {med['numbabn']:.1f} ms, "
+          f"speed-up {med['stock'] / med['numbabn']:.3f}x")
+    bn_fns = {"stock": bn_alone(nn.BatchNorm2d, fmt), "numbabn": bn_alone(nbt.BatchNorm2d, fmt)}
+    for fn in bn_fns.values():
+        fn()
+    med_bn, _ = interleave(bn_fns, rounds, max(steps, 3))
+    print(f"  the {BLOCKS} BN layers alone (fwd+bwd): stock {med_bn['stock']:.1f} ms, "
+          f"numbabn {med_bn['numbabn']:.1f} ms, speed-up "
+          f"{med_bn['stock'] / med_bn['numbabn']:.2f}x")
+    return med, med_bn
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--steps", type=int, default=3, help="steps per timed block")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--memory-format", choices=["nchw", "channels_last", "both"], default="both")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
+    print(f"torch {torch.__version__} ({torch.get_num_threads()} threads), numba "
+          f"{numba.__version__} ({numba.get_num_threads()} threads); "
+          f"{args.rounds} rounds x {args.steps} steps, medians")
+    fmts = ["nchw", "channels_last"] if args.memory_format == "both" else [args.memory_format]
+    for fmt in fmts:
+        bench(fmt, args.rounds, args.steps)
+    print(f"\nnumba threading layer: {numba.threading_layer()}")
+
+
+if __name__ == "__main__":
+    main()
