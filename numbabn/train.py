@@ -37,7 +37,7 @@ from .optim import SGD, Adam
 EVAL_BATCH = 500
 
 #: Said once, before the first batch, when Numba's on-disk cache lacks the run's kernels.
-COMPILE_MESSAGE = "compiling kernels (first run only, ~15 s)..."
+COMPILE_MESSAGE = "compiling kernels (first run only, ~30 s)..."
 
 
 @dataclass(frozen=True)
@@ -285,15 +285,16 @@ class _NoProgress:
 
 def kernel_sources(config):
     """Source files of the Numba kernels a run of ``config`` compiles (``cache=True``):
-    the batch-norm kernels with BN, the convolution, pooling and ReLU kernels for
-    the cnn, Adam's kernel for Adam.  (The mlp without BN and with SGD has none.)"""
-    from . import optim
+    the batch-norm kernels and the statistics core they compile with BN, the
+    convolution, pooling and ReLU kernels for the cnn, Adam's kernel for Adam.
+    (The mlp without BN and with SGD has none.)"""
+    from . import _core, optim
     from ._cpu import kernels as bn_kernels
     from .layers import _kernels as layer_kernels
 
     sources = []
     if config.batch_norm:
-        sources.append(bn_kernels.__file__)
+        sources += [bn_kernels.__file__, _core.__file__]
     if config.model == "cnn":
         sources.append(layer_kernels.__file__)
     if config.optimizer == "adam":
