@@ -385,6 +385,17 @@ def test_eps_zero_and_large_momentum_run_stock(calls):
     assert calls == {}
 
 
+def test_compile_and_vmap_run_stock(calls):
+    mine, stock = pair(nbt.BatchNorm2d, nn.BatchNorm2d)
+    x = torch.randn(4, 5, 3, 3)
+    assert_rel(torch.compile(mine, backend="eager")(x), stock(x))
+    assert_same_state(mine, stock)
+    mine.track_running_stats = stock.track_running_stats = False
+    xs = torch.randn(3, 4, 5, 3, 3)
+    assert_rel(torch.func.vmap(mine)(xs), torch.func.vmap(stock)(xs))
+    assert calls == {}
+
+
 # ---------------------------------------------------------------- models
 
 
