@@ -153,10 +153,12 @@ def _tensor(a, like):
 def _batch_var(invstd, eps, like):
     """The biased batch variance from ``invstd = 1 / sqrt(var + eps)``.
 
-    TODO: switch to the batch variance returned by ``numbabn.batch_moments`` (being
-    added to numbabn.functional) once it exists: it returns the variance the
-    forward computed, where this recovers it in float64 from the rounded invstd
-    (no pass over x; error ~2 ulp of (var + eps) in x's dtype).
+    TODO: take the variance from the forward itself once numbabn offers it in one
+    call (``batch_norm_train`` returning ``var``, or ``batch_moments`` +
+    ``batch_norm_elemt`` if they prove as fast as the fused forward: they give
+    ``m2 / count`` exactly, where this recovers var in float64 from the rounded
+    invstd, error ~2 ulp of (var + eps) in x's dtype, and costs no pass over x).
+    ``numbabn.batch_moments`` alone would be a second pass over x.
     """
     inv = _tensor(invstd, like).double()
     return (inv.square().reciprocal_() - eps).clamp_(min=0.0).to(like.dtype)
@@ -221,25 +223,24 @@ class _EvalFn(torch.autograd.Function):
     def backward(ctx, dy):
         x, weight, running_mean, running_var = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        dx = _grad_input_like(x, dy)
-        dweight = dbias = None
-        dims = [0] + list(range(2, x.dim()))
-        if need_b:
-            dbias = dy.sum(dims)
-        if need_w:
-            # dweight = sum(dy * xhat) with xhat from the running statistics, xhat
-            # written into the dx buffer (overwritten below).  Not through
-            # batch_norm_backward: its sums are about the *batch* mean, which it
-            # recovers from x whatever mean it is given.
-            _nb.normalize(_arr(x), _arr(running_mean), _arr(running_var), None, None,
-                          ctx.eps, out=_arr(dx))
-            dweight = (dy * dx).sum(dims)
+        dx = dweight = dbias = None
+        if need_w or need_b:
+            # float64 sum(dy) and sum(dy * (x - running_mean)) in one read; not
+            # batch_norm_backward's sums, which are about the *batch* mean (it
+            # recovers it from x whatever mean it is given).
+            invstd = torch.rsqrt(running_var.detach().double() + ctx.eps)
+            sum_dy, sum_dy_xmu = _nb.batch_norm_backward_reduce(
+                _arr(dy), _arr(x), _arr(running_mean), _arr(invstd))
+            if need_w:
+                dweight = (_tensor(sum_dy_xmu, x) * invstd).to(x.dtype)
+            if need_b:
+                dbias = _tensor(sum_dy, x).to(x.dtype)
         if need_x:
+            dx = _grad_input_like(x, dy)
             zeros = torch.zeros_like(running_mean)
             _nb.normalize(_arr(dy), _arr(zeros), _arr(running_var), _arr(weight), None,
                           ctx.eps, out=_arr(dx))
-        return (dx if need_x else None, dweight, dbias if ctx.has_bias else None,
-                None, None, None)
+        return dx, dweight, dbias if ctx.has_bias else None, None, None, None
 
 
 # --------------------------------------------------------------------------- layers

@@ -44,7 +44,8 @@ def _seed():
 def calls(monkeypatch):
     """Counts of numbabn's functions called through numbabn.torch."""
     counts = {}
-    for name in ("batch_norm_train", "batch_norm_backward", "normalize", "update_running_stats"):
+    for name in ("batch_norm_train", "batch_norm_backward", "normalize", "update_running_stats",
+                 "batch_norm_backward_reduce"):
         fn = getattr(numbabn, name)
 
         def wrapped(*args, _fn=fn, _name=name, **kwargs):
@@ -153,6 +154,8 @@ def test_gradcheck_float64(calls, cls, shape, training, kw):
     assert torch.autograd.gradcheck(f, (x, *params.values()))
     assert calls.get("batch_norm_train" if training else "normalize", 0) > 0
     assert calls.get("batch_norm_backward" if training else "normalize", 0) > 0
+    if not training and params:
+        assert calls["batch_norm_backward_reduce"] > 0
 
 
 def test_double_backward_is_refused():
@@ -187,8 +190,8 @@ def test_layer_matches_stock_train_then_eval(calls, nb_cls, stock_cls, shape, kw
     if mine.track_running_stats:
         assert calls["batch_norm_train"] == 3 and calls["batch_norm_backward"] == 3
         assert calls["update_running_stats"] == 3
-        # eval: forward, dx, and xhat for the weight gradient
-        assert calls["normalize"] == 2 + (mine.weight is not None)
+        assert calls["normalize"] == 2  # eval: forward and dx
+        assert calls.get("batch_norm_backward_reduce", 0) == (mine.weight is not None)
         assert int(mine.num_batches_tracked) == 3
     else:  # batch statistics in eval mode too
         assert calls == {"batch_norm_train": 4, "batch_norm_backward": 4}
