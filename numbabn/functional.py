@@ -42,8 +42,8 @@ def _prepare(x, axis, allow_empty_batch=False, **arrays):
     v.check_input(x, allow_empty_batch=allow_empty_batch)
     axis = v.check_axis(axis, x.ndim)
     if x.shape[axis] == 0:
-        raise ValueError(f"x must have at least one feature; got shape {tuple(x.shape)} with "
-                         f"feature axis {axis}.")
+        raise ValueError(f"x must have at least one feature, but its feature axis {axis} is "
+                         f"empty; got shape {tuple(x.shape)}.")
     return (be, _layout.plan_layout(x, axis), x, *rest)
 
 
@@ -54,29 +54,12 @@ def _view(be, x, layout):
 def _output(be, x, layout, out=None, inputs=None):
     """Return ``(y3, y, finish)``: where kernels write, what to return, and a
     callback that copies into ``out`` when ``out`` could not be written directly
-    (not viewable as 3-D, or overlapping one of ``inputs``, default ``(x,)``, in
-    some other way than being that very array).  Checks ``out`` first: callers
-    run it before any kernel, so a bad ``out`` changes nothing."""
-    inputs = (x,) if inputs is None else inputs
+    (see :func:`numbabn._layout.output_3d`, one rule for both backends).  Checks
+    ``out`` first: callers run it before any kernel, so a bad ``out`` changes
+    nothing."""
     if out is not None:
         v.check_out(out, x)
-    if be is not _backend.CPU:
-        return be.layout.output_3d(x, layout, out, inputs)
-    if out is None:
-        y3, y = _layout.empty_like_3d(layout, x.dtype)
-        return y3, y, None
-    out3 = _layout.as_3d(out, layout, copy_ok=False)
-    if out3 is not None and not any(_partial_overlap(out, a) for a in inputs):
-        return out3, out, None
-    y3, y = _layout.empty_like_3d(layout, x.dtype)
-    return y3, out, lambda: np.copyto(out, y)
-
-
-def _partial_overlap(a, b):
-    """True when ``a`` and ``b`` share memory without being the same view."""
-    same = (a.__array_interface__["data"] == b.__array_interface__["data"]
-            and a.strides == b.strides)
-    return np.may_share_memory(a, b) and not same
+    return _layout.output_3d(be.layout, x, layout, out, inputs)
 
 
 def batch_stats(x, axis=1):
@@ -133,15 +116,16 @@ def normalize(x, mean, var, weight=None, bias=None, eps=1e-5, axis=1, out=None):
     >>> y = numbabn.normalize(x, mean, var)
     """
     be, layout, x, mean, var, weight, bias, out = _prepare(
-        x, axis, mean=mean, var=var, weight=weight, bias=bias, out=out)
+        x, axis, allow_empty_batch=True, mean=mean, var=var, weight=weight, bias=bias, out=out)
     nfeat = layout.shape3[1]
     v.check_vector(mean, "mean", nfeat, x.dtype)
     v.check_vector(var, "var", nfeat, x.dtype)
     _check_affine(weight, bias, nfeat, x.dtype)
     eps = v.check_eps(eps)
     y3, y, finish = _output(be, x, layout, out)
-    with be.guard(x):
-        be.ops.normalize(_view(be, x, layout), mean, var, weight, bias, eps, y3)
+    if layout.count:
+        with be.guard(x):
+            be.ops.normalize(_view(be, x, layout), mean, var, weight, bias, eps, y3)
     if finish:
         finish()
     return y
@@ -275,7 +259,8 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
     Training mode normalises with the batch statistics and, when running
     statistics are given, updates them in place (see
     :func:`update_running_stats`).  Eval mode normalises with the running
-    statistics and changes nothing.
+    statistics and changes nothing.  An empty batch gives an empty output and
+    changes nothing.
 
     Parameters
     ----------
@@ -299,7 +284,8 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
     >>> y_eval = numbabn.batch_norm(x, rm, rv)              # uses them
     """
     be, layout, x, running_mean, running_var, weight, bias = _prepare(
-        x, axis, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
+        x, axis, allow_empty_batch=True, running_mean=running_mean, running_var=running_var,
+        weight=weight, bias=bias)
     nfeat = layout.shape3[1]
     training = v.check_bool(training, "training")
     v.check_running_pair(running_mean, running_var)
@@ -315,9 +301,11 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
     _check_affine(weight, bias, nfeat, x.dtype)
     momentum = v.check_momentum(momentum)
     eps = v.check_eps(eps)
-    if training:
+    if training and layout.count:
         v.check_training_count(layout.count, x.shape, axis)
     y3, y, _ = _output(be, x, layout)
+    if not layout.count:  # an empty batch: an empty output, nothing updated (as PyTorch)
+        return y
     x3 = _view(be, x, layout)
     with be.guard(x):
         if not training:

@@ -104,3 +104,30 @@ def finite_difference(f, arrays, h=1e-6):
             g[i] = (fp - fm) / (2 * h)
         grads.append(g)
     return grads
+
+
+def batch_renorm_train(x, running_mean, running_var, weight=None, bias=None, eps=1e-5,
+                       rmax=3.0, rmin=None, dmax=5.0, axis=1):
+    """Batch renormalization's training forward (Ioffe 2017, Algorithm 1), float64:
+    returns ``(y, r, d)``; the running statistics are the ones before this step."""
+    mu_b, var_b = batch_stats(x, axis)
+    sigma_b = np.sqrt(var_b + eps)
+    sigma = np.sqrt(np.asarray(running_var, np.float64) + eps)
+    rmin = 1.0 / rmax if rmin is None else rmin
+    r = np.clip(sigma_b / sigma, rmin, rmax)
+    d = np.clip((mu_b - np.asarray(running_mean, np.float64)) / sigma, -dmax, dmax)
+    xhat = (np.asarray(x, np.float64) - _bcast(mu_b, x, axis)) / _bcast(sigma_b, x, axis)
+    y = xhat * _bcast(r, x, axis) + _bcast(d, x, axis)
+    if weight is not None:
+        y = y * _bcast(weight, x, axis)
+    if bias is not None:
+        y = y + _bcast(bias, x, axis)
+    return y, r, d
+
+
+def batch_renorm_backward(dy, x, r, d, weight=None, eps=1e-5, axis=1):
+    """Gradients of :func:`batch_renorm_train` wrt x, weight, bias with ``r`` and
+    ``d`` held constant (the paper's stop-gradient)."""
+    w = np.ones(x.shape[axis]) if weight is None else np.asarray(weight, np.float64)
+    dx, dxhat_sum, dbias = batch_norm_backward(dy, x, w * r, eps, axis)
+    return dx, r * dxhat_sum + d * dbias, dbias

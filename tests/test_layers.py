@@ -358,7 +358,7 @@ def test_load_state_dict_errors_leave_layer_unchanged(rng):
 
 
 @pytest.mark.parametrize("layer,x,error,match", [
-    (Linear(4, 3), np.zeros((2, 5), np.float32), ValueError, r"shape \(\*, 4\); got shape \(2, 5\)"),
+    (Linear(4, 3), np.zeros((2, 5), np.float32), ValueError, r"shape \(\*, 4\), with 4 at axis 1; got shape \(2, 5\)"),
     (Linear(4, 3), np.zeros((2, 4), np.float64), TypeError, "expects dtype float32"),
     (Linear(4, 3), [[0.0] * 4], TypeError, "numpy.ndarray"),
     (Conv2d(3, 2, 3), np.zeros((2, 1, 5, 5), np.float32), ValueError, r"\(\*, 3, \*, \*\)"),

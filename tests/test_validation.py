@@ -68,7 +68,10 @@ CASES = [
     ("x-python-float", X_FUNCS, lambda a: dict(x=1.0), TypeError, "x"),
     ("x-numpy-scalar", X_FUNCS, lambda a: dict(x=np.float32(1.0)), TypeError, "x"),
     ("x-1d", X_FUNCS, lambda a: dict(x=a["x"][:, 0, 0]), ValueError, "dimensions"),
-    ("x-empty", X_FUNCS, lambda a: dict(x=a["x"][:0]), ValueError, "empty"),
+    # normalize and batch_norm take an empty batch, as torch.nn.functional.batch_norm
+    ("x-empty", ["batch_stats", "batch_norm_train", "batch_norm_backward"],
+     lambda a: dict(x=a["x"][:0]), ValueError, "empty"),
+    ("x-no-features", X_FUNCS, lambda a: dict(x=a["x"][:, :0]), ValueError, "empty"),
     ("axis-range", X_FUNCS, lambda a: dict(axis=3), ValueError, "axis"),
     ("axis-neg-range", X_FUNCS, lambda a: dict(axis=-4), ValueError, "axis"),
     ("axis-float", X_FUNCS, lambda a: dict(axis=1.0), TypeError, "axis"),
@@ -153,3 +156,16 @@ def test_readonly_inputs_are_fine(rng):
     y, mean, invstd = nb.batch_norm_train(x, _readonly(a["weight"]), _readonly(a["bias"]))
     nb.batch_norm_backward(_readonly(a["dy"]), x, _readonly(mean), _readonly(invstd))
     assert np.all(np.isfinite(y))
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_empty_batch_gives_an_empty_output_and_changes_nothing(rng, training):
+    a = _args(rng)
+    x = a["x"][:0]
+    rm, rv = a["running_mean"].copy(), a["running_var"].copy()
+    y = nb.batch_norm(x, a["running_mean"], a["running_var"], a["weight"], a["bias"],
+                      training=training)
+    assert y.shape == x.shape and y.dtype == x.dtype
+    np.testing.assert_array_equal(a["running_mean"], rm)
+    np.testing.assert_array_equal(a["running_var"], rv)
+    assert nb.normalize(x, a["mean"], a["var"]).shape == x.shape

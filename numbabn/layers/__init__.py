@@ -9,17 +9,21 @@ shapes and work channels-last in memory (see :mod:`numbabn.layers.conv`).
 
 from .activation import Dropout, ReLU, Sigmoid
 from .base import Layer
-from .batchnorm import BatchNorm1d, BatchNorm2d
+from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from .container import Sequential
 from .conv import Conv2d
 from .flatten import Flatten
 from .linear import Linear
 from .pooling import MaxPool2d
+from .renorm import BatchRenorm1d, BatchRenorm2d
 
 __all__ = [
     "Layer",
     "BatchNorm1d",
     "BatchNorm2d",
+    "BatchNorm3d",
+    "BatchRenorm1d",
+    "BatchRenorm2d",
     "Linear",
     "Conv2d",
     "ReLU",

@@ -64,11 +64,12 @@ def rng(value):
     raise TypeError(f"rng must be a numpy.random.Generator, an int seed or None; got {describe(value)}.")
 
 
-def layer_input(x, layer, dtype, shape):
+def layer_input(x, layer, dtype, shape, allow_empty_batch=False):
     """Check a forward input against a shape pattern.
 
     Each entry of ``shape`` is an int (that exact size) or ``None`` (any size);
-    no axis may be empty.
+    no axis may be empty, except the batch axis (0) with ``allow_empty_batch``.
+    The message names what does not match.
     """
     expected = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
     if not isinstance(x, np.ndarray):
@@ -81,9 +82,19 @@ def layer_input(x, layer, dtype, shape):
             f"{layer} expects dtype {dtype} (the dtype of its parameters); got {x.dtype}. "
             f"Convert the input with x.astype(np.{dtype}) or build the layer with dtype=np.{x.dtype}."
         )
-    if x.ndim != len(shape) or any(s is not None and s != n for s, n in zip(shape, x.shape)) \
-            or x.size == 0:
-        raise ValueError(f"{layer} expects an input of shape {expected}; got shape {tuple(x.shape)}.")
+    got = tuple(x.shape)
+    if x.ndim != len(shape):
+        raise ValueError(f"{layer} expects a {len(shape)}-D input of shape {expected}; "
+                         f"got a {x.ndim}-D input of shape {got}.")
+    for axis, (want, n) in enumerate(zip(shape, got)):
+        if want is not None and want != n:
+            raise ValueError(f"{layer} expects an input of shape {expected}, with {want} at "
+                             f"axis {axis}; got shape {got}.")
+    empty = [axis for axis, n in enumerate(got) if n == 0 and not (axis == 0 and allow_empty_batch)]
+    if empty:
+        what = "an empty batch (axis 0)" if empty == [0] else f"an empty axis {empty[-1]}"
+        raise ValueError(f"{layer} expects an input of shape {expected} with no empty axis; "
+                         f"got {what} in shape {got}.")
 
 
 def float_input(x, layer, ndim=None):
