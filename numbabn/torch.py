@@ -46,6 +46,7 @@ import numpy as np
 from torch.autograd.function import once_differentiable
 
 import numbabn as _nb
+from numbabn import functional as _F
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "replace_batchnorm"]
 
@@ -150,20 +151,6 @@ def _tensor(a, like):
     return torch.as_tensor(a, device=like.device)
 
 
-def _batch_var(invstd, eps, like):
-    """The biased batch variance from ``invstd = 1 / sqrt(var + eps)``.
-
-    TODO: take the variance from the forward itself once numbabn offers it in one
-    call (``batch_norm_train`` returning ``var``, or ``batch_moments`` +
-    ``batch_norm_elemt`` if they prove as fast as the fused forward: they give
-    ``m2 / count`` exactly, where this recovers var in float64 from the rounded
-    invstd, error ~2 ulp of (var + eps) in x's dtype, and costs no pass over x).
-    ``numbabn.batch_moments`` alone would be a second pass over x.
-    """
-    inv = _tensor(invstd, like).double()
-    return (inv.square().reciprocal_() - eps).clamp_(min=0.0).to(like.dtype)
-
-
 # --------------------------------------------------------------------------- autograd
 
 class _TrainFn(torch.autograd.Function):
@@ -173,14 +160,15 @@ class _TrainFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, eps, stats):
         y = _output_like(x)
-        _, mean, invstd = _nb.batch_norm_train(_arr(x), _arr(weight), _arr(bias), eps,
-                                               out=_arr(y))
+        # the private variant also returns the biased batch variance (float64),
+        # straight from the kernel, for the running statistics
+        _, mean, invstd, var = _F._batch_norm_train(_arr(x), _arr(weight), _arr(bias), eps, 1,
+                                                    _arr(y))
         if stats is not None:
             running_mean, running_var, factor = stats
             count = x.numel() // x.shape[1]
-            var = _batch_var(invstd, eps, x)
-            _nb.update_running_stats(_arr(running_mean), _arr(running_var), mean,
-                                     _arr(var), count, factor)
+            _nb.update_running_stats(_arr(running_mean), _arr(running_var), mean, var, count,
+                                     factor)
             # written through NumPy/CAI views: tell autograd, as add_/mul_ would
             torch.autograd.graph.increment_version(running_mean)
             torch.autograd.graph.increment_version(running_var)
