@@ -389,6 +389,9 @@ def build_parser():
     parser.add_argument("--out", metavar="DIR", help="output folder (default: runs/mnist-<model>)")
     parser.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.npz")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--distributed", action="store_true",
+                        help="data-parallel training on every process of an MPI job: "
+                             "mpiexec -n N numbabn-mnist --distributed (needs the 'mpi' extra)")
     return parser
 
 
@@ -456,6 +459,10 @@ def main(argv=None):
     """Entry point of ``numbabn-mnist`` (through :func:`cli`); returns the exit
     status (130 after Ctrl-C)."""
     args = build_parser().parse_args(argv)
+    if args.distributed:  # the logic lives in numbabn.distributed.trainer
+        from .distributed.trainer import main as distributed_main
+
+        return distributed_main(args)
     trainer = None
     try:
         _require_train_extra(progress=not args.no_progress)
