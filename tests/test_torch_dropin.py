@@ -53,6 +53,14 @@ def calls(monkeypatch):
             return _fn(*args, **kwargs)
 
         monkeypatch.setattr(numbabn, name, wrapped)
+    # the training forward runs the private variant that also returns the variance
+    train = numbabn.functional._batch_norm_train
+
+    def wrapped_train(*args, **kwargs):
+        counts["batch_norm_train"] = counts.get("batch_norm_train", 0) + 1
+        return train(*args, **kwargs)
+
+    monkeypatch.setattr(numbabn.functional, "_batch_norm_train", wrapped_train)
     return counts
 
 
