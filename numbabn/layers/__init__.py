@@ -13,6 +13,7 @@ from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from .container import Sequential
 from .conv import Conv2d
 from .flatten import Flatten
+from .fold import fold_batchnorm
 from .linear import Linear
 from .pooling import MaxPool2d
 from .renorm import BatchRenorm1d, BatchRenorm2d
@@ -32,4 +33,5 @@ __all__ = [
     "Flatten",
     "Dropout",
     "Sequential",
+    "fold_batchnorm",
 ]
