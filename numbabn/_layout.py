@@ -101,6 +101,85 @@ def from_3d(y3: np.ndarray, layout: Layout) -> np.ndarray:
     return y3.reshape(permuted_shape).transpose(inverse)
 
 
+def output_3d(arrays, x, layout, out=None, inputs=None):
+    """Return ``(y3, y, finish)`` for an operation on ``x`` that writes an array
+    like ``x``: where kernels write (``(outer, C, inner)``), what to return, and
+    a callback that copies into ``out`` when ``out`` could not be written
+    directly, else None.
+
+    ``out`` (already checked: shape and dtype of ``x``, writeable) is written
+    directly when it is viewable as 3-D without a copy and overlaps none of
+    ``inputs`` (default ``(x,)``) other than by being that very array (``out=x``,
+    ``out=dy``: each value is read before it is written).  Otherwise the kernels
+    write a temporary and ``finish`` copies it into ``out``, as if every input
+    were read first.
+
+    ``arrays`` is the backend's layout module: this one for NumPy arrays,
+    :mod:`numbabn._gpu.layout` for device arrays.  It provides ``as_3d``,
+    ``empty_like_3d``, ``interface`` (the array interface: data pointer, shape,
+    strides, typestr) and ``copy_into(dst, src)``.
+    """
+    if out is None:
+        y3, y = arrays.empty_like_3d(layout, x.dtype)
+        return y3, y, None
+    inputs = (x,) if inputs is None else inputs
+    out3 = arrays.as_3d(out, layout, copy_ok=False)
+    if out3 is not None and not any(partial_overlap(arrays.interface(out), arrays.interface(a))
+                                    for a in inputs):
+        return out3, out, None
+    y3, y = arrays.empty_like_3d(layout, x.dtype)
+    return y3, out, lambda: arrays.copy_into(out, y)
+
+
+def interface(a: np.ndarray) -> dict:
+    """NumPy's array interface of ``a`` (see :func:`output_3d`)."""
+    return a.__array_interface__
+
+
+def copy_into(dst: np.ndarray, src: np.ndarray):
+    """``dst[...] = src`` (see :func:`output_3d`)."""
+    np.copyto(dst, src)
+
+
+def extent(desc):
+    """``(lo, hi, view)`` of an array interface (NumPy's or CUDA's): the byte range
+    ``[lo, hi)`` its elements span (empty for an empty array), and
+    ``(pointer, shape, strides)``, equal for two descriptions of the same view."""
+    shape = tuple(int(n) for n in desc["shape"])
+    itemsize = np.dtype(desc["typestr"]).itemsize
+    strides = desc.get("strides")
+    strides = contiguous_strides(shape, itemsize) if strides is None else tuple(
+        int(s) for s in strides)
+    lo = hi = desc["data"][0]
+    if 0 not in shape:
+        for n, s in zip(shape, strides):
+            lo += min(0, (n - 1) * s)
+            hi += max(0, (n - 1) * s)
+        hi += itemsize
+    return lo, hi, (desc["data"][0], shape, strides)
+
+
+def partial_overlap(desc_a, desc_b):
+    """True when the arrays two interfaces describe share bytes without being the
+    same view (same first element, shape and strides)."""
+    lo_a, hi_a, view_a = extent(desc_a)
+    lo_b, hi_b, view_b = extent(desc_b)
+    if hi_a <= lo_b or hi_b <= lo_a:
+        return False
+    return view_a != view_b
+
+
+@lru_cache(maxsize=1024)
+def contiguous_strides(shape, itemsize):
+    """Byte strides of a C-contiguous array."""
+    strides = []
+    step = itemsize
+    for n in reversed(tuple(shape)):
+        strides.append(step)
+        step *= max(int(n), 1)
+    return tuple(reversed(strides))
+
+
 @lru_cache(maxsize=1024)
 def _unpermute(shape, perm):
     return tuple(shape[a] for a in perm), tuple(sorted(range(len(perm)), key=perm.__getitem__))

@@ -10,6 +10,9 @@ say) the input is copied once, on the device, by
 array interface (CuPy arrays, PyTorch tensors) are wrapped once per call by
 :func:`as_device_array`.
 
+This module is what :func:`numbabn._layout.output_3d` calls for device arrays
+(``as_3d``, ``empty_like_3d``, ``interface``, ``copy_into``).
+
 Under the CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``) device arrays are NumPy
 arrays in host memory, and an interface's pointer is a host pointer; the same
 code builds the views through NumPy's array interface.
@@ -26,6 +29,7 @@ from numba import cuda
 from numba.core import config
 
 from .. import _config as cfg
+from .._layout import contiguous_strides, extent
 from . import kernels as k
 
 SIMULATOR = bool(config.ENABLE_CUDASIM)
@@ -122,18 +126,6 @@ def row(a, i):
     return device_view(a, a.shape[1:], a.strides[1:], offset=i * a.strides[0])
 
 
-@lru_cache(maxsize=1024)
-def contiguous_strides(shape, itemsize):
-    strides = []
-    step = itemsize
-    for n in reversed(tuple(shape)):
-        strides.append(step)
-        step *= max(int(n), 1)
-    return tuple(reversed(strides))
-
-
-
-
 def _merge(shape, strides):
     """Collapse axes into one ``(size, stride)`` if they form one strided run, else None."""
     axes = [(n, s) for n, s in zip(shape, strides) if n != 1]
@@ -202,47 +194,16 @@ def empty_like_3d(layout, dtype):
     return y3, from_3d(y3, layout)
 
 
-def output_3d(x, layout, out=None, inputs=None):
-    """Return ``(y3, y, finish)`` as :func:`numbabn.functional._output` does for
-    NumPy: where kernels write, what to return, and a callback that copies into
-    ``out`` when ``out`` could not be written directly (not viewable as 3-D, or
-    overlapping one of ``inputs``, default ``(x,)``, in some other way than
-    being that very array)."""
-    inputs = (x,) if inputs is None else inputs
-    if out is None:
-        y3, y = empty_like_3d(layout, x.dtype)
-        return y3, y, None
-    out3 = as_3d(out, layout, copy_ok=False)
-    if out3 is not None and not any(_partial_overlap(out, a) for a in inputs):
-        return out3, out, None
-    y3, y = empty_like_3d(layout, x.dtype)
-    return y3, out, lambda: copy_into(out, y)
-
-
-def _extent(a):
-    desc = interface(a)
-    lo = hi = desc["data"][0]
-    for n, s in zip(desc["shape"], desc["strides"]):
-        lo += min(0, (n - 1) * s)
-        hi += max(0, (n - 1) * s)
-    return lo, hi + np.dtype(desc["typestr"]).itemsize, desc
-
-
-def _partial_overlap(a, b):
-    """True when ``a`` and ``b`` share memory without being the same view."""
-    lo_a, hi_a, da = _extent(a)
-    lo_b, hi_b, db = _extent(b)
-    if hi_a <= lo_b or hi_b <= lo_a:
-        return False
-    same = (da["data"][0] == db["data"][0] and tuple(da["shape"]) == tuple(db["shape"])
-            and tuple(da["strides"]) == tuple(db["strides"]))
-    return not same
+# Where an output goes (out=, overlaps) is decided once for both backends by
+# numbabn._layout.output_3d, with this module's as_3d, empty_like_3d, interface
+# and copy_into.
 
 
 def _flat(a):
     """A flat 1-D view spanning ``a``'s memory, the element offset of ``a[0, ...]``
     in it, and ``a``'s element strides."""
-    lo, hi, desc = _extent(a)
+    desc = interface(a)
+    lo, hi, _ = extent(desc)
     itemsize = np.dtype(desc["typestr"]).itemsize
     flat = from_interface(
         dict(desc, shape=((hi - lo) // itemsize,), strides=(itemsize,), data=(lo, False)),
