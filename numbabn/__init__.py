@@ -19,5 +19,22 @@ from .functional import (
 )
 
 from .functional import __all__
+from .norms import (
+    group_norm,
+    group_norm_backward,
+    group_norm_train,
+    instance_norm,
+    instance_norm_backward,
+    instance_norm_train,
+    layer_norm,
+    layer_norm_backward,
+    layer_norm_train,
+    rms_norm,
+    rms_norm_backward,
+    rms_norm_train,
+)
+from .norms import __all__ as _norms_all
+
+__all__ = [*__all__, *_norms_all]
 
 __version__ = "0.1.0"

@@ -13,14 +13,17 @@ from collections import namedtuple
 
 from . import _layout
 from ._cpu import ops as _cpu_ops
+from ._cpu import rows as _cpu_rows
 from ._cpu.threads import kernel_guard
 
-Backend = namedtuple("Backend", "name ops layout guard")
+Backend = namedtuple("Backend", "name ops layout guard rows")
 """``ops``: the operations (see :mod:`numbabn._cpu.ops`); ``layout``: ``as_3d``
 and ``empty_like_3d`` for that backend's arrays; ``guard(x)``: a context manager
-held around kernel launches on input ``x`` (see :mod:`numbabn._cpu.threads`)."""
+held around kernel launches on input ``x`` (see :mod:`numbabn._cpu.threads`);
+``rows``: the per-row operations and views of :mod:`numbabn.norms` (see
+:mod:`numbabn._cpu.rows`)."""
 
-CPU = Backend("cpu", _cpu_ops, _layout, kernel_guard)
+CPU = Backend("cpu", _cpu_ops, _layout, kernel_guard, _cpu_rows)
 _GPU = []
 
 
@@ -36,9 +39,9 @@ def is_device_array(a) -> bool:
 
 def gpu() -> Backend:
     if not _GPU:
-        from ._gpu import layout, ops
+        from ._gpu import layout, ops, rows
 
-        _GPU.append(Backend("gpu", ops, layout, contextlib.nullcontext))
+        _GPU.append(Backend("gpu", ops, layout, contextlib.nullcontext, rows))
     return _GPU[0]
 
 

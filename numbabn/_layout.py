@@ -188,3 +188,124 @@ def _unpermute(shape, perm):
 @lru_cache(maxsize=64)
 def _identity(ndim):
     return tuple(range(ndim))
+
+
+# --------------------------------------------------------------------------- #
+# Per-row layouts: layer, group, instance and RMS norm reduce each *row* (the
+# kept axes' index) over the trailing axes.
+# --------------------------------------------------------------------------- #
+@dataclass(frozen=True)
+class RowLayout:
+    """How an N-d array maps onto the per-row view ``(N, M, G, K)``.
+
+    The first ``nkept`` axes are kept (they index rows), the others reduced.
+    Axes sorted by decreasing stride form at most four runs that alternate
+    kept, reduced, kept, reduced: ``blocks`` lists them (an empty block has
+    size 1); the last reduced run is K, the innermost.  Row ``n * G + g``
+    holds the values ``x4[n, :, g, :]``, so a C-contiguous array is
+    ``(1, 1, rows, reduced)``, a transposed 2-D one ``(1, reduced, rows, 1)``
+    and a channels-last group norm input ``(N, G, C/G, H, W)`` is
+    ``(N, H*W, G, C/G)``.  ``perm`` is
+    size-1 axes first, then the blocks in order; rows are numbered in the
+    memory order of the kept axes (see :func:`rows_to_kept`).
+    """
+
+    shape: tuple
+    nkept: int
+    perm: tuple
+    blocks: tuple
+    shape4: tuple
+
+    @property
+    def rows(self) -> int:
+        return self.shape4[0] * self.shape4[2]
+
+    @property
+    def reduced(self) -> int:
+        """Values per row."""
+        return self.shape4[1] * self.shape4[3]
+
+    @property
+    def kept_perm(self) -> tuple:
+        """The kept axes in row-numbering order."""
+        return tuple(a for a in self.perm if a < self.nkept)
+
+    @property
+    def reduced_perm(self) -> tuple:
+        """The reduced axes in the order of a row's flat index ``m * K + k``."""
+        return tuple(a for a in self.perm if a >= self.nkept)
+
+
+def plan_rows(x, nkept: int) -> RowLayout:
+    """Choose the ``(N, M, G, K)`` view of ``x`` whose rows are the first
+    ``nkept`` axes: from its strides when they allow one, else the logical
+    order (which :func:`as_4d` then copies into)."""
+    return _plan_rows(tuple(x.shape), tuple(x.strides), nkept)
+
+
+def plan_rows_logical(shape, nkept: int) -> RowLayout:
+    """The ``(1, 1, rows, reduced)`` plan of a C-contiguous array of ``shape``."""
+    return _plan_rows(tuple(shape), None, nkept)
+
+
+@lru_cache(maxsize=1024)
+def _plan_rows(shape, strides, nkept):
+    ndim = len(shape)
+    ones = [a for a in range(ndim) if shape[a] == 1]
+    rest = [a for a in range(ndim) if shape[a] != 1]
+    runs = []
+    if strides is not None:
+        # Stable sort: equal strides (zero, broadcast) keep their logical order.
+        for a in sorted(rest, key=lambda a: -abs(strides[a])):
+            reduced = a >= nkept
+            if runs and runs[-1][0] == reduced:
+                runs[-1][1].append(a)
+            else:
+                runs.append((reduced, [a]))
+        if len(runs) > (4 if not runs or runs[-1][0] else 3):
+            runs = None
+    if strides is None or runs is None:
+        runs = [(False, [a for a in rest if a < nkept]), (True, [a for a in rest if a >= nkept])]
+        runs = [(r, axes) for r, axes in runs if axes]
+    # The runs end in K (the last reduced run, innermost) or in G (a kept run).
+    last = 3 if not runs or runs[-1][0] else 2
+    blocks = [(), (), (), ()]
+    for i, (_, axes) in enumerate(runs):
+        blocks[last - len(runs) + 1 + i] = tuple(axes)
+    perm = tuple(ones) + sum(blocks, ())
+    shape4 = tuple(prod(shape[a] for a in b) for b in blocks)
+    return RowLayout(shape, nkept, perm, tuple(blocks), shape4)
+
+
+def as_4d(x: np.ndarray, layout: RowLayout, copy_ok: bool = True):
+    """``x`` as its ``(N, M, G, K)`` view, copied into ``layout.perm`` order
+    when the strides do not merge (``None`` then, with ``copy_ok=False``)."""
+    xp = x.transpose(layout.perm)
+    try:
+        return np.reshape(xp, layout.shape4, copy=False)
+    except ValueError:
+        if not copy_ok:
+            return None
+        return np.ascontiguousarray(xp).reshape(layout.shape4)
+
+
+def empty_like_4d(layout: RowLayout, dtype):
+    """Allocate an output in ``layout.perm`` order; return ``(y4, y)`` with ``y``
+    the same memory in the caller's axis order."""
+    permuted_shape, inverse = _unpermute(layout.shape, layout.perm)
+    y4 = np.empty(layout.shape4, dtype=dtype)
+    return y4, y4.reshape(permuted_shape).transpose(inverse)
+
+
+def rows_to_kept(v, layout: RowLayout):
+    """A per-row vector (row order) as an array of the kept axes' shape."""
+    kept = layout.kept_perm
+    sizes = tuple(layout.shape[a] for a in kept)
+    inverse = tuple(sorted(range(len(kept)), key=kept.__getitem__))
+    return v.reshape(sizes).transpose(inverse)
+
+
+def kept_to_rows(v, layout: RowLayout):
+    """Inverse of :func:`rows_to_kept`: an array of the kept axes' shape as a
+    1-D vector in row order (a view when possible)."""
+    return v.transpose(layout.kept_perm).reshape(-1)

@@ -131,3 +131,130 @@ def batch_renorm_backward(dy, x, r, d, weight=None, eps=1e-5, axis=1):
     w = np.ones(x.shape[axis]) if weight is None else np.asarray(weight, np.float64)
     dx, dxhat_sum, dbias = batch_norm_backward(dy, x, w * r, eps, axis)
     return dx, r * dxhat_sum + d * dbias, dbias
+
+
+# --------------------------------------------------------------------------- #
+# Per-row normalizations (layer, group, instance, RMS norm): float64 twins.
+# Each works on x seen as (rows, reduced) in logical (C) order.
+# --------------------------------------------------------------------------- #
+def _row_grads(dy, xd, g, rstd, xhat, center):
+    """dx of a per-row normalisation given g = dL/dxhat (rows, reduced):
+    ``rstd * (g - mean(g) - xhat * mean(g * xhat))``, without ``mean(g)`` when
+    the rows are not centred (RMS norm)."""
+    dx = g - xhat * (g * xhat).mean(axis=1, keepdims=True)
+    if center:
+        dx = dx - g.mean(axis=1, keepdims=True)
+    return rstd * dx
+
+
+def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5):
+    """Return ``(y, mean, rstd)``; statistics of shape ``x.shape[:-k] + (1,) * k``."""
+    k = len(normalized_shape)
+    lead = x.shape[:x.ndim - k]
+    x2 = np.asarray(x, dtype=np.float64).reshape(int(np.prod(lead)), -1)
+    mean = x2.mean(axis=1, keepdims=True)
+    var = x2.var(axis=1, keepdims=True)
+    rstd = 1.0 / np.sqrt(var + eps)
+    y = (x2 - mean) * rstd
+    if weight is not None:
+        y = y * np.asarray(weight, np.float64).reshape(1, -1)
+    if bias is not None:
+        y = y + np.asarray(bias, np.float64).reshape(1, -1)
+    stat_shape = lead + (1,) * k
+    return y.reshape(x.shape), mean.reshape(stat_shape), rstd.reshape(stat_shape)
+
+
+def layer_norm_backward(dy, x, normalized_shape, weight=None, eps=1e-5):
+    """Return ``(dx, dweight, dbias)`` of :func:`layer_norm` (statistics recomputed)."""
+    k = len(normalized_shape)
+    rows = int(np.prod(x.shape[:x.ndim - k]))
+    x2 = np.asarray(x, dtype=np.float64).reshape(rows, -1)
+    g2 = np.asarray(dy, dtype=np.float64).reshape(rows, -1)
+    mean = x2.mean(axis=1, keepdims=True)
+    rstd = 1.0 / np.sqrt(x2.var(axis=1, keepdims=True) + eps)
+    xhat = (x2 - mean) * rstd
+    w = np.ones(x2.shape[1]) if weight is None else np.asarray(weight, np.float64).reshape(-1)
+    dx = _row_grads(g2, x2, g2 * w, rstd, xhat, True)
+    shape = tuple(normalized_shape)
+    return (dx.reshape(x.shape), (g2 * xhat).sum(axis=0).reshape(shape),
+            g2.sum(axis=0).reshape(shape))
+
+
+def rms_norm(x, normalized_shape, weight=None, eps=None):
+    """Return ``(y, rstd)``; ``eps=None`` is the machine epsilon of x's dtype."""
+    eps = np.finfo(np.asarray(x).dtype).eps if eps is None else eps
+    k = len(normalized_shape)
+    lead = x.shape[:x.ndim - k]
+    x2 = np.asarray(x, dtype=np.float64).reshape(int(np.prod(lead)), -1)
+    rstd = 1.0 / np.sqrt((x2 * x2).mean(axis=1, keepdims=True) + eps)
+    y = x2 * rstd
+    if weight is not None:
+        y = y * np.asarray(weight, np.float64).reshape(1, -1)
+    return y.reshape(x.shape), rstd.reshape(lead + (1,) * k)
+
+
+def rms_norm_backward(dy, x, normalized_shape, weight=None, eps=None):
+    """Return ``(dx, dweight)`` of :func:`rms_norm`."""
+    eps = np.finfo(np.asarray(x).dtype).eps if eps is None else eps
+    k = len(normalized_shape)
+    rows = int(np.prod(x.shape[:x.ndim - k]))
+    x2 = np.asarray(x, dtype=np.float64).reshape(rows, -1)
+    g2 = np.asarray(dy, dtype=np.float64).reshape(rows, -1)
+    rstd = 1.0 / np.sqrt((x2 * x2).mean(axis=1, keepdims=True) + eps)
+    xhat = x2 * rstd
+    w = np.ones(x2.shape[1]) if weight is None else np.asarray(weight, np.float64).reshape(-1)
+    dx = _row_grads(g2, x2, g2 * w, rstd, xhat, False)
+    return dx.reshape(x.shape), (g2 * xhat).sum(axis=0).reshape(tuple(normalized_shape))
+
+
+def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5):
+    """Return ``(y, mean, rstd)``; statistics of shape ``(N, num_groups)``."""
+    n, c = x.shape[:2]
+    x3 = np.asarray(x, dtype=np.float64).reshape(n * num_groups, -1)
+    mean = x3.mean(axis=1, keepdims=True)
+    rstd = 1.0 / np.sqrt(x3.var(axis=1, keepdims=True) + eps)
+    y = ((x3 - mean) * rstd).reshape(x.shape)
+    per_channel = (1, c) + (1,) * (x.ndim - 2)
+    if weight is not None:
+        y = y * np.asarray(weight, np.float64).reshape(per_channel)
+    if bias is not None:
+        y = y + np.asarray(bias, np.float64).reshape(per_channel)
+    return y, mean.reshape(n, num_groups), rstd.reshape(n, num_groups)
+
+
+def group_norm_backward(dy, x, num_groups, weight=None, eps=1e-5):
+    """Return ``(dx, dweight, dbias)`` of :func:`group_norm`."""
+    n, c = x.shape[:2]
+    per_channel = (1, c) + (1,) * (x.ndim - 2)
+    xd = np.asarray(x, dtype=np.float64)
+    gd = np.asarray(dy, dtype=np.float64)
+    x3 = xd.reshape(n * num_groups, -1)
+    mean = x3.mean(axis=1, keepdims=True)
+    rstd = 1.0 / np.sqrt(x3.var(axis=1, keepdims=True) + eps)
+    xhat = (x3 - mean) * rstd
+    w = np.ones(c) if weight is None else np.asarray(weight, np.float64)
+    g3 = (gd * w.reshape(per_channel)).reshape(x3.shape)
+    dx = _row_grads(None, x3, g3, rstd, xhat, True).reshape(x.shape)
+    axes = (0,) + tuple(range(2, x.ndim))
+    return dx, (gd * xhat.reshape(x.shape)).sum(axis=axes), gd.sum(axis=axes)
+
+
+def instance_norm(x, weight=None, bias=None, eps=1e-5):
+    """Return ``(y, mean, rstd)`` with input statistics; statistics ``(N, C)``."""
+    return group_norm(x, x.shape[1], weight, bias, eps)
+
+
+def instance_norm_backward(dy, x, weight=None, eps=1e-5):
+    return group_norm_backward(dy, x, x.shape[1], weight, eps)
+
+
+def instance_running_stats(running_mean, running_var, x, momentum=0.1):
+    """PyTorch's update: the mean over samples of the instances' means and
+    unbiased variances.  Returns the new (running_mean, running_var), float64."""
+    n, c = x.shape[:2]
+    x3 = np.asarray(x, dtype=np.float64).reshape(n, c, -1)
+    count = x3.shape[2]
+    batch_mean = x3.mean(axis=2).mean(axis=0)
+    batch_var = (x3.var(axis=2) * count / (count - 1)).mean(axis=0)
+    return ((1 - momentum) * np.asarray(running_mean, np.float64) + momentum * batch_mean,
+            (1 - momentum) * np.asarray(running_var, np.float64) + momentum * batch_var)

@@ -1,0 +1,637 @@
+"""CPU per-row kernels and their host drivers: layer, group, instance and RMS norm.
+
+The second reduction pattern of the statistics core (:mod:`numbabn._core`);
+batch norm's per-feature pattern is :mod:`numbabn._cpu.kernels`.  The GPU twins
+are :mod:`numbabn._gpu.rows`, with the same host functions and signatures.
+
+Layout.  ``x4`` is the ``(N, M, G, K)`` view of the input (see
+:func:`numbabn._layout.plan_rows`): row ``r = n * G + g`` holds the values
+``x4[n, :, g, :]``, ``M`` runs of ``K``; a C-contiguous input is
+``(1, 1, rows, reduced)``.
+
+Affine.  Value ``(m, k)`` of row ``r`` uses the weight and bias at
+``a = (r % gmod) * arow + ((m * K + k) // adiv) % arow`` (an :data:`Affine`):
+
+* LayerNorm, RMSNorm: ``gmod = 1``, ``arow`` = values per row, ``adiv = 1``:
+  one weight per value (the weight is laid out in the row's memory order);
+* GroupNorm: ``gmod = G``, ``arow = C / G``, ``adiv`` = values per channel run;
+* InstanceNorm: ``gmod = C``, ``arow = 1``.
+
+With ``adiv == 1`` consecutive values use consecutive weights and the pass is
+``y = xhat * w + b``, ``xhat = (x - hi) * scale + offset`` with the row's
+coefficients; otherwise runs of values share one weight and the pass is
+``y = (x - hi) * scale + offset`` with the run's coefficients.  Either way the
+coefficients come from ``_core.affine_coefs`` in float64 (``hi``: the row's
+mean in the input's dtype, whose rounding goes into ``offset``).  RMSNorm is the
+same pass about 0: its "variance" is the mean square ``var + mean**2``.
+
+Phases:
+
+* forward: each row is cut into chunks of ``mrows x kcols`` values of its
+  ``(M, K)`` plane; a chunk's moments are float64 sums about its first value
+  (``shifted_moments``), merged with ``chan_merge`` in chunk order; the row's
+  coefficients; the elementwise pass in the input's dtype.
+* backward: per row, float64 sums of ``g = dy * w``, ``g * (x - hi)`` and
+  ``x - hi`` (``hi`` the saved mean; the last sum recovers the exact mean when
+  it was rounded), by chunk, added in chunk order; ``_core.backward_coefs``;
+  then ``dx = (g + (x - hi) * XC_COEF + DY_SHIFT) * DX_SCALE`` row by row, and
+  the parameter gradients ``sum(dy * xhat)``, ``sum(dy)`` per affine index.
+  Those are float64 partials per *parameter block* (``grad_rows`` rows with the
+  same ``r % gmod``, fixed by the shape), merged in block order.
+
+Paths.  *Fused*: one task per row (forward) or per parameter block (backward)
+reads a row, then writes it while it is in cache.  *Two-phase* (long rows, few
+rows): the chunks are reduced in parallel, merged per row, then the
+elementwise pass runs.  Both run the same chunk code and merge in the same
+order, so results do not depend on the path or on the thread count; merges are
+in strict code (no ``reassoc``), only the sums inside one chunk are
+reassociated (vectorised).
+"""
+
+from collections import namedtuple
+from functools import lru_cache
+
+import numpy as np
+from numba import njit, prange
+
+from .. import _config as cfg
+from .. import _core
+from .._config import CPU_JIT, CPU_JIT_PARALLEL, CPU_JIT_STRICT
+from .._layout import as_4d, empty_like_4d, kept_to_rows, rows_to_kept  # noqa: F401 (see the end)
+from .._core import DX_SCALE, DY_SHIFT, HI, INVSTD, M2, MEAN, OFFSET, SCALE, VAR, XC_COEF
+
+# The statistics core, compiled for the CPU (as in numbabn._cpu.kernels).
+shifted_moments = njit(**CPU_JIT_STRICT)(_core.shifted_moments)
+chan_merge = njit(**CPU_JIT_STRICT)(_core.chan_merge)
+invstd_of = njit(**CPU_JIT_STRICT)(_core.invstd_of)
+affine_coefs = njit(**CPU_JIT_STRICT)(_core.affine_coefs)
+sum_dy_xmu_about = njit(**CPU_JIT_STRICT)(_core.sum_dy_xmu_about)
+backward_coefs = njit(**CPU_JIT_STRICT)(_core.backward_coefs)
+parameter_grads = njit(**CPU_JIT_STRICT)(_core.parameter_grads)
+
+# Rows of the float64 per-row table: _core's statistics, and the centre the
+# pass subtracts (the mean, or 0 for RMSNorm).
+CENTER = _core.NSTATS
+NROWSTATS = _core.NSTATS + 1
+# Rows of the float64 per-row backward table: xhat = (x - HI) * XHAT_SCALE + XHAT_OFFSET.
+XHAT_SCALE, XHAT_OFFSET = 0, 1
+
+Affine = namedtuple("Affine", "gmod arow adiv")
+"""Weight index of value ``(m, k)`` of row ``r``:
+``(r % gmod) * arow + ((m * K + k) // adiv) % arow`` (see the module docstring)."""
+
+RowGeometry = namedtuple("RowGeometry", "mrows kcols fused grad_rows")
+"""A row's chunks are ``mrows`` runs by ``kcols`` values of its ``(M, K)``
+plane; ``fused``: one task per row; ``grad_rows``: rows per parameter block."""
+
+
+@njit(**CPU_JIT_STRICT)
+def _cdiv(a, b):
+    return (a + b - 1) // b
+
+
+@njit(**CPU_JIT_STRICT)
+def _chunk_bounds(c, ncb, geom, M, K):
+    """Runs ``[m0, m1)`` and values ``[k0, k1)`` of chunk ``c`` of a row."""
+    m0 = (c // ncb) * geom.mrows
+    k0 = (c % ncb) * geom.kcols
+    return m0, min(m0 + geom.mrows, M), k0, min(k0 + geom.kcols, K)
+
+
+@njit(**CPU_JIT_STRICT)
+def _nchunks(geom, M, K):
+    return _cdiv(M, geom.mrows) * _cdiv(K, geom.kcols), _cdiv(K, geom.kcols)
+
+
+@njit(**CPU_JIT_STRICT)
+def _weight_run(m, k, k1, K, aff):
+    """The run of values from ``k`` on that either uses consecutive weights
+    (``adiv == 1``) or one weight: its end and its first index within the row's
+    affine group."""
+    f = m * K + k
+    if aff.adiv == 1:
+        j = f % aff.arow
+        return min(k1, k + aff.arow - j), j
+    q = f // aff.adiv
+    return min(k1, (q + 1) * aff.adiv - m * K), q % aff.arow
+
+
+# =========================================================================== #
+# Forward
+# =========================================================================== #
+@njit(**CPU_JIT)
+def _chunk_sums(x, n, g, m0, m1, k0, k1, shift):
+    s1 = 0.0
+    s2 = 0.0
+    for m in range(m0, m1):
+        xr = x[n, m, g, k0:k1]
+        for j in range(k1 - k0):
+            d = np.float64(xr[j]) - shift
+            s1 += d
+            s2 += d * d
+    return s1, s2
+
+
+@njit(**CPU_JIT_STRICT)
+def _chunk_moments(x, n, g, m0, m1, k0, k1):
+    """``(mean, M2)`` of one chunk, about its first value."""
+    shift = np.float64(x[n, m0, g, k0])
+    s1, s2 = _chunk_sums(x, n, g, m0, m1, k0, k1, shift)
+    return shifted_moments((m1 - m0) * (k1 - k0), shift, s1, s2)
+
+
+@njit(**CPU_JIT_STRICT)
+def _row_moments(x, n, g, geom):
+    """``(count, mean, M2)`` of one row: its chunks merged in chunk order."""
+    M, K = x.shape[1], x.shape[3]
+    nch, ncb = _nchunks(geom, M, K)
+    cnt = 0.0
+    mean = 0.0
+    m2 = 0.0
+    for c in range(nch):
+        m0, m1, k0, k1 = _chunk_bounds(c, ncb, geom, M, K)
+        mk, qk = _chunk_moments(x, n, g, m0, m1, k0, k1)
+        cnt, mean, m2 = chan_merge(cnt, mean, m2, np.float64((m1 - m0) * (k1 - k0)), mk, qk)
+    return cnt, mean, m2
+
+
+@njit(**CPU_JIT_STRICT)
+def _merge_chunk_moments(p, r, geom, M, K):
+    """As :func:`_row_moments` from the chunk moments ``p[0, r]``, ``p[1, r]``."""
+    nch, ncb = _nchunks(geom, M, K)
+    cnt = 0.0
+    mean = 0.0
+    m2 = 0.0
+    for c in range(nch):
+        m0, m1, k0, k1 = _chunk_bounds(c, ncb, geom, M, K)
+        cnt, mean, m2 = chan_merge(cnt, mean, m2, np.float64((m1 - m0) * (k1 - k0)),
+                                   p[0, r, c], p[1, r, c])
+    return cnt, mean, m2
+
+
+@njit(**CPU_JIT_STRICT)
+def _store_forward(r, cnt, mean, m2, eps, rms, coef, stats):
+    """The row's statistics and the coefficients of ``xhat = (x - HI) * SCALE + OFFSET``."""
+    var = m2 / cnt
+    if rms:
+        center = 0.0
+        invstd = invstd_of(var + mean * mean, eps)
+    else:
+        center = mean
+        invstd = invstd_of(var, eps)
+    stats[MEAN, r] = mean
+    stats[INVSTD, r] = invstd
+    stats[VAR, r] = var
+    stats[M2, r] = m2
+    stats[CENTER, r] = center
+    coef[HI, r] = center
+    coef[SCALE, r], coef[OFFSET, r] = affine_coefs(center, np.float64(coef[HI, r]), invstd,
+                                                   1.0, 0.0)
+
+
+@njit(**CPU_JIT_STRICT)
+def _affine_each(xr, hi, s, o, w, b, yr):
+    for j in range(xr.shape[0]):
+        yr[j] = ((xr[j] - hi) * s + o) * w[j] + b[j]
+
+
+@njit(**CPU_JIT_STRICT)
+def _affine_run(xr, hi, s, o, yr):
+    for j in range(xr.shape[0]):
+        yr[j] = (xr[j] - hi) * s + o
+
+
+@njit(**CPU_JIT_STRICT)
+def _normalize_region(x, n, g, r, m0, m1, k0, k1, aff, coef, stats, weight, bias, y):
+    """``y`` over runs ``[m0, m1)``, values ``[k0, k1)`` of row ``r``."""
+    K = x.shape[3]
+    hi = coef[HI, r]
+    base = (r % aff.gmod) * aff.arow
+    for m in range(m0, m1):
+        xr = x[n, m, g]
+        yr = y[n, m, g]
+        k = k0
+        while k < k1:
+            e, j = _weight_run(m, k, k1, K, aff)
+            a = base + j
+            if aff.adiv == 1:
+                _affine_each(xr[k:e], hi, coef[SCALE, r], coef[OFFSET, r], weight[a:a + e - k],
+                             bias[a:a + e - k], yr[k:e])
+            else:
+                s, o = affine_coefs(stats[CENTER, r], np.float64(hi), stats[INVSTD, r],
+                                    np.float64(weight[a]), np.float64(bias[a]))
+                _affine_run(xr[k:e], hi, y.dtype.type(s), y.dtype.type(o), yr[k:e])
+            k = e
+
+
+@njit(**CPU_JIT_PARALLEL)
+def forward(x, weight, bias, aff, eps, rms, geom, write_y, p, coef, stats, y):
+    """Row statistics of ``x`` into ``stats`` (rows MEAN, INVSTD, VAR, M2, CENTER)
+    and the pass coefficients into ``coef``; with ``write_y`` the normalised
+    output into ``y``.  ``p`` is (2, rows, chunks) scratch for the two-phase path."""
+    N, M, G, K = x.shape
+    rows = N * G
+    nch, ncb = _nchunks(geom, M, K)
+    if geom.fused:
+        for r in prange(rows):
+            n, g = r // G, r % G
+            cnt, mean, m2 = _row_moments(x, n, g, geom)
+            _store_forward(r, cnt, mean, m2, eps, rms, coef, stats)
+            if write_y:
+                _normalize_region(x, n, g, r, 0, M, 0, K, aff, coef, stats, weight, bias, y)
+        return
+    for u in prange(rows * nch):
+        r, c = u // nch, u % nch
+        m0, m1, k0, k1 = _chunk_bounds(c, ncb, geom, M, K)
+        p[0, r, c], p[1, r, c] = _chunk_moments(x, r // G, r % G, m0, m1, k0, k1)
+    for r in prange(rows):
+        cnt, mean, m2 = _merge_chunk_moments(p, r, geom, M, K)
+        _store_forward(r, cnt, mean, m2, eps, rms, coef, stats)
+    if write_y:
+        for u in prange(rows * nch):
+            r, c = u // nch, u % nch
+            m0, m1, k0, k1 = _chunk_bounds(c, ncb, geom, M, K)
+            _normalize_region(x, r // G, r % G, r, m0, m1, k0, k1, aff, coef, stats, weight,
+                              bias, y)
+
+
+# =========================================================================== #
+# Backward
+# =========================================================================== #
+@njit(**CPU_JIT)
+def _sums_each(dyr, xr, w, hi):
+    """float64 ``sum(g)``, ``sum(g * (x - hi))``, ``sum(x - hi)`` with ``g = dy * w``."""
+    s1 = 0.0
+    s2 = 0.0
+    s3 = 0.0
+    for j in range(xr.shape[0]):
+        gj = np.float64(dyr[j]) * np.float64(w[j])
+        d = np.float64(xr[j]) - hi
+        s1 += gj
+        s2 += gj * d
+        s3 += d
+    return s1, s2, s3
+
+
+@njit(**CPU_JIT)
+def _sums_run(dyr, xr, hi):
+    """As :func:`_sums_each` with ``w = 1`` (the caller scales by the run's weight)."""
+    s1 = 0.0
+    s2 = 0.0
+    s3 = 0.0
+    for j in range(xr.shape[0]):
+        gj = np.float64(dyr[j])
+        d = np.float64(xr[j]) - hi
+        s1 += gj
+        s2 += gj * d
+        s3 += d
+    return s1, s2, s3
+
+
+@njit(**CPU_JIT_STRICT)
+def _chunk_backward_sums(dy, x, n, g, r, m0, m1, k0, k1, aff, hi, weight):
+    K = x.shape[3]
+    base = (r % aff.gmod) * aff.arow
+    s1 = 0.0
+    s2 = 0.0
+    s3 = 0.0
+    for m in range(m0, m1):
+        xr = x[n, m, g]
+        dyr = dy[n, m, g]
+        k = k0
+        while k < k1:
+            e, j = _weight_run(m, k, k1, K, aff)
+            a = base + j
+            if aff.adiv == 1:
+                t1, t2, t3 = _sums_each(dyr[k:e], xr[k:e], weight[a:a + e - k], hi)
+            else:
+                t1, t2, t3 = _sums_run(dyr[k:e], xr[k:e], hi)
+                w = np.float64(weight[a])
+                t1 *= w
+                t2 *= w
+            s1 += t1
+            s2 += t2
+            s3 += t3
+            k = e
+    return s1, s2, s3
+
+
+@njit(**CPU_JIT_STRICT)
+def _row_backward_sums(dy, x, n, g, r, geom, aff, hi, weight):
+    M, K = x.shape[1], x.shape[3]
+    nch, ncb = _nchunks(geom, M, K)
+    s1 = 0.0
+    s2 = 0.0
+    s3 = 0.0
+    for c in range(nch):
+        m0, m1, k0, k1 = _chunk_bounds(c, ncb, geom, M, K)
+        t1, t2, t3 = _chunk_backward_sums(dy, x, n, g, r, m0, m1, k0, k1, aff, hi, weight)
+        s1 += t1
+        s2 += t2
+        s3 += t3
+    return s1, s2, s3
+
+
+@njit(**CPU_JIT_STRICT)
+def _sum_chunks(p, r):
+    s1 = 0.0
+    s2 = 0.0
+    s3 = 0.0
+    for c in range(p.shape[2]):
+        s1 += p[0, r, c]
+        s2 += p[1, r, c]
+        s3 += p[2, r, c]
+    return s1, s2, s3
+
+
+@njit(**CPU_JIT_STRICT)
+def _store_backward(r, cnt, sg, sgx, sx, hi, rstd, rms, coef, bstat):
+    """Coefficients of ``dx = (g + (x - HI) * XC_COEF + DY_SHIFT) * DX_SCALE``
+    about the exact row mean ``hi + sx / cnt`` (``hi``, the saved mean, may have
+    been rounded), and of the float64 ``xhat`` of the parameter gradients."""
+    if rms:
+        mean = 0.0
+        sum_g = 0.0
+        sum_gxmu = sgx
+    else:
+        mean = hi + sx / cnt
+        sum_g = sg
+        sum_gxmu = sum_dy_xmu_about(sg, sgx, hi, mean)
+    coef[HI, r] = mean
+    hi2 = np.float64(coef[HI, r])
+    coef[DX_SCALE, r], coef[XC_COEF, r], coef[DY_SHIFT, r] = backward_coefs(
+        cnt, sum_g, sum_gxmu, mean, hi2, rstd, 1.0)
+    bstat[XHAT_SCALE, r], bstat[XHAT_OFFSET, r] = affine_coefs(mean, hi2, rstd, 1.0, 0.0)
+
+
+@njit(**CPU_JIT_STRICT)
+def _dx_each(dyr, xr, w, hi, a, b, d, dxr):
+    for j in range(xr.shape[0]):
+        dxr[j] = (dyr[j] * w[j] + (xr[j] - hi) * b + d) * a
+
+
+@njit(**CPU_JIT_STRICT)
+def _dx_run(dyr, xr, w, hi, a, b, d, dxr):
+    for j in range(xr.shape[0]):
+        dxr[j] = (dyr[j] * w + (xr[j] - hi) * b + d) * a
+
+
+@njit(**CPU_JIT_STRICT)
+def _grads_each(dyr, xr, hi, xs, xo, qw, qb):
+    """``qw += dy * xhat``, ``qb += dy`` value by value (float64)."""
+    for j in range(xr.shape[0]):
+        gj = np.float64(dyr[j])
+        qw[j] += gj * ((np.float64(xr[j]) - hi) * xs + xo)
+        qb[j] += gj
+
+
+@njit(**CPU_JIT)
+def _grads_run(dyr, xr, hi, xs, xo):
+    """``(sum(dy * xhat), sum(dy))`` of a run (float64)."""
+    tw = 0.0
+    tb = 0.0
+    for j in range(xr.shape[0]):
+        gj = np.float64(dyr[j])
+        tw += gj * ((np.float64(xr[j]) - hi) * xs + xo)
+        tb += gj
+    return tw, tb
+
+
+@njit(**CPU_JIT_STRICT)
+def _dx_row(dy, x, n, g, r, aff, coef, bstat, weight, want_grads, qw, qb, dx):
+    """dx of a whole row, and its parameter-gradient terms added to ``qw``/``qb``
+    (indexed within the row's affine group)."""
+    M, K = x.shape[1], x.shape[3]
+    hi = coef[HI, r]
+    a = coef[DX_SCALE, r]
+    b = coef[XC_COEF, r]
+    d = coef[DY_SHIFT, r]
+    hi64 = np.float64(hi)
+    xs = bstat[XHAT_SCALE, r]
+    xo = bstat[XHAT_OFFSET, r]
+    base = (r % aff.gmod) * aff.arow
+    for m in range(M):
+        xr = x[n, m, g]
+        dyr = dy[n, m, g]
+        dxr = dx[n, m, g]
+        k = 0
+        while k < K:
+            e, j = _weight_run(m, k, K, K, aff)
+            if aff.adiv == 1:
+                _dx_each(dyr[k:e], xr[k:e], weight[base + j:base + j + e - k], hi, a, b, d,
+                         dxr[k:e])
+                if want_grads:
+                    _grads_each(dyr[k:e], xr[k:e], hi64, xs, xo, qw[j:j + e - k],
+                                qb[j:j + e - k])
+            else:
+                _dx_run(dyr[k:e], xr[k:e], weight[base + j], hi, a, b, d, dxr[k:e])
+                if want_grads:
+                    tw, tb = _grads_run(dyr[k:e], xr[k:e], hi64, xs, xo)
+                    qw[j] += tw
+                    qb[j] += tb
+            k = e
+
+
+@njit(**CPU_JIT_STRICT)
+def _block_rows(blk, nblk_per_group, aff, grad_rows, rows):
+    """Group, first and last+1 rank of parameter block ``blk``: rows
+    ``t * gmod + group`` for ranks ``t`` in ``[t0, t1)``."""
+    group = blk // nblk_per_group
+    t0 = (blk % nblk_per_group) * grad_rows
+    return group, t0, min(t0 + grad_rows, rows // aff.gmod)
+
+
+@njit(**CPU_JIT_STRICT)
+def _merge_grads(q, group, nblk_per_group, arow, out):
+    """Parameter gradients of one affine group: its blocks' partials in block order."""
+    for j in range(arow):
+        out[0, group * arow + j] = 0.0
+        out[1, group * arow + j] = 0.0
+    for i in range(nblk_per_group):
+        blk = group * nblk_per_group + i
+        for j in range(arow):
+            out[0, group * arow + j] += q[0, blk, j]
+            out[1, group * arow + j] += q[1, blk, j]
+
+
+@njit(**CPU_JIT_STRICT)
+def _backward_block(dy, x, hi, rstd, weight, aff, rms, geom, want_grads, blk, nblk_per_group,
+                    coef, bstat, q, dx):
+    """dx of the rows of parameter block ``blk`` (with their coefficients on the
+    fused path), and the block's parameter-gradient partials into ``q[:, blk]``."""
+    N, M, G, K = x.shape
+    rows = N * G
+    cnt = np.float64(M * K)
+    group, t0, t1 = _block_rows(blk, nblk_per_group, aff, geom.grad_rows, rows)
+    # q is a (2, 1, 1) dummy without want_grads.  (np.int64: a prange index
+    # unified with an int literal would become a float.)
+    qi = np.int64(blk) if want_grads else np.int64(0)
+    qw = q[0, qi]
+    qb = q[1, qi]
+    if want_grads:
+        qw[:] = 0.0
+        qb[:] = 0.0
+    for t in range(t0, t1):
+        r = t * aff.gmod + group
+        n, g = r // G, r % G
+        if geom.fused:
+            s1, s2, s3 = _row_backward_sums(dy, x, n, g, r, geom, aff, np.float64(hi[r]), weight)
+            _store_backward(r, cnt, s1, s2, s3, np.float64(hi[r]), rstd[r], rms, coef, bstat)
+        _dx_row(dy, x, n, g, r, aff, coef, bstat, weight, want_grads, qw, qb, dx)
+
+
+@njit(**CPU_JIT_PARALLEL)
+def backward(dy, x, hi, rstd, weight, aff, rms, geom, want_grads, p, coef, bstat, q, grads, dx):
+    """dx into ``dx``; with ``want_grads`` the float64 ``(dweight, dbias)`` per
+    affine index into ``grads`` (2, gmod * arow).  ``hi``: the saved row means in
+    x's dtype (zeros for RMSNorm); ``rstd``: float64.  ``p`` is (3, rows, chunks)
+    scratch for the two-phase path, ``q`` (2, blocks, arow) the blocks' partials."""
+    N, M, G, K = x.shape
+    rows = N * G
+    cnt = np.float64(M * K)
+    nch, ncb = _nchunks(geom, M, K)
+    nblk_per_group = _cdiv(rows // aff.gmod, geom.grad_rows)
+    nblk = aff.gmod * nblk_per_group
+    if not geom.fused:
+        for u in prange(rows * nch):
+            r, c = u // nch, u % nch
+            m0, m1, k0, k1 = _chunk_bounds(c, ncb, geom, M, K)
+            p[0, r, c], p[1, r, c], p[2, r, c] = _chunk_backward_sums(
+                dy, x, r // G, r % G, r, m0, m1, k0, k1, aff, np.float64(hi[r]), weight)
+        for r in prange(rows):
+            s1, s2, s3 = _sum_chunks(p, r)
+            _store_backward(r, cnt, s1, s2, s3, np.float64(hi[r]), rstd[r], rms, coef, bstat)
+    for blk in prange(nblk):
+        _backward_block(dy, x, hi, rstd, weight, aff, rms, geom, want_grads, blk,
+                        nblk_per_group, coef, bstat, q, dx)
+    if want_grads:
+        for group in prange(aff.gmod):
+            _merge_grads(q, group, nblk_per_group, aff.arow, grads)
+
+
+# =========================================================================== #
+# Host drivers (the GPU twins in numbabn._gpu.rows have the same signatures)
+# =========================================================================== #
+@lru_cache(maxsize=256)
+def _plan(shape4, itemsize, nread, tunables):
+    _, M, _, K = shape4
+    chunk, fuse_bytes, fuse_min_tasks = tunables
+    rows = shape4[0] * shape4[2]
+    reduced = M * K
+    kcols = min(K, chunk)
+    mrows = max(1, chunk // kcols)
+    fused = rows >= fuse_min_tasks and nread * reduced * itemsize <= fuse_bytes
+    grad_rows = max(1, chunk // reduced)
+    return RowGeometry(mrows, kcols, int(fused), grad_rows)
+
+
+def plan(shape4, itemsize, nread):
+    """The geometry of one ``(N, M, G, K)`` shape reading ``nread`` arrays, with
+    the tunables of :mod:`numbabn._config` as they are now."""
+    return _plan(tuple(shape4), itemsize, nread,
+                 (cfg.CHUNK_ELEMS, cfg.FUSE_BYTES, cfg.FUSE_MIN_TASKS))
+
+
+@lru_cache(maxsize=64)
+def _constant(n, dtype, fill):
+    # Stands in for a missing weight or bias; kernels only read it.
+    return np.full(n, fill, dtype)
+
+
+@lru_cache(maxsize=8)
+def _dummy(ndim, dtype=np.float64):
+    return np.empty((1,) * ndim, dtype)
+
+
+def _nparams(aff):
+    return aff.gmod * aff.arow
+
+
+def row_norm_train(x4, weight, bias, aff, eps, rms, y4):
+    """Normalise each row of ``x4`` into ``y4``; return per-row ``(mean, rstd)``
+    in x's dtype (row order) and the biased variance in float64.  ``weight`` and
+    ``bias`` (or None) have ``gmod * arow`` values laid out as ``aff`` indexes them."""
+    N, M, G, K = x4.shape
+    dtype = x4.dtype
+    rows = N * G
+    geom = plan(x4.shape, dtype.itemsize, 1)
+    nparams = _nparams(aff)
+    weight = _constant(nparams, dtype, 1) if weight is None else weight
+    bias = _constant(nparams, dtype, 0) if bias is None else bias
+    coef = np.empty((_core.NCOEFS, rows), dtype)
+    stats = np.empty((NROWSTATS, rows))
+    p = _dummy(3) if geom.fused else np.empty((2, rows, _nchunks_host(geom, M, K)))
+    forward(x4, weight, bias, aff, float(eps), bool(rms), geom, True, p, coef, stats, y4)
+    with np.errstate(over="ignore"):
+        return stats[MEAN].astype(dtype), stats[INVSTD].astype(dtype), stats[VAR]
+
+
+def _nchunks_host(geom, M, K):
+    return -(-M // geom.mrows) * -(-K // geom.kcols)
+
+
+def row_norm_backward(dy4, x4, mean, rstd, weight, aff, rms, want_grads, dx4):
+    """Write dx into ``dx4``; return float64-accumulated ``(dweight, dbias)`` in
+    x's dtype, laid out as ``aff`` indexes them (None, None without ``want_grads``).
+
+    ``mean`` (None for RMSNorm) and ``rstd``: per row, row order, x's dtype or
+    float64, as the forward returned them.
+    """
+    N, M, G, K = x4.shape
+    dtype = x4.dtype
+    rows = N * G
+    geom = plan(x4.shape, dtype.itemsize, 2)
+    nparams = _nparams(aff)
+    weight = _constant(nparams, dtype, 1) if weight is None else weight
+    hi = np.zeros(rows, dtype) if mean is None else mean.astype(dtype, copy=False)
+    rstd = rstd.astype(np.float64, copy=False)
+    coef = np.empty((_core.NCOEFS, rows), dtype)
+    bstat = np.empty((2, rows))
+    p = _dummy(3) if geom.fused else np.empty((3, rows, _nchunks_host(geom, M, K)))
+    nblk = aff.gmod * -(-(rows // aff.gmod) // geom.grad_rows)
+    q = np.empty((2, nblk, aff.arow)) if want_grads else _dummy(3)
+    grads = np.empty((2, nparams)) if want_grads else _dummy(2)
+    backward(dy4, x4, hi, rstd, weight, aff, bool(rms), geom, bool(want_grads), p, coef, bstat,
+             q, grads, dx4)
+    if not want_grads:
+        return None, None
+    with np.errstate(over="ignore"):
+        return grads[0].astype(dtype), grads[1].astype(dtype)
+
+
+def update_instance_running_stats(running_mean, running_var, mean, var, count, momentum):
+    """PyTorch's instance-norm update, in place: the batch statistics are the
+    mean over samples of the instances' means and unbiased variances (``mean``
+    and the biased ``var`` of shape ``(N, C)``, ``count`` values each)."""
+    batch_mean = np.mean(mean.astype(np.float64), axis=0)
+    batch_var = np.mean(var.astype(np.float64) * (count / (count - 1)), axis=0)
+    keep = 1.0 - momentum
+    with np.errstate(over="ignore"):  # beyond float32's range, inf is the right value
+        running_mean[...] = keep * running_mean.astype(np.float64) + momentum * batch_mean
+        running_var[...] = keep * running_var.astype(np.float64) + momentum * batch_var
+
+
+# --------------------------------------------------------------------------- #
+# The backend's layout surface for the per-row pattern (NumPy arrays; the GPU
+# module has device-array twins of the same names).
+# --------------------------------------------------------------------------- #
+def split_axis(x, axis, parts):
+    """``x`` with axis ``axis`` split into ``parts`` (a view)."""
+    return x.reshape(x.shape[:axis] + tuple(parts) + x.shape[axis + 1:])
+
+
+def merge_axes(y, axis, count):
+    """``y`` with axes ``axis .. axis + count - 1`` merged into one."""
+    size = int(np.prod(y.shape[axis:axis + count]))
+    return y.reshape(y.shape[:axis] + (size,) + y.shape[axis + count:])
+
+
+def permute_flat(w, perm):
+    """``w`` with its axes in ``perm`` order, flattened (a view when it can be)."""
+    return w.transpose(perm).reshape(-1)
+
+
+def unpermute_flat(flat, shape, perm):
+    """Inverse of :func:`permute_flat` for an array of ``shape``."""
+    inverse = tuple(sorted(range(len(perm)), key=perm.__getitem__))
+    return flat.reshape(tuple(shape[a] for a in perm)).transpose(inverse)
