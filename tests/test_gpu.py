@@ -295,6 +295,46 @@ def test_ill_conditioned_float32(shape, axis, loc, spread):
     assert err < 1e-4, err
 
 
+@pytest.mark.filterwarnings("ignore:.*overflow encountered in cast:RuntimeWarning")  # simulator
+def test_data_near_1e30_float32():
+    """Outputs finite and accurate; the float32 variance is inf (its correct
+    float32 value), the float64 one of the layers' path finite, as on the CPU."""
+    from numbabn import functional
+
+    x, dy, _, _ = make((8, 3, 5), 1, np.float32, seed=16, loc=0.0, spread=1e30)
+    y, mean, invstd, var = functional._batch_norm_train(dev(x), None, None, 1e-5, 1, None)
+    ry, _, rinvstd, rvar = ref_train(x, 1.0, 0.0, 1e-5, 1)
+    assert np.abs(to_host(y) - ry).max() <= 1e-5 * np.abs(ry).max()
+    assert var.dtype == np.float64
+    np.testing.assert_allclose(to_host(var), rvar, rtol=1e-12)
+    np.testing.assert_allclose(to_host(invstd), rinvstd, rtol=1e-6)
+    assert np.isinf(to_host(numbabn.batch_stats(dev(x))[1])).all()
+    dx, _, _ = numbabn.batch_norm_backward(dev(dy), dev(x), mean, invstd)
+    rdx = ref_backward(dy, x, None, 1e-5, 1)[0]
+    assert np.abs(to_host(dx) - rdx).max() <= 1e-5 * np.abs(rdx).max()
+
+
+def test_out_overlapping_an_input_goes_through_a_temporary():
+    """``out`` sharing memory with ``x`` or ``dy`` without being that array (a
+    view shifted by one row): the result is as if the inputs were read first."""
+    dtype = np.float64
+    x, dy, w, b = make((6, 3), 1, dtype, seed=17)
+    base = dev(np.concatenate([x, np.zeros((1, 3), dtype)]))
+    device_x, out = base[:6], base[1:]
+    y_ref = numbabn.batch_norm_train(x, w, b)[0]
+    y, mean, invstd = numbabn.batch_norm_train(device_x, dev(w), dev(b), out=out)
+    assert y is out
+    close(to_host(base)[1:], y_ref, dtype, "forward into x shifted by a row")
+
+    base = dev(np.concatenate([dy, np.zeros((1, 3), dtype)]))
+    device_dy, out = base[:6], base[1:]
+    mean, invstd = numbabn.batch_norm_train(x)[1:]
+    dx_ref = numbabn.batch_norm_backward(dy, x, mean, invstd)[0]
+    dx = numbabn.batch_norm_backward(device_dy, dev(x), dev(mean), dev(invstd), out=out)[0]
+    assert dx is out
+    close(to_host(base)[1:], dx_ref, dtype, "backward into dy shifted by a row")
+
+
 def test_nan_stays_in_its_channel():
     x, dy, w, b = make((5, 3, 13), 1, np.float32, seed=9)
     x[2, 1, 7] = np.nan
@@ -304,7 +344,9 @@ def test_nan_stays_in_its_channel():
     for arr in (y, dx):
         assert np.isnan(arr[:, 1]).all()
         assert np.isfinite(arr[:, [0, 2]]).all()
-    for vec in (mean, invstd, dw):
+    _, m, m2 = numbabn.batch_moments(dev(x))
+    sums = numbabn.batch_norm_backward_reduce(dev(dy), dev(x), m, invstd)
+    for vec in (mean, invstd, dw, m, m2, sums[1]):
         vec = to_host(vec)
         assert np.isnan(vec[1]) and np.isfinite(vec[[0, 2]]).all()
 
@@ -316,7 +358,9 @@ def test_bitwise_deterministic(shape, axis):
     def run():
         y, mean, invstd = numbabn.batch_norm_train(dev(x), dev(w), dev(b), axis=axis)
         grads = numbabn.batch_norm_backward(dev(dy), dev(x), mean, invstd, dev(w), axis=axis)
-        return [to_host(a) for a in (y, mean, invstd, *grads)]
+        _, m, m2 = numbabn.batch_moments(dev(x), axis=axis)
+        sums = numbabn.batch_norm_backward_reduce(dev(dy), dev(x), m, invstd, axis=axis)
+        return [to_host(a) for a in (y, mean, invstd, *grads, m, m2, *sums)]
 
     for a, b_ in zip(run(), run()):
         assert a.tobytes() == b_.tobytes()
@@ -493,6 +537,70 @@ def test_shipped_configuration(monkeypatch):
     x, dy, w, b = make((40, 2), 1, np.float32, seed=11)
     y, mean, invstd = numbabn.batch_norm_train(dev(x), dev(w), dev(b))
     close(to_host(y), ref_train(x, w, b, 1e-5, 1)[0], np.float32, "y")
+
+
+# Compiles every kernel for a real GPU (sm_90) with NVVM, in a process without
+# the simulator; prints NO-NVVM where the CUDA toolkit's NVVM is not installed.
+_PTX_CHECK = r"""
+import sys, types as pytypes
+from numba import cuda, typeof
+from numba.core import types
+from numba.cuda.cudadrv import nvvm
+if not nvvm.is_available():
+    print("NO-NVVM")
+    sys.exit(0)
+import numba.cuda.dispatcher
+# No GPU here: device functions ask the current device for its compute capability.
+numba.cuda.dispatcher.get_current_device = lambda: pytypes.SimpleNamespace(
+    compute_capability=(9, 0))
+from numbabn._config import GPU_JIT
+from numbabn._gpu import kernels as k, ops
+
+geom, f64, flag = typeof(ops.Geometry(4, 32, 100)), types.float64, types.boolean
+for dt in (types.float32, types.float64):
+    x, v, v64, tx = (types.Array(dt, 3, "A"), types.Array(dt, 1, "A"),
+                     types.Array(f64, 1, "A"), types.Array(dt, 2, "C"))
+    p3, t64 = types.Array(f64, 3, "C"), types.Array(f64, 2, "C")
+    sigs = []
+    for fam in ("nchw", "nc"):
+        sigs += [
+            ("moments_partials_" + fam, (x, geom, p3)),
+            ("affine_" + fam, (x, tx, geom, x)),
+            ("dx_" + fam, (x, x, tx, geom, x)),
+        ]
+        for m in (v, v64):  # statistics in the input's dtype or float64
+            sigs += [
+                ("normalize_" + fam, (x, m, m, flag, f64, v, v, flag, flag, geom, x)),
+                ("backward_partials_" + fam, (x, x, m, geom, p3)),
+                ("backward_elemt_" + fam, (x, x, m, m, v, flag, v64, v64, f64, geom, x)),
+            ]
+    sigs += [
+        ("merge_moments", (p3, geom, v, v, flag, flag, f64, t64, tx)),
+        ("merge_backward_sums", (p3, geom, v, v, v, flag, flag, t64, tx)),
+        ("merge_backward_sums", (p3, geom, v64, v, v, flag, flag, t64, tx)),
+        ("update_running_stats", (v, v, v64, v64, f64, f64)),
+    ]
+    for name, sig in sigs:
+        ptx, _ = cuda.compile_ptx(getattr(k, name).py_func, sig, cc=(9, 0),
+                                  fastmath=GPU_JIT["fastmath"])
+        if dt == types.float32 and name.startswith(("affine_", "dx_")):
+            assert ".f64" not in ptx, name + ": float64 in a float32 elementwise pass"
+print("compiled", len(sigs) * 2)
+"""
+
+
+def test_kernels_compile_for_a_gpu():
+    """The simulator runs kernels as Python and types nothing: compile each
+    kernel, for every argument type it is launched with, to PTX as a GPU would
+    (and check that float32 elementwise passes hold no float64 arithmetic)."""
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="0")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, "-c", _PTX_CHECK], env=env, cwd=root,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    if "NO-NVVM" in result.stdout:
+        pytest.skip("the CUDA toolkit's NVVM is not installed")
+    assert "compiled" in result.stdout
 
 
 def test_cpu_only_import_does_not_load_numba_cuda():

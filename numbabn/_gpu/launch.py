@@ -47,7 +47,7 @@ from .layout import contiguous_strides, device_view
 SIMULATOR = bool(config.ENABLE_CUDASIM)
 
 # Argument types whose numba type depends on the Python type alone (the package
-# passes small ints, float64 scalars and flags).
+# passes small ints, float64 scalars and flags, and tuples of ints).
 _SCALARS = frozenset({int, float, bool, np.float64, np.int64, np.bool_})
 
 # Kernels keep at most this many argument signatures, and scratch at most this
@@ -67,7 +67,7 @@ def _arg_key(a):
     t = type(a)
     if t in _SCALARS:
         return t
-    if t is tuple:
+    if issubclass(t, tuple):  # tuples and namedtuples (the launch geometry) of scalars
         return (t, *map(type, a))
     return (t, a.dtype, a.shape, a.strides)
 

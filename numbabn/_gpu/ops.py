@@ -1,29 +1,47 @@
 """GPU host drivers: the twins of :mod:`numbabn._cpu.ops`, on numba device arrays.
 
-Same function names and signatures; inputs are validated and viewed as
-``(outer, C, inner)`` device arrays by :mod:`numbabn.functional`.  Everything
-stays on the device and on the default stream: no host copy of ``x`` or ``y``,
-no synchronisation.  Per-feature results are numba device arrays in the input's
-dtype (rows of the kernels' parameter table, see :mod:`numbabn._gpu.kernels`).
+Same function names, signatures and return dtypes as the CPU's; inputs are
+validated and viewed as ``(outer, C, inner)`` device arrays by
+:mod:`numbabn.functional`.  Everything stays on the device and on the default
+stream: no host copy of ``x`` or ``y``, no synchronisation.  Per-feature results
+are numba device arrays, rows of the tables the kernels fill (see
+:mod:`numbabn._gpu.kernels`): the float64 statistics and sums tables for float64
+results (``batch_moments``, ``batch_norm_backward_reduce``, the variance of
+``batch_norm_train``), the coefficient table's result rows for results in the
+input's dtype.
 
-Launches per call: fwd-train 3 (partials, merge, normalise), eval 1, backward 3,
-running-stat update 1.  Host work per call is kept small (it, not the GPU, sets
-the cost of a call on small and mid-sized inputs): each operation looks up the
-CUDA context once, launches compiled overloads directly, takes its float64
-partials from a reused scratch buffer and its parameter table from a slab (see
-:mod:`numbabn._gpu.launch`); launch shapes are computed once per input shape.
-The one device allocation left per call is the output ``y`` or ``dx``.
+Launches per call: ``batch_stats``/``batch_moments`` 2 (moments partials,
+merge), ``batch_norm_train`` 3 (partials, merge, affine pass),
+``normalize``/``batch_norm_elemt`` 1, ``batch_norm_backward`` 3 (partials,
+merge, dx pass), ``batch_norm_backward_reduce`` 2, ``batch_norm_backward_elemt``
+1, ``update_running_stats`` 1.  Host work per call is kept small (it, not the
+GPU, sets the cost of a call on small and mid-sized inputs): each operation
+looks up the CUDA context once, launches compiled overloads directly, takes its
+float64 partials from a reused scratch buffer and its result tables from a slab
+(see :mod:`numbabn._gpu.launch`); launch shapes are computed once per input
+shape.  The one device allocation left per call is the output ``y`` or ``dx``.
 """
 
+from collections import namedtuple
 from functools import lru_cache
 
 import numpy as np
 from numba import cuda
 
 from .. import _config as cfg
+from .. import _core
 from . import kernels as k
 from .launch import Kernel, dim3, scratch, small_result
 from .layout import row
+
+Geometry = namedtuple("Geometry", "items chunk total")
+"""The reduction partition every kernel of a call shares, one argument (ints).
+
+``items``: values each thread visits per block (NCHW-like kernels);
+``chunk``: values of one feature per block (``blockDim * items`` NCHW-like, the
+block's rows channel-contiguous); ``total``: values per feature.  Chunk ``k``
+of a feature holds ``min(chunk, total - k * chunk)`` values.
+"""
 
 
 def _cdiv(a, b):
@@ -37,8 +55,7 @@ class _Plan:
     ``chunk = GPU_THREADS * items`` values of one feature; ``C * nchunks`` blocks.
     Channel-contiguous: ``(tile, rows)`` blocks, ``tile`` adjacent features
     (at most ``GPU_FEATURE_TILE``, split evenly) by ``rows`` rows; a block takes
-    ``chunk = rows * items`` rows; ``ntiles * nchunks`` blocks.  Either way chunk
-    k of a feature holds ``min(chunk, total - k * chunk)`` values.
+    ``chunk = rows * items`` rows; ``ntiles * nchunks`` blocks.
 
     The merge kernels run one block per feature with no more threads than there
     are partials to merge.
@@ -46,42 +63,42 @@ class _Plan:
 
     def __init__(self, shape3, threads, items, tile_max):
         outer, nfeat, inner = shape3
-        assert threads <= cfg.GPU_MAX_THREADS and items % cfg.GPU_UNROLL == 0
-        self.items = items
+        if threads > k.GPU_MAX_THREADS or items % k.GPU_UNROLL:
+            raise ValueError(
+                f"GPU_THREADS ({threads}) must be at most GPU_MAX_THREADS ({k.GPU_MAX_THREADS}) "
+                f"and GPU_ITEMS_PER_THREAD ({items}) a multiple of GPU_UNROLL ({k.GPU_UNROLL}), "
+                f"the values the kernels were compiled with.")
         self.nfeat = nfeat
-        self.count = outer * inner
         self.channels_last = inner == 1
+        total = outer * inner
         if self.channels_last:
             tile = _cdiv(nfeat, _cdiv(nfeat, tile_max))
             rows = threads // tile
             block = (tile, rows)
-            self.chunk = rows * items
-            self.total = outer
-            self.nchunks = _cdiv(outer, self.chunk)
+            chunk = rows * items
+            self.nchunks = _cdiv(outer, chunk)
             grid = _cdiv(nfeat, tile) * self.nchunks
         else:
             block = threads
-            self.chunk = threads * items
-            self.total = outer * inner
-            self.nchunks = _cdiv(self.total, self.chunk)
+            chunk = threads * items
+            self.nchunks = _cdiv(total, chunk)
             grid = nfeat * self.nchunks
+        self.geom = Geometry(items, chunk, total)
         self.grid, self.block = dim3(grid), dim3(block)
         merge_threads = 1
         while merge_threads < min(self.nchunks, threads):
             merge_threads *= 2
         self.merge_grid, self.merge_block = dim3(nfeat), dim3(min(merge_threads, threads))
 
-    @property
-    def per_block(self):
-        """The kernels' ``items`` (NCHW) or ``rows_per_block`` (NC) argument."""
-        return self.chunk if self.channels_last else self.items
-
     def launch(self, kernels, *args):
-        """Launch the family member for this layout, over the data partition."""
-        kernels[self.channels_last].launch(self.grid, self.block, *args)
+        """Launch the family member for this layout over the data partition;
+        the geometry is the argument before the output."""
+        kernels[self.channels_last].launch(self.grid, self.block, *args[:-1], self.geom,
+                                           args[-1])
 
-    def merge(self, kernel, *args):
-        kernel.launch(self.merge_grid, self.merge_block, *args)
+    def merge(self, kernel, partials, *args):
+        """Launch a per-feature merge of ``partials``; the geometry follows them."""
+        kernel.launch(self.merge_grid, self.merge_block, partials, self.geom, *args)
 
 
 @lru_cache(maxsize=256)
@@ -105,38 +122,57 @@ def _family(nchw, nc):
     return Kernel(nchw), Kernel(nc)
 
 
-_STATS_PARTIALS = _family(k.stats_partials_nchw, k.stats_partials_nc)
+_MOMENTS_PARTIALS = _family(k.moments_partials_nchw, k.moments_partials_nc)
+_MERGE_MOMENTS = Kernel(k.merge_moments)
 _AFFINE = _family(k.affine_nchw, k.affine_nc)
 _NORMALIZE = _family(k.normalize_nchw, k.normalize_nc)
 _BACKWARD_PARTIALS = _family(k.backward_partials_nchw, k.backward_partials_nc)
-_AFFINE2 = _family(k.affine2_nchw, k.affine2_nc)
-_MERGE_PARTIALS = Kernel(k.merge_partials)
-_SUM_PARTIALS = Kernel(k.sum_partials)
+_MERGE_BACKWARD_SUMS = Kernel(k.merge_backward_sums)
+_DX = _family(k.dx_nchw, k.dx_nc)
+_BACKWARD_ELEMT = _family(k.backward_elemt_nchw, k.backward_elemt_nc)
 _UPDATE_RUNNING_STATS = Kernel(k.update_running_stats)
 
 
-def _new_params(nfeat, dtype):
-    """A fresh parameter table: its rows are returned to the caller."""
-    return small_result((k.NPARAMS, nfeat), dtype)
+def _optional(v, placeholder):
+    """Kernels take an array and a presence flag for a weight or bias that may be
+    absent (``None``): then ``placeholder``, any 1-D device array, never read."""
+    return (placeholder, False) if v is None else (v, True)
 
 
-def _optional(v, fallback):
-    """Kernels take a same-dtype placeholder and a flag for an absent weight/bias."""
-    return (fallback, False) if v is None else (v, True)
-
-
-def _stats_params(x3, weight, bias, eps):
-    """Batch statistics reduced on the device into a new parameter table."""
+def _forward(x3, weight, bias, eps, y3):
+    """Moments partials and their merge (and with ``y3`` the affine pass into it).
+    Returns the fresh float64 ``stats`` table and the input-dtype ``coef`` table."""
     plan = _plan(x3.shape)
-    device_partials = scratch((2, plan.nchunks, plan.nfeat))
-    plan.launch(_STATS_PARTIALS, x3, plan.per_block, device_partials)
-    device_params = _new_params(plan.nfeat, x3.dtype)
-    placeholder = row(device_params, 0) if weight is None or bias is None else None
+    partials = scratch((2, plan.nchunks, plan.nfeat))
+    plan.launch(_MOMENTS_PARTIALS, x3, partials)
+    stats = small_result((_core.NSTATS, plan.nfeat), np.float64)
+    coef = small_result((k.NCOEF_ROWS, plan.nfeat), x3.dtype)
+    placeholder = row(coef, 0) if weight is None or bias is None else None
     device_weight, has_weight = _optional(weight, placeholder)
     device_bias, has_bias = _optional(bias, placeholder)
-    plan.merge(_MERGE_PARTIALS, device_partials, plan.chunk, plan.total, device_weight,
-               device_bias, has_weight, has_bias, np.float64(eps), device_params)
-    return plan, device_params
+    plan.merge(_MERGE_MOMENTS, partials, device_weight, device_bias, has_weight, has_bias,
+               np.float64(eps), stats, coef)
+    if y3 is not None:
+        plan.launch(_AFFINE, x3, coef, y3)
+    return stats, coef
+
+
+def _backward_sums(dy3, x3, mean, invstd, weight, dx3):
+    """Backward partials about ``mean`` rounded to x's dtype and their merge (and
+    with ``dx3`` the dx pass into it).  Returns the fresh float64 ``sums`` table
+    and the input-dtype ``coef`` table."""
+    plan = _plan(x3.shape)
+    partials = scratch((_core.NSUMS, plan.nchunks, plan.nfeat))
+    plan.launch(_BACKWARD_PARTIALS, dy3, x3, mean, partials)
+    sums = small_result((k.NSUM_ROWS, plan.nfeat), np.float64)
+    coef = small_result((k.NCOEF_ROWS, plan.nfeat), x3.dtype)
+    device_weight, has_weight = _optional(weight, mean)
+    write_dx = dx3 is not None
+    plan.merge(_MERGE_BACKWARD_SUMS, partials, mean, invstd, device_weight, has_weight,
+               write_dx, sums, coef)
+    if write_dx:
+        plan.launch(_DX, dy3, x3, coef, dx3)
+    return sums, coef
 
 
 # --------------------------------------------------------------------------- #
@@ -146,26 +182,42 @@ def _stats_params(x3, weight, bias, eps):
 # --------------------------------------------------------------------------- #
 @cuda.require_context
 def batch_stats(x3):
-    _, device_params = _stats_params(x3, None, None, 1.0)
-    return row(device_params, k.MEAN), row(device_params, k.VAR)
+    """``(mean, var)`` in x's dtype."""
+    _, coef = _forward(x3, None, None, 1.0, None)
+    return row(coef, k.X_MEAN), row(coef, k.X_VAR)
+
+
+@cuda.require_context
+def batch_moments(x3):
+    """Float64 ``(mean, M2)`` per feature (the count is ``outer * inner``)."""
+    stats, _ = _forward(x3, None, None, 1.0, None)
+    return row(stats, _core.MEAN), row(stats, _core.M2)
+
+
+def _normalize(x3, mean, spread, spread_is_var, weight, bias, eps, y3):
+    device_weight, has_weight = _optional(weight, mean)
+    device_bias, has_bias = _optional(bias, mean)
+    _plan(x3.shape).launch(_NORMALIZE, x3, mean, spread, spread_is_var, np.float64(eps),
+                           device_weight, device_bias, has_weight, has_bias, y3)
 
 
 @cuda.require_context
 def normalize(x3, mean, var, weight, bias, eps, y3):
-    device_weight, has_weight = _optional(weight, mean)
-    device_bias, has_bias = _optional(bias, mean)
-    plan = _plan(x3.shape)
-    plan.launch(_NORMALIZE, x3, mean, var, device_weight, device_bias, has_weight, has_bias,
-                np.float64(eps), plan.per_block, y3)
+    _normalize(x3, mean, var, True, weight, bias, eps, y3)
+
+
+@cuda.require_context
+def batch_norm_elemt(x3, mean, invstd, weight, bias, y3):
+    """``mean``/``invstd`` in x's dtype or float64 (a float64 mean is used exactly)."""
+    _normalize(x3, mean, invstd, False, weight, bias, 1.0, y3)
 
 
 @cuda.require_context
 def batch_norm_train(x3, weight, bias, eps, y3):
-    """Normalise with batch statistics; return ``(mean, invstd, var)`` in x's dtype."""
-    plan, device_params = _stats_params(x3, weight, bias, eps)
-    plan.launch(_AFFINE, x3, device_params, plan.per_block, y3)
-    return (row(device_params, k.MEAN), row(device_params, k.INVSTD),
-            row(device_params, k.VAR))
+    """Normalise with batch statistics; return ``(mean, invstd)`` in x's dtype and
+    the biased ``var`` in float64."""
+    stats, coef = _forward(x3, weight, bias, eps, y3)
+    return row(coef, k.X_MEAN), row(coef, k.X_INVSTD), row(stats, _core.VAR)
 
 
 @cuda.require_context
@@ -173,23 +225,32 @@ def batch_norm_backward(dy3, x3, mean, invstd, weight, dx3):
     """Write dx into ``dx3``; return ``(dweight, dbias)`` (None without weight).
 
     As on the CPU, ``sum(x - mean)`` corrects a saved mean rounded to float32 and
-    the gradient is taken about the true batch mean.
+    the gradient is taken about the exact batch mean.
     """
-    plan = _plan(x3.shape)
-    device_partials = scratch((3, plan.nchunks, plan.nfeat))
-    plan.launch(_BACKWARD_PARTIALS, dy3, x3, mean, plan.per_block, device_partials)
-    device_params = _new_params(plan.nfeat, x3.dtype)
-    device_weight, has_weight = _optional(weight, mean)
-    plan.merge(_SUM_PARTIALS, device_partials, plan.count, mean, invstd, device_weight,
-               has_weight, device_params)
-    plan.launch(_AFFINE2, dy3, x3, device_params, plan.per_block, dx3)
+    _, coef = _backward_sums(dy3, x3, mean, invstd, weight, dx3)
     if weight is None:
         return None, None
-    return row(device_params, k.DWEIGHT), row(device_params, k.DBIAS)
+    return row(coef, k.X_DWEIGHT), row(coef, k.X_DBIAS)
+
+
+@cuda.require_context
+def batch_norm_backward_reduce(dy3, x3, mean, invstd):
+    """Float64 ``(sum(dy), sum(dy * (x - mean)))`` per feature, about the given
+    ``mean`` (x's dtype or float64; a float64 mean is used exactly)."""
+    sums, _ = _backward_sums(dy3, x3, mean, invstd, None, None)
+    return row(sums, _core.SUM_DY), row(sums, k.SUM_DY_XMU)
+
+
+@cuda.require_context
+def batch_norm_backward_elemt(dy3, x3, mean, invstd, weight, sum_dy, sum_dy_xmu, count, dx3):
+    device_weight, has_weight = _optional(weight, mean)
+    _plan(x3.shape).launch(_BACKWARD_ELEMT, dy3, x3, mean, invstd, device_weight, has_weight,
+                           sum_dy, sum_dy_xmu, np.float64(count), dx3)
 
 
 @cuda.require_context
 def update_running_stats(running_mean, running_var, mean, var, count, momentum):
+    """In place, in float64; ``mean``/``var`` in the running dtype or float64."""
     grid, block = _per_feature_launch(running_mean.shape[0], cfg.GPU_THREADS)
     _UPDATE_RUNNING_STATS.launch(grid, block, running_mean, running_var, mean, var,
                                  np.float64(count / (count - 1)), np.float64(momentum))
