@@ -533,6 +533,23 @@ def instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None
     """
     from . import functional as F
 
+    be, x, running_mean, running_var, weight, bias, momentum, eps = _check_instance_norm(
+        x, running_mean, running_var, weight, bias, use_input_stats, momentum, eps)
+    if not use_input_stats:
+        return F.normalize(x, running_mean, running_var, weight, bias, eps, axis=1)
+    return _instance_update(be, x, running_mean, running_var, weight, bias, momentum, eps)[0]
+
+
+def _instance_norm_train(x, running_mean, running_var, weight, bias, momentum, eps):
+    """:func:`instance_norm_train` that also updates the running statistics
+    (or None) as :func:`instance_norm` does: for the layers."""
+    be, x, running_mean, running_var, weight, bias, momentum, eps = _check_instance_norm(
+        x, running_mean, running_var, weight, bias, True, momentum, eps)
+    return _instance_update(be, x, running_mean, running_var, weight, bias, momentum, eps)
+
+
+def _check_instance_norm(x, running_mean, running_var, weight, bias, use_input_stats, momentum,
+                         eps):
     be, (x, running_mean, running_var, weight, bias) = _backend.select(dict(
         x=x, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias))
     _check_x(x, "x", 3, "(N, C, *spatial) with at least one spatial axis")
@@ -549,12 +566,16 @@ def instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None
     _check_param(bias, "bias", (nchan,), x.dtype)
     momentum = v.check_momentum(momentum)
     eps = v.check_eps(eps)
-    if not use_input_stats:
-        return F.normalize(x, running_mean, running_var, weight, bias, eps, axis=1)
-    _check_spatial(x)
-    y, mean, _, var = _group_train(be, x, nchan, weight, bias, eps)
+    if use_input_stats:
+        _check_spatial(x)
+    return be, x, running_mean, running_var, weight, bias, momentum, eps
+
+
+def _instance_update(be, x, running_mean, running_var, weight, bias, momentum, eps):
+    nchan = x.shape[1]
+    y, mean, rstd, var = _group_train(be, x, nchan, weight, bias, eps)
     if running_mean is not None and momentum > 0:
         count = x.size // (x.shape[0] * nchan)
         be.rows.update_instance_running_stats(running_mean, running_var, mean, var, count,
                                               momentum)
-    return y
+    return y, mean, rstd

@@ -14,7 +14,9 @@ from .container import Sequential
 from .conv import Conv2d
 from .flatten import Flatten
 from .fold import fold_batchnorm
+from .fused import BatchNormReLU1d, BatchNormReLU2d
 from .linear import Linear
+from .norms import GroupNorm, InstanceNorm1d, InstanceNorm2d, LayerNorm, RMSNorm
 from .pooling import MaxPool2d
 from .renorm import BatchRenorm1d, BatchRenorm2d
 
@@ -25,6 +27,8 @@ __all__ = [
     "BatchNorm3d",
     "BatchRenorm1d",
     "BatchRenorm2d",
+    "BatchNormReLU1d",
+    "BatchNormReLU2d",
     "Linear",
     "Conv2d",
     "ReLU",
@@ -34,4 +38,9 @@ __all__ = [
     "Dropout",
     "Sequential",
     "fold_batchnorm",
+    "LayerNorm",
+    "GroupNorm",
+    "InstanceNorm1d",
+    "InstanceNorm2d",
+    "RMSNorm",
 ]
