@@ -335,6 +335,40 @@ def test_out_overlapping_an_input_goes_through_a_temporary():
     close(to_host(base)[1:], dx_ref, dtype, "backward into dy shifted by a row")
 
 
+@pytest.mark.parametrize("shape", [(5, 3, 13), (21, 5, 1)], ids=["NCL", "NC"])
+def test_fused_relu_is_relu_of_the_plain_operations_bit_for_bit(shape):
+    """The GPU twins of the CPU's fused batch-norm + ReLU ops (``relu=True``,
+    ``y3``): the forward is ``where(y < 0, 0, y)`` of the plain forward (NaN and
+    -0.0 kept), the backward the plain backward of ``where(y > 0, dy, 0)``,
+    NaN or inf in ``dy`` masked where ``y <= 0`` or NaN."""
+    from numbabn._gpu import ops
+
+    dtype = np.float32
+    x, dy, w, b = make(shape, 1, dtype, seed=18)
+    x[0, 1, 0] = np.nan  # feature 1 all NaN: y NaN, so its dy is all masked
+    mean0, invstd0 = (to_host(a) for a in ops.batch_norm_train(dev(x), dev(w), dev(b), 1e-5,
+                                                                 None)[:2])
+    plain, fused = dev(np.empty_like(x)), dev(np.empty_like(x))
+    ops.batch_norm_train(dev(x), dev(w), dev(b), 1e-5, plain)
+    ops.batch_norm_train(dev(x), dev(w), dev(b), 1e-5, fused, True)
+    y = to_host(plain)
+    y_relu = np.where(y < 0, np.float32(0), y)
+    assert to_host(fused).tobytes() == y_relu.tobytes()
+    assert np.isnan(y_relu[:, 1]).all() and (y_relu[:, [0, 2]] >= 0).all()
+
+    dy[y_relu <= 0] = np.inf  # masked away: must not reach dx or the sums
+    dy[:, 1] = np.nan
+    masked_dy = np.where(y_relu > 0, dy, np.float32(0))
+    dx_plain, dx_fused = dev(np.empty_like(x)), dev(np.empty_like(x))
+    grads_plain = ops.batch_norm_backward(dev(masked_dy), dev(x), dev(mean0), dev(invstd0),
+                                          dev(w), dx_plain)
+    grads_fused = ops.batch_norm_backward(dev(dy), dev(x), dev(mean0), dev(invstd0), dev(w),
+                                          dx_fused, dev(y_relu))
+    for got, ref in zip((dx_fused, *grads_fused), (dx_plain, *grads_plain)):
+        assert to_host(got).tobytes() == to_host(ref).tobytes()
+    assert np.isfinite(to_host(dx_fused)[:, [0, 2]]).all()
+
+
 def test_nan_stays_in_its_channel():
     x, dy, w, b = make((5, 3, 13), 1, np.float32, seed=9)
     x[2, 1, 7] = np.nan
@@ -565,13 +599,13 @@ for dt in (types.float32, types.float64):
     for fam in ("nchw", "nc"):
         sigs += [
             ("moments_partials_" + fam, (x, geom, p3)),
-            ("affine_" + fam, (x, tx, geom, x)),
-            ("dx_" + fam, (x, x, tx, geom, x)),
+            ("affine_" + fam, (x, tx, flag, geom, x)),
+            ("dx_" + fam, (x, x, tx, x, flag, geom, x)),
         ]
         for m in (v, v64):  # statistics in the input's dtype or float64
             sigs += [
                 ("normalize_" + fam, (x, m, m, flag, f64, v, v, flag, flag, geom, x)),
-                ("backward_partials_" + fam, (x, x, m, geom, p3)),
+                ("backward_partials_" + fam, (x, x, m, x, flag, geom, p3)),
                 ("backward_elemt_" + fam, (x, x, m, m, v, flag, v64, v64, f64, geom, x)),
             ]
     sigs += [

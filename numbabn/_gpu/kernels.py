@@ -10,7 +10,8 @@ runs these phases, named as the CPU's:
 * ``merge_moments``: one block per feature Chan-merges the chunk moments
   (``chan_merge``) in a fixed tree and writes the float64 statistics table and
   the coefficients ``HI``, ``SCALE``, ``OFFSET`` (``invstd_of``, ``affine_coefs``);
-* ``affine_*``: ``y = (x - HI) * SCALE + OFFSET`` from the coefficient table;
+* ``affine_*``: ``y = (x - HI) * SCALE + OFFSET`` from the coefficient table
+  (optionally through a ReLU: the fused ``batch_norm_relu_train``);
 * ``normalize_*``: the same pass with each thread deriving its feature's
   coefficients from a given mean and var (eval) or invstd (``batch_norm_elemt``);
 * ``backward_partials_*``: float64 ``sum(dy)``, ``sum(dy * (x - hi))``,
@@ -21,7 +22,8 @@ runs these phases, named as the CPU's:
   batch mean ``hi + sum(x - hi) / n`` and the parameter gradients
   (``backward_coefs``, ``parameter_grads``), as the CPU's fused backward;
 * ``dx_*``: ``dx = (dy + (x - HI) * XC_COEF + DY_SHIFT) * DX_SCALE`` from the
-  coefficient table;
+  coefficient table (the fused ReLU's backward masks ``dy`` by ``y > 0`` here and
+  in ``backward_partials_*``);
 * ``backward_elemt_*``: the same pass with each thread deriving its feature's
   coefficients from given sums (``batch_norm_backward_elemt``).
 
@@ -147,6 +149,14 @@ def _imin(a, b):
 def _chunk_count(k, chunk, total):
     """Values in chunk ``k`` of a feature, as float64."""
     return np.float64(_imin(chunk, total - k * chunk))
+
+
+@cuda.jit(device=True, **GPU_JIT)
+def _zero_like(a):
+    """0 in the dtype of array ``a`` (for the ReLU's comparisons and stores)."""
+    z = cuda.local.array(1, a.dtype)
+    z[0] = 0
+    return z[0]
 
 
 @cuda.jit(device=True, **GPU_JIT)
@@ -316,8 +326,9 @@ def merge_moments(partials, geom, weight, bias, has_weight, has_bias, eps, stats
 # where the coefficients come from (the table, or derived per thread).
 # --------------------------------------------------------------------------- #
 @cuda.jit(device=True, **GPU_JIT)
-def _affine_block_nchw(x, c, start, stop, items, hi, scale, offset, y):
+def _affine_block_nchw(x, c, start, stop, items, hi, scale, offset, relu, y):
     inner = x.shape[2]
+    zero = _zero_like(x)
     nthreads = cuda.blockDim.x
     r0 = start // inner
     j0 = start - r0 * inner
@@ -335,14 +346,18 @@ def _affine_block_nchw(x, c, start, stop, items, hi, scale, offset, y):
             r, j = _step(r, j, dr, dj, inner)
         for u in range(GPU_UNROLL):
             if i + u * nthreads < stop:
-                y[rs, c, js] = (vals[u] - hi) * scale + offset
+                v = (vals[u] - hi) * scale + offset
+                if relu and v < zero:  # NaN and -0.0 stay, as torch.relu
+                    v = zero
+                y[rs, c, js] = v
             rs, js = _step(rs, js, dr, dj, inner)
         i += GPU_UNROLL * nthreads
 
 
 @cuda.jit(device=True, **GPU_JIT)
-def _affine_block_nc(x, c, cl, r0, r1, rows, hi, scale, offset, y):
+def _affine_block_nc(x, c, cl, r0, r1, rows, hi, scale, offset, relu, y):
     nfeat = x.shape[1]
+    zero = _zero_like(x)
     nty = cuda.blockDim.y
     vals = cuda.local.array(GPU_UNROLL, x.dtype)
     for r in range(r0 + cuda.threadIdx.y, r0 + rows, GPU_UNROLL * nty):
@@ -352,7 +367,10 @@ def _affine_block_nc(x, c, cl, r0, r1, rows, hi, scale, offset, y):
         for u in range(GPU_UNROLL):
             ru = r + u * nty
             if ru < r1 and c < nfeat:
-                y[ru, c, 0] = (vals[u] - hi) * scale + offset
+                v = (vals[u] - hi) * scale + offset
+                if relu and v < zero:
+                    v = zero
+                y[ru, c, 0] = v
 
 
 @cuda.jit(device=True, **GPU_JIT)
@@ -370,19 +388,21 @@ def _given_affine_coefs(c, mean, spread, spread_is_var, eps, weight, bias, has_w
 
 
 @cuda.jit(**GPU_JIT)
-def affine_nchw(x, coef, geom, y):
+def affine_nchw(x, coef, relu, geom, y):
+    """The affine pass from the coefficient table; with ``relu`` through a ReLU
+    (``max(v, 0)`` keeping NaN and -0.0: the fused ``batch_norm_relu_train``)."""
     outer, nfeat, inner = x.shape
     c, _, start, stop = _nchw_block(cuda.gridDim.x // nfeat, inner, outer * inner, geom.items)
     _affine_block_nchw(x, c, start, stop, geom.items, coef[HI, c], coef[SCALE, c],
-                       coef[OFFSET, c], y)
+                       coef[OFFSET, c], relu, y)
 
 
 @cuda.jit(**GPU_JIT)
-def affine_nc(x, coef, geom, y):
+def affine_nc(x, coef, relu, geom, y):
     nrows, nfeat, _ = x.shape
     c, cl, _, r0, r1 = _nc_block(nfeat, nrows, geom.chunk)
     _affine_block_nc(x, c, cl, r0, r1, geom.chunk, coef[HI, cl], coef[SCALE, cl],
-                     coef[OFFSET, cl], y)
+                     coef[OFFSET, cl], relu, y)
 
 
 @cuda.jit(**GPU_JIT)
@@ -395,7 +415,7 @@ def normalize_nchw(x, mean, spread, spread_is_var, eps, weight, bias, has_weight
     p = cuda.local.array(NCOEFS, x.dtype)
     _given_affine_coefs(c, mean, spread, spread_is_var, eps, weight, bias, has_weight, has_bias,
                         p)
-    _affine_block_nchw(x, c, start, stop, geom.items, p[HI], p[SCALE], p[OFFSET], y)
+    _affine_block_nchw(x, c, start, stop, geom.items, p[HI], p[SCALE], p[OFFSET], False, y)
 
 
 @cuda.jit(**GPU_JIT)
@@ -406,7 +426,7 @@ def normalize_nc(x, mean, spread, spread_is_var, eps, weight, bias, has_weight, 
     p = cuda.local.array(NCOEFS, x.dtype)
     _given_affine_coefs(cl, mean, spread, spread_is_var, eps, weight, bias, has_weight,
                         has_bias, p)
-    _affine_block_nc(x, c, cl, r0, r1, geom.chunk, p[HI], p[SCALE], p[OFFSET], y)
+    _affine_block_nc(x, c, cl, r0, r1, geom.chunk, p[HI], p[SCALE], p[OFFSET], False, y)
 
 
 # --------------------------------------------------------------------------- #
@@ -423,13 +443,16 @@ def _hi_of(mean, c, dtype_like):
 
 
 @cuda.jit(**GPU_JIT)
-def backward_partials_nchw(dy, x, mean, geom, partials):
-    """``partials[:, k, c]`` = the three sums of chunk k of feature c."""
+def backward_partials_nchw(dy, x, mean, y, masked, geom, partials):
+    """``partials[:, k, c]`` = the three sums of chunk k of feature c; with
+    ``masked``, ``dy`` counts only where ``y > 0`` (the fused ReLU's backward:
+    0 where ``y <= 0`` or NaN, whatever ``dy`` holds; ``y`` is unread otherwise)."""
     outer, nfeat, inner = x.shape
     c, k, start, stop = _nchw_block(partials.shape[1], inner, outer * inner, geom.items)
     t = cuda.threadIdx.x
     nthreads = cuda.blockDim.x
     hi = _hi_of(mean, c, x)
+    zero = _zero_like(x)
     r0 = start // inner
     j0 = start - r0 * inner
     i = start + t
@@ -439,6 +462,7 @@ def backward_partials_nchw(dy, x, mean, geom, partials):
     dj = nthreads - dr * inner
     xs = cuda.local.array(GPU_UNROLL, x.dtype)
     gs = cuda.local.array(GPU_UNROLL, x.dtype)
+    ys = cuda.local.array(GPU_UNROLL, x.dtype)
     sdy = 0.0
     sdyxc = 0.0
     sxc = 0.0
@@ -449,9 +473,13 @@ def backward_partials_nchw(dy, x, mean, geom, partials):
             jl = j if ok else j0
             xs[u] = x[rl, c, jl]
             gs[u] = dy[rl, c, jl]
+            if masked:
+                ys[u] = y[rl, c, jl]
             r, j = _step(r, j, dr, dj, inner)
         for u in range(GPU_UNROLL):
             g = np.float64(gs[u])
+            if masked and not ys[u] > zero:
+                g = 0.0
             xc = np.float64(xs[u]) - hi
             if i + u * nthreads >= stop:
                 g = 0.0
@@ -471,7 +499,7 @@ def backward_partials_nchw(dy, x, mean, geom, partials):
 
 
 @cuda.jit(**GPU_JIT)
-def backward_partials_nc(dy, x, mean, geom, partials):
+def backward_partials_nc(dy, x, mean, y, masked, geom, partials):
     """As :func:`backward_partials_nchw` with k the row block, for channel-contiguous x."""
     nrows, nfeat, _ = x.shape
     rows = geom.chunk
@@ -479,8 +507,10 @@ def backward_partials_nc(dy, x, mean, geom, partials):
     ty = cuda.threadIdx.y
     nty = cuda.blockDim.y
     hi = _hi_of(mean, cl, x)
+    zero = _zero_like(x)
     xs = cuda.local.array(GPU_UNROLL, x.dtype)
     gs = cuda.local.array(GPU_UNROLL, x.dtype)
+    ys = cuda.local.array(GPU_UNROLL, x.dtype)
     sdy = 0.0
     sdyxc = 0.0
     sxc = 0.0
@@ -490,8 +520,12 @@ def backward_partials_nc(dy, x, mean, geom, partials):
             rl = ru if ru < r1 else r0
             xs[u] = x[rl, cl, 0]
             gs[u] = dy[rl, cl, 0]
+            if masked:
+                ys[u] = y[rl, cl, 0]
         for u in range(GPU_UNROLL):
             g = np.float64(gs[u])
+            if masked and not ys[u] > zero:
+                g = 0.0
             xc = np.float64(xs[u]) - hi
             if r + u * nty >= r1:
                 g = 0.0
@@ -566,8 +600,9 @@ def merge_backward_sums(partials, geom, mean, invstd, weight, has_weight, write_
 #   dx = (dy + (x - HI) * XC_COEF + DY_SHIFT) * DX_SCALE
 # --------------------------------------------------------------------------- #
 @cuda.jit(device=True, **GPU_JIT)
-def _dx_block_nchw(dy, x, c, start, stop, items, hi, a, b, d, dx):
+def _dx_block_nchw(dy, x, c, start, stop, items, hi, a, b, d, y, masked, dx):
     inner = x.shape[2]
+    zero = _zero_like(x)
     nthreads = cuda.blockDim.x
     r0 = start // inner
     j0 = start - r0 * inner
@@ -578,6 +613,7 @@ def _dx_block_nchw(dy, x, c, start, stop, items, hi, a, b, d, dx):
     dj = nthreads - dr * inner
     xs = cuda.local.array(GPU_UNROLL, x.dtype)
     gs = cuda.local.array(GPU_UNROLL, x.dtype)
+    ys = cuda.local.array(GPU_UNROLL, x.dtype)
     for _ in range(0, items, GPU_UNROLL):
         rs, js = r, j
         for u in range(GPU_UNROLL):
@@ -586,30 +622,42 @@ def _dx_block_nchw(dy, x, c, start, stop, items, hi, a, b, d, dx):
             jl = j if ok else j0
             xs[u] = x[rl, c, jl]
             gs[u] = dy[rl, c, jl]
+            if masked:
+                ys[u] = y[rl, c, jl]
             r, j = _step(r, j, dr, dj, inner)
         for u in range(GPU_UNROLL):
             if i + u * nthreads < stop:
-                dx[rs, c, js] = (gs[u] + (xs[u] - hi) * b + d) * a
+                g = gs[u]
+                if masked and not ys[u] > zero:
+                    g = zero
+                dx[rs, c, js] = (g + (xs[u] - hi) * b + d) * a
             rs, js = _step(rs, js, dr, dj, inner)
         i += GPU_UNROLL * nthreads
 
 
 @cuda.jit(device=True, **GPU_JIT)
-def _dx_block_nc(dy, x, c, cl, r0, r1, rows, hi, a, b, d, dx):
+def _dx_block_nc(dy, x, c, cl, r0, r1, rows, hi, a, b, d, y, masked, dx):
     nfeat = x.shape[1]
     nty = cuda.blockDim.y
+    zero = _zero_like(x)
     xs = cuda.local.array(GPU_UNROLL, x.dtype)
     gs = cuda.local.array(GPU_UNROLL, x.dtype)
+    ys = cuda.local.array(GPU_UNROLL, x.dtype)
     for r in range(r0 + cuda.threadIdx.y, r0 + rows, GPU_UNROLL * nty):
         for u in range(GPU_UNROLL):
             ru = r + u * nty
             rl = ru if ru < r1 else r0
             xs[u] = x[rl, cl, 0]
             gs[u] = dy[rl, cl, 0]
+            if masked:
+                ys[u] = y[rl, cl, 0]
         for u in range(GPU_UNROLL):
             ru = r + u * nty
             if ru < r1 and c < nfeat:
-                dx[ru, c, 0] = (gs[u] + (xs[u] - hi) * b + d) * a
+                g = gs[u]
+                if masked and not ys[u] > zero:
+                    g = zero
+                dx[ru, c, 0] = (g + (xs[u] - hi) * b + d) * a
 
 
 @cuda.jit(device=True, **GPU_JIT)
@@ -625,19 +673,21 @@ def _given_backward_coefs(c, mean, invstd, weight, has_weight, sum_dy, sum_dy_xm
 
 
 @cuda.jit(**GPU_JIT)
-def dx_nchw(dy, x, coef, geom, dx):
+def dx_nchw(dy, x, coef, y, masked, geom, dx):
+    """The dx pass from the coefficient table; ``dy`` masked by ``y > 0`` with
+    ``masked``, as in :func:`backward_partials_nchw`."""
     outer, nfeat, inner = x.shape
     c, _, start, stop = _nchw_block(cuda.gridDim.x // nfeat, inner, outer * inner, geom.items)
     _dx_block_nchw(dy, x, c, start, stop, geom.items, coef[HI, c], coef[DX_SCALE, c],
-                   coef[XC_COEF, c], coef[DY_SHIFT, c], dx)
+                   coef[XC_COEF, c], coef[DY_SHIFT, c], y, masked, dx)
 
 
 @cuda.jit(**GPU_JIT)
-def dx_nc(dy, x, coef, geom, dx):
+def dx_nc(dy, x, coef, y, masked, geom, dx):
     nrows, nfeat, _ = x.shape
     c, cl, _, r0, r1 = _nc_block(nfeat, nrows, geom.chunk)
     _dx_block_nc(dy, x, c, cl, r0, r1, geom.chunk, coef[HI, cl], coef[DX_SCALE, cl],
-                 coef[XC_COEF, cl], coef[DY_SHIFT, cl], dx)
+                 coef[XC_COEF, cl], coef[DY_SHIFT, cl], y, masked, dx)
 
 
 @cuda.jit(**GPU_JIT)
@@ -650,7 +700,7 @@ def backward_elemt_nchw(dy, x, mean, invstd, weight, has_weight, sum_dy, sum_dy_
     p = cuda.local.array(NCOEFS, x.dtype)
     _given_backward_coefs(c, mean, invstd, weight, has_weight, sum_dy, sum_dy_xmu, count, p)
     _dx_block_nchw(dy, x, c, start, stop, geom.items, p[HI], p[DX_SCALE], p[XC_COEF],
-                   p[DY_SHIFT], dx)
+                   p[DY_SHIFT], dy, False, dx)
 
 
 @cuda.jit(**GPU_JIT)
@@ -661,7 +711,7 @@ def backward_elemt_nc(dy, x, mean, invstd, weight, has_weight, sum_dy, sum_dy_xm
     p = cuda.local.array(NCOEFS, x.dtype)
     _given_backward_coefs(cl, mean, invstd, weight, has_weight, sum_dy, sum_dy_xmu, count, p)
     _dx_block_nc(dy, x, c, cl, r0, r1, geom.chunk, p[HI], p[DX_SCALE], p[XC_COEF],
-                 p[DY_SHIFT], dx)
+                 p[DY_SHIFT], dy, False, dx)
 
 
 # --------------------------------------------------------------------------- #

@@ -139,9 +139,10 @@ def _optional(v, placeholder):
     return (placeholder, False) if v is None else (v, True)
 
 
-def _forward(x3, weight, bias, eps, y3):
-    """Moments partials and their merge (and with ``y3`` the affine pass into it).
-    Returns the fresh float64 ``stats`` table and the input-dtype ``coef`` table."""
+def _forward(x3, weight, bias, eps, y3, relu=False):
+    """Moments partials and their merge (and with ``y3`` the affine pass into it,
+    through a ReLU with ``relu``).  Returns the fresh float64 ``stats`` table and
+    the input-dtype ``coef`` table."""
     plan = _plan(x3.shape)
     partials = scratch((2, plan.nchunks, plan.nfeat))
     plan.launch(_MOMENTS_PARTIALS, x3, partials)
@@ -153,17 +154,20 @@ def _forward(x3, weight, bias, eps, y3):
     plan.merge(_MERGE_MOMENTS, partials, device_weight, device_bias, has_weight, has_bias,
                np.float64(eps), stats, coef)
     if y3 is not None:
-        plan.launch(_AFFINE, x3, coef, y3)
+        plan.launch(_AFFINE, x3, coef, bool(relu), y3)
     return stats, coef
 
 
-def _backward_sums(dy3, x3, mean, invstd, weight, dx3):
+def _backward_sums(dy3, x3, mean, invstd, weight, dx3, y3=None):
     """Backward partials about ``mean`` rounded to x's dtype and their merge (and
-    with ``dx3`` the dx pass into it).  Returns the fresh float64 ``sums`` table
-    and the input-dtype ``coef`` table."""
+    with ``dx3`` the dx pass into it); with ``y3`` (a fused ReLU's output) ``dy``
+    counts only where ``y > 0``.  Returns the fresh float64 ``sums`` table and
+    the input-dtype ``coef`` table."""
     plan = _plan(x3.shape)
+    masked = y3 is not None
+    y3 = y3 if masked else dy3  # unread without the mask
     partials = scratch((_core.NSUMS, plan.nchunks, plan.nfeat))
-    plan.launch(_BACKWARD_PARTIALS, dy3, x3, mean, partials)
+    plan.launch(_BACKWARD_PARTIALS, dy3, x3, mean, y3, masked, partials)
     sums = small_result((k.NSUM_ROWS, plan.nfeat), np.float64)
     coef = small_result((k.NCOEF_ROWS, plan.nfeat), x3.dtype)
     device_weight, has_weight = _optional(weight, mean)
@@ -171,7 +175,7 @@ def _backward_sums(dy3, x3, mean, invstd, weight, dx3):
     plan.merge(_MERGE_BACKWARD_SUMS, partials, mean, invstd, device_weight, has_weight,
                write_dx, sums, coef)
     if write_dx:
-        plan.launch(_DX, dy3, x3, coef, dx3)
+        plan.launch(_DX, dy3, x3, coef, y3, masked, dx3)
     return sums, coef
 
 
@@ -213,21 +217,22 @@ def batch_norm_elemt(x3, mean, invstd, weight, bias, y3):
 
 
 @cuda.require_context
-def batch_norm_train(x3, weight, bias, eps, y3):
-    """Normalise with batch statistics; return ``(mean, invstd)`` in x's dtype and
-    the biased ``var`` in float64."""
-    stats, coef = _forward(x3, weight, bias, eps, y3)
+def batch_norm_train(x3, weight, bias, eps, y3, relu=False):
+    """Normalise with batch statistics (then a ReLU with ``relu``); return
+    ``(mean, invstd)`` in x's dtype and the biased ``var`` in float64."""
+    stats, coef = _forward(x3, weight, bias, eps, y3, relu)
     return row(coef, k.X_MEAN), row(coef, k.X_INVSTD), row(stats, _core.VAR)
 
 
 @cuda.require_context
-def batch_norm_backward(dy3, x3, mean, invstd, weight, dx3):
+def batch_norm_backward(dy3, x3, mean, invstd, weight, dx3, y3=None):
     """Write dx into ``dx3``; return ``(dweight, dbias)`` (None without weight).
+    ``y3``: the output of the fused ReLU, whose mask applies to ``dy``.
 
     As on the CPU, ``sum(x - mean)`` corrects a saved mean rounded to float32 and
     the gradient is taken about the exact batch mean.
     """
-    _, coef = _backward_sums(dy3, x3, mean, invstd, weight, dx3)
+    _, coef = _backward_sums(dy3, x3, mean, invstd, weight, dx3, y3)
     if weight is None:
         return None, None
     return row(coef, k.X_DWEIGHT), row(coef, k.X_DBIAS)
