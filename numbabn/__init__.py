@@ -11,6 +11,8 @@ from .functional import (
     batch_norm_backward_elemt,
     batch_norm_backward_reduce,
     batch_norm_elemt,
+    batch_norm_relu_backward,
+    batch_norm_relu_train,
     batch_norm_train,
     batch_stats,
     merge_moments,

@@ -31,6 +31,8 @@ __all__ = [
     "batch_norm_elemt",
     "batch_norm_backward_reduce",
     "batch_norm_backward_elemt",
+    "batch_norm_relu_train",
+    "batch_norm_relu_backward",
 ]
 
 
@@ -162,9 +164,10 @@ def batch_norm_train(x, weight=None, bias=None, eps=1e-5, axis=1, out=None):
     return y, mean, invstd
 
 
-def _batch_norm_train(x, weight, bias, eps, axis, out):
+def _batch_norm_train(x, weight, bias, eps, axis, out, relu=False):
     """:func:`batch_norm_train` that also returns the biased batch variance in
-    float64 (for the layers' running statistics; no round trip through invstd)."""
+    float64 (for the layers' running statistics; no round trip through invstd);
+    ``relu`` applies a ReLU to the output in the same pass."""
     be, layout, x, weight, bias, out = _prepare(x, axis, weight=weight, bias=bias, out=out)
     nfeat = layout.shape3[1]
     _check_affine(weight, bias, nfeat, x.dtype)
@@ -172,10 +175,52 @@ def _batch_norm_train(x, weight, bias, eps, axis, out):
     v.check_training_count(layout.count, x.shape, axis)
     y3, y, finish = _output(be, x, layout, out)
     with be.guard(x):
-        mean, invstd, var = be.ops.batch_norm_train(_view(be, x, layout), weight, bias, eps, y3)
+        args = (_view(be, x, layout), weight, bias, eps, y3)
+        # (the ReLU flag only when set: the GPU's fused ReLU is not written yet)
+        mean, invstd, var = (be.ops.batch_norm_train(*args, relu=True) if relu else
+                             be.ops.batch_norm_train(*args))
     if finish:
         finish()
     return y, mean, invstd, var
+
+
+def batch_norm_relu_train(x, weight=None, bias=None, eps=1e-5, axis=1, out=None):
+    """``relu(batch_norm_train(x, ...))`` in one pass over the output.
+
+    Parameters and returns as :func:`batch_norm_train`; ``y`` is the ReLU's
+    output (``torch.relu`` semantics: NaN and -0.0 pass through), and ``mean``,
+    ``invstd`` are the batch statistics, for :func:`batch_norm_relu_backward`.
+
+    Examples
+    --------
+    >>> y, mean, invstd = numbabn.batch_norm_relu_train(x, weight, bias)
+    >>> dx, dweight, dbias = numbabn.batch_norm_relu_backward(dy, y, x, mean, invstd, weight)
+    """
+    y, mean, invstd, _ = _batch_norm_train(x, weight, bias, eps, axis, out, relu=True)
+    return y, mean, invstd
+
+
+def batch_norm_relu_backward(dy, y, x, mean, invstd, weight=None, axis=1, out=None):
+    """Gradients of :func:`batch_norm_relu_train`.
+
+    The ReLU's mask comes from its output ``y``: ``dy`` counts where ``y > 0``
+    and is 0 elsewhere (PyTorch's ``threshold_backward``, even for a NaN or inf
+    in ``dy``), inside the batch-norm backward's passes.
+
+    Parameters
+    ----------
+    dy : ndarray like ``x``, the gradient with respect to ``y``
+    y : ndarray like ``x``, the output of :func:`batch_norm_relu_train`
+    x, mean, invstd, weight, axis : as in :func:`batch_norm_backward`
+    out : ndarray, optional
+        Where to write ``dx``; may be ``dy``, ``y`` or ``x``.
+
+    Returns
+    -------
+    dx : ndarray like ``x`` (``out`` when given)
+    dweight, dbias : ndarray ``(C,)``, or ``None`` when ``weight`` is ``None``
+    """
+    return _batch_norm_backward(dy, x, mean, invstd, weight, axis, out, y)
 
 
 def batch_norm_backward(dy, x, mean, invstd, weight=None, axis=1, out=None):
@@ -201,19 +246,27 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, axis=1, out=None):
     --------
     >>> dx, dweight, dbias = numbabn.batch_norm_backward(dy, x, mean, invstd, weight)
     """
-    be, layout, x, dy, mean, invstd, weight, out = _prepare(
-        x, axis, dy=dy, mean=mean, invstd=invstd, weight=weight, out=out)
+    return _batch_norm_backward(dy, x, mean, invstd, weight, axis, out, None)
+
+
+def _batch_norm_backward(dy, x, mean, invstd, weight, axis, out, y):
+    """:func:`batch_norm_backward`; with ``y`` (a fused ReLU's output) ``dy``
+    counts only where ``y > 0``."""
+    be, layout, x, dy, mean, invstd, weight, y, out = _prepare(
+        x, axis, dy=dy, mean=mean, invstd=invstd, weight=weight, y=y, out=out)
     v.check_same_as(dy, "dy", x)
+    if y is not None:
+        v.check_same_as(y, "y", x)
     nfeat = layout.shape3[1]
     v.check_vector(mean, "mean", nfeat, x.dtype)
     v.check_vector(invstd, "invstd", nfeat, x.dtype)
     if weight is not None:
         v.check_vector(weight, "weight", nfeat, x.dtype)
-    dx3, dx, finish = _output(be, x, layout, out, inputs=(x, dy))
+    dx3, dx, finish = _output(be, x, layout, out, inputs=(x, dy) if y is None else (x, dy, y))
     with be.guard(x):
-        dweight, dbias = be.ops.batch_norm_backward(
-            _view(be, dy, layout), _view(be, x, layout), mean, invstd, weight, dx3
-        )
+        args = (_view(be, dy, layout), _view(be, x, layout), mean, invstd, weight, dx3)
+        dweight, dbias = (be.ops.batch_norm_backward(*args) if y is None else
+                          be.ops.batch_norm_backward(*args, y3=_view(be, y, layout)))
     if finish:
         finish()
     return dx, dweight, dbias

@@ -258,15 +258,21 @@ def _sum_in_order(p):
 
 
 @njit(**CPU_JIT_STRICT)
-def _affine_nchw(x, c, r0, r1, j0, j1, coef, y):
+def _affine_nchw(x, c, r0, r1, j0, j1, coef, relu, y):
     hi = coef[HI, c]
     s = coef[SCALE, c]
     o = coef[OFFSET, c]
+    zero = hi - hi if relu else hi  # typed like the data; only read with relu
     for r in range(r0, r1):
         xr = x[r, c, j0:j1]
         yr = y[r, c, j0:j1]
-        for j in range(j1 - j0):
-            yr[j] = (xr[j] - hi) * s + o
+        if relu:
+            for j in range(j1 - j0):
+                v = (xr[j] - hi) * s + o
+                yr[j] = zero if v < zero else v  # NaN and -0.0 stay, as torch.relu
+        else:
+            for j in range(j1 - j0):
+                yr[j] = (xr[j] - hi) * s + o
 
 
 @njit(**CPU_JIT)
@@ -284,9 +290,28 @@ def _block_backward_sums(dyr, xr, m, s):
     return a, b, e
 
 
+@njit(**CPU_JIT)
+def _block_backward_sums_masked(dyr, yr, xr, m, s):
+    """As :func:`_block_backward_sums` with ``dy`` taken as 0 where ``y <= 0``
+    (the ReLU of the fused ``batch_norm_relu``; a NaN ``y`` counts as ``<= 0``,
+    as PyTorch's ``threshold_backward``)."""
+    a = np.float32(0.0)
+    b = np.float32(0.0)
+    e = np.float32(0.0)
+    zero = m - m
+    for j in range(dyr.shape[0]):
+        g = dyr[j] if yr[j] > zero else zero
+        xc = (xr[j] - m) * s
+        a += g
+        b += g * xc
+        e += xc
+    return a, b, e
+
+
 @njit(**CPU_JIT_STRICT)
-def _chunk_backward_sums_nchw(dy, x, c, r0, r1, j0, j1, m, s, block):
-    """Float64 sums of blocks of at most ``block`` values of each row, in order."""
+def _chunk_backward_sums_nchw(dy, x, c, r0, r1, j0, j1, m, s, block, y, masked):
+    """Float64 sums of blocks of at most ``block`` values of each row, in order;
+    ``dy`` masked by ``y > 0`` with ``masked``."""
     sdy = 0.0
     sdyxc = 0.0
     sxc = 0.0
@@ -294,9 +319,13 @@ def _chunk_backward_sums_nchw(dy, x, c, r0, r1, j0, j1, m, s, block):
     for r in range(r0, r1):
         dyr = dy[r, c, j0:j1]
         xr = x[r, c, j0:j1]
+        yr = y[r, c, j0:j1]
         for b0 in range(0, w, block):
             b1 = min(b0 + block, w)
-            a, b, e = _block_backward_sums(dyr[b0:b1], xr[b0:b1], m, s)
+            if masked:
+                a, b, e = _block_backward_sums_masked(dyr[b0:b1], yr[b0:b1], xr[b0:b1], m, s)
+            else:
+                a, b, e = _block_backward_sums(dyr[b0:b1], xr[b0:b1], m, s)
             sdy += np.float64(a)
             sdyxc += np.float64(b)
             sxc += np.float64(e)
@@ -304,7 +333,7 @@ def _chunk_backward_sums_nchw(dy, x, c, r0, r1, j0, j1, m, s, block):
 
 
 @njit(**CPU_JIT_STRICT)
-def _feature_backward_sums_nchw(dy, x, c, rows, cols, m, s, block):
+def _feature_backward_sums_nchw(dy, x, c, rows, cols, m, s, block, y, masked):
     outer, _, inner = x.shape
     ncb = _cdiv(inner, cols)
     sdy = 0.0
@@ -312,7 +341,7 @@ def _feature_backward_sums_nchw(dy, x, c, rows, cols, m, s, block):
     sxc = 0.0
     for k in range(_cdiv(outer, rows) * ncb):
         r0, r1, j0, j1 = _chunk_bounds(k, ncb, rows, cols, outer, inner)
-        a, b, e = _chunk_backward_sums_nchw(dy, x, c, r0, r1, j0, j1, m, s, block)
+        a, b, e = _chunk_backward_sums_nchw(dy, x, c, r0, r1, j0, j1, m, s, block, y, masked)
         sdy += a
         sdyxc += b
         sxc += e
@@ -320,17 +349,24 @@ def _feature_backward_sums_nchw(dy, x, c, rows, cols, m, s, block):
 
 
 @njit(**CPU_JIT_STRICT)
-def _dx_nchw(dy, x, c, r0, r1, j0, j1, coef, dx):
+def _dx_nchw(dy, x, c, r0, r1, j0, j1, coef, y, masked, dx):
     a = coef[DX_SCALE, c]
     hi = coef[HI, c]
     b = coef[XC_COEF, c]
     d = coef[DY_SHIFT, c]
+    zero = hi - hi if masked else hi
     for r in range(r0, r1):
         dyr = dy[r, c, j0:j1]
         xr = x[r, c, j0:j1]
         dxr = dx[r, c, j0:j1]
-        for j in range(j1 - j0):
-            dxr[j] = (dyr[j] + (xr[j] - hi) * b + d) * a
+        if masked:
+            yr = y[r, c, j0:j1]
+            for j in range(j1 - j0):
+                g = dyr[j] if yr[j] > zero else zero
+                dxr[j] = (g + (xr[j] - hi) * b + d) * a
+        else:
+            for j in range(j1 - j0):
+                dxr[j] = (dyr[j] + (xr[j] - hi) * b + d) * a
 
 
 @njit(**CPU_JIT_STRICT)
@@ -343,9 +379,10 @@ def _task_chunk(u, nchunks, ncb, rows, cols, outer, inner):
 
 
 @njit(**CPU_JIT_PARALLEL)
-def forward_nchw(x, weight, bias, eps, geom, write_y, p, coef, stats, y):
+def forward_nchw(x, weight, bias, eps, geom, write_y, relu, p, coef, stats, y):
     """Batch statistics of ``x`` into ``stats`` (rows MEAN, INVSTD, VAR, M2), and
-    with ``write_y`` the normalised output into ``y``.  ``p`` is (2, C, chunks)
+    with ``write_y`` the normalised output into ``y`` (through a ReLU with
+    ``relu``: the fused ``batch_norm_relu_train``).  ``p`` is (2, C, chunks)
     scratch for the two-phase path (chunk means and M2s)."""
     outer, nfeat, inner = x.shape
     rows, cols, nth = geom.rows, geom.cols, geom.threads
@@ -356,7 +393,7 @@ def forward_nchw(x, weight, bias, eps, geom, write_y, p, coef, stats, y):
             n, mean, m2 = _feature_moments_nchw(x, c, rows, cols)
             _store_forward(c, n, mean, m2, eps, weight, bias, coef, stats)
             if write_y:
-                _affine_nchw(x, c, 0, outer, 0, inner, coef, y)
+                _affine_nchw(x, c, 0, outer, 0, inner, coef, relu, y)
         return
     ntasks = nfeat * nchunks
     nth = min(nth, ntasks)
@@ -373,7 +410,7 @@ def forward_nchw(x, weight, bias, eps, geom, write_y, p, coef, stats, y):
             u0, u1 = _thread_span(t, nth, ntasks)
             for u in range(u1 - 1, u0 - 1, -1):
                 c, k, r0, r1, j0, j1 = _task_chunk(u, nchunks, ncb, rows, cols, outer, inner)
-                _affine_nchw(x, c, r0, r1, j0, j1, coef, y)
+                _affine_nchw(x, c, r0, r1, j0, j1, coef, relu, y)
 
 
 @njit(**CPU_JIT_PARALLEL)
@@ -389,14 +426,16 @@ def normalize_nchw(x, mean, spread, spread_is_var, eps, weight, bias, runs, coef
         for q in range(b * runs, min((b + 1) * runs, nruns)):
             r = q // nfeat
             c = q - r * nfeat
-            _affine_nchw(x, c, r, r + 1, 0, inner, coef, y)
+            _affine_nchw(x, c, r, r + 1, 0, inner, coef, False, y)
 
 
 @njit(**CPU_JIT_PARALLEL)
-def backward_nchw(dy, x, hi, invstd, weight, geom, write_dx, p, sums, coef, dwb, dx):
+def backward_nchw(dy, x, hi, invstd, weight, geom, write_dx, y, masked, p, sums, coef, dwb, dx):
     """The backward sums about ``hi`` into ``sums`` (rows SUM_DY, SUM_DY_XHI,
     SUM_XHI); with ``write_dx`` also dx into ``dx`` and (dweight, dbias) into
-    ``dwb``.  ``p`` is (3, C, chunks) scratch for the two-phase path."""
+    ``dwb``.  With ``masked``, ``dy`` counts only where ``y > 0`` (the fused
+    ReLU's backward; ``y`` is ``dy`` otherwise, unread).  ``p`` is (3, C,
+    chunks) scratch for the two-phase path."""
     outer, nfeat, inner = x.shape
     rows, cols, nth, block = geom.rows, geom.cols, geom.threads, geom.bwd_block
     n = outer * inner
@@ -405,12 +444,13 @@ def backward_nchw(dy, x, hi, invstd, weight, geom, write_dx, p, sums, coef, dwb,
     scale = _backward_scales(invstd)
     if geom.fused:
         for c in prange(nfeat):
-            a, b, e = _feature_backward_sums_nchw(dy, x, c, rows, cols, hi[c], scale[c], block)
+            a, b, e = _feature_backward_sums_nchw(dy, x, c, rows, cols, hi[c], scale[c], block, y,
+                                                  masked)
             _unscaled_sums(c, a, b, e, scale, sums)
             if write_dx:
                 _store_backward(c, n, sums[SUM_DY, c], sums[SUM_DY_XHI, c], sums[SUM_XHI, c],
                                 np.float64(hi[c]), np.float64(invstd[c]), weight, coef, dwb)
-                _dx_nchw(dy, x, c, 0, outer, 0, inner, coef, dx)
+                _dx_nchw(dy, x, c, 0, outer, 0, inner, coef, y, masked, dx)
         return
     ntasks = nfeat * nchunks
     nth = min(nth, ntasks)
@@ -419,7 +459,7 @@ def backward_nchw(dy, x, hi, invstd, weight, geom, write_dx, p, sums, coef, dwb,
         for u in range(u0, u1):
             c, k, r0, r1, j0, j1 = _task_chunk(u, nchunks, ncb, rows, cols, outer, inner)
             p[0, c, k], p[1, c, k], p[2, c, k] = _chunk_backward_sums_nchw(
-                dy, x, c, r0, r1, j0, j1, hi[c], scale[c], block)
+                dy, x, c, r0, r1, j0, j1, hi[c], scale[c], block, y, masked)
     for c in prange(nfeat):
         _unscaled_sums(c, _sum_in_order(p[0, c]), _sum_in_order(p[1, c]), _sum_in_order(p[2, c]),
                        scale, sums)
@@ -431,7 +471,7 @@ def backward_nchw(dy, x, hi, invstd, weight, geom, write_dx, p, sums, coef, dwb,
             u0, u1 = _thread_span(t, nth, ntasks)
             for u in range(u1 - 1, u0 - 1, -1):
                 c, k, r0, r1, j0, j1 = _task_chunk(u, nchunks, ncb, rows, cols, outer, inner)
-                _dx_nchw(dy, x, c, r0, r1, j0, j1, coef, dx)
+                _dx_nchw(dy, x, c, r0, r1, j0, j1, coef, y, masked, dx)
 
 
 @njit(**CPU_JIT_PARALLEL)
@@ -445,7 +485,7 @@ def backward_elemt_nchw(dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu, count, 
         for q in range(b * runs, min((b + 1) * runs, nruns)):
             r = q // nfeat
             c = q - r * nfeat
-            _dx_nchw(dy, x, c, r, r + 1, 0, inner, coef, dx)
+            _dx_nchw(dy, x, c, r, r + 1, 0, inner, coef, dy, False, dx)
 
 
 # =========================================================================== #
@@ -519,16 +559,22 @@ def _merge_moments_nc(p, nrows, rows, c0, c1, eps, weight, bias, coef, stats):
 
 
 @njit(**CPU_JIT_STRICT)
-def _affine_nc(x, r0, r1, c0, c1, coef, y):
+def _affine_nc(x, r0, r1, c0, c1, coef, relu, y):
     hi = coef[HI, c0:c1]
     s = coef[SCALE, c0:c1]
     o = coef[OFFSET, c0:c1]
     w = c1 - c0
+    zero = np.zeros(1, coef.dtype)[0]
     for r in range(r0, r1):
         xr = x[r, c0:c1]
         yr = y[r, c0:c1]
-        for i in range(w):
-            yr[i] = (xr[i] - hi[i]) * s[i] + o[i]
+        if relu:
+            for i in range(w):
+                v = (xr[i] - hi[i]) * s[i] + o[i]
+                yr[i] = zero if v < zero else v
+        else:
+            for i in range(w):
+                yr[i] = (xr[i] - hi[i]) * s[i] + o[i]
 
 
 @njit(**CPU_JIT)
@@ -587,8 +633,29 @@ def _add_backward_sums_nc4(dy, x, r0, r1, c0, c1, m, sc, acc):
     _add_backward_sums_nc(dy, x, r, r1, c0, c1, m, sc, acc)
 
 
+@njit(**CPU_JIT)
+def _add_backward_sums_nc_masked(dy, y, x, r0, r1, c0, c1, m, sc, acc):
+    """As :func:`_add_backward_sums_nc` with ``dy`` taken as 0 where ``y <= 0``."""
+    w = c1 - c0
+    s0 = acc[0]
+    s1 = acc[1]
+    s2 = acc[2]
+    zero = s0[0] - s0[0]
+    for r in range(r0, r1):
+        gr = dy[r, c0:c1]
+        yr = y[r, c0:c1]
+        xr = x[r, c0:c1]
+        for i in range(w):
+            a = gr[i] if yr[i] > zero else zero
+            e = (xr[i] - m[i]) * sc[i]
+            s0[i] += a
+            s1[i] += a * e
+            s2[i] += e
+
+
 @njit(**CPU_JIT_STRICT)
-def _chunk_backward_sums_nc(dy, x, r0, r1, c0, c1, hi, scale, geom, sdy, sdyxc, sxc, acc):
+def _chunk_backward_sums_nc(dy, x, r0, r1, c0, c1, hi, scale, geom, y, masked, sdy, sdyxc, sxc,
+                            acc):
     """``sum(dy)``, ``sum(dy * xc)``, ``sum(xc)`` of columns [c0, c1) over rows
     [r0, r1) into ``sdy``, ``sdyxc``, ``sxc`` (float64), ``xc = (x - hi) *
     scale``: blocks of ``geom.bwd_block`` rows summed in the input's dtype, added
@@ -603,7 +670,9 @@ def _chunk_backward_sums_nc(dy, x, r0, r1, c0, c1, hi, scale, geom, sdy, sdyxc, 
     for b0 in range(r0, r1, geom.bwd_block):
         b1 = min(b0 + geom.bwd_block, r1)
         acc[...] = 0.0
-        if geom.by_row:
+        if masked:
+            _add_backward_sums_nc_masked(dy, y, x, b0, b1, c0, c1, m, sc, acc)
+        elif geom.by_row:
             _add_backward_sums_nc(dy, x, b0, b1, c0, c1, m, sc, acc)
         else:
             _add_backward_sums_nc4(dy, x, b0, b1, c0, c1, m, sc, acc)
@@ -614,22 +683,29 @@ def _chunk_backward_sums_nc(dy, x, r0, r1, c0, c1, hi, scale, geom, sdy, sdyxc, 
 
 
 @njit(**CPU_JIT_STRICT)
-def _dx_nc(dy, x, r0, r1, c0, c1, coef, dx):
+def _dx_nc(dy, x, r0, r1, c0, c1, coef, y, masked, dx):
     a = coef[DX_SCALE, c0:c1]
     hi = coef[HI, c0:c1]
     b = coef[XC_COEF, c0:c1]
     d = coef[DY_SHIFT, c0:c1]
     w = c1 - c0
+    zero = np.zeros(1, coef.dtype)[0]
     for r in range(r0, r1):
         dyr = dy[r, c0:c1]
         xr = x[r, c0:c1]
         dxr = dx[r, c0:c1]
-        for i in range(w):
-            dxr[i] = (dyr[i] + (xr[i] - hi[i]) * b[i] + d[i]) * a[i]
+        if masked:
+            yr = y[r, c0:c1]
+            for i in range(w):
+                g = dyr[i] if yr[i] > zero else zero
+                dxr[i] = (g + (xr[i] - hi[i]) * b[i] + d[i]) * a[i]
+        else:
+            for i in range(w):
+                dxr[i] = (dyr[i] + (xr[i] - hi[i]) * b[i] + d[i]) * a[i]
 
 
 @njit(**CPU_JIT_PARALLEL)
-def forward_nc(x, weight, bias, eps, geom, write_y, p, coef, stats, y):
+def forward_nc(x, weight, bias, eps, geom, write_y, relu, p, coef, stats, y):
     """As :func:`forward_nchw` for (rows, C) data; ``p`` is (2, row blocks, C)."""
     nrows, nfeat = x.shape
     rows, width = geom.rows, geom.cols
@@ -652,7 +728,7 @@ def forward_nc(x, weight, bias, eps, geom, write_y, p, coef, stats, y):
             b0, b1 = _thread_span(t, nth, nrb)
             for rb in range(b1 - 1, b0 - 1, -1):
                 r0 = rb * rows
-                _affine_nc(x, r0, min(r0 + rows, nrows), 0, nfeat, coef, y)
+                _affine_nc(x, r0, min(r0 + rows, nrows), 0, nfeat, coef, relu, y)
 
 
 @njit(**CPU_JIT_PARALLEL)
@@ -662,11 +738,11 @@ def normalize_nc(x, mean, spread, spread_is_var, eps, weight, bias, rows, coef, 
     _normalize_coefs(mean, spread, spread_is_var, eps, weight, bias, coef)
     for rb in prange(_cdiv(nrows, rows)):
         r0 = rb * rows
-        _affine_nc(x, r0, min(r0 + rows, nrows), 0, nfeat, coef, y)
+        _affine_nc(x, r0, min(r0 + rows, nrows), 0, nfeat, coef, False, y)
 
 
 @njit(**CPU_JIT_PARALLEL)
-def backward_nc(dy, x, hi, invstd, weight, geom, write_dx, p, sums, coef, dwb, dx):
+def backward_nc(dy, x, hi, invstd, weight, geom, write_dx, y, masked, p, sums, coef, dwb, dx):
     """As :func:`backward_nchw` for (rows, C) data; ``p`` is (3, row blocks, C)."""
     nrows, nfeat = x.shape
     rows, width = geom.rows, geom.cols
@@ -681,7 +757,7 @@ def backward_nc(dy, x, hi, invstd, weight, geom, write_dx, p, sums, coef, dwb, d
             r1 = min(r0 + rows, nrows)
             for c0 in range(0, nfeat, width):
                 c1 = min(c0 + width, nfeat)
-                _chunk_backward_sums_nc(dy, x, r0, r1, c0, c1, hi, scale, geom,
+                _chunk_backward_sums_nc(dy, x, r0, r1, c0, c1, hi, scale, geom, y, masked,
                                         p[0, rb, c0:c1], p[1, rb, c0:c1], p[2, rb, c0:c1], acc)
     for b in prange(_cdiv(nfeat, geom.merge_cols)):
         c0 = b * geom.merge_cols
@@ -702,7 +778,7 @@ def backward_nc(dy, x, hi, invstd, weight, geom, write_dx, p, sums, coef, dwb, d
             b0, b1 = _thread_span(t, nth, nrb)
             for rb in range(b1 - 1, b0 - 1, -1):
                 r0 = rb * rows
-                _dx_nc(dy, x, r0, min(r0 + rows, nrows), 0, nfeat, coef, dx)
+                _dx_nc(dy, x, r0, min(r0 + rows, nrows), 0, nfeat, coef, y, masked, dx)
 
 
 @njit(**CPU_JIT_PARALLEL)
@@ -712,7 +788,7 @@ def backward_elemt_nc(dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu, count, ro
     _elemt_backward_coefs(count, mean, invstd, weight, sum_dy, sum_dy_xmu, coef)
     for rb in prange(_cdiv(nrows, rows)):
         r0 = rb * rows
-        _dx_nc(dy, x, r0, min(r0 + rows, nrows), 0, nfeat, coef, dx)
+        _dx_nc(dy, x, r0, min(r0 + rows, nrows), 0, nfeat, coef, dy, False, dx)
 
 
 _cache.check(globals())  # before any kernel above loads from the disk cache

@@ -96,8 +96,9 @@ def _elementwise_runs(x3):
     return max(1, cfg.CHUNK_ELEMS // (x3.shape[1] if x3.shape[2] == 1 else x3.shape[2]))
 
 
-def _forward(x3, weight, bias, eps, y3):
-    """Run the forward kernel; ``y3=None`` computes the statistics only.
+def _forward(x3, weight, bias, eps, y3, relu=False):
+    """Run the forward kernel; ``y3=None`` computes the statistics only; ``relu``
+    passes the output through a ReLU.
     Returns the float64 ``stats`` table (rows ``_core.MEAN``, ``INVSTD``, ``VAR``, ``M2``)."""
     nfeat, dtype = x3.shape[1], x3.dtype
     geom = plan(x3.shape, dtype.itemsize, 1)
@@ -108,12 +109,12 @@ def _forward(x3, weight, bias, eps, y3):
     if x3.shape[2] == 1:
         p = np.empty((2, _nchunks(x3.shape, geom), nfeat))
         y2 = _as2d(y3) if write_y else _no_output(dtype, 2)
-        k.forward_nc(_as2d(x3), weight, bias, eps, geom, write_y, p, coef, stats, y2)
+        k.forward_nc(_as2d(x3), weight, bias, eps, geom, write_y, relu, p, coef, stats, y2)
     else:
         p = _no_output(np.float64, 3) if geom.fused else np.empty(
             (2, nfeat, _nchunks(x3.shape, geom)))
         y3 = y3 if write_y else _no_output(dtype, 3)
-        k.forward_nchw(x3, weight, bias, eps, geom, write_y, p, coef, stats, y3)
+        k.forward_nchw(x3, weight, bias, eps, geom, write_y, relu, p, coef, stats, y3)
     return stats
 
 
@@ -157,15 +158,16 @@ def batch_norm_elemt(x3, mean, invstd, weight, bias, y3):
     _normalize(x3, mean, invstd, False, weight, bias, 1.0, y3)
 
 
-def batch_norm_train(x3, weight, bias, eps, y3):
-    """Normalise with batch statistics; return ``(mean, invstd)`` in x's dtype and
-    the biased ``var`` in float64."""
-    stats = _forward(x3, weight, bias, eps, y3)
+def batch_norm_train(x3, weight, bias, eps, y3, relu=False):
+    """Normalise with batch statistics (then a ReLU with ``relu``); return
+    ``(mean, invstd)`` in x's dtype and the biased ``var`` in float64."""
+    stats = _forward(x3, weight, bias, eps, y3, relu)
     return (*_cast(x3.dtype, stats[_core.MEAN], stats[_core.INVSTD]), stats[_core.VAR])
 
 
-def _backward(dy3, x3, hi, invstd, weight, dx3):
-    """Run the backward kernel; ``dx3=None`` computes the sums only.  Returns the
+def _backward(dy3, x3, hi, invstd, weight, dx3, y3=None):
+    """Run the backward kernel; ``dx3=None`` computes the sums only; ``y3``, the
+    output of a fused ReLU, masks ``dy`` where ``y <= 0``.  Returns the
     float64 ``sums`` table (rows ``_core.SUM_DY``, ``SUM_DY_XHI``, ``SUM_XHI``,
     about ``hi``) and ``(dweight, dbias)`` rows in x's dtype."""
     nfeat, dtype = x3.shape[1], x3.dtype
@@ -175,26 +177,30 @@ def _backward(dy3, x3, hi, invstd, weight, dx3):
     sums = np.empty((_core.NSUMS, nfeat))
     dwb = np.empty((2, nfeat), dtype)
     write_dx = dx3 is not None
+    masked = y3 is not None
+    y3 = y3 if masked else dy3
     if x3.shape[2] == 1:
         p = np.empty((3, _nchunks(x3.shape, geom), nfeat))
         dx2 = _as2d(dx3) if write_dx else _no_output(dtype, 2)
-        k.backward_nc(_as2d(dy3), _as2d(x3), hi, invstd, w, geom, write_dx, p, sums, coef, dwb,
-                      dx2)
+        k.backward_nc(_as2d(dy3), _as2d(x3), hi, invstd, w, geom, write_dx, _as2d(y3), masked, p,
+                      sums, coef, dwb, dx2)
     else:
         p = _no_output(np.float64, 3) if geom.fused else np.empty(
             (3, nfeat, _nchunks(x3.shape, geom)))
         dx3 = dx3 if write_dx else _no_output(dtype, 3)
-        k.backward_nchw(dy3, x3, hi, invstd, w, geom, write_dx, p, sums, coef, dwb, dx3)
+        k.backward_nchw(dy3, x3, hi, invstd, w, geom, write_dx, y3, masked, p, sums, coef, dwb,
+                        dx3)
     return sums, dwb
 
 
-def batch_norm_backward(dy3, x3, mean, invstd, weight, dx3):
+def batch_norm_backward(dy3, x3, mean, invstd, weight, dx3, y3=None):
     """Write dx into ``dx3``; return ``(dweight, dbias)`` (None without weight).
+    ``y3``: the output of the fused ReLU, whose mask applies to ``dy``.
 
     The saved ``mean`` may have been rounded to float32; the kernel also sums
     ``x - mean`` to recover the exact batch mean (see ``kernels._store_backward``).
     """
-    _, dwb = _backward(dy3, x3, mean, invstd, weight, dx3)
+    _, dwb = _backward(dy3, x3, mean, invstd, weight, dx3, y3)
     if weight is None:
         return None, None
     return dwb[0], dwb[1]

@@ -102,7 +102,7 @@ class _BatchNorm(Layer):
         for sl in ghosts:
             yg, mean, invstd, var = self._train_forward(x[sl], None if y is None else y[sl])
             y = yg if y is None else y
-            saved.append((sl, mean, invstd))
+            saved.append((sl, yg, mean, invstd))
             means.append(mean)
             variances.append(var)
         if self.training and self.track_running_stats:
@@ -155,8 +155,8 @@ class _BatchNorm(Layer):
             dx = np.empty_like(x) if len(saved) > 1 else None
             dweight = np.zeros(self.num_features, np.float64)
             dbias = np.zeros(self.num_features, np.float64)
-            for sl, mean, invstd in saved:
-                dxg, dw, db = self._train_backward(dy[sl], x[sl], mean, invstd,
+            for sl, yg, mean, invstd in saved:
+                dxg, dw, db = self._train_backward(dy[sl], x[sl], yg, mean, invstd,
                                                    None if dx is None else dx[sl])
                 dx = dxg if dx is None else dx
                 if self.affine:
@@ -168,7 +168,8 @@ class _BatchNorm(Layer):
                 self.grads["bias"][...] = dbias
         return dx if input_grad else None
 
-    def _train_backward(self, dy, x, mean, invstd, out):
+    def _train_backward(self, dy, x, y, mean, invstd, out):
+        """Gradients of one (ghost) batch; ``y`` is its forward output."""
         weight = self.weight if self.affine else None
         return F.batch_norm_backward(dy, x, mean, invstd, weight, axis=1, out=out)
 

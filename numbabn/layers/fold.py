@@ -22,11 +22,12 @@ import copy
 
 import numpy as np
 
-from .activation import Dropout
+from .activation import Dropout, ReLU
 from .batchnorm import _BatchNorm
 from .container import Sequential
 from .conv import Conv2d
 from .flatten import Flatten
+from .fused import _BatchNormReLU
 from .linear import Linear
 from .pooling import MaxPool2d
 
@@ -105,7 +106,8 @@ def fold_batchnorm(model: Sequential) -> Sequential:
 
     Every ``BatchNorm1d/2d/3d`` (and ``BatchRenorm``, whose inference is batch
     norm's) that keeps running statistics is folded into the ``Conv2d``/``Linear``
-    directly before it, or else into the next one (see the module docstring);
+    directly before it, or else into the next one (see the module docstring); a
+    ``BatchNormReLU`` only into the layer before it, leaving a ``ReLU``;
     one that cannot be folded exactly stays, in eval mode.  ``model`` itself is
     not changed.
 
@@ -142,8 +144,16 @@ def fold_batchnorm(model: Sequential) -> Sequential:
         if prev is not None and isinstance(layers[prev], (Conv2d, Linear)) and \
                 (layers[prev].weight.shape[0] == s.shape[0]):
             _fold_into_previous(layers[prev], s, t)
-            keep[i] = False
-            report.append(f"{name}: folded into the preceding {type(layers[prev]).__name__} ({prev})")
+            where = f"folded into the preceding {type(layers[prev]).__name__} ({prev})"
+            if isinstance(layer, _BatchNormReLU):  # its ReLU stays
+                layers[i] = ReLU()
+                where += ", its ReLU kept"
+            else:
+                keep[i] = False
+            report.append(f"{name}: {where}")
+            continue
+        if isinstance(layer, _BatchNormReLU):
+            report.append(f"{name}: kept, its ReLU comes before any following layer")
             continue
         j, why = _next_target(layers, i, s)
         if j is None:

@@ -73,7 +73,7 @@ class _BatchRenorm(_BatchNorm):
         self._corrections = (r, d)
         return y, mean.astype(self.dtype), invstd.astype(self.dtype), var
 
-    def _train_backward(self, dy, x, mean, invstd, out):
+    def _train_backward(self, dy, x, y, mean, invstd, out):
         # r and d are constants: dx is batch norm's with weight * r, and
         # dweight = sum(dy * (xhat * r + d)) = r * sum(dy * xhat) + d * sum(dy).
         r, d = self._corrections
