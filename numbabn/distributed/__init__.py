@@ -4,7 +4,7 @@
   of the batch made of every rank's rows, each rank holding its own rows;
 * :class:`SyncBatchNorm` and :func:`convert_sync_batchnorm`: the layer, and the
   swap of a model's BatchNorm layers for it;
-* :func:`abort_on_uncaught_exception`, :func:`allreduce_in_rank_order`,
+* :func:`abort_on_uncaught_exception`, :func:`abort`, :func:`allreduce_in_rank_order`,
   :func:`set_threads_per_rank`: what a data-parallel program needs around them;
 * ``numbabn-mnist --distributed`` (:mod:`numbabn.distributed.trainer`) trains
   under ``mpiexec -n N``.
@@ -26,6 +26,7 @@ from ._comm import (
     CollectiveRuntimeError,
     CollectiveTypeError,
     CollectiveValueError,
+    abort,
     abort_on_uncaught_exception,
     allreduce_in_rank_order,
     set_threads_per_rank,
@@ -46,6 +47,7 @@ __all__ = [
     "CollectiveValueError",
     "CollectiveTypeError",
     "CollectiveRuntimeError",
+    "abort",
     "abort_on_uncaught_exception",
     "allreduce_in_rank_order",
     "set_threads_per_rank",

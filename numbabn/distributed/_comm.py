@@ -230,10 +230,25 @@ def abort_on_uncaught_exception(comm=None, status=1):
         except Exception:  # noqa: BLE001 -- abort whatever happens
             previous(kind, value, tb)
         finally:
-            comm.Abort(130 if issubclass(kind, KeyboardInterrupt) else status)
+            abort(comm, 130 if issubclass(kind, KeyboardInterrupt) else status)
 
     sys.excepthook = hook
     return comm
+
+
+def abort(comm, status):
+    """End the whole job with exit status ``status``: ``comm.Abort``, then
+    ``os._exit`` (MPICH's ``MPI_Abort`` can return before the process manager
+    kills the process, and nothing more may run here meanwhile)."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    try:
+        comm.Abort(status)
+    finally:
+        os._exit(status)
 
 
 def local_size(comm):

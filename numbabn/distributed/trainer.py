@@ -307,7 +307,7 @@ def _interrupted(comm, trainer, rank):
     if rank != 0:
         time.sleep(2.0)  # rank 0 says it and aborts; if it cannot (blocked), this rank does
     print(f"\ninterrupted: {where}.", file=sys.stderr, flush=True)
-    comm.Abort(130)
+    _comm.abort(comm, 130)
 
 
 def main(args):
@@ -345,8 +345,7 @@ def main(args):
               file=sys.stderr, flush=True)
         if not isinstance(e, (ValueError, OSError, RuntimeError)):
             traceback.print_exc()
-        sys.stderr.flush()
-        comm.Abort(2)
+        _comm.abort(comm, 2)
     if rank == 0:
         print(f"test accuracy {metrics['test_accuracy']:.4f} ({size} processes); metrics, curves and "
               f"checkpoint in {trainer.out_dir}")
