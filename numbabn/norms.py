@@ -229,7 +229,7 @@ def _backward(be, dy, x, plan, mean, rstd, weight, rms, param_grads, param_shape
 
 def _kept(be, stat, plan, trailing_ones):
     kept = be.rows.rows_to_kept(stat, plan.layout)
-    return kept.reshape(tuple(kept.shape) + (1,) * trailing_ones) if trailing_ones else kept
+    return be.rows.reshape_ones(kept, tuple(kept.shape) + (1,) * trailing_ones)
 
 
 # --------------------------------------------------------------------------- #
@@ -321,8 +321,8 @@ def layer_norm_backward(dy, x, mean, rstd, normalized_shape, weight=None, param_
     param_grads = v.check_bool(param_grads, "param_grads")
     plan = _layer_plan(x, len(shape))
     lead = shapes[1]
-    return _backward(be, dy, x, plan, mean.reshape(lead), rstd.reshape(lead), weight, False,
-                     param_grads, shape)
+    return _backward(be, dy, x, plan, be.rows.reshape_ones(mean, lead),
+                     be.rows.reshape_ones(rstd, lead), weight, False, param_grads, shape)
 
 
 # --------------------------------------------------------------------------- #
@@ -382,8 +382,8 @@ def rms_norm_backward(dy, x, rstd, normalized_shape, weight=None, param_grads=Tr
     _check_param(weight, "weight", shape, x.dtype)
     param_grads = v.check_bool(param_grads, "param_grads")
     plan = _layer_plan(x, len(shape))
-    dx, dweight, _ = _backward(be, dy, x, plan, None, rstd.reshape(shapes[1]), weight, True,
-                               param_grads, shape)
+    dx, dweight, _ = _backward(be, dy, x, plan, None, be.rows.reshape_ones(rstd, shapes[1]),
+                               weight, True, param_grads, shape)
     return dx, dweight
 
 

@@ -635,3 +635,8 @@ def unpermute_flat(flat, shape, perm):
     """Inverse of :func:`permute_flat` for an array of ``shape``."""
     inverse = tuple(sorted(range(len(perm)), key=perm.__getitem__))
     return flat.reshape(tuple(shape[a] for a in perm)).transpose(inverse)
+
+
+def reshape_ones(v, shape):
+    """``v`` with size-1 axes added or removed to make ``shape`` (a view)."""
+    return v.reshape(shape)
