@@ -19,11 +19,20 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .layers import (BatchNorm1d, BatchNorm2d, Conv2d, Dropout, Flatten, Linear, MaxPool2d,
-                     ReLU, Sequential, Sigmoid)
+from .layers import (BatchNorm1d, BatchNorm2d, BatchRenorm1d, BatchRenorm2d, Conv2d, Dropout,
+                     Flatten, Linear, MaxPool2d, ReLU, Sequential, Sigmoid)
+
+NORMS = {"batch": (BatchNorm1d, BatchNorm2d), "renorm": (BatchRenorm1d, BatchRenorm2d)}
+"""The normalization layers a model's ``norm`` argument chooses: ``(1d, 2d)``."""
 
 
-def mnist_cnn(rng, batch_norm=True, dtype=np.float32, dropout=True):
+def _norm_layers(norm):
+    if norm not in NORMS:
+        raise ValueError(f"unknown norm {norm!r}; choose one of {sorted(NORMS)}.")
+    return NORMS[norm]
+
+
+def mnist_cnn(rng, batch_norm=True, dtype=np.float32, dropout=True, norm="batch"):
     """The ``cnn`` model (with or without its three BatchNorm layers).
 
     Parameters
@@ -35,11 +44,15 @@ def mnist_cnn(rng, batch_norm=True, dtype=np.float32, dropout=True):
     dropout : bool, default True
         Keep the Keras example's Dropout(0.25) after the pooling and Dropout(0.5)
         before the last layer.
+    norm : {"batch", "renorm"}, default "batch"
+        Batch norm, or batch renormalization (for small batches), in its places.
 
     Returns
     -------
     Sequential
     """
+    BatchNorm1d, BatchNorm2d = _norm_layers(norm)
+
     def bn(layer):
         return [layer] if batch_norm else []
 
@@ -58,7 +71,8 @@ def mnist_cnn(rng, batch_norm=True, dtype=np.float32, dropout=True):
     )
 
 
-def bn_paper_mlp(rng, batch_norm=True, dtype=np.float32, init_std=None, dropout=False):
+def bn_paper_mlp(rng, batch_norm=True, dtype=np.float32, init_std=None, dropout=False,
+                 norm="batch"):
     """The ``mlp`` model of the batch-norm paper's Figure 1.
 
     ``Flatten - [Linear(.,100) - BN1d - Sigmoid] x 3 - Linear(100, 10)``; without
@@ -75,6 +89,7 @@ def bn_paper_mlp(rng, batch_norm=True, dtype=np.float32, init_std=None, dropout=
         values", as the paper) instead of PyTorch's default uniform init.
     dropout : bool, default False
         Must be False: the paper's network has no dropout.
+    norm : {"batch", "renorm"}, default "batch"
 
     Returns
     -------
@@ -82,6 +97,7 @@ def bn_paper_mlp(rng, batch_norm=True, dtype=np.float32, init_std=None, dropout=
     """
     if dropout:
         raise ValueError("the mlp model (the batch-norm paper's network) has no dropout layers.")
+    BatchNorm1d = _norm_layers(norm)[0]
     layers = [Flatten()]
     sizes = [784, 100, 100, 100]
     for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
@@ -120,11 +136,12 @@ MODELS = {
 }
 
 
-def build_model(name, rng, batch_norm=True, dtype=np.float32, dropout=None):
+def build_model(name, rng, batch_norm=True, dtype=np.float32, dropout=None, norm="batch"):
     """Build model ``name`` (a key of :data:`MODELS`) with weights drawn from ``rng``;
-    ``dropout=None`` takes the model's default."""
+    ``dropout=None`` takes the model's default; ``norm`` chooses the normalization
+    layers (see :data:`NORMS`)."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}.")
     spec = MODELS[name]
     return spec.build(rng, batch_norm=batch_norm, dtype=dtype,
-                      dropout=spec.dropout if dropout is None else dropout)
+                      dropout=spec.dropout if dropout is None else dropout, norm=norm)

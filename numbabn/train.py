@@ -31,7 +31,7 @@ from ._cpu.threads import prefer_passive_waiting
 from ._extras import MissingExtraError, require
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .losses import cross_entropy
-from .models import MODELS, build_model
+from .models import MODELS, NORMS, build_model
 from .optim import SGD, Adam
 
 EVAL_BATCH = 500
@@ -55,10 +55,13 @@ class TrainConfig:
     dropout: bool | None = None  # None: the model's default (cnn True, mlp False)
     shift: int | None = None  # augmentation: shift each training image by up to this many
     #                           pixels; None: the model's default (cnn 2, mlp 0)
+    norm: str = "batch"  # "batch" or "renorm" (batch renormalization) in the BN places
 
     def __post_init__(self):
         if self.model not in MODELS:
             raise ValueError(f"unknown model {self.model!r}; choose one of {sorted(MODELS)}.")
+        if self.norm not in NORMS:
+            raise ValueError(f"unknown norm {self.norm!r}; choose one of {sorted(NORMS)}.")
         spec = MODELS[self.model]  # resolve the defaults, so checkpoints record real values
         if self.lr_decay is None:
             object.__setattr__(self, "lr_decay", spec.lr_decay)
@@ -160,7 +163,7 @@ class Trainer:
         self.test_x, self.test_y = prepare_images(test_x), np.asarray(test_y, np.int64)
         self.rng = np.random.default_rng(config.seed)
         self.model = build_model(config.model, self.rng, batch_norm=config.batch_norm,
-                                 dropout=config.dropout)
+                                 dropout=config.dropout, norm=config.norm)
         self.optimizer = config.make_optimizer(self.model.params)
         self.epochs_done = 0
         self.history = []
@@ -370,6 +373,8 @@ def build_parser():
         prog="numbabn-mnist", description="Train a small network on MNIST with numbabn's layers.")
     parser.add_argument("--model", choices=sorted(MODELS), default="cnn")
     parser.add_argument("--no-bn", action="store_true", help="leave out the batch-norm layers")
+    parser.add_argument("--norm", choices=["batch", "renorm"], default="batch",
+                        help="batch norm, or batch renormalization for small batches")
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--batch-size", type=int, help="default: 128 (cnn), 60 (mlp)")
     parser.add_argument("--lr", type=float, help="default: 1e-3 (cnn), 0.5 (mlp)")
@@ -413,6 +418,7 @@ def config_from_args(args):
         lr_decay=args.lr_decay if args.lr_decay is not None else spec.lr_decay,
         dropout=spec.dropout and not args.no_dropout,
         shift=args.shift if args.shift is not None else spec.shift,
+        norm=args.norm,
     )
 
 

@@ -421,3 +421,22 @@ def test_a_run_leaves_the_cache_warm_for_the_next(tmp_path):
     lines = []
     Trainer(config, data, str(tmp_path / "b"), progress=False, log=lines.append).run(1)
     assert COMPILE_MESSAGE not in lines
+
+
+@pytest.mark.parametrize("model", ["cnn", "mlp"])
+def test_renorm_option_builds_batch_renorm_layers_and_trains(tmp_path, model):
+    from numbabn.layers import BatchRenorm1d, BatchRenorm2d
+    from numbabn.train import build_parser, config_from_args
+
+    config = config_from_args(build_parser().parse_args(["--model", model, "--norm", "renorm",
+                                                         "--batch-size", "8"]))
+    assert config.norm == "renorm"
+    trainer = Trainer(config, synthetic_data(), str(tmp_path), progress=False, log=lambda s: None)
+    kinds = {type(layer) for layer in trainer.model.layers}
+    assert kinds & {BatchRenorm1d, BatchRenorm2d}
+    trainer.run(1)
+    assert np.isfinite(trainer.history[0]["train_loss"])
+    with pytest.raises(ValueError, match="unknown norm"):
+        TrainConfig(model=model, norm="layer")
+    with pytest.raises(ValueError, match="unknown norm"):
+        train_module.build_model(model, np.random.default_rng(0), norm="layer")
