@@ -5,7 +5,10 @@ Runs under the CUDA simulator by default (see conftest.py) or on a real GPU with
 runs one Python thread per CUDA thread, so most tests shrink the blocks
 (``small_blocks``): 8 threads of 4 values, so that small odd shapes still
 split every feature over several blocks, and channel-contiguous data over
-several feature tiles.  One test runs the shipped configuration.
+several feature tiles.  One test runs the shipped configuration, and one
+compiles every kernel to PTX with NVVM (the simulator types nothing).  The
+matrix of every public function on both backends is ``test_twins.py``; this
+file holds what is GPU-specific (device views, caches, launcher, errors).
 """
 
 import os

@@ -18,7 +18,6 @@ Results are computed once per (call, case, dtype, backend) and shared by the
 checks.
 """
 
-import os
 import zlib
 from functools import lru_cache
 
@@ -27,7 +26,7 @@ import pytest
 
 import naive
 import numbabn as nb
-from conftest import TOL, assert_close, make_array
+from conftest import assert_close, make_array
 from numbabn import _config
 from numbabn import functional as F
 
@@ -284,7 +283,8 @@ def results(name, variant, case, dtype_id, backend):
     return {key: (host(v), kind(v)) for key, v in call(name, variant, d, backend).items()}
 
 
-MATRIX = [pytest.param(name, variant, case, dt, id=f"{name}-{variant}-{case}-{dt}".replace("--", "-"))
+MATRIX = [pytest.param(name, variant, case, dt,
+                       id=f"{name}-{variant}-{case}-{dt}".replace("--", "-"))
           for name, variant in CALLS for case in CASES for dt in DTYPES]
 
 
