@@ -15,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -23,7 +24,6 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "tests" / "mpi_scripts"
-MARK = "RESULT "
 TIMEOUT = 120
 
 
@@ -37,29 +37,38 @@ needs_mpi = pytest.mark.skipif(importlib.util.find_spec("mpi4py") is None or MPI
                                reason="needs mpi4py and mpiexec: pip install -e '.[mpi]'")
 
 
-def _env():
+def _env(results=None):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
                OMP_WAIT_POLICY="passive", OPENBLAS_NUM_THREADS="1")
     env.pop("NUMBA_ENABLE_CUDASIM", None)
+    if results is not None:
+        env["NUMBABN_MPI_RESULTS"] = str(results)
     return env
 
 
-def _results(stdout):
+def _results(folder):
+    """Every rank's JSON records (see mpi_scripts/common.emit), by rank."""
     results = {}
-    for line in stdout.splitlines():
-        if line.startswith(MARK):
-            record = json.loads(line[len(MARK):])
+    for path in sorted(Path(folder).glob("rank-*.jsonl")):
+        for line in path.read_text().splitlines():
+            record = json.loads(line)
             results.setdefault(record["rank"], []).append(record)
     return results
 
 
 def mpirun(args, n=2, timeout=TIMEOUT, check=True):
     """Run ``mpiexec -n n python <args>``; return (completed process, results by rank)."""
-    done = subprocess.run([MPIEXEC, "-n", str(n), sys.executable, *map(str, args)], cwd=ROOT,
-                          env=_env(), capture_output=True, text=True, timeout=timeout, check=False)
-    if check:
-        assert done.returncode == 0, f"rc {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
-    return done, _results(done.stdout)
+    folder = Path(tempfile.mkdtemp(prefix="numbabn-mpi-"))
+    try:
+        done = subprocess.run([MPIEXEC, "-n", str(n), sys.executable, *map(str, args)], cwd=ROOT,
+                              env=_env(folder), capture_output=True, text=True, timeout=timeout,
+                              check=False)
+        if check:
+            assert done.returncode == 0, (f"rc {done.returncode}\n{done.stdout[-3000:]}\n"
+                                          f"{done.stderr[-3000:]}")
+        return done, _results(folder)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _scripts_module(name, monkeypatch):
@@ -113,7 +122,7 @@ def test_shard_bounds_split_like_array_split():
 @pytest.fixture(scope="module")
 def sync_bn():
     done, results = mpirun([SCRIPTS / "sync_bn.py"])
-    assert sorted(results) == [0, 1], done.stdout[-2000:]
+    assert sorted(results) == [0, 1], done.stderr[-2000:]
     return {rank: records[0] for rank, records in results.items()}
 
 
@@ -238,7 +247,7 @@ def test_killed_rank_ends_the_job_and_resume_continues_from_the_last_checkpoint(
     assert done.returncode != 0
     killed_at = _event(results, 1, "kill")["time"]
     assert ended - killed_at < 10, f"the job took {ended - killed_at:.1f} s to end after the kill"
-    assert "finished" not in done.stdout
+    assert all(r.get("event") != "finished" for records in results.values() for r in records)
     assert load_checkpoint(out / "checkpoint.npz")[1]["epochs_done"] == 1  # epoch 2 never finished
 
     faults = _scripts_module("faults", monkeypatch)  # a distributed checkpoint loads in one process
@@ -320,3 +329,23 @@ def test_cli_missing_checkpoint_is_reported_once_and_every_rank_exits(tmp_path):
     assert done.returncode == 2
     assert done.stderr.count("numbabn-mnist: error: loading the checkpoint failed on rank 0 of 2") == 1
     assert "no checkpoint at" in done.stderr
+
+
+def test_convert_sync_batchnorm_refuses_variants_without_a_synchronised_version():
+    from numbabn.distributed import SyncBatchNorm, convert_sync_batchnorm
+    from numbabn.layers import BatchNorm1d, Linear, Sequential
+    from numbabn.models import build_model
+
+    model = build_model("mlp", np.random.default_rng(0), norm="renorm")
+    before = [type(layer) for layer in model.layers]
+    with pytest.raises(TypeError, match="BatchRenorm1d has no synchronised version"):
+        convert_sync_batchnorm(model)
+    assert [type(layer) for layer in model.layers] == before  # left as it was
+    ghost = Sequential(Linear(3, 4), BatchNorm1d(4), Sequential(BatchNorm1d(4, virtual_batch_size=2)))
+    with pytest.raises(ValueError, match="virtual_batch_size"):
+        convert_sync_batchnorm(ghost)
+    assert type(ghost[1]) is BatchNorm1d
+    bn = BatchNorm1d(4, momentum=None, affine=False)
+    sync = convert_sync_batchnorm(bn)  # no communicator needed to convert
+    assert type(sync) is SyncBatchNorm and sync.running_var is bn.running_var
+    assert sync.momentum is None and not sync.affine and sync.params == {}

@@ -18,6 +18,7 @@ from .. import _validate as v
 from .. import functional as F
 from ..layers import _check
 from ..layers.base import Layer
+from ..layers import batchnorm as _batchnorm_layers
 from ..layers.batchnorm import _BatchNorm
 from . import _comm
 from ._comm import CollectiveTypeError, CollectiveValueError, require_same
@@ -245,8 +246,8 @@ class SyncBatchNorm(_BatchNorm):
     def from_batchnorm(cls, layer, comm=None):
         """A SyncBatchNorm holding ``layer``'s very arrays (parameters, gradients,
         buffers: the same objects, so an optimizer built on the model keeps working)."""
-        if not isinstance(layer, _BatchNorm):
-            raise TypeError(f"expected a numbabn BatchNorm layer; got {type(layer).__name__}.")
+        if type(layer) not in _CONVERTIBLE:
+            raise TypeError(f"expected a BatchNorm1d/2d/3d layer; got {type(layer).__name__}.")
         if getattr(layer, "virtual_batch_size", None) is not None:
             raise ValueError(f"{type(layer).__name__} with virtual_batch_size (ghost batch norm) has "
                              f"no synchronised version; build it without virtual_batch_size.")
@@ -292,7 +293,7 @@ class SyncBatchNorm(_BatchNorm):
         name = type(self).__name__
         if mean is None:  # eval-mode forward (or none at all): local
             _check.grad_output(dy, name, y_shape, self.dtype)
-            dx, dweight, dbias = self._backward_eval(dy, x)
+            dx, dweight, dbias = self._eval_backward(dy, x)
         else:
             dx, dweight, dbias = _sync_backward(
                 dy, x, mean, invstd, self.weight, 1, None, self.comm,
@@ -303,30 +304,82 @@ class SyncBatchNorm(_BatchNorm):
                 self.grads["bias"][...] = dbias
         return dx if input_grad else None
 
+    def _eval_backward(self, dy, x):
+        """Gradients of ``(x - running_mean) * invstd * weight + bias`` (constants: no
+        communication)."""
+        zeros = np.zeros(self.num_features, self.dtype)
+        dx = F.normalize(dy, zeros, self.running_var, self.weight, None, self.eps)
+        if not self.affine:
+            return dx, None, None
+        axes = tuple(a for a in range(x.ndim) if a != 1)
+        xhat = F.normalize(x, self.running_mean, self.running_var, None, None, self.eps)
+        dweight = np.sum(dy * xhat, axis=axes, dtype=np.float64).astype(self.dtype)
+        return dx, dweight, np.sum(dy, axis=axes, dtype=np.float64).astype(self.dtype)
+
     def extra_repr(self):
         return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
                 f"affine={self.affine}, track_running_stats={self.track_running_stats}")
 
 
+_CONVERTIBLE = tuple(getattr(_batchnorm_layers, name) for name in ("BatchNorm1d", "BatchNorm2d",
+                                                                    "BatchNorm3d")
+                     if hasattr(_batchnorm_layers, name))
+
+
 def convert_sync_batchnorm(model, comm=None):
-    """Replace every BatchNorm layer of ``model`` by a :class:`SyncBatchNorm`.
+    """Replace every BatchNorm1d/2d/3d layer of ``model`` by a :class:`SyncBatchNorm`.
 
     Works on a BatchNorm layer itself (returns its replacement) and on
     containers (``Sequential``, nested at any depth: anything with a ``layers``
     list), changed in place and returned.  Each replacement holds the original
     layer's arrays (the same objects: parameters, gradients, running
     statistics), so an optimizer built on ``model.params`` keeps updating them.
+    Other batch-norm variants (batch renormalization, fused BatchNorm+ReLU,
+    ghost batches) have no synchronised version: TypeError/ValueError.
 
     Examples
     --------
     >>> model = convert_sync_batchnorm(build_model("cnn", rng))
     """
-    if isinstance(model, _BatchNorm) and not isinstance(model, SyncBatchNorm):
-        return SyncBatchNorm.from_batchnorm(model, comm)
-    if isinstance(model, SyncBatchNorm):
+    if not isinstance(model, Layer):
+        raise TypeError(f"convert_sync_batchnorm expects a numbabn Layer; got {type(model).__name__}.")
+    for layer in _walk(model):  # every check first: a refused model is left as it was
+        if isinstance(layer, _BatchNorm) and not isinstance(layer, SyncBatchNorm):
+            if type(layer) not in _CONVERTIBLE:  # batch renormalization, fused BN+ReLU, ...
+                raise TypeError(
+                    f"convert_sync_batchnorm: {type(layer).__name__} has no synchronised version "
+                    f"(only {', '.join(t.__name__ for t in _CONVERTIBLE)} have).")
+            if getattr(layer, "virtual_batch_size", None) is not None:
+                raise ValueError(f"convert_sync_batchnorm: {type(layer).__name__} with "
+                                 f"virtual_batch_size (ghost batch norm) has no synchronised version.")
+    return _convert(model, comm)
+
+
+def _walk(layer):
+    yield layer
+    children = getattr(layer, "layers", None)
+    if isinstance(children, list):
+        for child in children:
+            yield from _walk(child)
+
+
+def _convert(layer, comm):
+    if isinstance(layer, SyncBatchNorm):
         if comm is not None:
-            model.comm = comm
-        return model
+            layer.comm = comm
+        return layer
+    if isinstance(layer, _BatchNorm):
+        return SyncBatchNorm.from_batchnorm(layer, comm)
+    children = getattr(layer, "layers", None)
+    if isinstance(children, list):
+        for i, child in enumerate(children):
+            children[i] = _convert(child, comm)
+    return layer
+    if type(model) in _CONVERTIBLE:
+        return SyncBatchNorm.from_batchnorm(model, comm)
+    if isinstance(model, _BatchNorm):  # batch renormalization, fused BN+ReLU, ...
+        raise TypeError(f"convert_sync_batchnorm: {type(model).__name__} has no synchronised version "
+                        f"(only {', '.join(t.__name__ for t in _CONVERTIBLE)} do).")
     if not isinstance(model, Layer):
         raise TypeError(f"convert_sync_batchnorm expects a numbabn Layer; got {type(model).__name__}.")
     layers = getattr(model, "layers", None)

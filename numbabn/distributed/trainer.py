@@ -285,6 +285,9 @@ def _setup_local(args, rank, size):
         T._require_train_extra(progress=not args.no_progress)
     config = T.config_from_args(args)
     T.check_device(args.device)
+    if getattr(config, "norm", "batch") != "batch":
+        raise ValueError(f"--distributed synchronises batch norm only (SyncBatchNorm); "
+                         f"--norm {config.norm} has no synchronised version.")
     if config.batch_size < size:
         raise ValueError(f"--batch-size {config.batch_size} is smaller than the {size} processes; "
                          f"each process needs at least one image of every batch.")

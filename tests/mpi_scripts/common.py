@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import os
 import sys
 
 import numpy as np
@@ -20,9 +21,19 @@ def world():
 
 
 def emit(comm, **fields):
-    """Print this rank's results as one JSON line (what the test parses)."""
-    print(MARK + json.dumps({"rank": comm.Get_rank(), **fields}), flush=True)
-    sys.stdout.flush()
+    """Record this rank's results as one JSON line: appended to
+    ``$NUMBABN_MPI_RESULTS/rank-<rank>.jsonl`` when that folder is set (what the
+    test reads: the ranks' stdout lines can interleave), else printed."""
+    line = json.dumps({"rank": comm.Get_rank(), **fields})
+    folder = os.environ.get("NUMBABN_MPI_RESULTS")
+    if folder:
+        with open(os.path.join(folder, f"rank-{comm.Get_rank()}.jsonl"), "a") as f:
+            f.write(line + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+    else:
+        print(MARK + line, flush=True)
+        sys.stdout.flush()
 
 
 def digest(*arrays):
