@@ -53,8 +53,8 @@ CPU_JIT_PARALLEL = dict(CPU_JIT, parallel=dict(fusion=False))
 # multiply-adds into FMAs by default, which is the part of fast math we want.
 GPU_JIT = dict(fastmath=False, cache=True)
 
-# Compile-time size of the GPU's shared-memory reduction buffers: GPU_THREADS
-# must not exceed it.  3 float64 buffers of 256 values are 6 KiB per block.
+# Compile-time size of the GPU's shared-memory reduction buffers (the kernels'
+# disk cache is keyed on it and on GPU_UNROLL): GPU_THREADS must not exceed it.  3 float64 buffers of 256 values are 6 KiB per block.
 GPU_MAX_THREADS = 256
 
 # Loads issued back to back by one GPU thread before they are used (a local
@@ -161,3 +161,15 @@ GPU_FEATURE_TILE = 32
 # is referenced, so a result kept alive keeps at most one slab allocated.
 # Tables larger than a quarter of a slab are allocated on their own.
 GPU_RESULT_SLAB_BYTES = 1 << 20
+
+# Host-side caches of numbabn._gpu.launch: compiled overloads kept per kernel
+# (argument signatures) and shaped views kept of the scratch buffer, before
+# starting afresh (a training loop sees a handful); the scratch buffer grows in
+# steps of this many float64 values.
+GPU_MAX_SIGNATURES = 512
+GPU_MAX_SCRATCH_VIEWS = 64
+GPU_SCRATCH_GRAIN = 512
+
+# Most blocks of the strided device-to-device copy (a grid-stride loop covers
+# the rest).
+GPU_COPY_MAX_BLOCKS = 65535

@@ -175,10 +175,8 @@ def _batch_norm_train(x, weight, bias, eps, axis, out, relu=False):
     v.check_training_count(layout.count, x.shape, axis)
     y3, y, finish = _output(be, x, layout, out)
     with be.guard(x):
-        args = (_view(be, x, layout), weight, bias, eps, y3)
-        # (the ReLU flag only when set: the GPU's fused ReLU is not written yet)
-        mean, invstd, var = (be.ops.batch_norm_train(*args, relu=True) if relu else
-                             be.ops.batch_norm_train(*args))
+        mean, invstd, var = be.ops.batch_norm_train(_view(be, x, layout), weight, bias, eps, y3,
+                                                    relu)
     if finish:
         finish()
     return y, mean, invstd, var
@@ -264,9 +262,9 @@ def _batch_norm_backward(dy, x, mean, invstd, weight, axis, out, y):
         v.check_vector(weight, "weight", nfeat, x.dtype)
     dx3, dx, finish = _output(be, x, layout, out, inputs=(x, dy) if y is None else (x, dy, y))
     with be.guard(x):
-        args = (_view(be, dy, layout), _view(be, x, layout), mean, invstd, weight, dx3)
-        dweight, dbias = (be.ops.batch_norm_backward(*args) if y is None else
-                          be.ops.batch_norm_backward(*args, y3=_view(be, y, layout)))
+        dweight, dbias = be.ops.batch_norm_backward(
+            _view(be, dy, layout), _view(be, x, layout), mean, invstd, weight, dx3,
+            None if y is None else _view(be, y, layout))
     if finish:
         finish()
     return dx, dweight, dbias

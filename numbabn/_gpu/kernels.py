@@ -75,7 +75,7 @@ compiled (and disk-cached) kernels; every other tunable is a kernel argument.
 import numpy as np
 from numba import cuda, float64
 
-from .. import _core
+from .. import _cache, _core
 from .._config import GPU_JIT, GPU_MAX_THREADS, GPU_UNROLL
 from .._core import (DX_SCALE, DY_SHIFT, HI, INVSTD, M2, MEAN, NCOEFS, NSUMS, OFFSET, SCALE,
                      SUM_DY, SUM_DY_XHI, SUM_XHI, VAR, XC_COEF)
@@ -750,3 +750,8 @@ def copy_strided(src, src_start, src_strides, dst, dst_start, dst_strides, shape
             d += idx * dst_strides[ax]
         dst[d] = src[s]
         i += cuda.gridsize(1)
+
+
+# Before any kernel above loads from the disk cache: GPU_MAX_THREADS and
+# GPU_UNROLL are compiled in, so the cache is keyed on them (numbabn._cache).
+_cache.check(globals())

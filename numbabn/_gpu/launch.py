@@ -52,8 +52,6 @@ _SCALARS = frozenset({int, float, bool, np.float64, np.int64, np.bool_})
 
 # Kernels keep at most this many argument signatures, and scratch at most this
 # many shaped views, before starting afresh (a training loop sees a handful).
-MAX_SIGNATURES = 512
-MAX_SCRATCH_VIEWS = 64
 
 
 def dim3(d) -> tuple:
@@ -97,7 +95,7 @@ class Kernel:
         overload = self._overloads.get(key)
         if overload is None:
             config(*args)  # numba's usual path: types, compiles or loads, launches
-            if len(self._overloads) >= MAX_SIGNATURES:
+            if len(self._overloads) >= cfg.GPU_MAX_SIGNATURES:
                 self._overloads.clear()
             self._overloads[key] = self._overload_for(args)
         elif overload is _USE_DISPATCHER or getattr(config, "pre_launch_callbacks", None):
@@ -178,10 +176,10 @@ def scratch(shape):
     if entry is None or entry[1].size < size:
         # Grow to the largest request so far (rounded up to 4 KiB).
         capacity = max(size, 0 if entry is None else entry[1].size)
-        entry = [ctx, cuda.device_array(-(-capacity // 512) * 512, np.float64), {}]
+        entry = [ctx, cuda.device_array(-(-capacity // cfg.GPU_SCRATCH_GRAIN) * cfg.GPU_SCRATCH_GRAIN, np.float64), {}]
         _scratch.by_context[id(ctx)] = entry
     view = _reshape_prefix(entry[1], shape, size)
-    if len(entry[2]) >= MAX_SCRATCH_VIEWS:
+    if len(entry[2]) >= cfg.GPU_MAX_SCRATCH_VIEWS:
         entry[2].clear()
     entry[2][shape] = view
     return view

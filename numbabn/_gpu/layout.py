@@ -218,6 +218,6 @@ def copy_into(dst, src):
     device_dst, dst_start, dst_strides = _flat(dst)
     shape = tuple(int(n) for n in src.shape)
     threads = cfg.GPU_THREADS
-    blocks = max(1, min(-(-int(np.prod(shape)) // threads), 65535))
+    blocks = max(1, min(-(-int(np.prod(shape)) // threads), cfg.GPU_COPY_MAX_BLOCKS))
     k.copy_strided[blocks, threads](device_src, src_start, src_strides, device_dst, dst_start,
                                     dst_strides, shape)
