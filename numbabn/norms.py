@@ -124,9 +124,10 @@ def _check_saved(s, name, shapes, dtype):
 
 
 def _check_num_groups(num_groups, nchannels):
-    if isinstance(num_groups, bool) or not isinstance(num_groups, numbers.Integral) \
-            or num_groups < 1:
+    if isinstance(num_groups, bool) or not isinstance(num_groups, numbers.Integral):
         raise TypeError(f"num_groups must be a positive int; got {v.describe(num_groups)}.")
+    if num_groups < 1:
+        raise ValueError(f"num_groups must be a positive int; got {num_groups}.")
     if nchannels % num_groups:
         raise ValueError(
             f"num_groups must divide the number of channels: x has {nchannels} channels "

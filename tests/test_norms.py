@@ -412,7 +412,7 @@ def _bad_calls(x, w, rm, rv):
             x, x, np.zeros(x.shape[:-1] + (1,), np.int64), np.ones(x.shape[:-1] + (1,), f32),
             x.shape[-1])),
         (ValueError, lambda: numbabn.group_norm(x, 5)),
-        (TypeError, lambda: numbabn.group_norm(x, 0)),
+        (ValueError, lambda: numbabn.group_norm(x, 0)),
         (TypeError, lambda: numbabn.group_norm(x, 2.0)),
         (ValueError, lambda: numbabn.group_norm(x, 2, w[:-1])),
         (TypeError, lambda: numbabn.group_norm(x, 2, w.astype(np.float64))),

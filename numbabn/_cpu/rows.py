@@ -433,6 +433,60 @@ def _dx_row(dy, x, n, g, r, aff, coef, bstat, weight, want_grads, qw, qb, dx):
 
 
 @njit(**CPU_JIT_STRICT)
+def _dense_row(x, r, G):
+    """Row ``r`` of an ``(N, 1, G, K)`` view as one contiguous run."""
+    return x[r // G, 0, r % G]
+
+
+@njit(**CPU_JIT_STRICT)
+def _dx_grads_4(dy, x, rows, aff, coef, bstat, weight, qw, qb, dx):
+    """dx of four rows ``rows`` whose values each use consecutive weights (one
+    run per row: ``M == 1``, ``arow == K``), and their parameter-gradient
+    terms added to ``qw``/``qb`` four rows at a time: a quarter of the
+    accumulators' loads and stores."""
+    G = x.shape[2]
+    r0, r1, r2, r3 = rows
+    x0, x1, x2, x3 = (_dense_row(x, r0, G), _dense_row(x, r1, G), _dense_row(x, r2, G),
+                      _dense_row(x, r3, G))
+    g0, g1, g2, g3 = (_dense_row(dy, r0, G), _dense_row(dy, r1, G), _dense_row(dy, r2, G),
+                      _dense_row(dy, r3, G))
+    d0, d1, d2, d3 = (_dense_row(dx, r0, G), _dense_row(dx, r1, G), _dense_row(dx, r2, G),
+                      _dense_row(dx, r3, G))
+    h0, h1, h2, h3 = coef[HI, r0], coef[HI, r1], coef[HI, r2], coef[HI, r3]
+    a0, a1, a2, a3 = (coef[DX_SCALE, r0], coef[DX_SCALE, r1], coef[DX_SCALE, r2],
+                      coef[DX_SCALE, r3])
+    b0, b1, b2, b3 = coef[XC_COEF, r0], coef[XC_COEF, r1], coef[XC_COEF, r2], coef[XC_COEF, r3]
+    e0, e1, e2, e3 = (coef[DY_SHIFT, r0], coef[DY_SHIFT, r1], coef[DY_SHIFT, r2],
+                      coef[DY_SHIFT, r3])
+    s0, s1, s2, s3 = (bstat[XHAT_SCALE, r0], bstat[XHAT_SCALE, r1], bstat[XHAT_SCALE, r2],
+                      bstat[XHAT_SCALE, r3])
+    o0, o1, o2, o3 = (bstat[XHAT_OFFSET, r0], bstat[XHAT_OFFSET, r1], bstat[XHAT_OFFSET, r2],
+                      bstat[XHAT_OFFSET, r3])
+    hh0, hh1, hh2, hh3 = np.float64(h0), np.float64(h1), np.float64(h2), np.float64(h3)
+    base = (r0 % aff.gmod) * aff.arow
+    w = weight[base:base + aff.arow]
+    for j in range(x0.shape[0]):
+        wj = w[j]
+        c0 = x0[j] - h0
+        c1 = x1[j] - h1
+        c2 = x2[j] - h2
+        c3 = x3[j] - h3
+        d0[j] = (g0[j] * wj + c0 * b0 + e0) * a0
+        d1[j] = (g1[j] * wj + c1 * b1 + e1) * a1
+        d2[j] = (g2[j] * wj + c2 * b2 + e2) * a2
+        d3[j] = (g3[j] * wj + c3 * b3 + e3) * a3
+        y0 = np.float64(g0[j])
+        y1 = np.float64(g1[j])
+        y2 = np.float64(g2[j])
+        y3 = np.float64(g3[j])
+        qw[j] += ((y0 * ((np.float64(x0[j]) - hh0) * s0 + o0)
+                   + y1 * ((np.float64(x1[j]) - hh1) * s1 + o1))
+                  + (y2 * ((np.float64(x2[j]) - hh2) * s2 + o2)
+                     + y3 * ((np.float64(x3[j]) - hh3) * s3 + o3)))
+        qb[j] += (y0 + y1) + (y2 + y3)
+
+
+@njit(**CPU_JIT_STRICT)
 def _block_rows(blk, nblk_per_group, aff, grad_rows, rows):
     """Group, first and last+1 rank of parameter block ``blk``: rows
     ``t * gmod + group`` for ranks ``t`` in ``[t0, t1)``."""
@@ -471,13 +525,26 @@ def _backward_block(dy, x, hi, rstd, weight, aff, rms, geom, want_grads, blk, nb
     if want_grads:
         qw[:] = 0.0
         qb[:] = 0.0
-    for t in range(t0, t1):
+    # Rows that are one run of consecutive weights (layer and RMS norm of
+    # contiguous rows) go four at a time; any others, and the last few, one by one.
+    by4 = want_grads and M == 1 and aff.adiv == 1 and aff.arow == K
+    t = t0
+    while t < t1:
+        nrows = 4 if by4 and t + 4 <= t1 else 1
+        for i in range(nrows):
+            r = (t + i) * aff.gmod + group
+            if geom.fused:
+                s1, s2, s3 = _row_backward_sums(dy, x, r // G, r % G, r, geom, aff,
+                                                np.float64(hi[r]), weight)
+                _store_backward(r, cnt, s1, s2, s3, np.float64(hi[r]), rstd[r], rms, coef,
+                                bstat)
         r = t * aff.gmod + group
-        n, g = r // G, r % G
-        if geom.fused:
-            s1, s2, s3 = _row_backward_sums(dy, x, n, g, r, geom, aff, np.float64(hi[r]), weight)
-            _store_backward(r, cnt, s1, s2, s3, np.float64(hi[r]), rstd[r], rms, coef, bstat)
-        _dx_row(dy, x, n, g, r, aff, coef, bstat, weight, want_grads, qw, qb, dx)
+        if nrows == 4:
+            _dx_grads_4(dy, x, (r, r + aff.gmod, r + 2 * aff.gmod, r + 3 * aff.gmod), aff,
+                        coef, bstat, weight, qw, qb, dx)
+        else:
+            _dx_row(dy, x, r // G, r % G, r, aff, coef, bstat, weight, want_grads, qw, qb, dx)
+        t += nrows
 
 
 @njit(**CPU_JIT_PARALLEL)
