@@ -288,9 +288,10 @@ def _setup_local(args, rank, size):
     if getattr(config, "norm", "batch") != "batch":
         raise ValueError(f"--distributed synchronises batch norm only (SyncBatchNorm); "
                          f"--norm {config.norm} has no synchronised version.")
-    if config.batch_size < size:
-        raise ValueError(f"--batch-size {config.batch_size} is smaller than the {size} processes; "
-                         f"each process needs at least one image of every batch.")
+    for name, value in (("--batch-size", config.batch_size), ("--limit-train", config.limit_train)):
+        if value is not None and value < size:
+            raise ValueError(f"{name} {value} is smaller than the {size} processes; each process "
+                             f"needs at least one image of every batch.")
     from ..data import load_mnist
 
     data = load_mnist(data_dir=args.data_dir)
