@@ -104,6 +104,13 @@ def _nchunks(geom, M, K):
 
 
 @njit(**CPU_JIT_STRICT)
+def _one_run(x, aff):
+    """Whether each row is one run of values with consecutive weights (layer and
+    RMS norm of rows contiguous in memory): the loops need no run bookkeeping."""
+    return x.shape[1] == 1 and aff.adiv == 1 and aff.arow == x.shape[3]
+
+
+@njit(**CPU_JIT_STRICT)
 def _weight_run(m, k, k1, K, aff):
     """The run of values from ``k`` on that either uses consecutive weights
     (``adiv == 1``) or one weight: its end and its first index within the row's
@@ -132,11 +139,26 @@ def _chunk_sums(x, n, g, m0, m1, k0, k1, shift):
     return s1, s2
 
 
+@njit(**CPU_JIT)
+def _run_sums(xr, shift):
+    """:func:`_chunk_sums` of one run (rows of one run: ``M == 1``)."""
+    s1 = 0.0
+    s2 = 0.0
+    for j in range(xr.shape[0]):
+        d = np.float64(xr[j]) - shift
+        s1 += d
+        s2 += d * d
+    return s1, s2
+
+
 @njit(**CPU_JIT_STRICT)
 def _chunk_moments(x, n, g, m0, m1, k0, k1):
     """``(mean, M2)`` of one chunk, about its first value."""
     shift = np.float64(x[n, m0, g, k0])
-    s1, s2 = _chunk_sums(x, n, g, m0, m1, k0, k1, shift)
+    if x.shape[1] == 1:  # one run per row: no loop over runs (cheaper for short rows)
+        s1, s2 = _run_sums(x[n, 0, g, k0:k1], shift)
+    else:
+        s1, s2 = _chunk_sums(x, n, g, m0, m1, k0, k1, shift)
     return shifted_moments((m1 - m0) * (k1 - k0), shift, s1, s2)
 
 
@@ -207,6 +229,16 @@ def _normalize_region(x, n, g, r, m0, m1, k0, k1, aff, coef, stats, weight, bias
     K = x.shape[3]
     hi = coef[HI, r]
     base = (r % aff.gmod) * aff.arow
+    if _one_run(x, aff):  # the row is one run of consecutive weights
+        s = coef[SCALE, r]
+        o = coef[OFFSET, r]
+        xr = x[n, 0, g, k0:k1]
+        yr = y[n, 0, g, k0:k1]
+        w = weight[base + k0:base + k1]
+        b = bias[base + k0:base + k1]
+        for j in range(k1 - k0):
+            yr[j] = ((xr[j] - hi) * s + o) * w[j] + b[j]
+        return
     for m in range(m0, m1):
         xr = x[n, m, g]
         yr = y[n, m, g]
@@ -224,6 +256,36 @@ def _normalize_region(x, n, g, r, m0, m1, k0, k1, aff, coef, stats, weight, bias
             k = e
 
 
+@njit(**CPU_JIT_STRICT)
+def _one_run_forward(x, n, g, r, aff, eps, rms, geom, write_y, weight, bias, coef, stats, y):
+    """The fused forward of a row that is one run (:func:`_one_run`): the same
+    chunks, sums and merge as :func:`_row_moments`, and the pass of
+    :func:`_normalize_region`, with the row as one 1-D slice."""
+    xr = x[n, 0, g]
+    K = xr.shape[0]
+    cnt = 0.0
+    mean = 0.0
+    m2 = 0.0
+    for k0 in range(0, K, geom.kcols):
+        k1 = min(k0 + geom.kcols, K)
+        shift = np.float64(xr[k0])
+        s1, s2 = _run_sums(xr[k0:k1], shift)
+        mk, qk = shifted_moments(k1 - k0, shift, s1, s2)
+        cnt, mean, m2 = chan_merge(cnt, mean, m2, np.float64(k1 - k0), mk, qk)
+    _store_forward(r, cnt, mean, m2, eps, rms, coef, stats)
+    if not write_y:
+        return
+    hi = coef[HI, r]
+    s = coef[SCALE, r]
+    o = coef[OFFSET, r]
+    base = (r % aff.gmod) * aff.arow
+    w = weight[base:base + K]
+    b = bias[base:base + K]
+    yr = y[n, 0, g]
+    for j in range(K):
+        yr[j] = ((xr[j] - hi) * s + o) * w[j] + b[j]
+
+
 @njit(**CPU_JIT_PARALLEL)
 def forward(x, weight, bias, aff, eps, rms, geom, write_y, p, coef, stats, y):
     """Row statistics of ``x`` into ``stats`` (rows MEAN, INVSTD, VAR, M2, CENTER)
@@ -232,6 +294,11 @@ def forward(x, weight, bias, aff, eps, rms, geom, write_y, p, coef, stats, y):
     N, M, G, K = x.shape
     rows = N * G
     nch, ncb = _nchunks(geom, M, K)
+    if geom.fused and _one_run(x, aff):
+        for r in prange(rows):
+            _one_run_forward(x, r // G, r % G, r, aff, eps, rms, geom, write_y, weight, bias,
+                             coef, stats, y)
+        return
     if geom.fused:
         for r in prange(rows):
             n, g = r // G, r % G
@@ -292,6 +359,9 @@ def _sums_run(dyr, xr, hi):
 def _chunk_backward_sums(dy, x, n, g, r, m0, m1, k0, k1, aff, hi, weight):
     K = x.shape[3]
     base = (r % aff.gmod) * aff.arow
+    if _one_run(x, aff):
+        return _sums_each(dy[n, 0, g, k0:k1], x[n, 0, g, k0:k1],
+                          weight[base + k0:base + k1], hi)
     s1 = 0.0
     s2 = 0.0
     s3 = 0.0
@@ -410,6 +480,16 @@ def _dx_row(dy, x, n, g, r, aff, coef, bstat, weight, want_grads, qw, qb, dx):
     xs = bstat[XHAT_SCALE, r]
     xo = bstat[XHAT_OFFSET, r]
     base = (r % aff.gmod) * aff.arow
+    if _one_run(x, aff):
+        xr = x[n, 0, g]
+        dyr = dy[n, 0, g]
+        dxr = dx[n, 0, g]
+        w = weight[base:base + K]
+        for j in range(K):
+            dxr[j] = (dyr[j] * w[j] + (xr[j] - hi) * b + d) * a
+        if want_grads:
+            _grads_each(dyr, xr, hi64, xs, xo, qw, qb)
+        return
     for m in range(M):
         xr = x[n, m, g]
         dyr = dy[n, m, g]
