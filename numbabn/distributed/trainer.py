@@ -111,6 +111,10 @@ def _quiet(*args, **kwargs):
     pass
 
 
+def _processes(n):
+    return f"{n} process{'es' if n != 1 else ''}"
+
+
 class DistributedTrainer(T.Trainer):
     """:class:`numbabn.train.Trainer` on every rank of ``comm``, data parallel.
 
@@ -215,7 +219,7 @@ class DistributedTrainer(T.Trainer):
         self._announce_compilation()
         if self.progress:
             tqdm = T.require("tqdm", "The trainer's progress bar", otherwise="pass progress=False").tqdm
-            bar = tqdm(batches, desc=f"epoch {epoch + 1}/{n_epochs} ({self.size} processes)",
+            bar = tqdm(batches, desc=f"epoch {epoch + 1}/{n_epochs} ({_processes(self.size)})",
                        unit="batch", leave=False)
         else:
             bar = T._NoProgress(batches)
@@ -272,7 +276,7 @@ class DistributedTrainer(T.Trainer):
             self.log(f"epoch {epoch + 1}/{epochs}: train loss {record['train_loss']:.4f} "
                      f"acc {record['train_accuracy']:.4f} | test loss {record['test_loss']:.4f} "
                      f"acc {record['test_accuracy']:.4f} | {record['epoch_seconds']:.1f} s, "
-                     f"{record['images_per_second']:.0f} img/s ({self.size} processes)")
+                     f"{record['images_per_second']:.0f} img/s ({_processes(self.size)})")
         return self.metrics()
 
 
@@ -351,6 +355,6 @@ def main(args):
             traceback.print_exc()
         _comm.abort(comm, 2)
     if rank == 0:
-        print(f"test accuracy {metrics['test_accuracy']:.4f} ({size} processes); metrics, curves and "
+        print(f"test accuracy {metrics['test_accuracy']:.4f} ({_processes(size)}); metrics, curves and "
               f"checkpoint in {trainer.out_dir}")
     return 0
