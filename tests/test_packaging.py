@@ -31,6 +31,10 @@ def test_trainer_modules_import_their_extras_lazily():
     assert _optional_imported_by("numbabn.data", "numbabn.train", "numbabn.models") == []
 
 
+def test_distributed_imports_mpi4py_only_when_used():
+    assert _optional_imported_by("numbabn.distributed") == []
+
+
 @pytest.fixture(scope="module")
 def pyproject():
     return tomllib.loads((ROOT / "pyproject.toml").read_text())
