@@ -173,3 +173,9 @@ GPU_SCRATCH_GRAIN = 512
 # Most blocks of the strided device-to-device copy (a grid-stride loop covers
 # the rest).
 GPU_COPY_MAX_BLOCKS = 65535
+
+# Test hook of the GPU reductions' "last block done" merge: True maps block b to
+# place nblocks - 1 - b of the reduction partition, so that under the CUDA
+# simulator (which runs blocks in index order) the block holding chunk 0
+# finishes last.  Results must be bitwise the same either way.
+GPU_REVERSE_BLOCKS = False

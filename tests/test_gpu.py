@@ -8,7 +8,9 @@ split every feature over several blocks, and channel-contiguous data over
 several feature tiles.  One test runs the shipped configuration, and one
 compiles every kernel to PTX with NVVM (the simulator types nothing).  The
 matrix of every public function on both backends is ``test_twins.py``; this
-file holds what is GPU-specific (device views, caches, launcher, errors).
+file holds what is GPU-specific (device views, caches, launcher, errors), and
+``test_gpu_launches.py`` the launches per operation and the reductions' merge
+whatever order their blocks finish in.
 """
 
 import os
@@ -593,7 +595,8 @@ numba.cuda.dispatcher.get_current_device = lambda: pytypes.SimpleNamespace(
 from numbabn._config import GPU_JIT
 from numbabn._gpu import kernels as k, ops
 
-geom, f64, flag = typeof(ops.Geometry(4, 32, 100)), types.float64, types.boolean
+geom, f64, flag = typeof(ops.Geometry(4, 32, 100, 8, 0)), types.float64, types.boolean
+counters = types.Array(types.int32, 1, "C")
 for dt in (types.float32, types.float64):
     x, v, v64, tx = (types.Array(dt, 3, "A"), types.Array(dt, 1, "A"),
                      types.Array(f64, 1, "A"), types.Array(dt, 2, "C"))
@@ -601,20 +604,18 @@ for dt in (types.float32, types.float64):
     sigs = []
     for fam in ("nchw", "nc"):
         sigs += [
-            ("moments_partials_" + fam, (x, geom, p3)),
+            ("moments_" + fam, (x, v, v, flag, flag, f64, p3, counters, t64, geom, tx)),
             ("affine_" + fam, (x, tx, flag, geom, x)),
             ("dx_" + fam, (x, x, tx, x, flag, geom, x)),
         ]
         for m in (v, v64):  # statistics in the input's dtype or float64
             sigs += [
                 ("normalize_" + fam, (x, m, m, flag, f64, v, v, flag, flag, geom, x)),
-                ("backward_partials_" + fam, (x, x, m, x, flag, geom, p3)),
+                ("backward_sums_" + fam, (x, x, m, x, flag, v, v, flag, flag, p3, counters, t64,
+                                          geom, tx)),
                 ("backward_elemt_" + fam, (x, x, m, m, v, flag, v64, v64, f64, geom, x)),
             ]
     sigs += [
-        ("merge_moments", (p3, geom, v, v, flag, flag, f64, t64, tx)),
-        ("merge_backward_sums", (p3, geom, v, v, v, flag, flag, t64, tx)),
-        ("merge_backward_sums", (p3, geom, v64, v, v, flag, flag, t64, tx)),
         ("update_running_stats", (v, v, v64, v64, f64, f64)),
     ]
     for name, sig in sigs:
@@ -622,6 +623,8 @@ for dt in (types.float32, types.float64):
                                   fastmath=GPU_JIT["fastmath"])
         if dt == types.float32 and name.startswith(("affine_", "dx_")):
             assert ".f64" not in ptx, name + ": float64 in a float32 elementwise pass"
+        if name.startswith(("moments_", "backward_sums_")):  # the last-block merge is there
+            assert "atom.global.add" in ptx and "membar.gl" in ptx, name
 print("compiled", len(sigs) * 2)
 """
 

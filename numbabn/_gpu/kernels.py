@@ -5,27 +5,47 @@ functions (the CPU twins in :mod:`numbabn._cpu.kernels` compile the same
 functions), and the tables the kernels fill use its row names.  Each operation
 runs these phases, named as the CPU's:
 
-* ``moments_partials_*``: ``(mean, M2)`` of each block's chunk of a feature
-  (float64 sums about the chunk's first value, then ``shifted_moments``);
-* ``merge_moments``: one block per feature Chan-merges the chunk moments
-  (``chan_merge``) in a fixed tree and writes the float64 statistics table and
-  the coefficients ``HI``, ``SCALE``, ``OFFSET`` (``invstd_of``, ``affine_coefs``);
+* ``moments_*``: ``(mean, M2)`` of each block's chunk of a feature (float64
+  sums about the chunk's first value, then ``shifted_moments``), stored as a
+  float64 partial; then, in the same launch, the block that finishes a
+  feature's chunks last ("last block done", below) Chan-merges them
+  (``chan_merge``) in a fixed order and writes the float64 statistics table
+  and the coefficients ``HI``, ``SCALE``, ``OFFSET`` (``invstd_of``,
+  ``affine_coefs``);
 * ``affine_*``: ``y = (x - HI) * SCALE + OFFSET`` from the coefficient table
   (optionally through a ReLU: the fused ``batch_norm_relu_train``);
 * ``normalize_*``: the same pass with each thread deriving its feature's
   coefficients from a given mean and var (eval) or invstd (``batch_norm_elemt``);
-* ``backward_partials_*``: float64 ``sum(dy)``, ``sum(dy * (x - hi))``,
-  ``sum(x - hi)`` per block, ``hi`` the given mean rounded to the input's dtype;
-* ``merge_backward_sums``: one block per feature adds the block sums in a fixed
-  tree, writes the float64 sums table and either ``sum_dy_xmu_about`` the given
-  mean (``batch_norm_backward_reduce``) or the coefficients of dx about the exact
+* ``backward_sums_*``: float64 ``sum(dy)``, ``sum(dy * (x - hi))``,
+  ``sum(x - hi)`` per block, ``hi`` the given mean rounded to the input's
+  dtype; then the last block of a feature adds the block sums in a fixed order,
+  writes the float64 sums table and either ``sum_dy_xmu_about`` the given mean
+  (``batch_norm_backward_reduce``) or the coefficients of dx about the exact
   batch mean ``hi + sum(x - hi) / n`` and the parameter gradients
   (``backward_coefs``, ``parameter_grads``), as the CPU's fused backward;
 * ``dx_*``: ``dx = (dy + (x - HI) * XC_COEF + DY_SHIFT) * DX_SCALE`` from the
   coefficient table (the fused ReLU's backward masks ``dy`` by ``y > 0`` here and
-  in ``backward_partials_*``);
+  in ``backward_sums_*``);
 * ``backward_elemt_*``: the same pass with each thread deriving its feature's
   coefficients from given sums (``batch_norm_backward_elemt``).
+
+So a training forward is two launches (``moments_*``, ``affine_*``), a
+backward two (``backward_sums_*``, ``dx_*``), statistics alone or backward sums
+alone one, and eval one (``normalize_*``).
+
+Last block done.  A reduction block stores its float64 partial (chunk ``k`` of
+feature ``c`` at ``partials[:, k, c]``), fences, and one thread takes a ticket
+with an atomic add on an int32 counter: one counter per feature (NCHW) or per
+feature tile (NC), from a workspace that the host keeps zeroed between calls
+(``launch.counters``).  The block that draws the last ticket resets the counter
+to 0 and merges ALL partials of its feature(s) in chunk order, exactly as
+``geom.lanes`` threads would (lane ``t`` takes chunks ``t, t + lanes, ...``, then
+a fixed tree over the lanes), whichever block that is and whatever order the
+blocks finished in: results do not depend on scheduling and are bitwise those
+of a separate merge launch of ``lanes`` threads per feature.  ``geom.reverse``
+maps block ``b`` to place ``nblocks - 1 - b`` of the partition, so that under
+the simulator (which runs blocks in index order) the block holding chunk 0
+finishes last; the results must not change.
 
 Two families, chosen by the layout of ``x`` seen as ``(outer, C, inner)``:
 
@@ -37,9 +57,9 @@ Two families, chosen by the layout of ``x`` seen as ``(outer, C, inner)``:
   contiguous run of features of a row, and each thread keeps one feature.
 
 Both families use the same partition for reductions and elementwise passes, so
-one launch geometry (``ops.Geometry``: ``items``, ``chunk``, ``total``) serves
-the whole call.  Chunk ``k`` of a feature holds ``min(chunk, total - k * chunk)``
-values.
+one launch geometry (``ops.Geometry``: ``items``, ``chunk``, ``total``,
+``lanes``, ``reverse``) serves the whole call.  Chunk ``k`` of a feature holds
+``min(chunk, total - k * chunk)`` values.
 
 Tables (rows named in :mod:`numbabn._core`, one column per feature):
 
@@ -73,7 +93,7 @@ compiled (and disk-cached) kernels; every other tunable is a kernel argument.
 """
 
 import numpy as np
-from numba import cuda, float64
+from numba import cuda, float64, int32
 
 from .. import _cache, _core
 from .._config import GPU_JIT, GPU_MAX_THREADS, GPU_UNROLL
@@ -122,21 +142,85 @@ def _tree_sum(sh, nsums, slot, lane, nlanes, stride):
 
 
 @cuda.jit(device=True, **GPU_JIT)
-def _tree_chan(sh, t, nthreads):
-    """Chan-merge (count, mean, M2) in rows 0, 1, 2 of ``sh`` over a 1-D block;
-    thread 0's slot gets the total."""
+def _lanes_chan(sh, nslots, nlanes, tid, nthreads):
+    """Chan-merge (count, mean, M2) in rows 0, 1, 2 of ``sh`` over groups of
+    ``nlanes`` consecutive slots (``nslots`` in all, any number of threads):
+    each group's first slot gets its total.  The same fixed tree as one block of
+    ``nlanes`` threads reducing ``lane < half`` with ``lane + half``."""
     half = 1
-    while half < nthreads:
+    while half < nlanes:
         half *= 2
     half //= 2
     while half > 0:
         cuda.syncthreads()
-        if t < half and t + half < nthreads:
-            o = t + half
-            sh[0, t], sh[1, t], sh[2, t] = chan_merge(sh[0, t], sh[1, t], sh[2, t],
-                                                      sh[0, o], sh[1, o], sh[2, o])
+        for s in range(tid, nslots, nthreads):
+            lane = s - (s // nlanes) * nlanes
+            if lane < half and lane + half < nlanes:
+                o = s + half
+                sh[0, s], sh[1, s], sh[2, s] = chan_merge(sh[0, s], sh[1, s], sh[2, s],
+                                                          sh[0, o], sh[1, o], sh[2, o])
         half //= 2
     cuda.syncthreads()
+
+
+@cuda.jit(device=True, **GPU_JIT)
+def _lanes_sum(sh, nsums, nslots, nlanes, tid, nthreads):
+    """As :func:`_lanes_chan` for plain sums of rows ``0 .. nsums-1``."""
+    half = 1
+    while half < nlanes:
+        half *= 2
+    half //= 2
+    while half > 0:
+        cuda.syncthreads()
+        for s in range(tid, nslots, nthreads):
+            lane = s - (s // nlanes) * nlanes
+            if lane < half and lane + half < nlanes:
+                for q in range(nsums):
+                    sh[q, s] += sh[q, s + half]
+        half //= 2
+    cuda.syncthreads()
+
+
+# --------------------------------------------------------------------------- #
+# "Last block done": each block of a reduction stores its float64 partial, then
+# takes a ticket; the block drawing a group's last ticket merges that group's
+# partials (in chunk order, whatever the order the blocks finished in).
+# --------------------------------------------------------------------------- #
+@cuda.jit(device=True, **GPU_JIT)
+def _last_block(counters, slot, nblocks):
+    """Whether this block is the last of the ``nblocks`` blocks counting on
+    ``counters[slot]`` to finish (the same answer in every thread of the block).
+
+    Call after this block stored its partials.  The pattern of a grid barrier:
+    a block barrier, then one thread makes the block's partials visible
+    device-wide (fence), draws a ticket (atomic add), and in the last block
+    resets the counter to 0 for the next launch and fences again, so that the
+    partials of the other blocks are read after their tickets; a block barrier
+    shares the answer, and every thread of the last block fences before it
+    reads (no load of a partial may be served from before the tickets).
+    """
+    flag = cuda.shared.array(1, int32)
+    cuda.syncthreads()
+    if cuda.threadIdx.x == 0 and cuda.threadIdx.y == 0:
+        cuda.threadfence()
+        ticket = cuda.atomic.add(counters, slot, 1)
+        last = ticket == nblocks - 1
+        if last:
+            counters[slot] = 0
+            cuda.threadfence()
+        flag[0] = 1 if last else 0
+    cuda.syncthreads()
+    if flag[0] != 0:
+        cuda.threadfence()
+        return True
+    return False
+
+
+@cuda.jit(device=True, **GPU_JIT)
+def _flat_thread():
+    """``(thread number, threads)`` of a 1-D or 2-D block."""
+    return (cuda.threadIdx.y * cuda.blockDim.x + cuda.threadIdx.x,
+            cuda.blockDim.x * cuda.blockDim.y)
 
 
 @cuda.jit(device=True, **GPU_JIT)
@@ -171,12 +255,23 @@ def _param(v, c, present, fill):
 # and steps (r, j) with a carry instead of dividing for every value.
 # --------------------------------------------------------------------------- #
 @cuda.jit(device=True, **GPU_JIT)
-def _nchw_block(nchunks, inner, total, items):
+def _block_id(geom):
+    """This block's place in the partition: ``blockIdx.x``, or counted from the
+    end with ``geom.reverse`` (a test hook: the blocks then finish in the other
+    order under the simulator, which runs them in index order)."""
+    if geom.reverse:
+        return cuda.gridDim.x - 1 - cuda.blockIdx.x
+    return cuda.blockIdx.x
+
+
+@cuda.jit(device=True, **GPU_JIT)
+def _nchw_block(geom, nchunks, inner, total):
     """This block's feature, chunk, first and last+1 value numbers."""
-    c = cuda.blockIdx.x // nchunks
-    k = cuda.blockIdx.x - c * nchunks
-    start = k * cuda.blockDim.x * items
-    stop = _imin(start + cuda.blockDim.x * items, total)
+    b = _block_id(geom)
+    c = b // nchunks
+    k = b - c * nchunks
+    start = k * cuda.blockDim.x * geom.items
+    stop = _imin(start + cuda.blockDim.x * geom.items, total)
     return c, k, start, stop
 
 
@@ -191,27 +286,88 @@ def _step(r, j, dr, dj, inner):
 
 
 @cuda.jit(device=True, **GPU_JIT)
-def _nc_block(nfeat, nrows, rows_per_block):
+def _nc_block(geom, nfeat, nrows):
     """This thread's feature (``nfeat`` or more past the last one), the clamped
-    feature it loads and derives coefficients for, the row block and its rows."""
+    feature it loads and derives coefficients for, the row block, its rows and
+    the feature tile."""
     ntiles = (nfeat + cuda.blockDim.x - 1) // cuda.blockDim.x
-    rb = cuda.blockIdx.x // ntiles
-    tile = cuda.blockIdx.x - rb * ntiles
+    b = _block_id(geom)
+    rb = b // ntiles
+    tile = b - rb * ntiles
     c = tile * cuda.blockDim.x + cuda.threadIdx.x
-    r0 = rb * rows_per_block
-    r1 = _imin(r0 + rows_per_block, nrows)
-    return c, _imin(c, nfeat - 1), rb, r0, r1
+    r0 = rb * geom.chunk
+    r1 = _imin(r0 + geom.chunk, nrows)
+    return c, _imin(c, nfeat - 1), rb, r0, r1, tile
 
 
 # --------------------------------------------------------------------------- #
-# Forward statistics: moments per chunk, then a fixed-order merge per feature
-# that fills the statistics and coefficient tables.
+# Forward statistics, one launch: moments per chunk, and in the last block of
+# each feature (NCHW) or feature tile (NC) the merge of its chunk moments, which
+# fills the statistics and coefficient tables.
 # --------------------------------------------------------------------------- #
+@cuda.jit(device=True, **GPU_JIT)
+def _store_forward(c, n, mean, m2, eps, weight, bias, has_weight, has_bias, stats, coef):
+    """Feature ``c``'s statistics (float64) and coefficients (input dtype), as
+    the CPU's ``_store_forward``, plus the results in the input's dtype."""
+    var = m2 / n
+    invstd = invstd_of(var, eps)
+    stats[MEAN, c] = mean
+    stats[INVSTD, c] = invstd
+    stats[VAR, c] = var
+    stats[M2, c] = m2
+    coef[HI, c] = mean
+    coef[SCALE, c], coef[OFFSET, c] = affine_coefs(
+        mean, np.float64(coef[HI, c]), invstd, _param(weight, c, has_weight, 1.0),
+        _param(bias, c, has_bias, 0.0))
+    coef[X_MEAN, c] = mean
+    coef[X_INVSTD, c] = invstd
+    coef[X_VAR, c] = var
+
+
+@cuda.jit(device=True, **GPU_JIT)
+def _merge_moments(sh, partials, c0, nf, geom, weight, bias, has_weight, has_bias, eps, stats,
+                   coef):
+    """Merge the chunk moments of features ``c0 .. c0+nf-1`` and fill ``stats``
+    and ``coef``, the whole block taking part.  Per feature, as ``geom.lanes``
+    threads would: lane ``t`` Chan-merges chunks ``t, t + lanes, ...`` in
+    order, then a fixed tree over the lanes (:func:`_lanes_chan`); features go
+    side by side, as many as the block's threads hold lanes for."""
+    tid, nthreads = _flat_thread()
+    nlanes = geom.lanes
+    nchunks = partials.shape[1]
+    group = nthreads // nlanes
+    if group < 1:
+        group = 1
+    for f0 in range(0, nf, group):
+        nslots = _imin(group, nf - f0) * nlanes
+        for s in range(tid, nslots, nthreads):
+            f = s // nlanes
+            c = c0 + f0 + f
+            n = 0.0
+            mean = 0.0
+            m2 = 0.0
+            for k in range(s - f * nlanes, nchunks, nlanes):
+                n, mean, m2 = chan_merge(n, mean, m2, _chunk_count(k, geom.chunk, geom.total),
+                                         partials[0, k, c], partials[1, k, c])
+            sh[0, s] = n
+            sh[1, s] = mean
+            sh[2, s] = m2
+        _lanes_chan(sh, nslots, nlanes, tid, nthreads)
+        for f in range(tid, nslots // nlanes, nthreads):
+            s = f * nlanes
+            _store_forward(c0 + f0 + f, sh[0, s], sh[1, s], sh[2, s], eps, weight, bias,
+                           has_weight, has_bias, stats, coef)
+        cuda.syncthreads()
+
+
 @cuda.jit(**GPU_JIT)
-def moments_partials_nchw(x, geom, partials):
-    """``partials[0, k, c], partials[1, k, c]`` = mean, M2 of chunk k of feature c."""
+def moments_nchw(x, weight, bias, has_weight, has_bias, eps, partials, counters, stats, geom,
+                 coef):
+    """``partials[0, k, c], partials[1, k, c]`` = mean, M2 of chunk k of feature
+    c; the last of a feature's blocks to finish merges them (``counters[c]``)."""
     outer, nfeat, inner = x.shape
-    c, k, start, stop = _nchw_block(partials.shape[1], inner, outer * inner, geom.items)
+    nchunks = partials.shape[1]
+    c, k, start, stop = _nchw_block(geom, nchunks, inner, outer * inner)
     t = cuda.threadIdx.x
     nthreads = cuda.blockDim.x
     r0 = start // inner
@@ -237,21 +393,26 @@ def moments_partials_nchw(x, geom, partials):
             s1 += d
             s2 += d * d
         i += GPU_UNROLL * nthreads
-    sh = cuda.shared.array((2, GPU_MAX_THREADS), float64)
+    sh = cuda.shared.array((3, GPU_MAX_THREADS), float64)
     sh[0, t] = s1
     sh[1, t] = s2
     _tree_sum(sh, 2, t, t, nthreads, 1)
     if t == 0:
         partials[0, k, c], partials[1, k, c] = shifted_moments(
             np.float64(stop - start), pivot, sh[0, 0], sh[1, 0])
+    if _last_block(counters, c, nchunks):
+        _merge_moments(sh, partials, c, 1, geom, weight, bias, has_weight, has_bias, eps, stats,
+                       coef)
 
 
 @cuda.jit(**GPU_JIT)
-def moments_partials_nc(x, geom, partials):
-    """As :func:`moments_partials_nchw` with k the row block, for channel-contiguous x."""
+def moments_nc(x, weight, bias, has_weight, has_bias, eps, partials, counters, stats, geom,
+               coef):
+    """As :func:`moments_nchw` with k the row block, for channel-contiguous x;
+    the last of a feature tile's blocks merges the tile (``counters[tile]``)."""
     nrows, nfeat, _ = x.shape
     rows = geom.chunk
-    c, cl, rb, r0, r1 = _nc_block(nfeat, nrows, rows)
+    c, cl, rb, r0, r1, tile = _nc_block(geom, nfeat, nrows)
     ty = cuda.threadIdx.y
     nty = cuda.blockDim.y
     pivot = np.float64(x[r0, cl, 0])
@@ -269,55 +430,17 @@ def moments_partials_nc(x, geom, partials):
             s1 += d
             s2 += d * d
     slot = ty * cuda.blockDim.x + cuda.threadIdx.x
-    sh = cuda.shared.array((2, GPU_MAX_THREADS), float64)
+    sh = cuda.shared.array((3, GPU_MAX_THREADS), float64)
     sh[0, slot] = s1
     sh[1, slot] = s2
     _tree_sum(sh, 2, slot, ty, nty, cuda.blockDim.x)
     if ty == 0 and c < nfeat:
         partials[0, rb, c], partials[1, rb, c] = shifted_moments(
             np.float64(r1 - r0), pivot, sh[0, slot], sh[1, slot])
-
-
-@cuda.jit(device=True, **GPU_JIT)
-def _store_forward(c, n, mean, m2, eps, weight, bias, has_weight, has_bias, stats, coef):
-    """Feature ``c``'s statistics (float64) and coefficients (input dtype), as
-    the CPU's ``_store_forward``, plus the results in the input's dtype."""
-    var = m2 / n
-    invstd = invstd_of(var, eps)
-    stats[MEAN, c] = mean
-    stats[INVSTD, c] = invstd
-    stats[VAR, c] = var
-    stats[M2, c] = m2
-    coef[HI, c] = mean
-    coef[SCALE, c], coef[OFFSET, c] = affine_coefs(
-        mean, np.float64(coef[HI, c]), invstd, _param(weight, c, has_weight, 1.0),
-        _param(bias, c, has_bias, 0.0))
-    coef[X_MEAN, c] = mean
-    coef[X_INVSTD, c] = invstd
-    coef[X_VAR, c] = var
-
-
-@cuda.jit(**GPU_JIT)
-def merge_moments(partials, geom, weight, bias, has_weight, has_bias, eps, stats, coef):
-    """One block per feature: Chan-merge the chunk moments (each thread its
-    chunks in order, then a fixed tree), then fill ``stats`` and ``coef``."""
-    c = cuda.blockIdx.x
-    t = cuda.threadIdx.x
-    nthreads = cuda.blockDim.x
-    n = 0.0
-    mean = 0.0
-    m2 = 0.0
-    for k in range(t, partials.shape[1], nthreads):
-        n, mean, m2 = chan_merge(n, mean, m2, _chunk_count(k, geom.chunk, geom.total),
-                                 partials[0, k, c], partials[1, k, c])
-    sh = cuda.shared.array((3, GPU_MAX_THREADS), float64)
-    sh[0, t] = n
-    sh[1, t] = mean
-    sh[2, t] = m2
-    _tree_chan(sh, t, nthreads)
-    if t == 0:
-        _store_forward(c, sh[0, 0], sh[1, 0], sh[2, 0], eps, weight, bias, has_weight,
-                       has_bias, stats, coef)
+    if _last_block(counters, tile, partials.shape[1]):
+        c0 = tile * cuda.blockDim.x
+        _merge_moments(sh, partials, c0, _imin(cuda.blockDim.x, nfeat - c0), geom, weight, bias,
+                       has_weight, has_bias, eps, stats, coef)
 
 
 # --------------------------------------------------------------------------- #
@@ -392,7 +515,7 @@ def affine_nchw(x, coef, relu, geom, y):
     """The affine pass from the coefficient table; with ``relu`` through a ReLU
     (``max(v, 0)`` keeping NaN and -0.0: the fused ``batch_norm_relu_train``)."""
     outer, nfeat, inner = x.shape
-    c, _, start, stop = _nchw_block(cuda.gridDim.x // nfeat, inner, outer * inner, geom.items)
+    c, _, start, stop = _nchw_block(geom, cuda.gridDim.x // nfeat, inner, outer * inner)
     _affine_block_nchw(x, c, start, stop, geom.items, coef[HI, c], coef[SCALE, c],
                        coef[OFFSET, c], relu, y)
 
@@ -400,7 +523,7 @@ def affine_nchw(x, coef, relu, geom, y):
 @cuda.jit(**GPU_JIT)
 def affine_nc(x, coef, relu, geom, y):
     nrows, nfeat, _ = x.shape
-    c, cl, _, r0, r1 = _nc_block(nfeat, nrows, geom.chunk)
+    c, cl, _, r0, r1, _ = _nc_block(geom, nfeat, nrows)
     _affine_block_nc(x, c, cl, r0, r1, geom.chunk, coef[HI, cl], coef[SCALE, cl],
                      coef[OFFSET, cl], relu, y)
 
@@ -411,7 +534,7 @@ def normalize_nchw(x, mean, spread, spread_is_var, eps, weight, bias, has_weight
     """The affine pass in one launch, each thread deriving its feature's
     coefficients from ``mean`` and ``spread`` (var or invstd)."""
     outer, nfeat, inner = x.shape
-    c, _, start, stop = _nchw_block(cuda.gridDim.x // nfeat, inner, outer * inner, geom.items)
+    c, _, start, stop = _nchw_block(geom, cuda.gridDim.x // nfeat, inner, outer * inner)
     p = cuda.local.array(NCOEFS, x.dtype)
     _given_affine_coefs(c, mean, spread, spread_is_var, eps, weight, bias, has_weight, has_bias,
                         p)
@@ -422,7 +545,7 @@ def normalize_nchw(x, mean, spread, spread_is_var, eps, weight, bias, has_weight
 def normalize_nc(x, mean, spread, spread_is_var, eps, weight, bias, has_weight, has_bias, geom,
                  y):
     nrows, nfeat, _ = x.shape
-    c, cl, _, r0, r1 = _nc_block(nfeat, nrows, geom.chunk)
+    c, cl, _, r0, r1, _ = _nc_block(geom, nfeat, nrows)
     p = cuda.local.array(NCOEFS, x.dtype)
     _given_affine_coefs(cl, mean, spread, spread_is_var, eps, weight, bias, has_weight,
                         has_bias, p)
@@ -430,9 +553,10 @@ def normalize_nc(x, mean, spread, spread_is_var, eps, weight, bias, has_weight, 
 
 
 # --------------------------------------------------------------------------- #
-# Backward sums: per block, float64 sum(dy), sum(dy * (x - hi)), sum(x - hi),
-# with ``hi`` the given mean rounded to the input's dtype (exact differences
-# near the mean); then a fixed-order sum per feature.
+# Backward sums, one launch: per block, float64 sum(dy), sum(dy * (x - hi)),
+# sum(x - hi), with ``hi`` the given mean rounded to the input's dtype (exact
+# differences near the mean); in the last block of each feature (NCHW) or
+# feature tile (NC), the fixed-order sum of its block sums.
 # --------------------------------------------------------------------------- #
 @cuda.jit(device=True, **GPU_JIT)
 def _hi_of(mean, c, dtype_like):
@@ -443,12 +567,16 @@ def _hi_of(mean, c, dtype_like):
 
 
 @cuda.jit(**GPU_JIT)
-def backward_partials_nchw(dy, x, mean, y, masked, geom, partials):
+def backward_sums_nchw(dy, x, mean, y, masked, invstd, weight, has_weight, write_coefs,
+                       partials, counters, sums, geom, coef):
     """``partials[:, k, c]`` = the three sums of chunk k of feature c; with
     ``masked``, ``dy`` counts only where ``y > 0`` (the fused ReLU's backward:
-    0 where ``y <= 0`` or NaN, whatever ``dy`` holds; ``y`` is unread otherwise)."""
+    0 where ``y <= 0`` or NaN, whatever ``dy`` holds; ``y`` is unread otherwise).
+    The last of a feature's blocks to finish adds them up (``counters[c]``, see
+    :func:`_merge_backward_sums`)."""
     outer, nfeat, inner = x.shape
-    c, k, start, stop = _nchw_block(partials.shape[1], inner, outer * inner, geom.items)
+    nchunks = partials.shape[1]
+    c, k, start, stop = _nchw_block(geom, nchunks, inner, outer * inner)
     t = cuda.threadIdx.x
     nthreads = cuda.blockDim.x
     hi = _hi_of(mean, c, x)
@@ -496,14 +624,19 @@ def backward_partials_nchw(dy, x, mean, y, masked, geom, partials):
     if t == 0:
         for q in range(NSUMS):
             partials[q, k, c] = sh[q, 0]
+    if _last_block(counters, c, nchunks):
+        _merge_backward_sums(sh, partials, c, 1, geom, mean, invstd, weight, has_weight,
+                             write_coefs, sums, coef)
 
 
 @cuda.jit(**GPU_JIT)
-def backward_partials_nc(dy, x, mean, y, masked, geom, partials):
-    """As :func:`backward_partials_nchw` with k the row block, for channel-contiguous x."""
+def backward_sums_nc(dy, x, mean, y, masked, invstd, weight, has_weight, write_coefs, partials,
+                     counters, sums, geom, coef):
+    """As :func:`backward_sums_nchw` with k the row block, for channel-contiguous
+    x; the last of a feature tile's blocks adds up the tile (``counters[tile]``)."""
     nrows, nfeat, _ = x.shape
     rows = geom.chunk
-    c, cl, rb, r0, r1 = _nc_block(nfeat, nrows, rows)
+    c, cl, rb, r0, r1, tile = _nc_block(geom, nfeat, nrows)
     ty = cuda.threadIdx.y
     nty = cuda.blockDim.y
     hi = _hi_of(mean, cl, x)
@@ -542,6 +675,10 @@ def backward_partials_nc(dy, x, mean, y, masked, geom, partials):
     if ty == 0 and c < nfeat:
         for q in range(NSUMS):
             partials[q, rb, c] = sh[q, slot]
+    if _last_block(counters, tile, partials.shape[1]):
+        c0 = tile * cuda.blockDim.x
+        _merge_backward_sums(sh, partials, c0, _imin(cuda.blockDim.x, nfeat - c0), geom, mean,
+                             invstd, weight, has_weight, write_coefs, sums, coef)
 
 
 @cuda.jit(device=True, **GPU_JIT)
@@ -557,42 +694,59 @@ def _store_backward(c, n, sdy, sdyxhi, sxhi, hi, invstd, weight, coef):
     coef[X_DWEIGHT, c], coef[X_DBIAS, c] = parameter_grads(invstd, sdy, sum_dy_xmu)
 
 
-@cuda.jit(**GPU_JIT)
-def merge_backward_sums(partials, geom, mean, invstd, weight, has_weight, write_coefs, sums,
-                        coef):
-    """One block per feature: add the block sums (each thread its chunks in
-    order, then a fixed tree) into ``sums``; then with ``write_coefs`` the dx
-    coefficients and parameter gradients into ``coef`` (``batch_norm_backward``),
-    else ``SUM_DY_XMU`` about the given ``mean`` (``batch_norm_backward_reduce``)."""
-    c = cuda.blockIdx.x
-    t = cuda.threadIdx.x
-    nthreads = cuda.blockDim.x
-    sdy = 0.0
-    sdyxhi = 0.0
-    sxhi = 0.0
-    for k in range(t, partials.shape[1], nthreads):
-        sdy += partials[SUM_DY, k, c]
-        sdyxhi += partials[SUM_DY_XHI, k, c]
-        sxhi += partials[SUM_XHI, k, c]
-    sh = cuda.shared.array((NSUMS, GPU_MAX_THREADS), float64)
-    sh[SUM_DY, t] = sdy
-    sh[SUM_DY_XHI, t] = sdyxhi
-    sh[SUM_XHI, t] = sxhi
-    _tree_sum(sh, NSUMS, t, t, nthreads, 1)
-    if t == 0:
-        sdy = sh[SUM_DY, 0]
-        sdyxhi = sh[SUM_DY_XHI, 0]
-        sxhi = sh[SUM_XHI, 0]
-        sums[SUM_DY, c] = sdy
-        sums[SUM_DY_XHI, c] = sdyxhi
-        sums[SUM_XHI, c] = sxhi
-        coef[HI, c] = mean[c]
-        hi = np.float64(coef[HI, c])  # the partials' centre: mean in the input's dtype
-        if write_coefs:
-            _store_backward(c, np.float64(geom.total), sdy, sdyxhi, sxhi, hi,
-                            np.float64(invstd[c]), _param(weight, c, has_weight, 1.0), coef)
-        else:
-            sums[SUM_DY_XMU, c] = sum_dy_xmu_about(sdy, sdyxhi, hi, np.float64(mean[c]))
+@cuda.jit(device=True, **GPU_JIT)
+def _store_sums(c, sdy, sdyxhi, sxhi, geom, mean, invstd, weight, has_weight, write_coefs, sums,
+                coef):
+    """Feature ``c``'s float64 sums into ``sums``; then with ``write_coefs`` the
+    dx coefficients and parameter gradients into ``coef``
+    (``batch_norm_backward``), else ``SUM_DY_XMU`` about the given ``mean``
+    (``batch_norm_backward_reduce``)."""
+    sums[SUM_DY, c] = sdy
+    sums[SUM_DY_XHI, c] = sdyxhi
+    sums[SUM_XHI, c] = sxhi
+    coef[HI, c] = mean[c]
+    hi = np.float64(coef[HI, c])  # the partials' centre: mean in the input's dtype
+    if write_coefs:
+        _store_backward(c, np.float64(geom.total), sdy, sdyxhi, sxhi, hi,
+                        np.float64(invstd[c]), _param(weight, c, has_weight, 1.0), coef)
+    else:
+        sums[SUM_DY_XMU, c] = sum_dy_xmu_about(sdy, sdyxhi, hi, np.float64(mean[c]))
+
+
+@cuda.jit(device=True, **GPU_JIT)
+def _merge_backward_sums(sh, partials, c0, nf, geom, mean, invstd, weight, has_weight,
+                         write_coefs, sums, coef):
+    """Add up the block sums of features ``c0 .. c0+nf-1`` and store them
+    (:func:`_store_sums`), the whole block taking part.  Per feature, as
+    ``geom.lanes`` threads would: lane ``t`` adds chunks ``t, t + lanes, ...``
+    in order, then a fixed tree over the lanes (:func:`_lanes_sum`)."""
+    tid, nthreads = _flat_thread()
+    nlanes = geom.lanes
+    nchunks = partials.shape[1]
+    group = nthreads // nlanes
+    if group < 1:
+        group = 1
+    for f0 in range(0, nf, group):
+        nslots = _imin(group, nf - f0) * nlanes
+        for s in range(tid, nslots, nthreads):
+            f = s // nlanes
+            c = c0 + f0 + f
+            sdy = 0.0
+            sdyxhi = 0.0
+            sxhi = 0.0
+            for k in range(s - f * nlanes, nchunks, nlanes):
+                sdy += partials[SUM_DY, k, c]
+                sdyxhi += partials[SUM_DY_XHI, k, c]
+                sxhi += partials[SUM_XHI, k, c]
+            sh[SUM_DY, s] = sdy
+            sh[SUM_DY_XHI, s] = sdyxhi
+            sh[SUM_XHI, s] = sxhi
+        _lanes_sum(sh, NSUMS, nslots, nlanes, tid, nthreads)
+        for f in range(tid, nslots // nlanes, nthreads):
+            s = f * nlanes
+            _store_sums(c0 + f0 + f, sh[SUM_DY, s], sh[SUM_DY_XHI, s], sh[SUM_XHI, s], geom,
+                        mean, invstd, weight, has_weight, write_coefs, sums, coef)
+        cuda.syncthreads()
 
 
 # --------------------------------------------------------------------------- #
@@ -675,9 +829,9 @@ def _given_backward_coefs(c, mean, invstd, weight, has_weight, sum_dy, sum_dy_xm
 @cuda.jit(**GPU_JIT)
 def dx_nchw(dy, x, coef, y, masked, geom, dx):
     """The dx pass from the coefficient table; ``dy`` masked by ``y > 0`` with
-    ``masked``, as in :func:`backward_partials_nchw`."""
+    ``masked``, as in :func:`backward_sums_nchw`."""
     outer, nfeat, inner = x.shape
-    c, _, start, stop = _nchw_block(cuda.gridDim.x // nfeat, inner, outer * inner, geom.items)
+    c, _, start, stop = _nchw_block(geom, cuda.gridDim.x // nfeat, inner, outer * inner)
     _dx_block_nchw(dy, x, c, start, stop, geom.items, coef[HI, c], coef[DX_SCALE, c],
                    coef[XC_COEF, c], coef[DY_SHIFT, c], y, masked, dx)
 
@@ -685,7 +839,7 @@ def dx_nchw(dy, x, coef, y, masked, geom, dx):
 @cuda.jit(**GPU_JIT)
 def dx_nc(dy, x, coef, y, masked, geom, dx):
     nrows, nfeat, _ = x.shape
-    c, cl, _, r0, r1 = _nc_block(nfeat, nrows, geom.chunk)
+    c, cl, _, r0, r1, _ = _nc_block(geom, nfeat, nrows)
     _dx_block_nc(dy, x, c, cl, r0, r1, geom.chunk, coef[HI, cl], coef[DX_SCALE, cl],
                  coef[XC_COEF, cl], coef[DY_SHIFT, cl], y, masked, dx)
 
@@ -696,7 +850,7 @@ def backward_elemt_nchw(dy, x, mean, invstd, weight, has_weight, sum_dy, sum_dy_
     """The dx pass in one launch, each thread deriving its feature's
     coefficients from the given sums (over ``count`` values, the whole batch)."""
     outer, nfeat, inner = x.shape
-    c, _, start, stop = _nchw_block(cuda.gridDim.x // nfeat, inner, outer * inner, geom.items)
+    c, _, start, stop = _nchw_block(geom, cuda.gridDim.x // nfeat, inner, outer * inner)
     p = cuda.local.array(NCOEFS, x.dtype)
     _given_backward_coefs(c, mean, invstd, weight, has_weight, sum_dy, sum_dy_xmu, count, p)
     _dx_block_nchw(dy, x, c, start, stop, geom.items, p[HI], p[DX_SCALE], p[XC_COEF],
@@ -707,7 +861,7 @@ def backward_elemt_nchw(dy, x, mean, invstd, weight, has_weight, sum_dy, sum_dy_
 def backward_elemt_nc(dy, x, mean, invstd, weight, has_weight, sum_dy, sum_dy_xmu, count, geom,
                       dx):
     nrows, nfeat, _ = x.shape
-    c, cl, _, r0, r1 = _nc_block(nfeat, nrows, geom.chunk)
+    c, cl, _, r0, r1, _ = _nc_block(geom, nfeat, nrows)
     p = cuda.local.array(NCOEFS, x.dtype)
     _given_backward_coefs(cl, mean, invstd, weight, has_weight, sum_dy, sum_dy_xmu, count, p)
     _dx_block_nc(dy, x, c, cl, r0, r1, geom.chunk, p[HI], p[DX_SCALE], p[XC_COEF],

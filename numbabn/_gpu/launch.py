@@ -1,8 +1,8 @@
 """Kernel launches and device memory with as little host work as possible.
 
-A call of this package runs one to three short kernels, so on small and
+A call of this package runs one or two short kernels, so on small and
 mid-sized inputs numba.cuda's host work per launch and per allocation, not the
-GPU, sets its cost.  Three things here cut it:
+GPU, sets its cost.  Four things here cut it:
 
 * :class:`Kernel` launches a kernel through the compiled overload numba chose
   for the arguments.  ``kernel[grid, block](*args)`` types every argument on
@@ -27,6 +27,11 @@ GPU, sets its cost.  Three things here cut it:
   every time.  Reuse is safe because every kernel runs on the calling thread's
   default stream, in order: a call's kernels finish with the buffer before the
   next call's first kernel starts.  Another thread gets its own buffer.
+* :func:`counters` hands out the int32 tickets of the reductions' "last block
+  done" merge (see :mod:`numbabn._gpu.kernels`): per thread and CUDA context,
+  allocated zeroed once (again when more are needed) and reused by every call;
+  the last block of each group resets its counter to 0, so the workspace is
+  zero again whenever a launch has finished.
 
 Under the CUDA simulator kernels are launched through the dispatcher (the
 simulator has no compiled overloads), and slabs and scratch are NumPy-backed.
@@ -135,6 +140,7 @@ class _PerContext(threading.local):
 
 _scratch = _PerContext()  # entry: [context, flat float64 buffer, {shape: view}]
 _slabs = _PerContext()  # entry: [context, uint8 slab, bytes handed out]
+_counters = _PerContext()  # entry: [context, int32 array of zeros]
 
 _ALIGN = 256  # bytes; what cudaMalloc guarantees
 
@@ -194,8 +200,23 @@ def _reshape_prefix(flat, shape, size):
     return device_view(flat, shape, contiguous_strides(shape, flat.dtype.itemsize))
 
 
+def counters(n):
+    """An int32 device array of at least ``n`` zeros for the tickets of a
+    "last block done" reduction, which leaves it zeroed when it finishes.  The
+    same array for every call on this thread and CUDA context (reuse is safe
+    for the reason :func:`scratch` gives); a larger one, zeroed, when more are
+    needed."""
+    ctx, entry = _counters.get()
+    if entry is None or entry[1].shape[0] < n:
+        size = -(-max(n, 1) // cfg.GPU_SCRATCH_GRAIN) * cfg.GPU_SCRATCH_GRAIN
+        entry = [ctx, cuda.to_device(np.zeros(size, np.int32))]
+        _counters.by_context[id(ctx)] = entry
+    return entry[1]
+
+
 def clear_scratch():
-    """Drop this thread's scratch buffers and result slabs (their memory goes
-    when nothing uses it)."""
+    """Drop this thread's scratch buffers, result slabs and counters (their
+    memory goes when nothing uses it)."""
     _scratch.by_context.clear()
     _slabs.by_context.clear()
+    _counters.by_context.clear()

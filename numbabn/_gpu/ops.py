@@ -10,16 +10,20 @@ results (``batch_moments``, ``batch_norm_backward_reduce``, the variance of
 ``batch_norm_train``), the coefficient table's result rows for results in the
 input's dtype.
 
-Launches per call: ``batch_stats``/``batch_moments`` 2 (moments partials,
-merge), ``batch_norm_train`` 3 (partials, merge, affine pass),
-``normalize``/``batch_norm_elemt`` 1, ``batch_norm_backward`` 3 (partials,
-merge, dx pass), ``batch_norm_backward_reduce`` 2, ``batch_norm_backward_elemt``
-1, ``update_running_stats`` 1.  Host work per call is kept small (it, not the
-GPU, sets the cost of a call on small and mid-sized inputs): each operation
-looks up the CUDA context once, launches compiled overloads directly, takes its
-float64 partials from a reused scratch buffer and its result tables from a slab
-(see :mod:`numbabn._gpu.launch`); launch shapes are computed once per input
-shape.  The one device allocation left per call is the output ``y`` or ``dx``.
+Launches per call: ``batch_stats``, ``batch_moments`` 1 (moments);
+``batch_norm_train`` 2 (moments, affine pass); ``batch_norm_backward`` 2
+(backward sums, dx pass); ``batch_norm_backward_reduce`` 1 (backward sums);
+``normalize``, ``batch_norm_elemt``, ``batch_norm_backward_elemt`` and
+``update_running_stats`` 1 each.  A reduction merges its block partials in the
+same launch, in the block that finishes last (see :mod:`numbabn._gpu.kernels`).
+
+Host work per call is kept small (it, not the GPU, sets the cost of a call on
+small and mid-sized inputs): each operation looks up the CUDA context once,
+launches compiled overloads directly, takes its float64 partials from a reused
+scratch buffer, its tickets from a reused zeroed counter array and its result
+tables from a slab (see :mod:`numbabn._gpu.launch`); launch shapes are computed
+once per input shape.  The one device allocation left per call is the output
+``y`` or ``dx``.
 """
 
 from collections import namedtuple
@@ -31,16 +35,20 @@ from numba import cuda
 from .. import _config as cfg
 from .. import _core
 from . import kernels as k
-from .launch import Kernel, dim3, scratch, small_result
+from .launch import Kernel, counters, dim3, scratch, small_result
 from .layout import row
 
-Geometry = namedtuple("Geometry", "items chunk total")
+Geometry = namedtuple("Geometry", "items chunk total lanes reverse")
 """The reduction partition every kernel of a call shares, one argument (ints).
 
 ``items``: values each thread visits per block (NCHW-like kernels);
 ``chunk``: values of one feature per block (``blockDim * items`` NCHW-like, the
 block's rows channel-contiguous); ``total``: values per feature.  Chunk ``k``
-of a feature holds ``min(chunk, total - k * chunk)`` values.
+of a feature holds ``min(chunk, total - k * chunk)`` values.  ``lanes``: the
+lanes of the fixed merge of a feature's chunk partials (lane ``t`` takes chunks
+``t, t + lanes, ...`` in order, then a fixed tree).  ``reverse``: 1 to map
+block ``b`` to place ``nblocks - 1 - b`` of the partition (a test hook,
+``GPU_REVERSE_BLOCKS``; results are the same), else 0.
 """
 
 
@@ -57,11 +65,14 @@ class _Plan:
     (at most ``GPU_FEATURE_TILE``, split evenly) by ``rows`` rows; a block takes
     ``chunk = rows * items`` rows; ``ntiles * nchunks`` blocks.
 
-    The merge kernels run one block per feature with no more threads than there
-    are partials to merge.
+    The last block of each feature (NCHW-like) or feature tile
+    (channel-contiguous) merges its partials with ``lanes`` lanes per feature:
+    the smallest power of two reaching the number of chunks, at most
+    ``GPU_THREADS`` (what a separate merge launch with one block per feature
+    would use).  ``ncounters`` tickets: one per feature or per tile.
     """
 
-    def __init__(self, shape3, threads, items, tile_max):
+    def __init__(self, shape3, threads, items, tile_max, reverse):
         outer, nfeat, inner = shape3
         if threads > k.GPU_MAX_THREADS or items % k.GPU_UNROLL:
             raise ValueError(
@@ -77,18 +88,17 @@ class _Plan:
             block = (tile, rows)
             chunk = rows * items
             self.nchunks = _cdiv(outer, chunk)
-            grid = _cdiv(nfeat, tile) * self.nchunks
+            self.ncounters = _cdiv(nfeat, tile)
         else:
             block = threads
             chunk = threads * items
             self.nchunks = _cdiv(total, chunk)
-            grid = nfeat * self.nchunks
-        self.geom = Geometry(items, chunk, total)
-        self.grid, self.block = dim3(grid), dim3(block)
-        merge_threads = 1
-        while merge_threads < min(self.nchunks, threads):
-            merge_threads *= 2
-        self.merge_grid, self.merge_block = dim3(nfeat), dim3(min(merge_threads, threads))
+            self.ncounters = nfeat
+        lanes = 1
+        while lanes < min(self.nchunks, threads):
+            lanes *= 2
+        self.geom = Geometry(items, chunk, total, min(lanes, threads), int(bool(reverse)))
+        self.grid, self.block = dim3(self.ncounters * self.nchunks), dim3(block)
 
     def launch(self, kernels, *args):
         """Launch the family member for this layout over the data partition;
@@ -96,19 +106,16 @@ class _Plan:
         kernels[self.channels_last].launch(self.grid, self.block, *args[:-1], self.geom,
                                            args[-1])
 
-    def merge(self, kernel, partials, *args):
-        """Launch a per-feature merge of ``partials``; the geometry follows them."""
-        kernel.launch(self.merge_grid, self.merge_block, partials, self.geom, *args)
 
 
 @lru_cache(maxsize=256)
-def _cached_plan(shape3, threads, items, tile_max):
-    return _Plan(shape3, threads, items, tile_max)
+def _cached_plan(shape3, threads, items, tile_max, reverse):
+    return _Plan(shape3, threads, items, tile_max, reverse)
 
 
 def _plan(shape3):
     return _cached_plan(tuple(shape3), cfg.GPU_THREADS, cfg.GPU_ITEMS_PER_THREAD,
-                        cfg.GPU_FEATURE_TILE)
+                        cfg.GPU_FEATURE_TILE, bool(cfg.GPU_REVERSE_BLOCKS))
 
 
 @lru_cache(maxsize=256)
@@ -122,12 +129,10 @@ def _family(nchw, nc):
     return Kernel(nchw), Kernel(nc)
 
 
-_MOMENTS_PARTIALS = _family(k.moments_partials_nchw, k.moments_partials_nc)
-_MERGE_MOMENTS = Kernel(k.merge_moments)
+_MOMENTS = _family(k.moments_nchw, k.moments_nc)
 _AFFINE = _family(k.affine_nchw, k.affine_nc)
 _NORMALIZE = _family(k.normalize_nchw, k.normalize_nc)
-_BACKWARD_PARTIALS = _family(k.backward_partials_nchw, k.backward_partials_nc)
-_MERGE_BACKWARD_SUMS = Kernel(k.merge_backward_sums)
+_BACKWARD_SUMS = _family(k.backward_sums_nchw, k.backward_sums_nc)
 _DX = _family(k.dx_nchw, k.dx_nc)
 _BACKWARD_ELEMT = _family(k.backward_elemt_nchw, k.backward_elemt_nc)
 _UPDATE_RUNNING_STATS = Kernel(k.update_running_stats)
@@ -140,40 +145,38 @@ def _optional(v, placeholder):
 
 
 def _forward(x3, weight, bias, eps, y3, relu=False):
-    """Moments partials and their merge (and with ``y3`` the affine pass into it,
-    through a ReLU with ``relu``).  Returns the fresh float64 ``stats`` table and
-    the input-dtype ``coef`` table."""
+    """Moments, merged in the same launch (and with ``y3`` the affine pass into
+    it, through a ReLU with ``relu``).  Returns the fresh float64 ``stats``
+    table and the input-dtype ``coef`` table."""
     plan = _plan(x3.shape)
     partials = scratch((2, plan.nchunks, plan.nfeat))
-    plan.launch(_MOMENTS_PARTIALS, x3, partials)
     stats = small_result((_core.NSTATS, plan.nfeat), np.float64)
     coef = small_result((k.NCOEF_ROWS, plan.nfeat), x3.dtype)
     placeholder = row(coef, 0) if weight is None or bias is None else None
     device_weight, has_weight = _optional(weight, placeholder)
     device_bias, has_bias = _optional(bias, placeholder)
-    plan.merge(_MERGE_MOMENTS, partials, device_weight, device_bias, has_weight, has_bias,
-               np.float64(eps), stats, coef)
+    plan.launch(_MOMENTS, x3, device_weight, device_bias, has_weight, has_bias, np.float64(eps),
+                partials, counters(plan.ncounters), stats, coef)
     if y3 is not None:
         plan.launch(_AFFINE, x3, coef, bool(relu), y3)
     return stats, coef
 
 
 def _backward_sums(dy3, x3, mean, invstd, weight, dx3, y3=None):
-    """Backward partials about ``mean`` rounded to x's dtype and their merge (and
-    with ``dx3`` the dx pass into it); with ``y3`` (a fused ReLU's output) ``dy``
-    counts only where ``y > 0``.  Returns the fresh float64 ``sums`` table and
-    the input-dtype ``coef`` table."""
+    """Backward sums about ``mean`` rounded to x's dtype, merged in the same
+    launch (and with ``dx3`` the dx pass into it); with ``y3`` (a fused ReLU's
+    output) ``dy`` counts only where ``y > 0``.  Returns the fresh float64
+    ``sums`` table and the input-dtype ``coef`` table."""
     plan = _plan(x3.shape)
     masked = y3 is not None
     y3 = y3 if masked else dy3  # unread without the mask
     partials = scratch((_core.NSUMS, plan.nchunks, plan.nfeat))
-    plan.launch(_BACKWARD_PARTIALS, dy3, x3, mean, y3, masked, partials)
     sums = small_result((k.NSUM_ROWS, plan.nfeat), np.float64)
     coef = small_result((k.NCOEF_ROWS, plan.nfeat), x3.dtype)
     device_weight, has_weight = _optional(weight, mean)
     write_dx = dx3 is not None
-    plan.merge(_MERGE_BACKWARD_SUMS, partials, mean, invstd, device_weight, has_weight,
-               write_dx, sums, coef)
+    plan.launch(_BACKWARD_SUMS, dy3, x3, mean, y3, masked, invstd, device_weight, has_weight,
+                write_dx, partials, counters(plan.ncounters), sums, coef)
     if write_dx:
         plan.launch(_DX, dy3, x3, coef, y3, masked, dx3)
     return sums, coef
