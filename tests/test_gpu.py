@@ -9,8 +9,9 @@ several feature tiles.  One test runs the shipped configuration, and one
 compiles every kernel to PTX with NVVM (the simulator types nothing).  The
 matrix of every public function on both backends is ``test_twins.py``; this
 file holds what is GPU-specific (device views, caches, launcher, errors), and
-``test_gpu_launches.py`` the launches per operation and the reductions' merge
-whatever order their blocks finish in.
+``test_gpu_launches.py`` the launches per operation, the reductions' merge
+whatever order their blocks finish in, and the public path taken without
+numba-cuda's private names.
 """
 
 import os
@@ -67,7 +68,9 @@ class CAIWrapper:
     @property
     def __cuda_array_interface__(self):
         if SIMULATOR:  # the simulator's arrays are host NumPy arrays
-            return dict(self._a._ary.__array_interface__, version=3)
+            from numbabn._gpu import _private
+
+            return dict(_private.sim_ndarray(self._a).__array_interface__, version=3)
         return self._a.__cuda_array_interface__
 
 
@@ -419,13 +422,49 @@ def test_eval_kernel_derives_the_training_parameters(shape, axis):
     assert to_host(y_eval).tobytes() == to_host(y_plain).tobytes()
 
 
+def run_every_operation(shape, axis, dtype, seed=12):
+    """The bytes of every result of every GPU operation on one case: training
+    forward and backward (with and without weight and bias, fused ReLU),
+    statistics, the split primitives, eval, running statistics, a
+    CUDA-array-interface input and (4-D) a strided input copied on the device."""
+    x, dy, w, b = make(shape, axis, dtype, seed=seed)
+    nfeat = x.shape[axis]
+    y, mean, invstd = numbabn.batch_norm_train(dev(x), dev(w), dev(b), axis=axis)
+    y_plain, mean_plain, invstd_plain = numbabn.batch_norm_train(dev(x), axis=axis)
+    y_relu = numbabn.batch_norm_relu_train(dev(x), dev(w), dev(b), axis=axis)[0]
+    grads = numbabn.batch_norm_backward(dev(dy), dev(x), mean, invstd, dev(w), axis=axis)
+    dx_plain = numbabn.batch_norm_backward(dev(dy), dev(x), mean_plain, invstd_plain,
+                                           axis=axis)[0]
+    relu_grads = numbabn.batch_norm_relu_backward(dev(dy), y_relu, dev(x), mean, invstd,
+                                                  dev(w), axis=axis)
+    stats = numbabn.batch_stats(dev(x), axis=axis)
+    count, m, m2 = numbabn.batch_moments(dev(x), axis=axis)
+    sums = numbabn.batch_norm_backward_reduce(dev(dy), dev(x), m, invstd, axis=axis)
+    sums_x = numbabn.batch_norm_backward_reduce(dev(dy), dev(x), mean, invstd, axis=axis)
+    dx_elemt = numbabn.batch_norm_backward_elemt(dev(dy), dev(x), m, invstd, dev(w), *sums,
+                                                 count, axis=axis)
+    y_elemt = numbabn.batch_norm_elemt(dev(x), m, invstd, dev(w), dev(b), axis=axis)
+    rm, rv = dev(np.zeros(nfeat, dtype)), dev(np.ones(nfeat, dtype))
+    y_train = numbabn.batch_norm(dev(x), rm, rv, dev(w), dev(b), training=True, axis=axis)
+    y_eval = numbabn.batch_norm(dev(x), rm, rv, dev(w), dev(b), axis=axis)
+    y_cai = numbabn.batch_norm_train(CAIWrapper(dev(x)), CAIWrapper(dev(w)), axis=axis)[0]
+    results = [y, mean, invstd, y_plain, mean_plain, invstd_plain, y_relu, *grads, dx_plain,
+               *relu_grads, *stats, m, m2, *sums, *sums_x, dx_elemt, y_elemt, y_train, rm, rv,
+               y_eval, y_cai]
+    if x.ndim == 4 and axis == 1:
+        results += numbabn.batch_norm_train(dev(x)[:, :, ::2], axis=axis)
+    return [to_host(a).tobytes() for a in results]
+
+
 # --------------------------------------------------------------------------- #
 # Host-side caches: reused scratch memory, fresh results, compiled overloads
 # --------------------------------------------------------------------------- #
 def pointer(a):
     """Device address of the first element."""
     if SIMULATOR:
-        return a._ary.__array_interface__["data"][0]
+        from numbabn._gpu import _private
+
+        return _private.sim_ndarray(a).__array_interface__["data"][0]
     return a.__cuda_array_interface__["data"][0]
 
 
@@ -524,6 +563,10 @@ def test_kernel_launcher_types_each_signature_once():
             log.append("configure")
             return Config(self, grid, block)
 
+        def __getitem__(self, grid_block):  # the public path: kernel[grid, block](*args)
+            log.append(("public", grid_block))
+            return lambda *args: log.append(("called", len(args)))
+
         def typeof_pyval(self, a):
             return (type(a), getattr(a, "dtype", None), getattr(a, "strides", None))
 
@@ -554,11 +597,24 @@ def test_kernel_launcher_types_each_signature_once():
     kernel.launch(grid, block, a)
     assert log == ["configure", "compile", ("dispatcher", 1), ("dispatcher", 1)]
 
+    kernel = launch.Kernel(Dispatcher())
+    kernel._fast = False  # the public path (private names untested or missing)
+    log.clear()
+    kernel.launch(grid, block, a, 3)
+    assert log == [("public", (grid, block)), ("called", 2)]
+
 
 @pytest.mark.skipif(SIMULATOR, reason="the simulator launches through the dispatcher")
-def test_launches_use_compiled_overloads_on_a_gpu():
-    from numbabn._gpu import ops
+def test_launches_use_compiled_overloads_on_a_gpu(monkeypatch):
+    """On a GPU with a tested numba-cuda: kernels launch their compiled
+    overloads; and the public path (plain launches, ``cuda.device_array``
+    tables, interface views), forced by failing the version check, gives the
+    same bits for every operation."""
+    from numbabn._gpu import _private, launch, ops
 
+    launch.reset()
+    if not _private.version_tested():
+        pytest.skip(f"{_private.provider()} is not a numba-cuda release in {_private.TESTED}")
     x = make((5, 3, 13), 1, np.float32, seed=15)[0]
     rm, rv = dev(np.zeros(3, np.float32)), dev(np.ones(3, np.float32))
     numbabn.batch_norm(dev(x), rm, rv)
@@ -567,6 +623,20 @@ def test_launches_use_compiled_overloads_on_a_gpu():
     known = len(kernel._overloads)
     numbabn.batch_norm(dev(x), rm, rv)
     assert len(kernel._overloads) == known
+
+    cases = [((5, 3, 13), 1, np.float32), ((21, 5), 1, np.float64), ((2, 4, 3, 3), -1, np.float32)]
+    fast = [run_every_operation(*case) for case in cases]
+    assert _private.fast("launch") and _private.fast("views")
+    monkeypatch.setattr(_private, "version_tested", lambda: False)
+    launch.reset()
+    try:
+        with pytest.warns(RuntimeWarning, match="public path"):
+            public = [run_every_operation(*case) for case in cases]
+        assert not kernel._fast and not _private.fast("views")
+    finally:
+        monkeypatch.undo()
+        launch.reset()
+    assert public == fast
 
 
 def test_shipped_configuration(monkeypatch):
@@ -581,17 +651,15 @@ def test_shipped_configuration(monkeypatch):
 # Compiles every kernel for a real GPU (sm_90) with NVVM, in a process without
 # the simulator; prints NO-NVVM where the CUDA toolkit's NVVM is not installed.
 _PTX_CHECK = r"""
-import sys, types as pytypes
+import sys
 from numba import cuda, typeof
 from numba.core import types
-from numba.cuda.cudadrv import nvvm
-if not nvvm.is_available():
+from numbabn._gpu import _private
+if not _private.nvvm_available():
     print("NO-NVVM")
     sys.exit(0)
-import numba.cuda.dispatcher
 # No GPU here: device functions ask the current device for its compute capability.
-numba.cuda.dispatcher.get_current_device = lambda: pytypes.SimpleNamespace(
-    compute_capability=(9, 0))
+_private.assume_compute_capability((9, 0))
 from numbabn._config import GPU_JIT
 from numbabn._gpu import kernels as k, ops
 

@@ -1,9 +1,13 @@
-"""The GPU backend's launches: how many per operation, and the reductions'
-"last block done" merge whatever order the blocks finish in.
+"""The GPU backend's launches: how many per operation, the reductions' "last
+block done" merge whatever order the blocks finish in, and the public path
+taken when numba-cuda's private names are not used (numbabn._gpu._private).
 
 Runs under the CUDA simulator by default (see conftest.py), with the small
 blocks of test_gpu.py, or on a GPU with ``NUMBA_ENABLE_CUDASIM=0``.
 """
+
+import logging
+import warnings
 
 import numpy as np
 import pytest
@@ -15,7 +19,7 @@ cuda = pytest.importorskip("numba.cuda")
 if not cuda.is_available():
     pytest.skip("no CUDA GPU, and NUMBA_ENABLE_CUDASIM is off", allow_module_level=True)
 
-from test_gpu import dev, make  # noqa: E402
+from test_gpu import SIMULATOR, dev, make, run_every_operation  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -169,3 +173,51 @@ def test_reversed_geometry_reverses_the_blocks(monkeypatch):
     out = dev(np.full(6, -1, np.int64))
     places[6, 1](plan.geom, out)
     assert out.copy_to_host().tolist() == [5, 4, 3, 2, 1, 0]
+
+
+# --------------------------------------------------------------------------- #
+# numba-cuda's private names: the public path gives the same bits
+# --------------------------------------------------------------------------- #
+def test_private_names_version_check():
+    from numbabn._gpu import _private
+
+    name, version = _private.provider()
+    assert name in ("numba", "numba-cuda")
+    assert version is None or (len(version) == 2 and all(isinstance(n, int) for n in version))
+    assert _private.TESTED["gpu"] == {"numba-cuda": ((0, 30), (0, 30))}
+    assert _private._parse("0.30.4") == (0, 30) and _private._parse("dev") is None
+
+
+@pytest.mark.parametrize("shape, axis, dtype", [((5, 3, 13), 1, np.float32),
+                                                ((21, 5), 1, np.float64),
+                                                ((3, 2, 4, 5), 1, np.float32)],
+                         ids=["NCL", "NC", "NCHW"])
+def test_public_path_gives_the_same_bits(monkeypatch, caplog, shape, axis, dtype):
+    """Failing the version check (as an untested numba-cuda would) makes every
+    group of private names fall back to the public path: plain launches,
+    ``cuda.device_array`` result tables, sliced scratch views.  Results are
+    bitwise those of the private path, and the fallback is reported once."""
+    from numbabn._gpu import _private, launch
+
+    monkeypatch.setattr(_private, "version_tested", lambda: True)
+    launch.reset()
+    try:
+        private = run_every_operation(shape, axis, dtype)
+        assert _private.fast("views")
+        assert launch._slabs.by_context  # result tables were cut from a slab
+
+        monkeypatch.setattr(_private, "version_tested", lambda: False)
+        launch.reset()
+        with caplog.at_level(logging.INFO, logger="numbabn"), \
+                warnings.catch_warnings(record=True) as warned:
+            warnings.simplefilter("always")
+            public = run_every_operation(shape, axis, dtype)
+        assert not _private.fast("views") and not launch._slabs.by_context
+        reports = [r for r in caplog.records if "public path" in r.getMessage()] if SIMULATOR \
+            else [w for w in warned if issubclass(w.category, RuntimeWarning)
+                  and "public path" in str(w.message)]
+        assert len(reports) == (1 if SIMULATOR else 2)  # once per group ("launch": GPU only)
+    finally:
+        monkeypatch.undo()
+        launch.reset()
+    assert public == private

@@ -9,12 +9,13 @@ GPU, sets its cost.  Four things here cut it:
   every call (``typeof`` builds a numba type per device array) before it
   launches; here the overload is found in a dict keyed by what fixes numba's
   typing of the arguments (an array's class, dtype, shape and strides; a
-  scalar's Python type) and launched with ``overload.launch`` and numba's own
-  launch configuration for ``[grid, block]`` (its normalised dimensions and
-  default stream).  The first launch with a new key goes through the dispatcher
-  as usual (typing, compiling or loading from the disk cache), then the overload
-  it used is looked up.  Anything unusual (no such overload, a kernel numba marks
-  launch-configuration sensitive, pre-launch callbacks) keeps the usual path.
+  scalar's Python type) and launched directly with numba's own launch
+  configuration for ``[grid, block]`` (its normalised dimensions and default
+  stream).  The first launch with a new key goes through the dispatcher as
+  usual (typing, compiling or loading from the disk cache), then the overload
+  it used is looked up.  Anything unusual (no such overload, a kernel numba
+  marks launch-configuration sensitive, pre-launch callbacks) keeps the usual
+  path.
 * :func:`small_result` hands out fresh memory for the small per-feature tables a
   call returns (``mean``, ``invstd``, ``dweight``... are rows of one), cut in
   turn from slabs of ``GPU_RESULT_SLAB_BYTES`` instead of one device
@@ -33,23 +34,29 @@ GPU, sets its cost.  Four things here cut it:
   the last block of each group resets its counter to 0, so the workspace is
   zero again whenever a launch has finished.
 
-Under the CUDA simulator kernels are launched through the dispatcher (the
-simulator has no compiled overloads), and slabs and scratch are NumPy-backed.
+The overload launch and the hand-made views behind slabs and scratch use
+numba-cuda's private names, all in :mod:`numbabn._gpu._private`, which checks
+them once against the tested numba-cuda releases; otherwise every launch is a
+plain ``kernel[grid, block](*args)``, every result table a
+``cuda.device_array`` and every scratch view a slice and ``reshape`` of the
+buffer (same results).  Under the CUDA simulator kernels are launched through
+the dispatcher (the simulator has no compiled overloads), and slabs and
+scratch are NumPy-backed.
 """
 
 from __future__ import annotations
 
 import math
 import threading
+import weakref
 
 import numpy as np
 from numba import cuda
-from numba.core import config
 
 from .. import _config as cfg
-from .layout import contiguous_strides, device_view
+from . import _private
 
-SIMULATOR = bool(config.ENABLE_CUDASIM)
+SIMULATOR = _private.SIMULATOR
 
 # Argument types whose numba type depends on the Python type alone (the package
 # passes small ints, float64 scalars and flags, and tuples of ints).
@@ -77,50 +84,67 @@ def _arg_key(a):
 
 _USE_DISPATCHER = object()  # an argument key whose launches go through the dispatcher
 
+_KERNELS = weakref.WeakSet()  # every Kernel, for reset()
+
 
 class Kernel:
     """A ``numba.cuda.jit`` kernel, launched as ``kernel.launch(grid, block, *args)``
-    with ``grid`` and ``block`` from :func:`dim3`, on the default stream."""
+    with ``grid`` and ``block`` from :func:`dim3`, on the default stream.
+
+    Whether it launches compiled overloads directly or as
+    ``dispatcher[grid, block](*args)`` is decided at its first launch
+    (:func:`numbabn._gpu._private.fast`); ``_fast`` holds the answer.
+    """
 
     def __init__(self, dispatcher):
         self.dispatcher = dispatcher
         self.__name__ = getattr(dispatcher, "__name__", "kernel")
         self._overloads = {}  # argument key -> compiled overload, or _USE_DISPATCHER
         self._configs = {}  # (grid, block) -> numba's launch configuration
-        self._fast = not SIMULATOR
+        self._fast = None  # None: not decided yet
+        _KERNELS.add(self)
 
     def launch(self, grid, block, *args):
-        if not self._fast:
+        fast = self._fast
+        if fast is None:
+            fast = self._fast = not SIMULATOR and _private.fast("launch")
+        if not fast:
             self.dispatcher[grid, block](*args)
             return
         config = self._configs.get((grid, block))
         if config is None:
-            config = self._configs[grid, block] = self.dispatcher.configure(grid, block)
+            config = self._configs[grid, block] = _private.launch_config(self.dispatcher, grid,
+                                                                         block)
         key = tuple(map(_arg_key, args))
         overload = self._overloads.get(key)
         if overload is None:
             config(*args)  # numba's usual path: types, compiles or loads, launches
             if len(self._overloads) >= cfg.GPU_MAX_SIGNATURES:
                 self._overloads.clear()
-            self._overloads[key] = self._overload_for(args)
-        elif overload is _USE_DISPATCHER or getattr(config, "pre_launch_callbacks", None):
+            overload = _private.compiled_overload(self.dispatcher, args)
+            self._overloads[key] = _USE_DISPATCHER if overload is None else overload
+        elif overload is _USE_DISPATCHER or _private.has_callbacks(config):
             config(*args)
         else:
-            overload.launch(args, config.griddim, config.blockdim, config.stream,
-                            config.sharedmem)
+            _private.launch_compiled(overload, config, args)
 
-    def _overload_for(self, args):
-        """The compiled overload numba has for these arguments' types, where it
-        can be launched directly; else ``_USE_DISPATCHER``."""
-        argtypes = tuple(self.dispatcher.typeof_pyval(a) for a in args)
-        overload = getattr(self.dispatcher, "overloads", {}).get(argtypes)
-        if (overload is None or not callable(getattr(overload, "launch", None))
-                or getattr(overload, "launch_config_sensitive", False)):
-            return _USE_DISPATCHER
-        return overload
+    def reset(self):
+        """Forget the path, configurations and overloads (decided again at the next launch)."""
+        self._fast = None
+        self._overloads.clear()
+        self._configs.clear()
 
     def __repr__(self):
         return f"Kernel({self.__name__})"
+
+
+def reset():
+    """Decide the private paths again (:func:`numbabn._gpu._private.reset`) and
+    drop every kernel's launch state, scratch buffers, result slabs and counters."""
+    _private.reset()
+    for kernel in list(_KERNELS):
+        kernel.reset()
+    clear_scratch()
 
 
 # --------------------------------------------------------------------------- #
@@ -153,7 +177,7 @@ def small_result(shape, dtype):
     dtype = np.dtype(dtype)
     nbytes = math.prod(shape) * dtype.itemsize
     slab_bytes = cfg.GPU_RESULT_SLAB_BYTES
-    if nbytes > slab_bytes // 4:
+    if nbytes > slab_bytes // 4 or not _private.fast("views"):
         return cuda.device_array(shape, dtype)
     ctx, entry = _slabs.get()
     if entry is None or entry[2] + nbytes > slab_bytes:
@@ -161,11 +185,7 @@ def small_result(shape, dtype):
         _slabs.by_context[id(ctx)] = entry
     slab, offset = entry[1], entry[2]
     entry[2] = offset + -(-nbytes // _ALIGN) * _ALIGN
-    if SIMULATOR:
-        from numba.cuda.cudadrv.devicearray import FakeCUDAArray  # the simulator's
-
-        return FakeCUDAArray(slab._ary[offset:offset + nbytes].view(dtype).reshape(shape))
-    return device_view(slab, shape, contiguous_strides(shape, dtype.itemsize), offset, dtype)
+    return _private.cut(slab, offset, shape, dtype)
 
 
 def scratch(shape):
@@ -193,11 +213,9 @@ def scratch(shape):
 
 def _reshape_prefix(flat, shape, size):
     """The first ``size`` elements of a flat device array, as a C-order ``shape``."""
-    if SIMULATOR:
-        from numba.cuda.cudadrv.devicearray import FakeCUDAArray  # the simulator's
-
-        return FakeCUDAArray(flat._ary[:size].reshape(shape))
-    return device_view(flat, shape, contiguous_strides(shape, flat.dtype.itemsize))
+    if _private.fast("views"):
+        return _private.cut(flat, 0, shape, flat.dtype)
+    return flat[:size].reshape(shape)
 
 
 def counters(n):

@@ -3,39 +3,39 @@ numba device arrays, without host copies.
 
 numba's ``DeviceNDArray`` cannot transpose beyond 2-D, so views are made by
 hand: a new array over the same memory with permuted and merged strides
-(:func:`device_view`, which shares the parent's device memory object, so it
-costs no CUDA driver call).  When the strides cannot be merged (stepped slices,
-say) the input is copied once, on the device, by
-:func:`numbabn._gpu.kernels.copy_strided`.  Objects that only expose the CUDA
-array interface (CuPy arrays, PyTorch tensors) are wrapped once per call by
-:func:`as_device_array`.
+(:func:`strided_view`: on a GPU :func:`numbabn._gpu._private.device_view`,
+which shares the parent's device memory object and costs no CUDA driver call,
+or, where numba-cuda's private names are not used, an array made by the public
+``cuda.from_cuda_array_interface`` from the interface of the view).  When the
+strides cannot be merged (stepped slices, say) the input is copied once, on the
+device, by :func:`numbabn._gpu.kernels.copy_strided`.  Objects that only expose
+the CUDA array interface (CuPy arrays, PyTorch tensors) are wrapped once per
+call by :func:`as_device_array`.
 
 This module is what :func:`numbabn._layout.output_3d` calls for device arrays
 (``as_3d``, ``empty_like_3d``, ``interface``, ``copy_into``).
 
 Under the CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``) device arrays are NumPy
 arrays in host memory, and an interface's pointer is a host pointer; the same
-code builds the views through NumPy's array interface.
+code builds the views through NumPy's array interface (the simulator's own
+array class, through :mod:`numbabn._gpu._private`).
 """
 
 from __future__ import annotations
 
-import ctypes
 import math
 from functools import lru_cache
 
 import numpy as np
 from numba import cuda
-from numba.core import config
 
 from .. import _config as cfg
 from .._layout import contiguous_strides, extent
+from . import _private
 from . import kernels as k
+from .launch import Kernel, dim3
 
-SIMULATOR = bool(config.ENABLE_CUDASIM)
-if not SIMULATOR:
-    from numba.cuda.cudadrv.devicearray import DeviceNDArray
-    from numba.cuda.cudadrv.driver import MemoryPointer
+SIMULATOR = _private.SIMULATOR
 
 
 class _Interface:
@@ -48,8 +48,8 @@ class _Interface:
 
 def interface(a) -> dict:
     """The CUDA array interface of a device array (shape, strides, typestr, data)."""
-    if SIMULATOR and getattr(type(a), "__cuda_ndarray__", False):
-        desc = dict(a._ary.__array_interface__)
+    if SIMULATOR and _private.is_device_ndarray(a):
+        desc = dict(_private.sim_ndarray(a).__array_interface__)
     else:
         desc = dict(a.__cuda_array_interface__)
     if desc.get("strides") is None:
@@ -62,16 +62,14 @@ def from_interface(desc, owner):
     """A numba device array over the memory an interface describes (no copy)."""
     desc = dict(desc, version=3)
     if SIMULATOR:
-        from numba.cuda.cudadrv.devicearray import FakeCUDAArray  # the simulator's
-
-        return FakeCUDAArray(np.asarray(_Interface(desc, owner)))
+        return _private.sim_array(np.asarray(_Interface(desc, owner)))
     return cuda.from_cuda_array_interface(desc, owner=owner, sync=True)
 
 
 def as_device_array(a):
     """``a`` as a numba device array: itself, or a view of a CUDA-array-interface
     object (CuPy array, PyTorch CUDA tensor) that keeps the object alive."""
-    if getattr(type(a), "__cuda_ndarray__", False):
+    if _private.is_device_ndarray(a):
         return a
     return from_interface(a.__cuda_array_interface__, owner=a)
 
@@ -79,51 +77,19 @@ def as_device_array(a):
 def strided_view(a, shape, strides):
     """A view of device array ``a`` (same first element) with the given shape
     and byte strides."""
-    if not SIMULATOR:
-        return device_view(a, shape, strides)
+    if not SIMULATOR and _private.fast("views"):
+        return _private.device_view(a, shape, strides)
     desc = interface(a)
     desc["shape"] = tuple(int(n) for n in shape)
     desc["strides"] = tuple(int(s) for s in strides)
     return from_interface(desc, owner=a)
 
 
-def device_view(a, shape, strides, offset=0, dtype=None):
-    """A ``DeviceNDArray`` (of ``a``'s dtype, or ``dtype``) over ``a``'s device
-    memory from byte ``offset`` on (not under the simulator).  It holds ``a``'s
-    memory object, and with it whatever keeps that memory alive."""
-    gpu_data = a.gpu_data
-    if offset:
-        gpu_data = sub_memory(gpu_data, offset, gpu_data.size - offset)
-    return DeviceNDArray(tuple(shape), tuple(strides), a.dtype if dtype is None else dtype,
-                         stream=a.stream, gpu_data=gpu_data)
-
-
-class _Holder:
-    """The owner of a sub-range of device memory: holds the memory object it was
-    cut from, so that memory stays allocated while the sub-range is in use."""
-
-    __slots__ = ("memory",)
-
-    def __init__(self, memory):
-        self.memory = memory
-
-
-def sub_memory(memory, offset, size):
-    """A numba memory pointer to ``size`` bytes of ``memory`` from ``offset`` on.
-
-    Made like numba's pointers to foreign (CUDA-array-interface) memory: a plain
-    pointer whose owner keeps the parent alive.  Cheaper than ``memory.view``,
-    which registers a reference-counting finalizer per view.
-    """
-    pointer = ctypes.c_void_p(memory.device_pointer_value + offset)
-    return MemoryPointer(memory.context, pointer, size, owner=_Holder(memory))
-
-
 def row(a, i):
     """Row ``i`` of a 2-D device array, as a 1-D view."""
-    if SIMULATOR:
-        return a[i]
-    return device_view(a, a.shape[1:], a.strides[1:], offset=i * a.strides[0])
+    if not SIMULATOR and _private.fast("views"):
+        return _private.device_view(a, a.shape[1:], a.strides[1:], offset=i * a.strides[0])
+    return a[i]
 
 
 def _merge(shape, strides):
@@ -219,5 +185,8 @@ def copy_into(dst, src):
     shape = tuple(int(n) for n in src.shape)
     threads = cfg.GPU_THREADS
     blocks = max(1, min(-(-int(np.prod(shape)) // threads), cfg.GPU_COPY_MAX_BLOCKS))
-    k.copy_strided[blocks, threads](device_src, src_start, src_strides, device_dst, dst_start,
-                                    dst_strides, shape)
+    _COPY_STRIDED.launch(dim3(blocks), dim3(threads), device_src, src_start, src_strides,
+                         device_dst, dst_start, dst_strides, shape)
+
+
+_COPY_STRIDED = Kernel(k.copy_strided)
