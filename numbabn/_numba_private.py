@@ -3,7 +3,7 @@
 Each helper checks that the installed Numba is one this code was tested with
 and that the private attribute is there; otherwise it returns ``None`` and the
 caller takes a public path.  (The GPU backend's uses of numba-cuda internals
-live in :mod:`numbabn._gpu.launch` and :mod:`numbabn._gpu.layout`.)
+live in :mod:`numbabn._gpu._private`.)
 """
 
 from __future__ import annotations
