@@ -116,24 +116,27 @@ def output_3d(arrays, x, layout, out=None, inputs=None):
 
     ``arrays`` is the backend's layout module: this one for NumPy arrays,
     :mod:`numbabn._gpu.layout` for device arrays.  It provides ``as_3d``,
-    ``empty_like_3d``, ``interface`` (the array interface: data pointer, shape,
-    strides, typestr) and ``copy_into(dst, src)``.
+    ``empty_like_3d``, ``partial_overlap(a, b)`` and ``copy_into(dst, src)``.
     """
     if out is None:
         y3, y = arrays.empty_like_3d(layout, x.dtype)
         return y3, y, None
     inputs = (x,) if inputs is None else inputs
     out3 = arrays.as_3d(out, layout, copy_ok=False)
-    if out3 is not None and not any(partial_overlap(arrays.interface(out), arrays.interface(a))
-                                    for a in inputs):
+    if out3 is not None and not any(arrays.partial_overlap(out, a) for a in inputs):
         return out3, out, None
     y3, y = arrays.empty_like_3d(layout, x.dtype)
     return y3, out, lambda: arrays.copy_into(out, y)
 
 
-def interface(a: np.ndarray) -> dict:
-    """NumPy's array interface of ``a`` (see :func:`output_3d`)."""
-    return a.__array_interface__
+def partial_overlap(a: np.ndarray, b: np.ndarray) -> bool:
+    """True when two NumPy arrays share bytes without being the same view (see
+    :func:`output_3d`).  ``np.may_share_memory`` is a bounds check, as
+    :func:`interfaces_overlap` is for device arrays; the array interface is only
+    read when the bounds meet (``out=x``, say)."""
+    if a is b or not np.may_share_memory(a, b):
+        return False
+    return interfaces_overlap(a.__array_interface__, b.__array_interface__)
 
 
 def copy_into(dst: np.ndarray, src: np.ndarray):
@@ -159,9 +162,10 @@ def extent(desc):
     return lo, hi, (desc["data"][0], shape, strides)
 
 
-def partial_overlap(desc_a, desc_b):
-    """True when the arrays two interfaces describe share bytes without being the
-    same view (same first element, shape and strides)."""
+def interfaces_overlap(desc_a, desc_b):
+    """True when the arrays two array interfaces (NumPy's or CUDA's) describe
+    share bytes without being the same view (same first element, shape and
+    strides)."""
     lo_a, hi_a, view_a = extent(desc_a)
     lo_b, hi_b, view_b = extent(desc_b)
     if hi_a <= lo_b or hi_b <= lo_a:

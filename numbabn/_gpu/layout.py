@@ -30,7 +30,7 @@ import numpy as np
 from numba import cuda
 
 from .. import _config as cfg
-from .._layout import contiguous_strides, extent
+from .._layout import contiguous_strides, extent, interfaces_overlap
 from . import _private
 from . import kernels as k
 from .launch import Kernel, dim3
@@ -56,6 +56,12 @@ def interface(a) -> dict:
         itemsize = np.dtype(desc["typestr"]).itemsize
         desc["strides"] = contiguous_strides(tuple(desc["shape"]), itemsize)
     return desc
+
+
+def partial_overlap(a, b) -> bool:
+    """True when two device arrays share bytes without being the same view (see
+    :func:`numbabn._layout.output_3d`)."""
+    return a is not b and interfaces_overlap(interface(a), interface(b))
 
 
 def from_interface(desc, owner):
