@@ -62,19 +62,14 @@ import numpy as np
 from numba import njit, prange
 
 from .. import _config as cfg
-from .. import _core
+from .. import _cache, _core
 from .._config import CPU_JIT, CPU_JIT_PARALLEL, CPU_JIT_STRICT
 from .._layout import as_4d, empty_like_4d, kept_to_rows, rows_to_kept  # noqa: F401 (see the end)
 from .._core import DX_SCALE, DY_SHIFT, HI, INVSTD, M2, MEAN, OFFSET, SCALE, VAR, XC_COEF
 
-# The statistics core, compiled for the CPU (as in numbabn._cpu.kernels).
-shifted_moments = njit(**CPU_JIT_STRICT)(_core.shifted_moments)
-chan_merge = njit(**CPU_JIT_STRICT)(_core.chan_merge)
-invstd_of = njit(**CPU_JIT_STRICT)(_core.invstd_of)
-affine_coefs = njit(**CPU_JIT_STRICT)(_core.affine_coefs)
-sum_dy_xmu_about = njit(**CPU_JIT_STRICT)(_core.sum_dy_xmu_about)
-backward_coefs = njit(**CPU_JIT_STRICT)(_core.backward_coefs)
-parameter_grads = njit(**CPU_JIT_STRICT)(_core.parameter_grads)
+# The statistics core, compiled once for the CPU in numbabn._cpu.kernels.
+from .kernels import (affine_coefs, backward_coefs, chan_merge, invstd_of,
+                      parameter_grads, shifted_moments, sum_dy_xmu_about)
 
 # Rows of the float64 per-row table: _core's statistics, and the centre the
 # pass subtracts (the mean, or 0 for RMSNorm).
@@ -794,3 +789,6 @@ def unpermute_flat(flat, shape, perm):
 def reshape_ones(v, shape):
     """``v`` with size-1 axes added or removed to make ``shape`` (a view)."""
     return v.reshape(shape)
+
+
+_cache.check(globals())  # before any kernel above loads from the disk cache

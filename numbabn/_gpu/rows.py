@@ -40,19 +40,15 @@ import numpy as np
 from numba import cuda, float64
 
 from .. import _config as cfg
-from .. import _core
+from .. import _cache, _core
 from .._config import GPU_JIT, GPU_MAX_THREADS
 from .._core import DX_SCALE, DY_SHIFT, HI, INVSTD, M2, MEAN, OFFSET, SCALE, VAR, XC_COEF
 from .._cpu import rows as _cpu_rows
 from .layout import copy_into, strided_view
 
-# The statistics core, compiled as device functions (as in numbabn._gpu.kernels).
-shifted_moments = cuda.jit(device=True, **GPU_JIT)(_core.shifted_moments)
-chan_merge = cuda.jit(device=True, **GPU_JIT)(_core.chan_merge)
-invstd_of = cuda.jit(device=True, **GPU_JIT)(_core.invstd_of)
-affine_coefs = cuda.jit(device=True, **GPU_JIT)(_core.affine_coefs)
-sum_dy_xmu_about = cuda.jit(device=True, **GPU_JIT)(_core.sum_dy_xmu_about)
-backward_coefs = cuda.jit(device=True, **GPU_JIT)(_core.backward_coefs)
+# The statistics core, compiled once as device functions in numbabn._gpu.kernels.
+from .kernels import (affine_coefs, backward_coefs, chan_merge, invstd_of, shifted_moments,
+                      sum_dy_xmu_about)
 
 CENTER, NROWSTATS = _cpu_rows.CENTER, _cpu_rows.NROWSTATS
 XHAT_SCALE, XHAT_OFFSET = _cpu_rows.XHAT_SCALE, _cpu_rows.XHAT_OFFSET
@@ -550,3 +546,6 @@ def reshape_ones(v, shape):
     strides = iter(s for n, s in zip(v.shape, v.strides) if n != 1)
     new = tuple(v.dtype.itemsize if n == 1 else next(strides) for n in shape)
     return strided_view(v, tuple(shape), new)
+
+
+_cache.check(globals())  # GPU_MAX_THREADS is compiled in: the cache is keyed on it

@@ -18,6 +18,7 @@ from .. import functional as F
 from .. import norms as N
 from . import _check
 from .base import Layer
+from .batchnorm import _BatchNorm
 
 
 def _shape_tuple(normalized_shape):
@@ -303,17 +304,8 @@ class _InstanceNorm(_RowNorm):
             return None
         return dx if batched else dx[0]
 
-    def _backward_eval(self, dy, x):
-        """Gradient through ``(x - running_mean) * invstd * weight + bias`` (constants)."""
-        zeros = np.zeros(self.num_features, self.dtype)
-        dx = F.normalize(dy, zeros, self.running_var, self.weight, None, self.eps)
-        if not self.affine:
-            return dx, None, None
-        axes = tuple(a for a in range(x.ndim) if a != 1)
-        xhat = F.normalize(x, self.running_mean, self.running_var, None, None, self.eps)
-        dweight = np.sum(dy * xhat, axis=axes, dtype=np.float64).astype(self.dtype)
-        dbias = np.sum(dy, axis=axes, dtype=np.float64).astype(self.dtype)
-        return dx, dweight, dbias
+    # Eval mode with running statistics is batch norm's eval: the same gradient.
+    _backward_eval = _BatchNorm._backward_eval
 
     def extra_repr(self):
         return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
