@@ -54,7 +54,8 @@ CPU_JIT_PARALLEL = dict(CPU_JIT, parallel=dict(fusion=False))
 GPU_JIT = dict(fastmath=False, cache=True)
 
 # Compile-time size of the GPU's shared-memory reduction buffers (the kernels'
-# disk cache is keyed on it and on GPU_UNROLL): GPU_THREADS must not exceed it.  3 float64 buffers of 256 values are 6 KiB per block.
+# disk cache is keyed on it and on GPU_UNROLL): GPU_THREADS must not exceed it.
+# 3 float64 buffers of 256 values are 6 KiB per block.
 GPU_MAX_THREADS = 256
 
 # Loads issued back to back by one GPU thread before they are used (a local
