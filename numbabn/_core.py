@@ -110,9 +110,3 @@ def parameter_grads(invstd, sum_dy, sum_dy_xmu):
     """``(dweight, dbias)`` of one feature: ``invstd * sum(dy * (x - mean))`` and ``sum(dy)``."""
     return invstd * sum_dy_xmu, sum_dy
 
-
-FUNCTIONS = (shifted_moments, chan_merge, invstd_of, affine_coefs, sum_dy_xmu_about,
-             backward_coefs, parameter_grads)
-"""Every core function, for the backends to compile: each backend binds them at
-module level (``chan_merge = njit(...)(_core.chan_merge)``), since compiled code
-can call a module-level compiled function but not a plain Python one."""

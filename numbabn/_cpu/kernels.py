@@ -564,7 +564,9 @@ def _affine_nc(x, r0, r1, c0, c1, coef, relu, y):
     s = coef[SCALE, c0:c1]
     o = coef[OFFSET, c0:c1]
     w = c1 - c0
-    zero = np.zeros(1, coef.dtype)[0]
+    # a zero of the data's dtype, allocated only for the ReLU (hi[0] - hi[0]
+    # would carry one column's NaN into the others)
+    zero = np.zeros(1, coef.dtype)[0] if relu else coef[HI, c0]
     for r in range(r0, r1):
         xr = x[r, c0:c1]
         yr = y[r, c0:c1]
@@ -689,7 +691,7 @@ def _dx_nc(dy, x, r0, r1, c0, c1, coef, y, masked, dx):
     b = coef[XC_COEF, c0:c1]
     d = coef[DY_SHIFT, c0:c1]
     w = c1 - c0
-    zero = np.zeros(1, coef.dtype)[0]
+    zero = np.zeros(1, coef.dtype)[0] if masked else coef[HI, c0]  # as in _affine_nc
     for r in range(r0, r1):
         dyr = dy[r, c0:c1]
         xr = x[r, c0:c1]
