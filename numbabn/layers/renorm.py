@@ -59,11 +59,10 @@ class _BatchRenorm(_BatchNorm):
         var = m2 / count
         sigma_b = np.sqrt(var + self.eps)
         sigma = np.sqrt(self.running_var.astype(np.float64) + self.eps)
-        if self.training:
-            r = np.clip(sigma_b / sigma, self.rmin, self.rmax)
-            d = np.clip((mean - self.running_mean) / sigma, -self.dmax, self.dmax)
-        else:  # only reached without running statistics, which renorm always keeps
-            r, d = np.ones_like(mean), np.zeros_like(mean)
+        # (training only: renorm always keeps running statistics, so eval never
+        # uses batch statistics)
+        r = np.clip(sigma_b / sigma, self.rmin, self.rmax)
+        d = np.clip((mean - self.running_mean) / sigma, -self.dmax, self.dmax)
         w = np.ones_like(mean) if self.weight is None else self.weight.astype(np.float64)
         b = np.zeros_like(mean) if self.bias is None else self.bias.astype(np.float64)
         # y = (x - mean) * (invstd * r) * w + (d * w + b)
