@@ -168,7 +168,15 @@ def chart(rows, ops, path):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--sweep" in argv:  # the size sweep instead, with the other arguments
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import bench_sweep
+
+        return bench_sweep.main([a for a in argv if a != "--sweep"])
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--sweep", action="store_true",
+                    help="run scripts/bench_sweep.py (a size sweep) with the other arguments")
     ap.add_argument("--ops", default=",".join(OPS), help=f"comma-separated subset of {OPS}")
     ap.add_argument("--budget", type=float, default=2.0, help="seconds of timing per case")
     ap.add_argument("--out", default="runs/bench", help="folder for bench.png/.md/.json")
