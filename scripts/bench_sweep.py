@@ -13,7 +13,8 @@ default; Numba and PyTorch both set to it): the best time of numbabn with ``out=
 a preallocated array (the ``numbabn_out`` implementation of
 ``benchmarks/cases.py``), of PyTorch CPU (when installed) and of a copy into a
 preallocated array, timed in turns, and their GB/s of minimal traffic
-(``benchmarks.cases.TRAFFIC`` passes of the tensor; 2 for the copy).
+(``benchmarks.cases.TRAFFIC`` passes of the tensor; 2 for the copy, which is
+NumPy's ``copyto`` on one thread whatever the thread count).
 Implementations are validated against a float64 reference before they are timed,
 on sizes up to 64 MB (the reference is slow beyond).
 
@@ -22,7 +23,8 @@ threads, dashed 1 thread; dotted verticals at the L2 size of one core and the L3
 size), ``sweep.json`` and ``sweep.md`` under ``--out``, and says for each family
 and operation where numbabn's curve leaves the caches (the first size past its
 peak where its GB/s falls below 70% of the peak).  The default sweep takes about
-3 minutes on 2 cores (3 GB of memory at 512 MB).
+3 minutes on 2 cores (3 GB of memory at 512 MB), plus up to ``--quiet-wait`` seconds
+(10) before each size and thread count while other processes use the CPUs.
 """
 
 from __future__ import annotations
@@ -294,7 +296,7 @@ def main(argv=None):
     ap.add_argument("--ops", default=",".join(OPS), help=f"comma-separated subset of {OPS}")
     ap.add_argument("--families", default=",".join(FAMILIES), help="NCHW, NHWC or both")
     ap.add_argument("--out", default="runs/sweep", help="folder for sweep.png/.md/.json")
-    ap.add_argument("--quiet-wait", type=float, default=30.0,
+    ap.add_argument("--quiet-wait", type=float, default=10.0,
                     help="on a shared machine, wait up to this many seconds before each size "
                          "and thread count for other processes to leave the CPUs idle (0: do not wait)")
     args = ap.parse_args(argv)
