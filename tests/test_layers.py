@@ -6,6 +6,7 @@ import pytest
 
 from numbabn.layers import (BatchNorm1d, BatchNorm2d, Conv2d, Dropout, Flatten, Linear,
                             MaxPool2d, ReLU, Sequential, Sigmoid)
+from numbabn.layers import _kernels as conv_kernels
 from numbabn.losses import cross_entropy
 from numbabn.models import bn_paper_mlp, mnist_cnn
 
@@ -146,6 +147,79 @@ def test_conv2d_reused_column_buffer_gives_fresh_results(rng):
     np.testing.assert_array_equal(y, fresh.forward(x3))
     np.testing.assert_array_equal(dx, fresh.backward(dy))
     np.testing.assert_array_equal(conv.grads["weight"], fresh.grads["weight"])
+
+
+needs_direct_conv = pytest.mark.skipif(not conv_kernels.DIRECT_CONV_CPU,
+                                       reason="direct convolutions need a CPU with AVX-512")
+
+DIRECT_CASES = [  # cin, cout, kernel, padding, (h, w), bias: float32 stride-1 direct convolutions
+    (32, 64, 3, 0, (9, 8), True),      # the cnn's second convolution, smaller images
+    (1, 32, 3, 0, (8, 9), True),       # the first (input gradient through GEMM and col2im)
+    (16, 48, (3, 2), (1, 0), (7, 13), False),   # 3 vectors of 16 outputs, padding, no bias
+    (16, 16, 1, 0, (3, 31), True),     # rows of 31 pixels: tiles of 16 and 15
+    (48, 128, (2, 5), (1, 2), (5, 6), True),    # two blocks of 64 outputs, padded input gradient
+    (16, 32, 2, 3, (4, 4), True),      # padding >= kernel: input gradient through GEMM
+]
+
+
+@needs_direct_conv
+@pytest.mark.parametrize("cin,cout,k,p,hw,bias", DIRECT_CASES)
+def test_conv2d_direct_matches_float64(rng, cin, cout, k, p, hw, bias):
+    """The direct kernels (float32) against the float64 im2col layer with the same
+    weights: output, input gradient and both parameter gradients."""
+    conv = Conv2d(cin, cout, k, padding=p, bias=bias, rng=rng)
+    assert conv._direct()
+    ref = Conv2d(cin, cout, k, padding=p, bias=bias, dtype=F64)
+    ref.load_state_dict(conv.state_dict())
+    x = rng.standard_normal((11, cin) + hw).astype(np.float32)
+    y = conv.forward(x)
+    dy = rng.standard_normal(y.shape).astype(np.float32)
+    dx = conv.backward(dy)
+    y_ref, dx_ref = ref.forward(x.astype(F64)), ref.backward(dy.astype(F64))
+    for got, want in [(y, y_ref), (dx, dx_ref)] + [(conv.grads[k], ref.grads[k]) for k in ref.grads]:
+        assert got.dtype == np.float32 and got.shape == want.shape
+        np.testing.assert_allclose(got, want, rtol=0, atol=2e-6 * np.abs(want).max())
+    assert conv.backward(dy, input_grad=False) is None
+
+
+@needs_direct_conv
+def test_conv2d_direct_bits_do_not_depend_on_threads_or_task_count(rng):
+    """Tasks and threads share the images only: every output value (and the weight
+    gradient's fixed blocks of images) is summed in the same order."""
+    import numba
+
+    x = rng.standard_normal((9, 6, 7, 32)).astype(np.float32)
+    w = rng.standard_normal((3, 3, 32, 64)).astype(np.float32)
+    b = rng.standard_normal(64).astype(np.float32)
+    dy = rng.standard_normal((9, 6, 7, 64)).astype(np.float32)
+    w_flip = np.ascontiguousarray(w[::-1, ::-1].transpose(0, 1, 3, 2))
+    runs = []
+    previous = numba.get_num_threads()
+    for threads, tasks in [(1, 1), (numba.config.NUMBA_NUM_THREADS, 4)]:
+        numba.set_num_threads(threads)
+        y = np.empty((9, 6, 7, 64), np.float32)
+        dx, dw = np.empty_like(x), np.empty_like(w)
+        conv_kernels.conv_forward(x, w, b, True, 1, 1, y, tasks)
+        conv_kernels.conv_input_grad(dy, w_flip, 1, 1, dx, tasks)
+        conv_kernels.conv_weight_grad(x, dy, 1, 1, 2, dw)
+        runs.append((y, dx, dw))
+    numba.set_num_threads(previous)
+    for a, b in zip(*runs):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_conv2d_direct_switch_falls_back_to_im2col(rng, monkeypatch):
+    """CONV_DIRECT=False, float64, strides and channel counts off the 16-grid take im2col."""
+    from numbabn.layers import conv as conv_module
+    conv = Conv2d(16, 32, 3, rng=rng)
+    assert conv._direct() == conv_kernels.DIRECT_CONV_CPU
+    monkeypatch.setattr(conv_module._config, "CONV_DIRECT", False)
+    assert not conv._direct()
+    monkeypatch.undo()
+    assert not Conv2d(16, 32, 3, dtype=F64)._direct()
+    assert not Conv2d(16, 32, 3, stride=2)._direct()
+    assert not Conv2d(16, 24, 3)._direct()
+    assert not Conv2d(8, 32, 3)._direct_input_grad()
 
 
 @pytest.mark.parametrize("k,s,p", [(2, 2, 0), (3, 2, 1), (3, 1, 0)])

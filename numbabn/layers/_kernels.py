@@ -4,10 +4,25 @@ All image arrays are channels-last, ``(N, H, W, C)``, so the innermost loop runs
 over contiguous channels.  Every kernel is parallel over images, and an image's
 outputs are written by one thread only, so results do not depend on the number
 of threads.
+
+Direct convolutions (float32, stride 1, channel counts that are multiples of
+16) run on register tiles of 16-float vectors, :func:`_tile`: up to 24
+accumulators of ``R`` output rows by ``NV`` vectors of output channels, each
+``R x 16 NV`` tile summed over its whole reduction in registers.  The reduction
+of a forward tile reads its input rows straight from the image (the ``KW * C``
+values of one kernel row are contiguous channels-last), so there is no im2col
+buffer; the input gradient is the forward of the zero-padded output gradient
+with the flipped kernel, and the weight gradient sums tiles of ``(i, j, c)``
+rows over an image's output pixels.
 """
 
+import llvmlite.binding as _llvm
+import numba
 import numpy as np
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils, errors
+from numba.extending import intrinsic
 
 from .. import _cache
 from .._config import CPU_JIT_PARALLEL, CPU_JIT_STRICT
@@ -131,6 +146,315 @@ def relu_backward(dy, y, dx):
     zero = dy.dtype.type(0.0)
     for i in prange(dy.shape[0]):
         dx[i] = dy[i] if y[i] > 0 else zero
+
+
+# =========================================================================== #
+# Direct convolution on register tiles
+# =========================================================================== #
+
+LANES = 16
+"""Floats per vector of the register tiles (one AVX-512 register)."""
+
+DIRECT_CONV_CPU = ("avx512f" in _llvm.get_host_cpu_features().flatten()
+                   and numba.config.CPU_NAME in (None, "host"))
+"""Whether Numba compiles for a host with AVX-512: 24 accumulators of 16 floats
+take 24 of its 32 vector registers.  Elsewhere (AVX2 has 16 registers of 8
+floats) the tiles would spill, and Conv2d keeps im2col and BLAS."""
+
+_VEC = ir.VectorType(ir.FloatType(), LANES)
+_I64 = ir.IntType(64)
+
+
+@intrinsic
+def _tile(typingctx, a, a_base, row_off, nseg, a_seg, seg_len, a_k, b, b_base, b_seg, b_k,
+          c, c_base, c_row, mode, init, init_base, rows, rmax, nv):
+    """One register tile: for ``r < rows`` and ``v < nv``::
+
+        acc = (0 | c[c_base + r*c_row + 16v : +16] | init[init_base + 16v : +16])  # mode 0 | 1 | 2
+        for s < nseg, k < seg_len (in this order):
+            acc = fma(a[a_base + row_off[r] + s*a_seg + k*a_k], b[b_base + s*b_seg + k*b_k + 16v : +16], acc)
+        c[c_base + r*c_row + 16v : +16] = acc
+
+    ``a``, ``b``, ``c``, ``init``: 1-D float32 arrays; ``row_off``: int64, ``rows``
+    entries used.  ``rmax`` and ``nv`` are literals; ``rows`` (1 to ``rmax``)
+    selects one of ``rmax`` loops compiled with their accumulators in registers.
+    Each value is one chain of fused multiply-adds in a fixed order.
+    """
+    if not (isinstance(rmax, types.IntegerLiteral) and isinstance(nv, types.IntegerLiteral)):
+        raise errors.RequireLiteralValue("_tile: rmax and nv must be literal integers")
+    n_rmax, n_nv = rmax.literal_value, nv.literal_value
+    u = types.unliteral
+    sig = types.void(a, u(a_base), row_off, u(nseg), u(a_seg), u(seg_len), u(a_k), b, u(b_base),
+                     u(b_seg), u(b_k), c, u(c_base), u(c_row), u(mode), init, u(init_base),
+                     u(rows), rmax, nv)
+
+    def codegen(context, builder, sig, args):
+        (a, a_base, row_off, nseg, a_seg, seg_len, a_k, b, b_base, b_seg, b_k,
+         c, c_base, c_row, mode, init, init_base, rows, _, _) = args
+        i64 = [context.cast(builder, v, t, types.int64) for v, t in
+               ((a_base, sig.args[1]), (nseg, sig.args[3]), (a_seg, sig.args[4]),
+                (seg_len, sig.args[5]), (a_k, sig.args[6]), (b_base, sig.args[8]),
+                (b_seg, sig.args[9]), (b_k, sig.args[10]), (c_base, sig.args[12]),
+                (c_row, sig.args[13]), (mode, sig.args[14]), (init_base, sig.args[16]),
+                (rows, sig.args[17]))]
+        (a_base, nseg, a_seg, seg_len, a_k, b_base, b_seg, b_k, c_base, c_row, mode,
+         init_base, rows) = i64
+        A = context.make_array(sig.args[0])(context, builder, a).data
+        RO = context.make_array(sig.args[2])(context, builder, row_off).data
+        B = context.make_array(sig.args[7])(context, builder, b).data
+        C = context.make_array(sig.args[11])(context, builder, c).data
+        INIT = context.make_array(sig.args[15])(context, builder, init).data
+        fma = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(_VEC, [_VEC] * 3), f"llvm.fma.v{LANES}f32")
+        vptr = _VEC.as_pointer()
+        const = lambda v: ir.Constant(_I64, v)  # noqa: E731
+
+        def vload(base, offset):
+            return builder.load(builder.bitcast(builder.gep(base, [offset]), vptr), align=4)
+
+        accs = [[cgutils.alloca_once(builder, _VEC) for _ in range(n_nv)] for _ in range(n_rmax)]
+        end = builder.append_basic_block("tile.end")
+        switch = builder.switch(rows, end)
+        for nr in range(1, n_rmax + 1):
+            block = builder.append_basic_block(f"tile.rows{nr}")
+            switch.add_case(ir.Constant(_I64, nr), block)
+            builder.position_at_end(block)
+            row_base = [builder.add(a_base, builder.load(builder.gep(RO, [const(r)])))
+                        for r in range(nr)]
+            c_off = [[builder.add(c_base, builder.add(builder.mul(c_row, const(r)), const(LANES * v)))
+                      for v in range(n_nv)] for r in range(nr)]
+            with builder.if_else(builder.icmp_signed("==", mode, const(1))) as (from_c, other):
+                with from_c:
+                    for r in range(nr):
+                        for v in range(n_nv):
+                            builder.store(vload(C, c_off[r][v]), accs[r][v])
+                with other:
+                    with builder.if_else(builder.icmp_signed("==", mode, const(2))) as (from_init, zero):
+                        with from_init:
+                            for v in range(n_nv):
+                                start = vload(INIT, builder.add(init_base, const(LANES * v)))
+                                for r in range(nr):
+                                    builder.store(start, accs[r][v])
+                        with zero:
+                            for r in range(nr):
+                                for v in range(n_nv):
+                                    builder.store(ir.Constant(_VEC, None), accs[r][v])
+            with cgutils.for_range(builder, nseg) as seg:
+                a_s = builder.mul(seg.index, a_seg)
+                b_s = builder.add(b_base, builder.mul(seg.index, b_seg))
+                with cgutils.for_range(builder, seg_len) as kk:
+                    a_off = builder.add(a_s, builder.mul(kk.index, a_k))
+                    b_off = builder.add(b_s, builder.mul(kk.index, b_k))
+                    bv = [vload(B, builder.add(b_off, const(LANES * v))) for v in range(n_nv)]
+                    for r in range(nr):
+                        x = builder.load(builder.gep(A, [builder.add(row_base[r], a_off)]))
+                        xv = builder.insert_element(ir.Constant(_VEC, ir.Undefined), x,
+                                                    ir.Constant(ir.IntType(32), 0))
+                        xv = builder.shuffle_vector(
+                            xv, ir.Constant(_VEC, ir.Undefined),
+                            ir.Constant(ir.VectorType(ir.IntType(32), LANES), None))
+                        for v in range(n_nv):
+                            acc = builder.load(accs[r][v])
+                            builder.store(builder.call(fma, [xv, bv[v], acc]), accs[r][v])
+            for r in range(nr):
+                for v in range(n_nv):
+                    builder.store(builder.load(accs[r][v]),
+                                  builder.bitcast(builder.gep(C, [c_off[r][v]]), vptr), align=4)
+            builder.branch(end)
+        builder.position_at_end(end)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@njit(**CPU_JIT_STRICT)
+def _vectors(channels):
+    """Vectors per tile row for ``channels`` output channels (a multiple of 16)."""
+    if channels % (4 * LANES) == 0:
+        return 4
+    if channels % (2 * LANES) == 0:
+        return 2
+    return 1
+
+
+@njit(**CPU_JIT_STRICT)
+def _max_rows(nv):
+    """Rows per tile: 24 accumulators for 4 vectors a row, 26 for 2, 16 for 1."""
+    return 6 if nv == 4 else (13 if nv == 2 else 16)
+
+
+@njit(**CPU_JIT_STRICT)
+def _tile_nv(nv, rows, a, a_base, row_off, nseg, a_seg, seg_len, a_k, b, b_base, b_seg, b_k,
+             c, c_base, c_row, mode, init, init_base):
+    if nv == 4:
+        _tile(a, a_base, row_off, nseg, a_seg, seg_len, a_k, b, b_base, b_seg, b_k,
+              c, c_base, c_row, mode, init, init_base, rows, 6, 4)
+    elif nv == 2:
+        _tile(a, a_base, row_off, nseg, a_seg, seg_len, a_k, b, b_base, b_seg, b_k,
+              c, c_base, c_row, mode, init, init_base, rows, 13, 2)
+    else:
+        _tile(a, a_base, row_off, nseg, a_seg, seg_len, a_k, b, b_base, b_seg, b_k,
+              c, c_base, c_row, mode, init, init_base, rows, 16, 1)
+
+
+@njit(**CPU_JIT_STRICT)
+def _strided(n, step):
+    """``[0, step, 2 step, ...]`` (n values, int64)."""
+    out = np.empty(n, np.int64)
+    for i in range(n):
+        out[i] = i * step
+    return out
+
+
+@njit(**CPU_JIT_STRICT)
+def _pad_into(image, pad_h, pad_w, scratch):
+    """Copy ``image (H, W, C)`` into the interior of ``scratch`` (whose border is zero)."""
+    height, width, chans = image.shape
+    for h in range(height):
+        for w in range(width):
+            for c in range(chans):
+                scratch[pad_h + h, pad_w + w, c] = image[h, w, c]
+
+
+@njit(**CPU_JIT_PARALLEL)
+def conv_forward(x, weight, bias, has_bias, pad_h, pad_w, y, nblocks):
+    """Stride-1 correlation ``y[n, oh, ow, :] = bias + sum_{i, j, c} xpad[n, oh+i, ow+j, c]
+    * weight[i, j, c, :]`` (``xpad``: ``x`` zero-padded by ``pad_h, pad_w``).
+
+    ``x (N, H, W, C)``, ``weight (KH, KW, C, CO)``, ``y (N, OH, OW, CO)``: float32,
+    C-contiguous; ``CO`` a multiple of 16.  Each output row of pixels is cut into
+    balanced tiles of at most :func:`_max_rows` pixels; each value is summed over
+    ``(i, j, c)`` in that order, starting from the bias.  The images are shared
+    among ``nblocks`` tasks (one per thread; timing only, the bits do not change).
+    """
+    n_img, height, width, chans = x.shape
+    k_h, k_w, _, c_out = weight.shape
+    _, out_h, out_w, _ = y.shape
+    padded = pad_h > 0 or pad_w > 0
+    p_h, p_w = height + 2 * pad_h, width + 2 * pad_w
+    nv = _vectors(c_out)
+    vw = LANES * nv
+    ntile = (out_w + _max_rows(nv) - 1) // _max_rows(nv)
+    wf = weight.reshape(-1)
+    yf = y.reshape(-1)
+    row_off = _strided(_max_rows(nv), chans)
+    mode = 2 if has_bias else 0
+    nblk = max(1, min(n_img, nblocks))
+    for blk in prange(nblk):
+        scratch = np.zeros((p_h, p_w, chans) if padded else (0, 0, 0), np.float32)
+        for n in range(blk * n_img // nblk, (blk + 1) * n_img // nblk):
+            if padded:
+                _pad_into(x[n], pad_h, pad_w, scratch)
+                src = scratch.reshape(-1)
+                base = 0
+            else:
+                src = x.reshape(-1)
+                base = n * height * width * chans
+            for oh in range(out_h):
+                for t in range(ntile):
+                    ow0 = t * out_w // ntile
+                    rows = (t + 1) * out_w // ntile - ow0
+                    for cb in range(0, c_out, vw):
+                        _tile_nv(nv, rows, src, base + (oh * p_w + ow0) * chans, row_off,
+                                 k_h, p_w * chans, k_w * chans, 1, wf, cb, k_w * chans * c_out, c_out,
+                                 yf, ((n * out_h + oh) * out_w + ow0) * c_out + cb, c_out,
+                                 mode, bias, cb)
+
+
+@njit(**CPU_JIT_PARALLEL)
+def conv_input_grad(dy, weight_flip, pad_h, pad_w, dx, nblocks):
+    """Input gradient of :func:`conv_forward`: the stride-1 correlation of ``dy``
+    zero-padded by ``KH - 1 - pad_h, KW - 1 - pad_w`` with ``weight_flip (KH, KW, CO, C)``,
+    ``weight_flip[i, j, o, c] = weight[KH-1-i, KW-1-j, c, o]``; ``dx (N, H, W, C)``
+    is overwritten, ``C`` a multiple of 16; ``nblocks`` as :func:`conv_forward`."""
+    n_img, out_h, out_w, c_out = dy.shape
+    k_h, k_w, _, chans = weight_flip.shape
+    _, height, width, _ = dx.shape
+    q_h, q_w = k_h - 1 - pad_h, k_w - 1 - pad_w
+    p_w = out_w + 2 * q_w
+    nv = _vectors(chans)
+    vw = LANES * nv
+    ntile = (width + _max_rows(nv) - 1) // _max_rows(nv)
+    wf = weight_flip.reshape(-1)
+    dxf = dx.reshape(-1)
+    row_off = _strided(_max_rows(nv), c_out)
+    nblk = max(1, min(n_img, nblocks))
+    for blk in prange(nblk):
+        scratch = np.zeros((out_h + 2 * q_h, p_w, c_out), np.float32)
+        src = scratch.reshape(-1)
+        for n in range(blk * n_img // nblk, (blk + 1) * n_img // nblk):
+            _pad_into(dy[n], q_h, q_w, scratch)
+            for h in range(height):
+                for t in range(ntile):
+                    w0 = t * width // ntile
+                    rows = (t + 1) * width // ntile - w0
+                    for cb in range(0, chans, vw):
+                        _tile_nv(nv, rows, src, (h * p_w + w0) * c_out, row_off,
+                                 k_h, p_w * c_out, k_w * c_out, 1, wf, cb, k_w * c_out * chans, chans,
+                                 dxf, ((n * height + h) * width + w0) * chans + cb, chans,
+                                 0, wf, 0)
+
+
+@njit(**CPU_JIT_PARALLEL)
+def conv_weight_grad(x, dy, pad_h, pad_w, block_images, dweight):
+    """Weight gradient of :func:`conv_forward`: ``dweight[i, j, c, :] = sum_{n, oh, ow}
+    xpad[n, oh+i, ow+j, c] * dy[n, oh, ow, :]`` (overwritten), ``CO`` a multiple of 16.
+
+    Images are summed in blocks of ``block_images`` (float32 partial sums, each
+    over the block's images in order, pixels in row-major order), and the block
+    sums are added in block order in float64: the partition depends on the
+    shape only, so the bits do not depend on the thread count.
+    """
+    n_img, height, width, chans = x.shape
+    _, out_h, out_w, c_out = dy.shape
+    k_h, k_w, _, _ = dweight.shape
+    padded = pad_h > 0 or pad_w > 0
+    p_h, p_w = height + 2 * pad_h, width + 2 * pad_w
+    nv = _vectors(c_out)
+    vw = LANES * nv
+    nrows = k_h * k_w * chans
+    ntile = (nrows + _max_rows(nv) - 1) // _max_rows(nv)
+    row_off = np.empty(nrows, np.int64)
+    for i in range(k_h):
+        for j in range(k_w):
+            for c in range(chans):
+                row_off[(i * k_w + j) * chans + c] = (i * p_w + j) * chans + c
+    nblk = (n_img + block_images - 1) // block_images
+    partial = np.empty((nblk, nrows, c_out), np.float32)
+    pf = partial.reshape(-1)
+    dyf = dy.reshape(-1)
+    for blk in prange(nblk):
+        scratch = np.zeros((p_h, p_w, chans) if padded else (0, 0, 0), np.float32)
+        n0 = blk * block_images
+        for n in range(n0, min(n_img, n0 + block_images)):
+            if padded:
+                _pad_into(x[n], pad_h, pad_w, scratch)
+                src = scratch.reshape(-1)
+                base = 0
+            else:
+                src = x.reshape(-1)
+                base = n * height * width * chans
+            for t in range(ntile):
+                r0 = t * nrows // ntile
+                rows = (t + 1) * nrows // ntile - r0
+                for cb in range(0, c_out, vw):
+                    _tile_nv(nv, rows, src, base, row_off[r0:], out_h, p_w * chans, out_w, chans,
+                             dyf, n * out_h * out_w * c_out + cb, out_w * c_out, c_out,
+                             pf, (blk * nrows + r0) * c_out + cb, c_out,
+                             1 if n > n0 else 0, pf, 0)
+    dwf = dweight.reshape(nrows, c_out)
+    for r in prange(nrows):
+        _sum_blocks(partial, r, dwf[r])
+
+
+@njit(**CPU_JIT_STRICT)
+def _sum_blocks(partial, r, out):
+    """``out[:] = sum over blocks b, in order, of partial[b, r, :]`` in float64."""
+    for o in range(out.shape[0]):
+        total = 0.0
+        for blk in range(partial.shape[0]):
+            total += partial[blk, r, o]
+        out[o] = total
 
 
 _cache.check(globals())  # before any kernel above loads from the disk cache

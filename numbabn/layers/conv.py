@@ -6,16 +6,24 @@ GEMM's natural output, BatchNorm2d reads it with its channels-contiguous kernels
 elementwise layers keep the layout, and the next Conv2d gets its channels-last
 input without a copy.
 
-The batch is processed in chunks of at most ``IM2COL_CHUNK_BYTES`` of columns.
-In training mode, when the whole batch fits in one chunk, the forward's columns
-are kept for the backward pass; otherwise the backward recomputes each chunk's.
-The column buffer is kept by the layer and reused from call to call: a fresh
-buffer of that size (85 MB for the cnn's second convolution) comes from the
-system each time and costs its page faults (about 11 ms per step here).
+Float32 stride-1 convolutions with output channels in multiples of 16 run as
+direct convolutions on a CPU with AVX-512 (see :mod:`numbabn.layers._kernels`
+and ``_config.CONV_DIRECT``): the forward, the weight gradient and (when the
+input channels are a multiple of 16 too) the input gradient sum register tiles
+straight from the images, with no column buffer.
+
+Other convolutions use im2col and one BLAS GEMM.  The batch is processed in
+chunks of at most ``IM2COL_CHUNK_BYTES`` of columns.  In training mode, when the
+whole batch fits in one chunk, the forward's columns are kept for the backward
+pass; otherwise the backward recomputes each chunk's.  The column buffer is kept
+by the layer and reused from call to call: a fresh buffer of that size (85 MB
+for the cnn's second convolution) comes from the system each time and costs its
+page faults (about 11 ms per step here).
 """
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 
 from . import _check, _kernels
@@ -126,12 +134,31 @@ class Conv2d(Layer):
         _kernels.im2col(x_nhwc[n0:n1], *self.stride, *self.padding, cols)
         return cols
 
+    def _direct(self):
+        """Whether the forward and the weight gradient run as direct convolutions."""
+        return (_config.CONV_DIRECT and _kernels.DIRECT_CONV_CPU and self.dtype == np.float32
+                and self.stride == (1, 1) and self.out_channels % _kernels.LANES == 0)
+
+    def _direct_input_grad(self):
+        """Whether the input gradient runs as a direct convolution too (its zero
+        padding, ``kernel - 1 - padding``, must not be negative)."""
+        return (self._direct() and self.in_channels % _kernels.LANES == 0
+                and all(p < k for p, k in zip(self.padding, self.kernel_size)))
+
     def forward(self, x):
         """Return the convolution of ``x``, shape ``(N, C_out, out_h, out_w)``."""
         self._check_input(x)
         x_nhwc = channels_last(x)
         n_img = x.shape[0]
         out_h, out_w = self.output_size(*x.shape[2:])
+        if self._direct():
+            y = np.empty((n_img, out_h, out_w, self.out_channels), self.dtype)
+            weight = np.ascontiguousarray(self.weight.transpose(2, 3, 1, 0))
+            bias = self.bias if self.bias is not None else np.zeros(self.out_channels, self.dtype)
+            _kernels.conv_forward(x_nhwc, weight, bias, self.bias is not None, *self.padding, y,
+                                  numba.get_num_threads())
+            self._cache = (x_nhwc, None, y.shape)
+            return y.transpose(0, 3, 1, 2)
         chunks, step = self._chunks(n_img, out_h, out_w)
         buffer = self._column_buffer(step * out_h * out_w * self._n_cols())
         wmat = self._weight_matrix()
@@ -153,6 +180,8 @@ class Conv2d(Layer):
         y_shape_nchw = None if y_shape is None else (y_shape[0], y_shape[3], y_shape[1], y_shape[2])
         _check.grad_output(dy, "Conv2d", y_shape_nchw, self.dtype)
         dy_nhwc = channels_last(dy)
+        if self._direct():
+            return self._backward_direct(x_nhwc, dy_nhwc, input_grad)
         n_img, out_h, out_w, c_out = y_shape
         chunks, step = self._chunks(n_img, out_h, out_w)
         buffer = kept if kept is not None else self._column_buffer(step * out_h * out_w * self._n_cols())
@@ -184,6 +213,39 @@ class Conv2d(Layer):
         if self.bias is not None:
             self.grads["bias"][...] = dbias
         return dx.transpose(0, 3, 1, 2) if input_grad else None
+
+    def _backward_direct(self, x_nhwc, dy_nhwc, input_grad):
+        kh, kw = self.kernel_size
+        dweight = np.empty((kh, kw, self.in_channels, self.out_channels), self.dtype)
+        _kernels.conv_weight_grad(x_nhwc, dy_nhwc, *self.padding, _config.CONV_WGRAD_IMAGES, dweight)
+        self.grads["weight"][...] = dweight.transpose(3, 2, 0, 1)
+        if self.bias is not None:
+            dy2d = dy_nhwc.reshape(-1, self.out_channels)
+            dbias = np.empty(self.out_channels, np.float64)
+            _kernels.column_sums(dy2d, max(1, _config.CHUNK_ELEMS // dy2d.shape[1]), dbias)
+            self.grads["bias"][...] = dbias
+        if not input_grad:
+            return None
+        dx = np.empty(x_nhwc.shape, self.dtype)
+        if self._direct_input_grad():
+            weight_flip = np.ascontiguousarray(self.weight[:, :, ::-1, ::-1].transpose(2, 3, 0, 1))
+            _kernels.conv_input_grad(dy_nhwc, weight_flip, *self.padding, dx, numba.get_num_threads())
+        else:
+            self._input_grad_gemm(dy_nhwc, dx)
+        return dx.transpose(0, 3, 1, 2)
+
+    def _input_grad_gemm(self, dy_nhwc, dx):
+        """``dx`` from ``dy @ weight`` columns and col2im, chunk by chunk."""
+        n_img, out_h, out_w, c_out = dy_nhwc.shape
+        kh, kw = self.kernel_size
+        chunks, step = self._chunks(n_img, out_h, out_w)
+        buffer = self._column_buffer(step * out_h * out_w * self._n_cols())
+        wmat_t = self._weight_matrix().T
+        for n0, n1 in chunks:
+            cols = buffer[: (n1 - n0) * out_h * out_w * self._n_cols()]
+            np.matmul(dy_nhwc[n0:n1].reshape(-1, c_out), wmat_t, out=cols.reshape(-1, self._n_cols()))
+            cols = cols.reshape(n1 - n0, out_h, out_w, kh, kw, self.in_channels)
+            _kernels.col2im(cols, *self.stride, *self.padding, dx[n0:n1])
 
     def extra_repr(self):
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
