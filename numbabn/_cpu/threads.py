@@ -28,7 +28,9 @@ def threading_layer():
         return None
 
 
-@contextlib.contextmanager
+_unlocked = contextlib.nullcontext()  # reusable: it holds no state
+
+
 def kernel_guard(x=None):
     """Held around every CPU kernel launch.
 
@@ -37,12 +39,21 @@ def kernel_guard(x=None):
     alone: waking the pool costs more than such a call (milliseconds when the
     other core is busy).  Results do not change, since the reduction partition
     never depends on the thread count.
+
+    A plain function returning a context manager, not a generator: on every
+    call of the public API, a large input under ``omp``/``tbb`` gets a shared
+    no-op context (about 0.1 us instead of 2 us for a generator-based one).
     """
-    small = x is not None and x.size <= _config.SERIAL_MAX_ELEMS
-    with _lock_if_needed():
-        if not small:
-            yield
-            return
+    lock = _lock_if_needed()
+    if x is None or x.size > _config.SERIAL_MAX_ELEMS:
+        return lock
+    return _serial(lock)
+
+
+@contextlib.contextmanager
+def _serial(lock):
+    """``lock`` held, Numba's thread count 1 for this thread, restored after."""
+    with lock:
         previous = numba.get_num_threads()
         numba.set_num_threads(1)
         try:
@@ -52,14 +63,15 @@ def kernel_guard(x=None):
 
 
 def _lock_if_needed():
-    """A lock under ``workqueue`` (or while the layer is unknown), else nothing."""
+    """A lock under ``workqueue`` (or while the layer is unknown), else a no-op
+    context."""
     global _layer_is_threadsafe
     if _layer_is_threadsafe is None:
         layer = threading_layer()
         if layer is None:
             return _lock
         _layer_is_threadsafe = layer in ("omp", "tbb")
-    return contextlib.nullcontext() if _layer_is_threadsafe else _lock
+    return _unlocked if _layer_is_threadsafe else _lock
 
 
 def prefer_passive_waiting():
