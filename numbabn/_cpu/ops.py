@@ -42,7 +42,6 @@ fused; ``by_row`` says whether the backward sums take one row at a time.
 """
 
 
-@lru_cache(maxsize=256)
 def _plan(shape3, itemsize, nread, tunables, threads):
     outer, nfeat, inner = shape3
     chunk, nc_cols, fuse_bytes, fuse_min_tasks, stream_min, bwd_block, bwd_nc_rows, merge = tunables
@@ -57,12 +56,27 @@ def _plan(shape3, itemsize, nread, tunables, threads):
     return Geometry(rows, cols, threads, int(fused), 0, bwd_block, merge)
 
 
+_plans = {}  # (shape3, itemsize, nread, *tunables, threads) -> Geometry
+_MAX_PLANS = 256
+
+
 def plan(shape3, itemsize, nread):
     """The geometry for one ``(outer, C, inner)`` shape reading ``nread`` arrays,
-    with the tunables of :mod:`numbabn._config` as they are now."""
-    tunables = (cfg.CHUNK_ELEMS, cfg.NC_COLS, cfg.FUSE_BYTES, cfg.FUSE_MIN_TASKS,
-                cfg.NC_STREAM_MIN_BYTES, cfg.BWD_BLOCK, cfg.BWD_NC_ROWS, cfg.NC_MERGE_COLS)
-    return _plan(tuple(shape3), itemsize, nread, tunables, get_num_threads())
+    with the tunables of :mod:`numbabn._config` as they are now.
+
+    Memoised on the shape and the tunables' current values (read on every call:
+    a benchmark may change them between calls), so a training loop's few shapes
+    cost one dictionary look-up each."""
+    key = (tuple(shape3), itemsize, nread, cfg.CHUNK_ELEMS, cfg.NC_COLS, cfg.FUSE_BYTES,
+           cfg.FUSE_MIN_TASKS, cfg.NC_STREAM_MIN_BYTES, cfg.BWD_BLOCK, cfg.BWD_NC_ROWS,
+           cfg.NC_MERGE_COLS, get_num_threads())
+    geom = _plans.get(key)
+    if geom is None:
+        geom = _plan(key[0], itemsize, nread, key[3:11], key[11])
+        if len(_plans) >= _MAX_PLANS:
+            _plans.clear()
+        _plans[key] = geom
+    return geom
 
 
 def _nchunks(shape3, geom):
@@ -118,18 +132,37 @@ def _forward(x3, weight, bias, eps, y3, relu=False):
     return stats
 
 
-def _cast(dtype, *vectors):
-    """Cast float64 results to the output dtype; a variance beyond float32's range
-    (data near 1e30) becomes inf, which is its correct float32 value."""
+def _cast(dtype, table, a, b, may_overflow=True):
+    """Rows ``a < b`` of a float64 table, cast to the output dtype in one cast
+    (float32: two rows of one new ``(2, C)`` array; float64: the table's rows).  A
+    variance beyond float32's range (data near 1e30) becomes inf, which is its
+    correct float32 value; ``may_overflow=False`` (no value can exceed float32's
+    range) skips silencing that warning, which costs more than the cast."""
     if dtype == np.float64:
-        return vectors
-    with np.errstate(over="ignore"):
-        return tuple(v.astype(dtype) for v in vectors)
+        return table[a], table[b]
+    rows = (_astype_quiet if may_overflow else _astype)(table[a:b + 1:b - a], dtype)
+    return rows[0], rows[1]
+
+
+def _astype(a, dtype):
+    return a.astype(dtype)
+
+
+# np.errstate as a decorator keeps its state per call (NumPy >= 2.0: thread and
+# context safe) and saves building a context manager on every call.
+_astype_quiet = np.errstate(over="ignore")(_astype)
+
+
+# The training forward's float32 mean and invstd cannot overflow when eps is at
+# least this: the mean lies within the float32 data (a float64 rounding away),
+# and var >= 0 (or NaN) gives invstd = 1 / sqrt(var + eps) <= 1 / sqrt(eps),
+# which is below float32's largest value (3.4e38) for eps >= 8.7e-78.
+_EPS_NO_OVERFLOW = 1e-76
 
 
 def batch_stats(x3):
     stats = _forward(x3, None, None, 1.0, None)
-    return _cast(x3.dtype, stats[_core.MEAN], stats[_core.VAR])
+    return _cast(x3.dtype, stats, _core.MEAN, _core.VAR)
 
 
 def batch_moments(x3):
@@ -162,7 +195,8 @@ def batch_norm_train(x3, weight, bias, eps, y3, relu=False):
     """Normalise with batch statistics (then a ReLU with ``relu``); return
     ``(mean, invstd)`` in x's dtype and the biased ``var`` in float64."""
     stats = _forward(x3, weight, bias, eps, y3, relu)
-    return (*_cast(x3.dtype, stats[_core.MEAN], stats[_core.INVSTD]), stats[_core.VAR])
+    return (*_cast(x3.dtype, stats, _core.MEAN, _core.INVSTD, eps < _EPS_NO_OVERFLOW),
+            stats[_core.VAR])
 
 
 def _backward(dy3, x3, hi, invstd, weight, dx3, y3=None):
