@@ -67,6 +67,53 @@ def _plan_layout(shape, strides, axis):
     return Layout(shape, axis, perm, (n_outer, shape[axis], n_inner))
 
 
+class HostPlan:
+    """What the public API needs of a NumPy input on every call, for one
+    ``(shape, strides, axis)``: its :class:`Layout`, how to view any array of
+    that shape and those strides as ``(outer, C, inner)`` without a copy, and
+    how to allocate an output like it.  Built once by :func:`host_plan` and
+    cached by :mod:`numbabn.functional` (only for inputs viewable without a
+    copy: the others take the general path).
+    """
+
+    __slots__ = ("layout", "shape3", "count", "vector_shape", "direct", "perm", "pshape",
+                 "inverse")
+
+    def __init__(self, layout: Layout, direct: bool):
+        self.layout = layout
+        self.shape3 = layout.shape3
+        self.count = layout.count
+        self.vector_shape = (layout.shape3[1],)
+        self.direct = direct  # x.reshape(shape3) is the view (see as_3d)
+        self.perm = layout.perm
+        self.pshape, inverse = _unpermute(layout.shape, layout.perm)
+        self.inverse = None if layout.perm == _identity(len(layout.perm)) else inverse
+
+    def view(self, a: np.ndarray) -> np.ndarray:
+        """:func:`as_3d` of an array with the plan's shape and strides."""
+        if self.direct:
+            return a.reshape(self.shape3)
+        return a.transpose(self.perm).reshape(self.shape3)
+
+    def empty(self, dtype):
+        """:func:`empty_like_3d`: ``(y3, y)``."""
+        y3 = np.empty(self.shape3, dtype)
+        y = y3.reshape(self.pshape)
+        return y3, (y if self.inverse is None else y.transpose(self.inverse))
+
+
+def host_plan(x: np.ndarray, layout: Layout):
+    """The :class:`HostPlan` of ``x`` (planned as ``layout``), or None when ``x``
+    cannot be viewed as 3-D without a copy."""
+    if layout.perm == _identity(x.ndim) and x.flags.c_contiguous:
+        return HostPlan(layout, True)
+    try:
+        np.reshape(x.transpose(layout.perm), layout.shape3, copy=False)
+    except ValueError:
+        return None
+    return HostPlan(layout, False)
+
+
 def as_3d(x: np.ndarray, layout: Layout, copy_ok: bool = True):
     """Return ``x`` as an ``(outer, C, inner)`` array, a view whenever possible.
 

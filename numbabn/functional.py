@@ -42,11 +42,69 @@ def _prepare(x, axis, allow_empty_batch=False, **arrays):
     with device arrays as numba device arrays."""
     be, (x, *rest) = _backend.select(dict(x=x, **arrays))
     v.check_input(x, allow_empty_batch=allow_empty_batch)
-    axis = v.check_axis(axis, x.ndim)
+    axis_in, axis = axis, v.check_axis(axis, x.ndim)
     if x.shape[axis] == 0:
         raise ValueError(f"x must have at least one feature, but its feature axis {axis} is "
                          f"empty; got shape {tuple(x.shape)}.")
-    return (be, _layout.plan_layout(x, axis), x, *rest)
+    layout = _layout.plan_layout(x, axis)
+    _remember(x, axis_in, layout)
+    return (be, layout, x, *rest)
+
+
+# --------------------------------------------------------------------------- #
+# The fast path.  A training loop calls with the same few shapes every step, so
+# everything that depends only on ``x``'s shape, strides, dtype and ``axis`` (its
+# validation, its layout, how to view it and allocate an output) is kept in a
+# ``HostPlan`` per key, made by the general path the first time (which validated
+# them).  A call with a remembered key, plain ``np.ndarray`` arguments of the
+# right dtype and shape, Python float scalars in range and no ``out`` then only
+# checks what varies per call and goes straight to the CPU kernels.  Anything
+# else, including every invalid argument, takes the general path, which
+# validates all arguments and raises the errors it always raised.
+# --------------------------------------------------------------------------- #
+_ndarray = np.ndarray
+_INF = float("inf")
+_CPU = _backend.CPU
+_plans = {}  # (shape, strides, dtype, axis) -> _layout.HostPlan
+_MAX_PLANS = 1024
+
+
+def _remember(x, axis, layout):
+    """Keep the plan of a host ``x`` that passed ``check_input`` (non-empty)
+    and ``check_axis`` with this ``axis``."""
+    if type(x) is not _ndarray or type(axis) is not int or not layout.count:
+        return
+    key = (x.shape, x.strides, x.dtype, axis)
+    if key not in _plans:
+        plan = _layout.host_plan(x, layout)
+        if plan is not None:
+            if len(_plans) >= _MAX_PLANS:
+                _plans.clear()
+            _plans[key] = plan
+
+
+def _plan_of(x, axis):
+    """The remembered plan of a host ``x`` with this ``axis``, or None."""
+    if type(x) is _ndarray and type(axis) is int:
+        return _plans.get((x.shape, x.strides, x.dtype, axis))
+    return None
+
+
+def _is_vector(a, dtype, shape):
+    """A host per-feature vector: ``check_vector`` would pass."""
+    return type(a) is _ndarray and a.dtype is dtype and a.shape == shape
+
+
+def _is_like(a, x):
+    """A host array ``check_same_as`` would pass, with ``x``'s strides (so ``x``'s
+    plan views it)."""
+    return type(a) is _ndarray and a.dtype is x.dtype and a.shape == x.shape \
+        and a.strides == x.strides
+
+
+def _is_eps(eps):
+    """A Python float ``check_eps`` would return unchanged."""
+    return type(eps) is float and 0.0 < eps < _INF
 
 
 def _view(be, x, layout):
@@ -87,6 +145,10 @@ def batch_stats(x, axis=1):
     >>> mean.shape, var.dtype
     ((3,), dtype('float32'))
     """
+    plan = _plan_of(x, axis)
+    if plan is not None:
+        with _CPU.guard(x):
+            return _CPU.ops.batch_stats(plan.view(x))
     be, layout, x = _prepare(x, axis)
     with be.guard(x):
         return be.ops.batch_stats(_view(be, x, layout))
@@ -117,6 +179,16 @@ def normalize(x, mean, var, weight=None, bias=None, eps=1e-5, axis=1, out=None):
     >>> mean, var = numbabn.batch_stats(x)
     >>> y = numbabn.normalize(x, mean, var)
     """
+    plan = _plan_of(x, axis)
+    if plan is not None and out is None and _is_eps(eps):
+        dtype, vshape = x.dtype, plan.vector_shape
+        if _is_vector(mean, dtype, vshape) and _is_vector(var, dtype, vshape) and (
+                weight is None or _is_vector(weight, dtype, vshape)) and (
+                bias is None or _is_vector(bias, dtype, vshape)):
+            y3, y = plan.empty(dtype)
+            with _CPU.guard(x):
+                _CPU.ops.normalize(plan.view(x), mean, var, weight, bias, eps, y3)
+            return y
     be, layout, x, mean, var, weight, bias, out = _prepare(
         x, axis, allow_empty_batch=True, mean=mean, var=var, weight=weight, bias=bias, out=out)
     nfeat = layout.shape3[1]
@@ -168,6 +240,15 @@ def _batch_norm_train(x, weight, bias, eps, axis, out, relu=False):
     """:func:`batch_norm_train` that also returns the biased batch variance in
     float64 (for the layers' running statistics; no round trip through invstd);
     ``relu`` applies a ReLU to the output in the same pass."""
+    plan = _plan_of(x, axis)
+    if plan is not None and out is None and plan.count >= 2 and _is_eps(eps) and (
+            weight is None or _is_vector(weight, x.dtype, plan.vector_shape)) and (
+            bias is None or _is_vector(bias, x.dtype, plan.vector_shape)):
+        y3, y = plan.empty(x.dtype)
+        with _CPU.guard(x):
+            mean, invstd, var = _CPU.ops.batch_norm_train(plan.view(x), weight, bias, eps, y3,
+                                                          relu)
+        return y, mean, invstd, var
     be, layout, x, weight, bias, out = _prepare(x, axis, weight=weight, bias=bias, out=out)
     nfeat = layout.shape3[1]
     _check_affine(weight, bias, nfeat, x.dtype)
@@ -250,6 +331,17 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, axis=1, out=None):
 def _batch_norm_backward(dy, x, mean, invstd, weight, axis, out, y):
     """:func:`batch_norm_backward`; with ``y`` (a fused ReLU's output) ``dy``
     counts only where ``y > 0``."""
+    plan = _plan_of(x, axis)
+    if plan is not None and out is None and _is_like(dy, x) and (y is None or _is_like(y, x)):
+        dtype, vshape = x.dtype, plan.vector_shape
+        if _is_vector(mean, dtype, vshape) and _is_vector(invstd, dtype, vshape) and (
+                weight is None or _is_vector(weight, dtype, vshape)):
+            dx3, dx = plan.empty(dtype)
+            with _CPU.guard(x):
+                dweight, dbias = _CPU.ops.batch_norm_backward(
+                    plan.view(dy), plan.view(x), mean, invstd, weight, dx3,
+                    None if y is None else plan.view(y))
+            return dx, dweight, dbias
     be, layout, x, dy, mean, invstd, weight, y, out = _prepare(
         x, axis, dy=dy, mean=mean, invstd=invstd, weight=weight, y=y, out=out)
     v.check_same_as(dy, "dy", x)
@@ -334,6 +426,26 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
     >>> y = numbabn.batch_norm(x, rm, rv, training=True)   # updates rm, rv
     >>> y_eval = numbabn.batch_norm(x, rm, rv)              # uses them
     """
+    plan = _plan_of(x, axis)
+    if plan is not None and type(training) is bool and type(momentum) is float \
+            and 0.0 <= momentum <= 1.0 and _is_eps(eps) and (not training or plan.count >= 2):
+        dtype, vshape = x.dtype, plan.vector_shape
+        if _is_vector(running_mean, dtype, vshape) and _is_vector(running_var, dtype, vshape) \
+                and (not training or (running_mean.flags.writeable
+                                      and running_var.flags.writeable)) and (
+                weight is None or _is_vector(weight, dtype, vshape)) and (
+                bias is None or _is_vector(bias, dtype, vshape)):
+            y3, y = plan.empty(dtype)
+            with _CPU.guard(x):
+                if not training:
+                    _CPU.ops.normalize(plan.view(x), running_mean, running_var, weight, bias,
+                                       eps, y3)
+                    return y
+                mean, _, var = _CPU.ops.batch_norm_train(plan.view(x), weight, bias, eps, y3)
+            if momentum > 0:
+                _CPU.ops.update_running_stats(running_mean, running_var, mean, var, plan.count,
+                                              momentum)
+            return y
     be, layout, x, running_mean, running_var, weight, bias = _prepare(
         x, axis, allow_empty_batch=True, running_mean=running_mean, running_var=running_var,
         weight=weight, bias=bias)

@@ -1,0 +1,134 @@
+"""The host fast path: numbabn.functional's remembered plans, ops.plan's memo and
+the kernel guard.  Same bits and output strides as the general path, the same
+errors (before anything is modified), tunables and thread count read per call."""
+
+import warnings
+
+import numba
+import numpy as np
+import pytest
+from test_validation import CASES as BAD_CASES
+from test_validation import _args, _call
+
+import numbabn as nb
+from numbabn import _config
+from numbabn import functional as F
+from numbabn._cpu import ops, threads
+
+BAD = [pytest.param(func, build, exc, word, id=f"{func}-{cid}")
+       for cid, funcs, build, exc, word in BAD_CASES for func in funcs
+       if func != "update_running_stats"]
+
+
+@pytest.mark.parametrize("func,build,exc,word", BAD)
+def test_bad_input_after_a_good_call_is_refused_and_nothing_changes(rng, func, build, exc, word):
+    a = _args(rng)
+    _call(func, a)  # remembers x's plan
+    assert F._plan_of(a["x"], 1) is not None
+    over = build(a)
+    merged = dict(a, **over)
+    snapshot = {k: v.copy() for k, v in merged.items() if isinstance(v, np.ndarray)}
+    with pytest.raises(exc) as info:
+        _call(func, a, **over)
+    assert word.lower() in str(info.value).lower(), str(info.value)
+    for k, v in merged.items():
+        if isinstance(v, np.ndarray):
+            np.testing.assert_array_equal(v, snapshot[k], err_msg=f"{k} was modified")
+
+
+def _layouts(rng):
+    base = (3 + 2 * rng.standard_normal((6, 5, 7, 8))).astype(np.float32)
+    return [  # (name, x, axis, viewable without a copy)
+        ("nchw", base, 1, True),
+        ("nhwc", np.ascontiguousarray(base.transpose(0, 2, 3, 1)), -1, True),
+        ("transposed", base.transpose(0, 2, 3, 1), -1, True),
+        ("fortran", np.asfortranarray(base.reshape(30, 56)), 1, True),
+        ("axis0", base.reshape(30, 56), 0, True),
+        ("reversed", base[::-1], 1, True),
+        ("stepped", base[:, :, ::2], 1, False),
+    ]
+
+
+def _all_results(x, axis, rng_seed=3):
+    rng = np.random.default_rng(rng_seed)
+    c = x.shape[axis]
+    w = (1 + 0.1 * rng.standard_normal(c)).astype(x.dtype)
+    b = (0.1 * rng.standard_normal(c)).astype(x.dtype)
+    dy = np.empty_like(x)  # x's strides: the fast path's backward takes it
+    dy[...] = rng.standard_normal(x.shape)
+    rm, rv = np.zeros(c, x.dtype), np.ones(c, x.dtype)
+    y, mean, invstd = nb.batch_norm_train(x, w, b, axis=axis)
+    yr, mr, sr = nb.batch_norm_relu_train(x, w, b, axis=axis)
+    out = [y, mean, invstd, yr, mr, sr,
+           *nb.batch_norm_backward(dy, x, mean, invstd, w, axis=axis),
+           *nb.batch_norm_relu_backward(dy, yr, x, mr, sr, w, axis=axis),
+           nb.normalize(x, mean, invstd, w, b, axis=axis),
+           nb.batch_norm(x, rm, rv, w, b, axis=axis),
+           nb.batch_norm(x, rm, rv, w, b, training=True, momentum=0.25, axis=axis), rm, rv,
+           *nb.batch_stats(x, axis=axis)]
+    return out
+
+
+@pytest.mark.parametrize("case", range(7))
+def test_fast_path_gives_the_general_paths_bits_and_strides(rng, case):
+    name, x, axis, viewable = _layouts(rng)[case]
+    F._plans.clear()
+    general = _all_results(x, axis)  # first calls: the general path, which remembers
+    assert (F._plan_of(x, axis) is not None) == viewable, name
+    fast = _all_results(x, axis)
+    for g, f in zip(general, fast):
+        assert g.shape == f.shape and g.strides == f.strides and g.dtype == f.dtype, name
+        np.testing.assert_array_equal(f, g, err_msg=name)
+
+
+def test_plans_are_bounded(rng, monkeypatch):
+    monkeypatch.setattr(F, "_MAX_PLANS", 2)
+    F._plans.clear()
+    for n in (4, 5, 6):
+        nb.batch_stats(rng.standard_normal((n, 3)))
+    assert 1 <= len(F._plans) <= 2
+
+
+def test_geometry_follows_the_tunables_and_thread_count(monkeypatch):
+    shape3 = (4096, 8, 64)
+    before = ops.plan(shape3, 4, 1)
+    monkeypatch.setattr(_config, "CHUNK_ELEMS", _config.CHUNK_ELEMS // 4)
+    assert ops.plan(shape3, 4, 1).rows == before.rows // 4
+    monkeypatch.setattr(_config, "FUSE_BYTES", 0)
+    assert ops.plan(shape3, 4, 1).fused == 0
+    monkeypatch.undo()
+    assert ops.plan(shape3, 4, 1) == before
+    threads_now = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        assert ops.plan(shape3, 4, 1).threads == 1
+    finally:
+        numba.set_num_threads(threads_now)
+    assert ops.plan(shape3, 4, 1).threads == threads_now
+
+
+def test_guard_reads_the_serial_threshold_per_call(monkeypatch):
+    nb.batch_stats(np.ones((4, 2)))  # the threading layer is known from here on
+    x = np.ones((8, 3))
+    threads_now = numba.get_num_threads()
+    monkeypatch.setattr(_config, "SERIAL_MAX_ELEMS", 0)
+    with threads.kernel_guard(x):
+        assert numba.get_num_threads() == threads_now
+    monkeypatch.setattr(_config, "SERIAL_MAX_ELEMS", 100)
+    with threads.kernel_guard(x):
+        assert numba.get_num_threads() == 1
+    assert numba.get_num_threads() == threads_now
+
+
+def test_float32_statistics_overflow_to_inf_without_a_warning(rng):
+    x = rng.standard_normal((64, 3)).astype(np.float32)
+    x[:, 1] = 2.0  # var 0: invstd = 1 / sqrt(eps)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(2):  # general path, then the fast path
+            _, _, invstd = nb.batch_norm_train(x, eps=1e-80)
+            assert np.isinf(invstd[1]) and np.all(np.isfinite(invstd[[0, 2]]))
+            _, _, invstd = nb.batch_norm_train(x, eps=1e-76)
+            assert invstd[1] == np.float32(1e38)
+            _, var = nb.batch_stats(1e30 * x)
+            assert np.isinf(var[0]) and var[1] == 0
