@@ -366,7 +366,9 @@ def conv_input_grad(dy, weight_flip, pad_h, pad_w, dx, nblocks):
     """Input gradient of :func:`conv_forward`: the stride-1 correlation of ``dy``
     zero-padded by ``KH - 1 - pad_h, KW - 1 - pad_w`` with ``weight_flip (KH, KW, CO, C)``,
     ``weight_flip[i, j, o, c] = weight[KH-1-i, KW-1-j, c, o]``; ``dx (N, H, W, C)``
-    is overwritten, ``C`` a multiple of 16; ``nblocks`` as :func:`conv_forward`."""
+    is overwritten, ``C`` a multiple of 16; ``nblocks`` as :func:`conv_forward`.
+    Kernel rows that fall on the padding rows above and below ``dy`` are skipped
+    (their products are zeros), not the padding columns."""
     n_img, out_h, out_w, c_out = dy.shape
     k_h, k_w, _, chans = weight_flip.shape
     _, height, width, _ = dx.shape
@@ -385,12 +387,17 @@ def conv_input_grad(dy, weight_flip, pad_h, pad_w, dx, nblocks):
         for n in range(blk * n_img // nblk, (blk + 1) * n_img // nblk):
             _pad_into(dy[n], q_h, q_w, scratch)
             for h in range(height):
+                # Kernel rows i that meet dy, not its zero padding: padded row h + i
+                # is dy's row h + i - q_h.
+                i0 = max(0, q_h - h)
+                i1 = min(k_h, out_h + q_h - h)
                 for t in range(ntile):
                     w0 = t * width // ntile
                     rows = (t + 1) * width // ntile - w0
                     for cb in range(0, chans, vw):
-                        _tile_nv(nv, rows, src, (h * p_w + w0) * c_out, row_off,
-                                 k_h, p_w * c_out, k_w * c_out, 1, wf, cb, k_w * c_out * chans, chans,
+                        _tile_nv(nv, rows, src, ((h + i0) * p_w + w0) * c_out, row_off,
+                                 max(0, i1 - i0), p_w * c_out, k_w * c_out, 1,
+                                 wf, i0 * k_w * c_out * chans + cb, k_w * c_out * chans, chans,
                                  dxf, ((n * height + h) * width + w0) * chans + cb, chans,
                                  0, wf, 0)
 
