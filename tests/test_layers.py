@@ -230,6 +230,23 @@ def test_max_pool_forward_and_gradients(rng, k, s, p):
     fd_check(pool, x, rng)
 
 
+@pytest.mark.parametrize("k,hw", [(2, (7, 6)), (3, (6, 8)), ((2, 3), (5, 9))])
+def test_max_pool_tiled_backward_matches_scatter(rng, k, hw):
+    """Windows that tile the input: the one-write backward gives the scatter-add
+    kernel's bits (0 in leftover rows and columns, -0.0 in dy as 0.0)."""
+    from numbabn.layers import _kernels
+
+    pool = MaxPool2d(k)
+    pool.forward(rng.standard_normal((2, 5) + hw).astype(np.float32))
+    argmax = pool._cache[0]
+    dy = rng.standard_normal(argmax.shape).astype(np.float32)
+    dy[0, 0, 0, :2] = [-0.0, np.nan]
+    dx_tiled, dx_scatter = (np.full((2,) + hw + (5,), 7, np.float32) for _ in range(2))
+    _kernels.max_pool_backward_tiled(dy, argmax, *pool.kernel_size, dx_tiled)
+    _kernels.max_pool_backward(dy, argmax, dx_scatter)
+    assert dx_tiled.tobytes() == dx_scatter.tobytes()
+
+
 def test_max_pool_ties_go_to_the_first_maximum():
     x = np.zeros((1, 1, 2, 2))
     pool = MaxPool2d(2)
@@ -273,6 +290,30 @@ def test_relu_backward_layouts_and_nonfinite(rng, layout):
     np.testing.assert_array_equal(dx, np.where(y > 0, dy, 0))
     assert dx[0, 0, 0, 0] == 0 and dx[0, 0, 0, 1] == 0 and dx[0, 0, 0, 2] == -np.inf
     assert dx.strides == y.strides
+
+
+def test_flatten_backward_returns_the_input_layout(rng):
+    x = rng.standard_normal((3, 5, 4, 6)).astype(np.float32).transpose(0, 3, 1, 2)  # channels-last
+    for flatten in (Flatten(), Flatten(start_dim=2)):
+        y = flatten.forward(x)
+        dy = rng.standard_normal(y.shape).astype(np.float32)
+        dx = flatten.backward(dy)
+        assert dx.strides == x.strides
+        np.testing.assert_array_equal(dx, dy.reshape(x.shape))
+    c_order = np.ascontiguousarray(x)
+    flatten = Flatten()
+    assert flatten.backward(flatten.forward(c_order)).flags.c_contiguous
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_relu_forward_has_np_maximum_bits(rng, inplace):
+    x = rng.standard_normal((4, 6, 5, 3)).astype(np.float32)
+    x.reshape(-1)[:7] = [-0.0, 0.0, np.nan, -np.nan, np.inf, -np.inf, -1.0]
+    x = x.transpose(0, 3, 1, 2)   # channels-last memory
+    want = np.maximum(x, 0)
+    y = ReLU(inplace=inplace).forward(x)
+    assert y.tobytes(order="A") == want.tobytes(order="A") and y.strides == x.strides
+    assert (y is x) == inplace
 
 
 def test_relu_inplace_writes_into_input(rng):

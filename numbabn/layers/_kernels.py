@@ -115,6 +115,29 @@ def max_pool_backward(dy, argmax, dx):
                     dx[n, f // width, f % width, c] += dy[n, oh, ow, c]
 
 
+@njit(**CPU_JIT_PARALLEL)
+def max_pool_backward_tiled(dy, argmax, k_h, k_w, dx):
+    """:func:`max_pool_backward` for windows that tile the input (stride equal to
+    the kernel size, no padding): each ``dx`` value is written once, ``dy`` at its
+    window's maximum and 0 elsewhere (and 0 in the rows and columns past the
+    last window), instead of zeroing ``dx`` and adding into it."""
+    n_img, height, width, chans = dx.shape
+    _, out_h, out_w, _ = dy.shape
+    zero = dx.dtype.type(0.0)
+    for n in prange(n_img):
+        for h in range(height):
+            oh = h // k_h
+            for w in range(width):
+                ow = w // k_w
+                if oh >= out_h or ow >= out_w:
+                    for c in range(chans):
+                        dx[n, h, w, c] = zero
+                    continue
+                f = h * width + w
+                for c in range(chans):  # + 0: -0.0 gives 0.0, as zero + dy does
+                    dx[n, h, w, c] = dy[n, oh, ow, c] + zero if argmax[n, oh, ow, c] == f else zero
+
+
 @njit(**CPU_JIT_STRICT)
 def _add_rows(a, r0, r1, acc):
     for r in range(r0, r1):
@@ -462,6 +485,16 @@ def _sum_blocks(partial, r, out):
         for blk in range(partial.shape[0]):
             total += partial[blk, r, o]
         out[o] = total
+
+
+@njit(**CPU_JIT_PARALLEL)
+def relu_forward(x, y):
+    """``y = max(x, 0)`` over flat arrays with ``np.maximum(x, 0)``'s bits (NaN
+    kept, ``-0.0`` gives ``0.0``); ``y`` may be ``x``."""
+    zero = x.dtype.type(0.0)
+    for i in prange(x.shape[0]):
+        v = x[i]
+        y[i] = v if (v > zero or v != v) else zero
 
 
 _cache.check(globals())  # before any kernel above loads from the disk cache

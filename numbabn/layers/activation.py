@@ -60,7 +60,12 @@ class ReLU(_Elementwise):
 
     def forward(self, x):
         _check.float_input(x, "ReLU")
-        y = np.maximum(x, 0, out=x if self.inplace else None)
+        y = x if self.inplace else np.empty_like(x)
+        flat = _flat_views(x, y)
+        if flat is None:
+            np.maximum(x, 0, out=y)
+        else:
+            _kernels.relu_forward(*flat)
         self._saved = y
         return y
 

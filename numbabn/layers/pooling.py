@@ -67,7 +67,10 @@ class MaxPool2d(Layer):
         y_shape = None if argmax is None else (argmax.shape[0], argmax.shape[3]) + argmax.shape[1:3]
         _check.grad_output(dy, "MaxPool2d", y_shape, dtype)
         dx = np.empty(x_shape, dtype)
-        _kernels.max_pool_backward(dy.transpose(0, 2, 3, 1), argmax, dx)
+        if self.stride == self.kernel_size and self.padding == (0, 0):
+            _kernels.max_pool_backward_tiled(dy.transpose(0, 2, 3, 1), argmax, *self.kernel_size, dx)
+        else:
+            _kernels.max_pool_backward(dy.transpose(0, 2, 3, 1), argmax, dx)
         return dx.transpose(0, 3, 1, 2)
 
     def extra_repr(self):
