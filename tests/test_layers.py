@@ -335,6 +335,30 @@ def test_dropout_train_and_eval(rng):
     np.testing.assert_array_equal(drop.eval().forward(x), x)
 
 
+def test_dropout_masks_do_not_depend_on_threads_and_keep_the_layout(rng):
+    import numba
+
+    x = rng.standard_normal((8, 9, 10, 16)).astype(np.float32).transpose(0, 3, 1, 2)
+    masks = []
+    previous = numba.get_num_threads()
+    for threads in (1, numba.config.NUMBA_NUM_THREADS):
+        numba.set_num_threads(threads)
+        drop = Dropout(0.25, rng=np.random.default_rng(3))
+        y = drop.forward(x)
+        masks.append((y.copy(), drop.backward(np.ones_like(x))))
+        assert y.strides == x.strides
+    numba.set_num_threads(previous)
+    np.testing.assert_array_equal(masks[0][0], masks[1][0])
+    np.testing.assert_array_equal(masks[0][1], masks[1][1])
+    kept = masks[0][0] != 0
+    assert 0.72 < kept.mean() < 0.78
+    # A second forward draws a new mask; a strided input is handled (C order out).
+    assert not np.array_equal(drop.forward(x) != 0, kept)
+    strided = np.ones((40, 30), np.float32)[:, ::3]
+    y = Dropout(0.5, rng=np.random.default_rng(0)).forward(strided)
+    assert y.shape == strided.shape and set(np.unique(y)) <= {0.0, 2.0}
+
+
 @pytest.mark.parametrize("shape,cls", [((6, 4), BatchNorm1d), ((5, 4, 3), BatchNorm1d),
                                        ((3, 4, 3, 2), BatchNorm2d)])
 @pytest.mark.parametrize("training", [True, False])

@@ -497,4 +497,42 @@ def relu_forward(x, y):
         y[i] = v if (v > zero or v != v) else zero
 
 
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+@njit(**CPU_JIT_STRICT)
+def _splitmix64(z):
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+@njit(**CPU_JIT_PARALLEL)
+def dropout_forward(x, seed, threshold, scale, y, keep_scale):
+    """Dropout over flat arrays: value ``i`` is kept when its 32-bit random number
+    is at least ``threshold`` (``p * 2**32``), ``y = x * scale`` there and 0
+    elsewhere; ``keep_scale`` gets ``scale`` or 0 (the backward's factor).
+
+    The numbers are SplitMix64's stream from ``seed``: output ``k`` (the mix of
+    ``seed + (k + 1) * golden``) gives values ``2k`` (low half) and ``2k + 1``
+    (high half), so each depends on its index only, not on the thread count.
+    """
+    n = x.shape[0]
+    zero = x.dtype.type(0.0)
+    mask = np.uint64(0xFFFFFFFF)
+    for k in prange(n // 2):
+        z = _splitmix64(seed + np.uint64(k + 1) * _GOLDEN)
+        s0 = scale if (z & mask) >= threshold else zero
+        s1 = scale if (z >> np.uint64(32)) >= threshold else zero
+        keep_scale[2 * k] = s0
+        keep_scale[2 * k + 1] = s1
+        y[2 * k] = x[2 * k] * s0
+        y[2 * k + 1] = x[2 * k + 1] * s1
+    if n % 2:
+        z = _splitmix64(seed + np.uint64(n // 2 + 1) * _GOLDEN)
+        s0 = scale if (z & mask) >= threshold else zero
+        keep_scale[n - 1] = s0
+        y[n - 1] = x[n - 1] * s0
+
+
 _cache.check(globals())  # before any kernel above loads from the disk cache

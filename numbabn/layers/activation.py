@@ -113,6 +113,10 @@ class Dropout(_Elementwise):
     """Zero each value with probability ``p`` in training mode, scaling the rest
     by ``1 / (1 - p)``; the identity in eval mode (as PyTorch).
 
+    Each forward draws one 64-bit seed from ``rng``; the mask comes from a
+    counter-based stream (SplitMix64) over the values in memory order, made in
+    parallel and independent of the thread count.
+
     Parameters
     ----------
     p : float in [0, 1), default 0.5
@@ -135,10 +139,18 @@ class Dropout(_Elementwise):
         if not self.training or self.p == 0.0:
             self._saved = np.ones_like(x)
             return x.copy()
-        keep = self.rng.random(x.shape, dtype=x.dtype) >= self.p
-        scale = np.multiply(keep, 1.0 / (1.0 - self.p), dtype=x.dtype)
+        y, scale = np.empty_like(x), np.empty_like(x)
+        flat = _flat_views(x, y, scale)
+        if flat is None:  # not dense (or odd strides): C order
+            x = np.ascontiguousarray(x)
+            y, scale = np.empty_like(x), np.empty_like(x)
+            flat = _flat_views(x, y, scale)
+        seed = self.rng.integers(2 ** 64, dtype=np.uint64)
+        threshold = np.uint64(round(self.p * 2.0 ** 32))
+        factor = x.dtype.type(1.0 / (1.0 - self.p))
+        _kernels.dropout_forward(flat[0], seed, threshold, factor, flat[1], flat[2])
         self._saved = scale
-        return x * scale
+        return y
 
     def backward(self, dy):
         self._check_backward(dy)
