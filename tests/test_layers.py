@@ -87,6 +87,39 @@ def test_linear_forward_matches_matmul(rng):
                                rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.skipif(not conv_kernels.DIRECT_CONV_CPU, reason="the register tiles need AVX-512")
+@pytest.mark.parametrize("n,fan_in,fan_out,bias", [(33, 2064, 70, True), (8, 512, 1, False),
+                                                  (128, 9216, 128, True)])
+def test_linear_direct_matches_float64(rng, monkeypatch, n, fan_in, fan_out, bias):
+    """The tiles (float32, K blocks of LINEAR_K_BLOCK) against the float64 layer;
+    bits that do not depend on the thread count; small layers keep BLAS."""
+    import numba
+    from numbabn import _config
+
+    monkeypatch.setattr(_config, "LINEAR_K_BLOCK", 512)
+    layer = Linear(fan_in, fan_out, bias=bias, rng=rng)
+    assert layer._direct(n) == (n * fan_in * fan_out >= _config.LINEAR_DIRECT_MIN_MACS)
+    monkeypatch.setattr(_config, "LINEAR_DIRECT_MIN_MACS", 1)
+    ref = Linear(fan_in, fan_out, bias=bias, dtype=F64)
+    ref.load_state_dict(layer.state_dict())
+    x = rng.standard_normal((n, fan_in)).astype(np.float32)
+    dy = rng.standard_normal((n, fan_out)).astype(np.float32)
+    runs = []
+    previous = numba.get_num_threads()
+    for threads in (1, numba.config.NUMBA_NUM_THREADS):
+        numba.set_num_threads(threads)
+        runs.append((layer.forward(x), layer.backward(dy), *[g.copy() for g in layer.grads.values()]))
+    numba.set_num_threads(previous)
+    for a, b in zip(*runs):
+        np.testing.assert_array_equal(a, b)
+    wants = [ref.forward(x.astype(F64)), ref.backward(dy.astype(F64)), *ref.grads.values()]
+    for got, want in zip(runs[0], wants):
+        assert got.dtype == np.float32
+        np.testing.assert_allclose(got, want, rtol=0, atol=2e-6 * np.abs(want).max())
+    monkeypatch.setattr(_config, "LINEAR_DIRECT_MIN_MACS", None)
+    assert not layer._direct(n)
+
+
 CONV_CASES = [  # cin, cout, kernel, stride, padding, (h, w)
     (1, 3, 3, 1, 0, (7, 6)),
     (3, 4, (2, 3), (2, 1), (1, 2), (8, 7)),

@@ -116,6 +116,68 @@ def max_pool_backward(dy, argmax, dx):
 
 
 @njit(**CPU_JIT_PARALLEL)
+def linear_forward(x, weight, bias, has_bias, k_block, y, nblocks):
+    """``y = x @ weight.T (+ bias)`` for ``x (N, K)``, ``weight (O, K)``, ``K`` a
+    multiple of 16: dot-product tiles of up to 4 rows of ``x`` by 6 of ``weight``
+    over blocks of ``k_block`` columns (the tile's rows stay in L1), each block's
+    sum added to ``y`` in block order.  ``nblocks`` tasks share the rows of ``x``
+    (timing only: the bits do not depend on it)."""
+    n, k = x.shape
+    o = weight.shape[0]
+    xf, wf, yf = x.reshape(-1), weight.reshape(-1), y.reshape(-1)
+    nt = max(1, min(n, nblocks))
+    to = (o + 5) // 6
+    for task in prange(nt):
+        n0, n1 = task * n // nt, (task + 1) * n // nt
+        tn = (n1 - n0 + 3) // 4
+        for k0 in range(0, k, k_block):
+            mode = 1 if k0 > 0 else (2 if has_bias else 0)
+            for j in range(to):
+                o0, o1 = j * o // to, (j + 1) * o // to
+                for i in range(tn):
+                    r0 = n0 + i * (n1 - n0) // tn
+                    r1 = n0 + (i + 1) * (n1 - n0) // tn
+                    _dot_tile(xf, r0 * k + k0, k, wf, o0 * k + k0, k, min(k_block, k - k0),
+                              yf, r0 * o + o0, o, mode, bias, o0, r1 - r0, o1 - o0, 4, 6)
+
+
+@njit(**CPU_JIT_PARALLEL)
+def linear_input_grad(dy, weight, dx):
+    """``dx = dy @ weight`` for ``dy (N, O)``, ``weight (O, K)``, ``K`` a multiple of
+    16: register tiles of rows of ``dy`` by vectors of ``K``, summed over ``O`` in order."""
+    n, o = dy.shape
+    k = weight.shape[1]
+    nv = _vectors(k)
+    vw = LANES * nv
+    ntile = (n + _max_rows(nv) - 1) // _max_rows(nv)
+    row_off = _strided(_max_rows(nv), o)
+    dyf, wf, dxf = dy.reshape(-1), weight.reshape(-1), dx.reshape(-1)
+    for kb in prange(k // vw):
+        for t in range(ntile):
+            r0 = t * n // ntile
+            _tile_nv(nv, (t + 1) * n // ntile - r0, dyf, r0 * o, row_off, 1, 0, o, 1,
+                     wf, kb * vw, 0, k, dxf, r0 * k + kb * vw, k, 0, wf, 0)
+
+
+@njit(**CPU_JIT_PARALLEL)
+def linear_weight_grad(dy, x, dweight):
+    """``dweight = dy.T @ x`` for ``dy (N, O)``, ``x (N, K)``, ``K`` a multiple of 16:
+    register tiles of columns of ``dy`` by vectors of ``K``, summed over ``N`` in order."""
+    n, o = dy.shape
+    k = x.shape[1]
+    nv = _vectors(k)
+    vw = LANES * nv
+    ntile = (o + _max_rows(nv) - 1) // _max_rows(nv)
+    row_off = _strided(_max_rows(nv), 1)
+    dyf, xf, dwf = dy.reshape(-1), x.reshape(-1), dweight.reshape(-1)
+    for kb in prange(k // vw):
+        for t in range(ntile):
+            r0 = t * o // ntile
+            _tile_nv(nv, (t + 1) * o // ntile - r0, dyf, r0, row_off, 1, 0, n, o,
+                     xf, kb * vw, 0, k, dwf, r0 * k + kb * vw, k, 0, xf, 0)
+
+
+@njit(**CPU_JIT_PARALLEL)
 def max_pool_backward_tiled(dy, argmax, k_h, k_w, dx):
     """:func:`max_pool_backward` for windows that tile the input (stride equal to
     the kernel size, no padding): each ``dx`` value is written once, ``dy`` at its
@@ -284,6 +346,91 @@ def _tile(typingctx, a, a_base, row_off, nseg, a_seg, seg_len, a_k, b, b_base, b
                     builder.store(builder.load(accs[r][v]),
                                   builder.bitcast(builder.gep(C, [c_off[r][v]]), vptr), align=4)
             builder.branch(end)
+        builder.position_at_end(end)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+def _hsum(builder, v):
+    """The 16 lanes of ``v`` added as a fixed tree (halves, quarters, ...)."""
+    width = LANES
+    while width > 1:
+        width //= 2
+        lo = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(ir.IntType(32), width),
+                                                      list(range(width))))
+        hi = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(ir.IntType(32), width),
+                                                      list(range(width, 2 * width))))
+        v = builder.fadd(lo, hi)
+    return builder.extract_element(v, ir.Constant(ir.IntType(32), 0))
+
+
+@intrinsic
+def _dot_tile(typingctx, a, a_base, a_row, b, b_base, b_row, length, c, c_base, c_row,
+              mode, init, init_base, rows_a, rows_b, max_a, max_b):
+    """Dot products of ``rows_a`` rows of ``a`` with ``rows_b`` rows of ``b``::
+
+        c[c_base + i*c_row + j] = (0 | c[...] | init[init_base + j])      # mode 0 | 1 | 2
+                                  + sum_k a[a_base + i*a_row + k] * b[b_base + j*b_row + k]
+
+    over ``k < length`` (a multiple of 16): each product in lane ``k % 16`` of a
+    vector accumulator (fused multiply-adds in ``k`` order), the lanes then added
+    as a fixed tree.  ``max_a``, ``max_b``: literals (``rows_a * rows_b``
+    accumulators at most ``max_a * max_b``).
+    """
+    if not (isinstance(max_a, types.IntegerLiteral) and isinstance(max_b, types.IntegerLiteral)):
+        raise errors.RequireLiteralValue("_dot_tile: max_a and max_b must be literal integers")
+    n_a, n_b = max_a.literal_value, max_b.literal_value
+    u = types.unliteral
+    sig = types.void(a, u(a_base), u(a_row), b, u(b_base), u(b_row), u(length), c, u(c_base),
+                     u(c_row), u(mode), init, u(init_base), u(rows_a), u(rows_b), max_a, max_b)
+
+    def codegen(context, builder, sig, args):
+        ints = [context.cast(builder, args[i], sig.args[i], types.int64)
+                for i in (1, 2, 4, 5, 6, 8, 9, 10, 12, 13, 14)]
+        a_base, a_row, b_base, b_row, length, c_base, c_row, mode, init_base, rows_a, rows_b = ints
+        A = context.make_array(sig.args[0])(context, builder, args[0]).data
+        B = context.make_array(sig.args[3])(context, builder, args[3]).data
+        C = context.make_array(sig.args[7])(context, builder, args[7]).data
+        INIT = context.make_array(sig.args[11])(context, builder, args[11]).data
+        fma = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(_VEC, [_VEC] * 3), f"llvm.fma.v{LANES}f32")
+        vptr = _VEC.as_pointer()
+        const = lambda v: ir.Constant(_I64, v)  # noqa: E731
+        accs = [[cgutils.alloca_once(builder, _VEC) for _ in range(n_b)] for _ in range(n_a)]
+        end = builder.append_basic_block("dot.end")
+        switch = builder.switch(builder.add(builder.mul(rows_a, const(n_b + 1)), rows_b), end)
+        for na in range(1, n_a + 1):
+            for nb in range(1, n_b + 1):
+                block = builder.append_basic_block(f"dot.{na}x{nb}")
+                switch.add_case(const(na * (n_b + 1) + nb), block)
+                builder.position_at_end(block)
+                a_rows = [builder.add(a_base, builder.mul(a_row, const(i))) for i in range(na)]
+                b_rows = [builder.add(b_base, builder.mul(b_row, const(j))) for j in range(nb)]
+                for i in range(na):
+                    for j in range(nb):
+                        builder.store(ir.Constant(_VEC, None), accs[i][j])
+                with cgutils.for_range_slice(builder, const(0), length, const(LANES)) as (k, _):
+                    av = [builder.load(builder.bitcast(builder.gep(A, [builder.add(r, k)]), vptr), align=4)
+                          for r in a_rows]
+                    bv = [builder.load(builder.bitcast(builder.gep(B, [builder.add(r, k)]), vptr), align=4)
+                          for r in b_rows]
+                    for i in range(na):
+                        for j in range(nb):
+                            builder.store(builder.call(fma, [av[i], bv[j], builder.load(accs[i][j])]),
+                                          accs[i][j])
+                for i in range(na):
+                    for j in range(nb):
+                        total = _hsum(builder, builder.load(accs[i][j]))
+                        where = builder.gep(C, [builder.add(c_base, builder.add(builder.mul(c_row, const(i)),
+                                                                               const(j)))])
+                        old = builder.load(where)
+                        bias = builder.load(builder.gep(INIT, [builder.add(init_base, const(j))]))
+                        start = builder.select(builder.icmp_signed("==", mode, const(1)), old,
+                                               builder.select(builder.icmp_signed("==", mode, const(2)),
+                                                              bias, ir.Constant(ir.FloatType(), 0.0)))
+                        builder.store(builder.fadd(start, total), where)
+                builder.branch(end)
         builder.position_at_end(end)
         return context.get_dummy_value()
 

@@ -1,10 +1,17 @@
-"""``Linear``: ``y = x @ weight.T + bias`` with PyTorch's parameter shapes."""
+"""``Linear``: ``y = x @ weight.T + bias`` with PyTorch's parameter shapes.
+
+Float32 layers with ``in_features`` a multiple of 16 and at least
+``_config.LINEAR_DIRECT_MIN_MACS`` multiply-adds per GEMM run on the register
+tiles of :mod:`numbabn.layers._kernels` on a CPU with AVX-512; others call BLAS.
+"""
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 
-from . import _check
+from . import _check, _kernels
+from .. import _config
 from ._init import fan_in_uniform
 from .base import Layer
 
@@ -49,12 +56,26 @@ class Linear(Layer):
         self.grads = {k: np.zeros_like(v) for k, v in self.params.items()}
         self._x = None
 
+    def _direct(self, n):
+        """Whether a batch of ``n`` rows runs on the register tiles."""
+        least = _config.LINEAR_DIRECT_MIN_MACS
+        return (least is not None and _kernels.DIRECT_CONV_CPU and self.dtype == np.float32
+                and self.in_features % _kernels.LANES == 0 and self.weight.flags.c_contiguous
+                and n * self.in_features * self.out_features >= least)
+
     def forward(self, x):
         """Return ``x @ weight.T + bias`` of shape ``(N, out_features)``."""
         _check.layer_input(x, "Linear", self.dtype, (None, self.in_features))
-        y = np.matmul(x, self.weight.T)
-        if self.bias is not None:
-            y += self.bias
+        if self._direct(x.shape[0]):
+            x = np.ascontiguousarray(x)
+            y = np.empty((x.shape[0], self.out_features), self.dtype)
+            bias = self.bias if self.bias is not None else np.zeros(self.out_features, self.dtype)
+            _kernels.linear_forward(x, self.weight, bias, self.bias is not None,
+                                    _config.LINEAR_K_BLOCK, y, numba.get_num_threads())
+        else:
+            y = np.matmul(x, self.weight.T)
+            if self.bias is not None:
+                y += self.bias
         self._x = x
         return y
 
@@ -63,10 +84,21 @@ class Linear(Layer):
         with ``dy.T @ x`` and ``dy.sum(0)``."""
         y_shape = None if self._x is None else (self._x.shape[0], self.out_features)
         _check.grad_output(dy, "Linear", y_shape, self.dtype)
-        np.matmul(dy.T, self._x, out=self.grads["weight"])
+        direct = self._direct(dy.shape[0]) and self._x.flags.c_contiguous
+        if direct:
+            dy = np.ascontiguousarray(dy)
+            _kernels.linear_weight_grad(dy, self._x, self.grads["weight"])
+        else:
+            np.matmul(dy.T, self._x, out=self.grads["weight"])
         if self.bias is not None:
             np.sum(dy, axis=0, out=self.grads["bias"])
-        return np.matmul(dy, self.weight) if input_grad else None
+        if not input_grad:
+            return None
+        if direct:
+            dx = np.empty(self._x.shape, self.dtype)
+            _kernels.linear_input_grad(dy, self.weight, dx)
+            return dx
+        return np.matmul(dy, self.weight)
 
     def extra_repr(self):
         return f"{self.in_features}, {self.out_features}, bias={self.bias is not None}"
