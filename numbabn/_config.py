@@ -159,6 +159,14 @@ CONV_DIRECT = True
 # float32 sums, then the blocks added in order in float64.
 CONV_WGRAD_IMAGES = 8
 
+# Products per float32 chain of the register tiles (partition): a tile sums
+# whole segments of its reduction (a kernel row, an output row of pixels) in
+# registers until about this many, then adds them to its output, as a GEMM
+# blocked along its reduction.  Unchained, the cnn's second convolution summed
+# 576 products per input-gradient value and 4608 per weight-gradient value in
+# one chain, 2-6x OpenBLAS's error against float64; chained, at most its error.
+TILE_CHAIN = 128
+
 # Linear layers (float32, in_features a multiple of 16, a CPU with AVX-512) whose
 # GEMMs take at least this many multiply-adds run on the same register tiles
 # (numbabn.layers._kernels.linear_*): the cnn's Linear(9216, 128) at batch 128,

@@ -232,9 +232,9 @@ def test_conv2d_direct_bits_do_not_depend_on_threads_or_task_count(rng):
         numba.set_num_threads(threads)
         y = np.empty((9, 6, 7, 64), np.float32)
         dx, dw = np.empty_like(x), np.empty_like(w)
-        conv_kernels.conv_forward(x, w, b, True, 1, 1, y, tasks)
-        conv_kernels.conv_input_grad(dy, w_flip, 1, 1, dx, tasks)
-        conv_kernels.conv_weight_grad(x, dy, 1, 1, 2, dw)
+        conv_kernels.conv_forward(x, w, b, True, 1, 1, 128, y, tasks)
+        conv_kernels.conv_input_grad(dy, w_flip, 1, 1, 128, dx, tasks)
+        conv_kernels.conv_weight_grad(x, dy, 1, 1, 2, 128, dw)
         runs.append((y, dx, dw))
     numba.set_num_threads(previous)
     for a, b in zip(*runs):

@@ -1,9 +1,10 @@
-"""Numba kernels behind Conv2d and MaxPool2d.  Private: inputs arrive checked.
+"""Numba kernels behind Conv2d, Linear, MaxPool2d, ReLU and Dropout.  Private:
+inputs arrive checked.
 
 All image arrays are channels-last, ``(N, H, W, C)``, so the innermost loop runs
-over contiguous channels.  Every kernel is parallel over images, and an image's
-outputs are written by one thread only, so results do not depend on the number
-of threads.
+over contiguous channels.  Every kernel is parallel, and each output value is
+written by one thread only, summed in an order fixed by the shape, so results do
+not depend on the number of threads.
 
 Direct convolutions (float32, stride 1, channel counts that are multiples of
 16) run on register tiles of 16-float vectors, :func:`_tile`: up to 24
@@ -13,7 +14,8 @@ of a forward tile reads its input rows straight from the image (the ``KW * C``
 values of one kernel row are contiguous channels-last), so there is no im2col
 buffer; the input gradient is the forward of the zero-padded output gradient
 with the flipped kernel, and the weight gradient sums tiles of ``(i, j, c)``
-rows over an image's output pixels.
+rows over an image's output pixels.  Linear layers use the same tiles for their
+gradients and dot-product tiles (:func:`_dot_tile`) for the forward.
 """
 
 import llvmlite.binding as _llvm
@@ -142,7 +144,7 @@ def linear_forward(x, weight, bias, has_bias, k_block, y, nblocks):
 
 
 @njit(**CPU_JIT_PARALLEL)
-def linear_input_grad(dy, weight, dx):
+def linear_input_grad(dy, weight, chain, dx):
     """``dx = dy @ weight`` for ``dy (N, O)``, ``weight (O, K)``, ``K`` a multiple of
     16: register tiles of rows of ``dy`` by vectors of ``K``, summed over ``O`` in order."""
     n, o = dy.shape
@@ -156,11 +158,11 @@ def linear_input_grad(dy, weight, dx):
         for t in range(ntile):
             r0 = t * n // ntile
             _tile_nv(nv, (t + 1) * n // ntile - r0, dyf, r0 * o, row_off, 1, 0, o, 1,
-                     wf, kb * vw, 0, k, dxf, r0 * k + kb * vw, k, 0, wf, 0)
+                     wf, kb * vw, 0, k, dxf, r0 * k + kb * vw, k, 0, wf, 0, chain)
 
 
 @njit(**CPU_JIT_PARALLEL)
-def linear_weight_grad(dy, x, dweight):
+def linear_weight_grad(dy, x, chain, dweight):
     """``dweight = dy.T @ x`` for ``dy (N, O)``, ``x (N, K)``, ``K`` a multiple of 16:
     register tiles of columns of ``dy`` by vectors of ``K``, summed over ``N`` in order."""
     n, o = dy.shape
@@ -174,7 +176,7 @@ def linear_weight_grad(dy, x, dweight):
         for t in range(ntile):
             r0 = t * o // ntile
             _tile_nv(nv, (t + 1) * o // ntile - r0, dyf, r0, row_off, 1, 0, n, o,
-                     xf, kb * vw, 0, k, dwf, r0 * k + kb * vw, k, 0, xf, 0)
+                     xf, kb * vw, 0, k, dwf, r0 * k + kb * vw, k, 0, xf, 0, chain)
 
 
 @njit(**CPU_JIT_PARALLEL)
@@ -252,18 +254,25 @@ _I64 = ir.IntType(64)
 
 @intrinsic
 def _tile(typingctx, a, a_base, row_off, nseg, a_seg, seg_len, a_k, b, b_base, b_seg, b_k,
-          c, c_base, c_row, mode, init, init_base, rows, rmax, nv):
-    """One register tile: for ``r < rows`` and ``v < nv``::
+          c, c_base, c_row, mode, init, init_base, chain, rows, rmax, nv):
+    """One register tile: for ``r < rows`` and ``v < nv``, with
+    ``c_rv = c[c_base + r*c_row + 16v : +16]``::
 
-        acc = (0 | c[c_base + r*c_row + 16v : +16] | init[init_base + 16v : +16])  # mode 0 | 1 | 2
-        for s < nseg, k < seg_len (in this order):
-            acc = fma(a[a_base + row_off[r] + s*a_seg + k*a_k], b[b_base + s*b_seg + k*b_k + 16v : +16], acc)
-        c[c_base + r*c_row + 16v : +16] = acc
+        c_rv = (0 | c_rv | init[init_base + 16v : +16])        # mode 0 | 1 | 2
+        for each group of g = max(1, chain // seg_len) segments s (in order):
+            acc = 0
+            for s in group, k < seg_len:
+                acc = fma(a[a_base + row_off[r] + s*a_seg + k*a_k], b[b_base + s*b_seg + k*b_k + 16v : +16], acc)
+            c_rv = c_rv + acc
 
     ``a``, ``b``, ``c``, ``init``: 1-D float32 arrays; ``row_off``: int64, ``rows``
     entries used.  ``rmax`` and ``nv`` are literals; ``rows`` (1 to ``rmax``)
     selects one of ``rmax`` loops compiled with their accumulators in registers.
-    Each value is one chain of fused multiply-adds in a fixed order.
+    Each group's sum is one chain of fused multiply-adds in ``(s, k)`` order,
+    added to the running total in group order: float32 chains of about ``chain``
+    products (whole segments), not ``nseg * seg_len``, as a GEMM blocked along
+    its reduction (the input gradient's 576 products are 3 chains, the weight
+    gradient's 4608 per block of images are 48).
     """
     if not (isinstance(rmax, types.IntegerLiteral) and isinstance(nv, types.IntegerLiteral)):
         raise errors.RequireLiteralValue("_tile: rmax and nv must be literal integers")
@@ -271,19 +280,25 @@ def _tile(typingctx, a, a_base, row_off, nseg, a_seg, seg_len, a_k, b, b_base, b
     u = types.unliteral
     sig = types.void(a, u(a_base), row_off, u(nseg), u(a_seg), u(seg_len), u(a_k), b, u(b_base),
                      u(b_seg), u(b_k), c, u(c_base), u(c_row), u(mode), init, u(init_base),
-                     u(rows), rmax, nv)
+                     u(chain), u(rows), rmax, nv)
 
     def codegen(context, builder, sig, args):
         (a, a_base, row_off, nseg, a_seg, seg_len, a_k, b, b_base, b_seg, b_k,
-         c, c_base, c_row, mode, init, init_base, rows, _, _) = args
+         c, c_base, c_row, mode, init, init_base, _, rows, _, _) = args
         i64 = [context.cast(builder, v, t, types.int64) for v, t in
                ((a_base, sig.args[1]), (nseg, sig.args[3]), (a_seg, sig.args[4]),
                 (seg_len, sig.args[5]), (a_k, sig.args[6]), (b_base, sig.args[8]),
                 (b_seg, sig.args[9]), (b_k, sig.args[10]), (c_base, sig.args[12]),
                 (c_row, sig.args[13]), (mode, sig.args[14]), (init_base, sig.args[16]),
-                (rows, sig.args[17]))]
+                (rows, sig.args[18]))]
         (a_base, nseg, a_seg, seg_len, a_k, b_base, b_seg, b_k, c_base, c_row, mode,
          init_base, rows) = i64
+        const = lambda v: ir.Constant(_I64, v)  # noqa: E731
+        # Segments summed per chain: at least one, about TILE_CHAIN products.
+        chain = context.cast(builder, args[17], sig.args[17], types.int64)
+        group = builder.sdiv(chain, builder.select(builder.icmp_signed(">", seg_len, const(0)),
+                                                   seg_len, const(1)))
+        group = builder.select(builder.icmp_signed(">", group, const(1)), group, const(1))
         A = context.make_array(sig.args[0])(context, builder, a).data
         RO = context.make_array(sig.args[2])(context, builder, row_off).data
         B = context.make_array(sig.args[7])(context, builder, b).data
@@ -292,10 +307,12 @@ def _tile(typingctx, a, a_base, row_off, nseg, a_seg, seg_len, a_k, b, b_base, b
         fma = cgutils.get_or_insert_function(
             builder.module, ir.FunctionType(_VEC, [_VEC] * 3), f"llvm.fma.v{LANES}f32")
         vptr = _VEC.as_pointer()
-        const = lambda v: ir.Constant(_I64, v)  # noqa: E731
 
         def vload(base, offset):
             return builder.load(builder.bitcast(builder.gep(base, [offset]), vptr), align=4)
+
+        def vstore(value, base, offset):
+            builder.store(value, builder.bitcast(builder.gep(base, [offset]), vptr), align=4)
 
         accs = [[cgutils.alloca_once(builder, _VEC) for _ in range(n_nv)] for _ in range(n_rmax)]
         end = builder.append_basic_block("tile.end")
@@ -308,43 +325,47 @@ def _tile(typingctx, a, a_base, row_off, nseg, a_seg, seg_len, a_k, b, b_base, b
                         for r in range(nr)]
             c_off = [[builder.add(c_base, builder.add(builder.mul(c_row, const(r)), const(LANES * v)))
                       for v in range(n_nv)] for r in range(nr)]
-            with builder.if_else(builder.icmp_signed("==", mode, const(1))) as (from_c, other):
-                with from_c:
-                    for r in range(nr):
-                        for v in range(n_nv):
-                            builder.store(vload(C, c_off[r][v]), accs[r][v])
+            # c holds the running total: its start value, then + each segment's sum.
+            with builder.if_else(builder.icmp_signed("==", mode, const(2))) as (from_init, other):
+                with from_init:
+                    for v in range(n_nv):
+                        start = vload(INIT, builder.add(init_base, const(LANES * v)))
+                        for r in range(nr):
+                            vstore(start, C, c_off[r][v])
                 with other:
-                    with builder.if_else(builder.icmp_signed("==", mode, const(2))) as (from_init, zero):
-                        with from_init:
+                    with builder.if_then(builder.icmp_signed("==", mode, const(0))):
+                        for r in range(nr):
                             for v in range(n_nv):
-                                start = vload(INIT, builder.add(init_base, const(LANES * v)))
-                                for r in range(nr):
-                                    builder.store(start, accs[r][v])
-                        with zero:
-                            for r in range(nr):
-                                for v in range(n_nv):
-                                    builder.store(ir.Constant(_VEC, None), accs[r][v])
-            with cgutils.for_range(builder, nseg) as seg:
-                a_s = builder.mul(seg.index, a_seg)
-                b_s = builder.add(b_base, builder.mul(seg.index, b_seg))
-                with cgutils.for_range(builder, seg_len) as kk:
-                    a_off = builder.add(a_s, builder.mul(kk.index, a_k))
-                    b_off = builder.add(b_s, builder.mul(kk.index, b_k))
-                    bv = [vload(B, builder.add(b_off, const(LANES * v))) for v in range(n_nv)]
-                    for r in range(nr):
-                        x = builder.load(builder.gep(A, [builder.add(row_base[r], a_off)]))
-                        xv = builder.insert_element(ir.Constant(_VEC, ir.Undefined), x,
-                                                    ir.Constant(ir.IntType(32), 0))
-                        xv = builder.shuffle_vector(
-                            xv, ir.Constant(_VEC, ir.Undefined),
-                            ir.Constant(ir.VectorType(ir.IntType(32), LANES), None))
-                        for v in range(n_nv):
-                            acc = builder.load(accs[r][v])
-                            builder.store(builder.call(fma, [xv, bv[v], acc]), accs[r][v])
-            for r in range(nr):
-                for v in range(n_nv):
-                    builder.store(builder.load(accs[r][v]),
-                                  builder.bitcast(builder.gep(C, [c_off[r][v]]), vptr), align=4)
+                                vstore(ir.Constant(_VEC, None), C, c_off[r][v])
+            ngroup = builder.sdiv(builder.add(nseg, builder.sub(group, const(1))), group)
+            with cgutils.for_range(builder, ngroup) as grp:
+                for r in range(nr):
+                    for v in range(n_nv):
+                        builder.store(ir.Constant(_VEC, None), accs[r][v])
+                s0 = builder.mul(grp.index, group)
+                s1 = builder.select(builder.icmp_signed("<", builder.add(s0, group), nseg),
+                                    builder.add(s0, group), nseg)
+                with cgutils.for_range_slice(builder, s0, s1, const(1)) as (seg, _):
+                    a_s = builder.mul(seg, a_seg)
+                    b_s = builder.add(b_base, builder.mul(seg, b_seg))
+                    with cgutils.for_range(builder, seg_len) as kk:
+                        a_off = builder.add(a_s, builder.mul(kk.index, a_k))
+                        b_off = builder.add(b_s, builder.mul(kk.index, b_k))
+                        bv = [vload(B, builder.add(b_off, const(LANES * v))) for v in range(n_nv)]
+                        for r in range(nr):
+                            x = builder.load(builder.gep(A, [builder.add(row_base[r], a_off)]))
+                            xv = builder.insert_element(ir.Constant(_VEC, ir.Undefined), x,
+                                                        ir.Constant(ir.IntType(32), 0))
+                            xv = builder.shuffle_vector(
+                                xv, ir.Constant(_VEC, ir.Undefined),
+                                ir.Constant(ir.VectorType(ir.IntType(32), LANES), None))
+                            for v in range(n_nv):
+                                acc = builder.load(accs[r][v])
+                                builder.store(builder.call(fma, [xv, bv[v], acc]), accs[r][v])
+                for r in range(nr):
+                    for v in range(n_nv):
+                        total = builder.fadd(vload(C, c_off[r][v]), builder.load(accs[r][v]))
+                        vstore(total, C, c_off[r][v])
             builder.branch(end)
         builder.position_at_end(end)
         return context.get_dummy_value()
@@ -455,16 +476,16 @@ def _max_rows(nv):
 
 @njit(**CPU_JIT_STRICT)
 def _tile_nv(nv, rows, a, a_base, row_off, nseg, a_seg, seg_len, a_k, b, b_base, b_seg, b_k,
-             c, c_base, c_row, mode, init, init_base):
+             c, c_base, c_row, mode, init, init_base, chain):
     if nv == 4:
         _tile(a, a_base, row_off, nseg, a_seg, seg_len, a_k, b, b_base, b_seg, b_k,
-              c, c_base, c_row, mode, init, init_base, rows, 6, 4)
+              c, c_base, c_row, mode, init, init_base, chain, rows, 6, 4)
     elif nv == 2:
         _tile(a, a_base, row_off, nseg, a_seg, seg_len, a_k, b, b_base, b_seg, b_k,
-              c, c_base, c_row, mode, init, init_base, rows, 13, 2)
+              c, c_base, c_row, mode, init, init_base, chain, rows, 13, 2)
     else:
         _tile(a, a_base, row_off, nseg, a_seg, seg_len, a_k, b, b_base, b_seg, b_k,
-              c, c_base, c_row, mode, init, init_base, rows, 16, 1)
+              c, c_base, c_row, mode, init, init_base, chain, rows, 16, 1)
 
 
 @njit(**CPU_JIT_STRICT)
@@ -487,7 +508,7 @@ def _pad_into(image, pad_h, pad_w, scratch):
 
 
 @njit(**CPU_JIT_PARALLEL)
-def conv_forward(x, weight, bias, has_bias, pad_h, pad_w, y, nblocks):
+def conv_forward(x, weight, bias, has_bias, pad_h, pad_w, chain, y, nblocks):
     """Stride-1 correlation ``y[n, oh, ow, :] = bias + sum_{i, j, c} xpad[n, oh+i, ow+j, c]
     * weight[i, j, c, :]`` (``xpad``: ``x`` zero-padded by ``pad_h, pad_w``).
 
@@ -528,11 +549,11 @@ def conv_forward(x, weight, bias, has_bias, pad_h, pad_w, y, nblocks):
                         _tile_nv(nv, rows, src, base + (oh * p_w + ow0) * chans, row_off,
                                  k_h, p_w * chans, k_w * chans, 1, wf, cb, k_w * chans * c_out, c_out,
                                  yf, ((n * out_h + oh) * out_w + ow0) * c_out + cb, c_out,
-                                 mode, bias, cb)
+                                 mode, bias, cb, chain)
 
 
 @njit(**CPU_JIT_PARALLEL)
-def conv_input_grad(dy, weight_flip, pad_h, pad_w, dx, nblocks):
+def conv_input_grad(dy, weight_flip, pad_h, pad_w, chain, dx, nblocks):
     """Input gradient of :func:`conv_forward`: the stride-1 correlation of ``dy``
     zero-padded by ``KH - 1 - pad_h, KW - 1 - pad_w`` with ``weight_flip (KH, KW, CO, C)``,
     ``weight_flip[i, j, o, c] = weight[KH-1-i, KW-1-j, c, o]``; ``dx (N, H, W, C)``
@@ -569,11 +590,11 @@ def conv_input_grad(dy, weight_flip, pad_h, pad_w, dx, nblocks):
                                  max(0, i1 - i0), p_w * c_out, k_w * c_out, 1,
                                  wf, i0 * k_w * c_out * chans + cb, k_w * c_out * chans, chans,
                                  dxf, ((n * height + h) * width + w0) * chans + cb, chans,
-                                 0, wf, 0)
+                                 0, wf, 0, chain)
 
 
 @njit(**CPU_JIT_PARALLEL)
-def conv_weight_grad(x, dy, pad_h, pad_w, block_images, dweight):
+def conv_weight_grad(x, dy, pad_h, pad_w, block_images, chain, dweight):
     """Weight gradient of :func:`conv_forward`: ``dweight[i, j, c, :] = sum_{n, oh, ow}
     xpad[n, oh+i, ow+j, c] * dy[n, oh, ow, :]`` (overwritten), ``CO`` a multiple of 16.
 
@@ -618,7 +639,7 @@ def conv_weight_grad(x, dy, pad_h, pad_w, block_images, dweight):
                     _tile_nv(nv, rows, src, base, row_off[r0:], out_h, p_w * chans, out_w, chans,
                              dyf, n * out_h * out_w * c_out + cb, out_w * c_out, c_out,
                              pf, (blk * nrows + r0) * c_out + cb, c_out,
-                             1 if n > n0 else 0, pf, 0)
+                             1 if n > n0 else 0, pf, 0, chain)
     dwf = dweight.reshape(nrows, c_out)
     for r in prange(nrows):
         _sum_blocks(partial, r, dwf[r])

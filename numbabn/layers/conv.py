@@ -155,8 +155,8 @@ class Conv2d(Layer):
             y = np.empty((n_img, out_h, out_w, self.out_channels), self.dtype)
             weight = np.ascontiguousarray(self.weight.transpose(2, 3, 1, 0))
             bias = self.bias if self.bias is not None else np.zeros(self.out_channels, self.dtype)
-            _kernels.conv_forward(x_nhwc, weight, bias, self.bias is not None, *self.padding, y,
-                                  numba.get_num_threads())
+            _kernels.conv_forward(x_nhwc, weight, bias, self.bias is not None, *self.padding,
+                                  _config.TILE_CHAIN, y, numba.get_num_threads())
             self._cache = (x_nhwc, None, y.shape)
             return y.transpose(0, 3, 1, 2)
         chunks, step = self._chunks(n_img, out_h, out_w)
@@ -217,7 +217,8 @@ class Conv2d(Layer):
     def _backward_direct(self, x_nhwc, dy_nhwc, input_grad):
         kh, kw = self.kernel_size
         dweight = np.empty((kh, kw, self.in_channels, self.out_channels), self.dtype)
-        _kernels.conv_weight_grad(x_nhwc, dy_nhwc, *self.padding, _config.CONV_WGRAD_IMAGES, dweight)
+        _kernels.conv_weight_grad(x_nhwc, dy_nhwc, *self.padding, _config.CONV_WGRAD_IMAGES,
+                                  _config.TILE_CHAIN, dweight)
         self.grads["weight"][...] = dweight.transpose(3, 2, 0, 1)
         if self.bias is not None:
             dy2d = dy_nhwc.reshape(-1, self.out_channels)
@@ -229,7 +230,8 @@ class Conv2d(Layer):
         dx = np.empty(x_nhwc.shape, self.dtype)
         if self._direct_input_grad():
             weight_flip = np.ascontiguousarray(self.weight[:, :, ::-1, ::-1].transpose(2, 3, 0, 1))
-            _kernels.conv_input_grad(dy_nhwc, weight_flip, *self.padding, dx, numba.get_num_threads())
+            _kernels.conv_input_grad(dy_nhwc, weight_flip, *self.padding, _config.TILE_CHAIN, dx,
+                                     numba.get_num_threads())
         else:
             self._input_grad_gemm(dy_nhwc, dx)
         return dx.transpose(0, 3, 1, 2)

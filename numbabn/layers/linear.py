@@ -87,7 +87,7 @@ class Linear(Layer):
         direct = self._direct(dy.shape[0]) and self._x.flags.c_contiguous
         if direct:
             dy = np.ascontiguousarray(dy)
-            _kernels.linear_weight_grad(dy, self._x, self.grads["weight"])
+            _kernels.linear_weight_grad(dy, self._x, _config.TILE_CHAIN, self.grads["weight"])
         else:
             np.matmul(dy.T, self._x, out=self.grads["weight"])
         if self.bias is not None:
@@ -96,7 +96,7 @@ class Linear(Layer):
             return None
         if direct:
             dx = np.empty(self._x.shape, self.dtype)
-            _kernels.linear_input_grad(dy, self.weight, dx)
+            _kernels.linear_input_grad(dy, self.weight, _config.TILE_CHAIN, dx)
             return dx
         return np.matmul(dy, self.weight)
 
