@@ -14,10 +14,12 @@ import numbabn as nb
 from conftest import assert_close
 
 # (shape, axis, dtype): a row of 64 bytes' multiple (one offset for all rows),
-# C = 3 (rows of 12 bytes: a segment spans 16 rows), a wide row, channels-last
-# 4-D, and a strided (non-contiguous) channel-contiguous view.
+# the same streamed from memory (backward sums row by row), C = 3
+# (rows of 12 bytes: a segment spans 16 rows), a wide row, channels-last 4-D,
+# and a strided (non-contiguous) channel-contiguous view.
 CASES = [
     ((37, 64), 1, np.float32),
+    ((8200, 64), 1, np.float32),
     ((50, 3), 1, np.float32),
     ((9, 520), 1, np.float64),
     ((3, 5, 4, 32), -1, np.float32),
