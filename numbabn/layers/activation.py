@@ -6,6 +6,9 @@ channels-last activation stays channels-last.
 
 from __future__ import annotations
 
+import math
+
+import numba
 import numpy as np
 
 from . import _check, _kernels
@@ -113,9 +116,13 @@ class Dropout(_Elementwise):
     """Zero each value with probability ``p`` in training mode, scaling the rest
     by ``1 / (1 - p)``; the identity in eval mode (as PyTorch).
 
-    Each forward draws one 64-bit seed from ``rng``; the mask comes from a
-    counter-based stream (SplitMix64) over the values in memory order, made in
-    parallel and independent of the thread count.
+    The masks are ``rng.random(x.shape, dtype=x.dtype) >= p``.  For float32
+    inputs of at most 4 dimensions and a PCG64 generator (``default_rng``'s)
+    they are drawn by a parallel kernel that reproduces NumPy's stream, jumping
+    ahead to each thread's share, and leaves the generator in NumPy's state:
+    the same masks, and the same generator state, as NumPy's own draw.  The
+    output is C order (as ``x * mask`` with a C-order mask), and the gradient
+    takes the input's layout.
 
     Parameters
     ----------
@@ -133,28 +140,50 @@ class Dropout(_Elementwise):
         super().__init__()
         self.p = _check.probability(p, "p")
         self.rng = _check.rng(rng)
+        self._x_axes = None  # the input's axes by stride, when the fast path changed the layout
 
     def forward(self, x):
         _check.float_input(x, "Dropout")
+        self._x_axes = None
         if not self.training or self.p == 0.0:
             self._saved = np.ones_like(x)
             return x.copy()
-        y, scale = np.empty_like(x), np.empty_like(x)
-        flat = _flat_views(x, y, scale)
-        if flat is None:  # not dense (or odd strides): C order
-            x = np.ascontiguousarray(x)
-            y, scale = np.empty_like(x), np.empty_like(x)
-            flat = _flat_views(x, y, scale)
-        seed = self.rng.integers(2 ** 64, dtype=np.uint64)
-        threshold = np.uint64(round(self.p * 2.0 ** 32))
-        factor = x.dtype.type(1.0 / (1.0 - self.p))
-        _kernels.dropout_forward(flat[0], seed, threshold, factor, flat[1], flat[2])
+        bitgen = self.rng.bit_generator
+        if x.dtype != np.float32 or x.ndim > 4 or x.size == 0 or type(bitgen) is not np.random.PCG64:
+            keep = self.rng.random(x.shape, dtype=x.dtype) >= self.p
+            scale = np.multiply(keep, 1.0 / (1.0 - self.p), dtype=x.dtype)
+            self._saved = scale
+            return x * scale
+        y, scale = np.empty(x.shape, x.dtype), np.empty(x.shape, x.dtype)
+        state = bitgen.state
+        s, inc = state["state"]["state"], state["state"]["inc"]
+        mask64 = (1 << 64) - 1
+        # rng.random(dtype=float32) >= p  <=>  (next_uint32() >> 8) * 2**-24 >= float32(p)
+        threshold = np.uint32(math.ceil(float(np.float32(self.p)) * 2.0 ** 24))
+        as4 = (lambda a: a.reshape((1,) * (4 - a.ndim) + a.shape))  # noqa: E731
+        hi, lo, has_u32, uinteger = _kernels.dropout_forward(
+            as4(x), np.uint64(s >> 64), np.uint64(s & mask64), np.uint64(inc >> 64),
+            np.uint64(inc & mask64), bool(state["has_uint32"]), np.uint64(state["uinteger"]),
+            threshold, x.dtype.type(1.0 / (1.0 - self.p)), as4(y), as4(scale), numba.get_num_threads())
+        bitgen.state = {"bit_generator": "PCG64", "state": {"state": (int(hi) << 64) | int(lo), "inc": inc},
+                        "has_uint32": int(has_u32), "uinteger": int(uinteger)}
         self._saved = scale
+        axes = tuple(int(a) for a in np.argsort([-abs(st) for st in x.strides], kind="stable"))
+        if not x.flags.c_contiguous and x.transpose(axes).flags.c_contiguous:
+            self._x_axes = axes
         return y
 
     def backward(self, dy):
+        """``dy`` times the forward's mask scale, in the memory layout of the
+        forward's input (a channels-last activation gets a channels-last gradient)."""
         self._check_backward(dy)
-        return dy * self._saved
+        if self._x_axes is None:
+            return dy * self._saved
+        axes = self._x_axes
+        dx_mem = np.empty([dy.shape[a] for a in axes], dy.dtype)   # dx in memory order
+        as4 = (lambda a: a.reshape((1,) * (4 - a.ndim) + a.shape))  # noqa: E731
+        _kernels.scale_into(as4(dy.transpose(axes)), as4(self._saved.transpose(axes)), as4(dx_mem))
+        return dx_mem.transpose(np.argsort(axes))
 
     def extra_repr(self):
         return f"p={self.p}"
