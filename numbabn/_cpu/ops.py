@@ -28,7 +28,8 @@ from .. import _config as cfg
 from .. import _core
 from . import kernels as k
 
-Geometry = namedtuple("Geometry", "rows cols threads fused by_row bwd_block merge_cols")
+Geometry = namedtuple("Geometry",
+                      "rows cols threads fused by_row bwd_block merge_cols short_run")
 """A kernel's launch geometry, one argument (all ints).
 
 NCHW-like (``inner > 1``): a chunk is ``rows`` x ``cols`` of one feature's
@@ -38,22 +39,24 @@ read its inputs and keep them in cache for the output pass.  Channel-contiguous
 fused; ``by_row`` says whether the backward sums take one row at a time.
 ``threads`` splits the two-phase passes (results never depend on it);
 ``bwd_block`` is the backward's block of values summed in the input's dtype;
-``merge_cols`` the columns per task of the channel-contiguous merge.
+``merge_cols`` the columns per task of the channel-contiguous merge;
+``short_run`` the longest NCHW-like row whose statistics take four rows at a time.
 """
 
 
 def _plan(shape3, itemsize, nread, tunables, threads):
     outer, nfeat, inner = shape3
-    chunk, nc_cols, fuse_bytes, fuse_min_tasks, stream_min, bwd_block, bwd_nc_rows, merge = tunables
+    (chunk, nc_cols, fuse_bytes, fuse_min_tasks, stream_min, bwd_block, bwd_nc_rows, merge,
+     short_run) = tunables
     if inner == 1:
         cols = min(nfeat, nc_cols)
         rows = max(1, chunk // cols)
         by_row = cols == nfeat and nread * outer * nfeat * itemsize > stream_min
-        return Geometry(rows, cols, threads, 0, int(by_row), bwd_nc_rows, merge)
+        return Geometry(rows, cols, threads, 0, int(by_row), bwd_nc_rows, merge, short_run)
     cols = min(inner, chunk)
     rows = max(1, chunk // cols)
     fused = nfeat >= fuse_min_tasks and nread * outer * inner * itemsize <= fuse_bytes
-    return Geometry(rows, cols, threads, int(fused), 0, bwd_block, merge)
+    return Geometry(rows, cols, threads, int(fused), 0, bwd_block, merge, short_run)
 
 
 _plans = {}  # (shape3, itemsize, nread, *tunables, threads) -> Geometry
@@ -69,10 +72,10 @@ def plan(shape3, itemsize, nread):
     cost one dictionary look-up each."""
     key = (tuple(shape3), itemsize, nread, cfg.CHUNK_ELEMS, cfg.NC_COLS, cfg.FUSE_BYTES,
            cfg.FUSE_MIN_TASKS, cfg.NC_STREAM_MIN_BYTES, cfg.BWD_BLOCK, cfg.BWD_NC_ROWS,
-           cfg.NC_MERGE_COLS, get_num_threads())
+           cfg.NC_MERGE_COLS, cfg.SHORT_RUN, get_num_threads())
     geom = _plans.get(key)
     if geom is None:
-        geom = _plan(key[0], itemsize, nread, key[3:11], key[11])
+        geom = _plan(key[0], itemsize, nread, key[3:12], key[12])
         if len(_plans) >= _MAX_PLANS:
             _plans.clear()
         _plans[key] = geom
