@@ -14,7 +14,7 @@ import numbers
 import numpy as np
 from numba import njit, prange
 
-from . import _cache
+from . import _cache, _config
 from ._config import CPU_JIT_IEEE_PARALLEL
 from ._validate import describe
 
@@ -183,7 +183,8 @@ class Adam(Optimizer):
         v = self.state["exp_avg_sq"][key]
         if p.dtype in _KERNEL_DTYPES and all(a.flags.c_contiguous for a in (p, g, m, v)):
             t = p.dtype.type
-            _adam_kernel(p.reshape(-1), g.reshape(-1), m.reshape(-1), v.reshape(-1),
+            kernel = _adam_kernel if p.size > _config.SERIAL_MAX_ELEMS else _adam_kernel_serial
+            kernel(p.reshape(-1), g.reshape(-1), m.reshape(-1), v.reshape(-1),
                          t(b1), t(1.0 - b1), t(b2), t(1.0 - b2),
                          t(self.lr / (1.0 - b1 ** self.step_count)),
                          np.sqrt(1.0 - b2 ** self.step_count), t(self.eps))
@@ -202,6 +203,21 @@ class Adam(Optimizer):
 _KERNEL_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
+# The serial twin of the parallel kernels: the same flags, one thread.
+_CPU_JIT_IEEE_SERIAL = {**CPU_JIT_IEEE_PARALLEL, "parallel": False}
+
+
+@njit(**_CPU_JIT_IEEE_SERIAL)
+def _adam_value(p, g, m, v, i, b1, c1, b2, c2, step_size, bc2_sqrt, eps):
+    gi = g[i]
+    mi = m[i] * b1 + c1 * gi
+    vi = v[i] * b2 + c2 * (gi * gi)
+    m[i] = mi
+    v[i] = vi
+    denom = p.dtype.type(np.sqrt(vi) / bc2_sqrt) + eps
+    p[i] -= step_size * (mi / denom)
+
+
 @njit(**CPU_JIT_IEEE_PARALLEL)
 def _adam_kernel(p, g, m, v, b1, c1, b2, c2, step_size, bc2_sqrt, eps):
     """:meth:`Adam._update` in one pass over flat arrays (4 ms of NumPy passes
@@ -209,13 +225,15 @@ def _adam_kernel(p, g, m, v, b1, c1, b2, c2, step_size, bc2_sqrt, eps):
     expressions: scalars in ``p``'s dtype except ``bc2_sqrt`` (float64, as
     ``np.sqrt`` of a Python float), and no fused multiply-adds."""
     for i in prange(p.shape[0]):
-        gi = g[i]
-        mi = m[i] * b1 + c1 * gi
-        vi = v[i] * b2 + c2 * (gi * gi)
-        m[i] = mi
-        v[i] = vi
-        denom = p.dtype.type(np.sqrt(vi) / bc2_sqrt) + eps
-        p[i] -= step_size * (mi / denom)
+        _adam_value(p, g, m, v, i, b1, c1, b2, c2, step_size, bc2_sqrt, eps)
+
+
+@njit(**_CPU_JIT_IEEE_SERIAL)
+def _adam_kernel_serial(p, g, m, v, b1, c1, b2, c2, step_size, bc2_sqrt, eps):
+    """:func:`_adam_kernel` on the calling thread, for small parameters (the
+    same bits): waking the thread pool costs more than their update."""
+    for i in range(p.shape[0]):
+        _adam_value(p, g, m, v, i, b1, c1, b2, c2, step_size, bc2_sqrt, eps)
 
 
 _cache.check(globals())  # before any kernel above loads from the disk cache

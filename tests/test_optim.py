@@ -58,9 +58,13 @@ def rng_seed(request):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("weight_decay", [0.0, 0.01])
-def test_adam_kernel_gives_the_numpy_bits(rng, dtype, weight_decay):
-    """Contiguous parameters take the one-pass kernel, strided ones the NumPy
+@pytest.mark.parametrize("kernel", ["serial", "parallel"])
+def test_adam_kernel_gives_the_numpy_bits(rng, monkeypatch, dtype, weight_decay, kernel):
+    """Contiguous parameters take the one-pass kernel (on the calling thread up
+    to SERIAL_MAX_ELEMS values, else parallel), strided ones the NumPy
     expressions: the same values must come out to the bit, step after step."""
+    from numbabn import _config
+    monkeypatch.setattr(_config, "SERIAL_MAX_ELEMS", 1 << 20 if kernel == "serial" else 0)
     shapes = {"w": (33, 17), "b": (17,)}
     flat = {k: rng.standard_normal(s).astype(dtype) for k, s in shapes.items()}
     strided = {k: np.zeros(s[:-1] + (2 * s[-1],), dtype)[..., ::2] for k, s in shapes.items()}
