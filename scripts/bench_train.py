@@ -13,11 +13,18 @@ alternate between the two so that load from other processes on the machine hits
 both alike; the best and the median round are reported, in images per second.
 
     PYTHONPATH=. python scripts/bench_train.py --steps 20 --rounds 5
+
+``--profile`` times each layer's forward and backward, the loss and the
+optimizer instead (median ms over the steps, each framework in its own process
+as above), side by side.  PyTorch's layers are timed one by one, each on a
+detached input (its in-place ReLUs made out-of-place for that), so its figures
+leave out autograd's bookkeeping between layers.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import subprocess
@@ -100,6 +107,106 @@ def worker(name, batch_size, steps):
     return steps * batch_size / time_steps(step, batches)
 
 
+def profile_numbabn(model, opt, batches):
+    """Per-layer times of numbabn's steps: {name: [seconds per step]}."""
+    times = {}
+    clock = time.perf_counter
+
+    def timed(name, f, *args, **kwargs):
+        t0 = clock()
+        out = f(*args, **kwargs)
+        times.setdefault(name, []).append(clock() - t0)
+        return out
+
+    first = next(i for i, layer in enumerate(model.layers) if layer.params)
+    for x, y in batches:
+        h = x
+        for i, layer in enumerate(model.layers):
+            h = timed(f"{i} {type(layer).__name__} fwd", layer.forward, h)
+        _, d = timed("loss", cross_entropy, h, y)
+        for i in range(len(model.layers) - 1, first - 1, -1):
+            layer = model.layers[i]
+            kwargs = {"input_grad": False} if i == first else {}
+            d = timed(f"{i} {type(layer).__name__} bwd", layer.backward, d, **kwargs)
+        timed("optimizer", opt.step, model.grads)
+    return times
+
+
+def profile_pytorch(net, batches):
+    """Per-layer times of PyTorch's steps, each layer on a detached input."""
+    import torch
+    for m in net:
+        if hasattr(m, "inplace"):
+            m.inplace = False
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    times = {}
+    clock = time.perf_counter
+
+    def record(name, t0):
+        times.setdefault(name, []).append(clock() - t0)
+
+    for x, y in batches:
+        opt.zero_grad(set_to_none=True)
+        h = torch.from_numpy(x)
+        ins, outs = [], []
+        for i, m in enumerate(net):
+            h_in = h.detach().requires_grad_(i > 0)
+            t0 = clock()
+            h = m(h_in)
+            record(f"{i} {type(m).__name__} fwd", t0)
+            ins.append(h_in)
+            outs.append(h)
+        t0 = clock()
+        logits = h.detach().requires_grad_()
+        loss = loss_fn(logits, torch.from_numpy(y))
+        loss.backward()
+        record("loss", t0)
+        d = logits.grad
+        for i in range(len(net) - 1, -1, -1):
+            if i == 0 or list(net[i].parameters()) or outs[i].grad_fn is not None:
+                t0 = clock()
+                outs[i].backward(d)
+                record(f"{i} {type(net[i]).__name__} bwd", t0)
+                d = ins[i].grad
+        t0 = clock()
+        opt.step()
+        record("optimizer", t0)
+    return times
+
+
+def profile_worker(name, batch_size, steps):
+    """Median ms per layer of ``steps`` steps after three warm-up steps: {layer: ms}."""
+    batches = make_batches(batch_size, steps + 3)
+    model = mnist_cnn(np.random.default_rng(1))
+    if name == "pytorch":
+        import torch
+        torch.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+        times = profile_pytorch(torch_model_like(model), batches)
+    else:
+        prefer_passive_waiting()
+        times = profile_numbabn(model, Adam(model.params, lr=1e-3), batches)
+    return {k: 1e3 * statistics.median(v[3:]) for k, v in times.items()}
+
+
+def print_profile(args):
+    """Per-layer medians of each framework's rounds (alternating, one process each)."""
+    names = ["pytorch", "numbabn"] if not args.no_torch else ["numbabn"]
+    rounds = {name: [] for name in names}
+    for _ in range(args.rounds):
+        for name in names:
+            rounds[name].append(run_round(name, args, profile=True))
+    results = {name: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for name, rs in rounds.items()}
+    order = sorted({k for r in results.values() for k in r},
+                   key=lambda k: (int(k.split()[0]) if k[0].isdigit() else 99, k.endswith("bwd"), k))
+    print(f"cnn training step, batch {args.batch_size}: ms per layer, median over {args.steps} steps "
+          f"then over {args.rounds} rounds, {numba.config.NUMBA_NUM_THREADS} threads")
+    print(f"{'':24s}" + "".join(f"{name:>10s}" for name in names))
+    for key in order:
+        print(f"{key:24s}" + "".join(f"{results[n].get(key, float('nan')):10.2f}" for n in names))
+    print(f"{'sum':24s}" + "".join(f"{sum(results[n].values()):10.1f}" for n in names))
+
+
 def check_same_model(batch_size):
     """Same weights, same batch, eval mode: both frameworks give the same loss."""
     import torch
@@ -114,16 +221,20 @@ def check_same_model(batch_size):
     print(f"eval-mode loss before training: numbabn {ours:.6f}, pytorch {theirs:.6f}")
 
 
-def run_round(name, args):
+def run_round(name, args, profile=False):
     env = dict(os.environ)
     if name == "numbabn":
         from numbabn.train import QUIET_THREAD_POOLS
         env = {**QUIET_THREAD_POOLS, **env}
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", name,
            "--batch-size", str(args.batch_size), "--steps", str(args.steps)]
+    if profile:
+        cmd.append("--profile")
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise SystemExit(f"{name} round failed:\n{done.stderr}")
+    if profile:
+        return json.loads(done.stdout.splitlines()[-1])
     return float(done.stdout.split()[-1])
 
 
@@ -133,10 +244,18 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=20, help="training steps per round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--no-torch", action="store_true", help="time numbabn only")
+    parser.add_argument("--profile", action="store_true",
+                        help="time each layer's forward and backward, the loss and the optimizer")
     parser.add_argument("--worker", choices=["numbabn", "pytorch"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        print(worker(args.worker, args.batch_size, args.steps))
+        if args.profile:
+            print(json.dumps(profile_worker(args.worker, args.batch_size, args.steps)))
+        else:
+            print(worker(args.worker, args.batch_size, args.steps))
+        return
+    if args.profile:
+        print_profile(args)
         return
 
     names = ["numbabn"]
