@@ -189,7 +189,7 @@ DIRECT_CASES = [  # cin, cout, kernel, padding, (h, w), bias: float32 stride-1 d
     (32, 64, 3, 0, (9, 8), True),      # the cnn's second convolution, smaller images
     (1, 32, 3, 0, (8, 9), True),       # the first (input gradient through GEMM and col2im)
     (16, 48, (3, 2), (1, 0), (7, 13), False),   # 3 vectors of 16 outputs, padding, no bias
-    (16, 16, 1, 0, (3, 31), True),     # rows of 31 pixels: tiles of 16 and 15
+    (16, 16, 1, 0, (3, 31), True),     # rows of 31 pixels: tiles of 8, 8, 8 and 7
     (48, 128, (2, 5), (1, 2), (5, 6), True),    # two blocks of 64 outputs, padded input gradient
     (16, 32, 2, 3, (4, 4), True),      # padding >= kernel: input gradient through GEMM
 ]
