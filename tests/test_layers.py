@@ -339,7 +339,10 @@ def test_flatten_backward_returns_the_input_layout(rng):
 
 
 @pytest.mark.parametrize("inplace", [False, True])
-def test_relu_forward_has_np_maximum_bits(rng, inplace):
+def test_relu_forward_has_np_maximum_bits(rng, monkeypatch, inplace):
+    from numbabn import _config
+
+    monkeypatch.setattr(_config, "SERIAL_MAX_ELEMS", 0)   # the kernel even for small inputs
     x = rng.standard_normal((4, 6, 5, 3)).astype(np.float32)
     x.reshape(-1)[:7] = [-0.0, 0.0, np.nan, -np.nan, np.inf, -np.inf, -1.0]
     x = x.transpose(0, 3, 1, 2)   # channels-last memory
@@ -371,13 +374,15 @@ def test_dropout_train_and_eval(rng):
 @pytest.mark.parametrize("shape,layout", [((16, 64, 6, 5), "channels-last"), ((33, 7), "c"),
                                           ((3, 4, 5), "c"), ((1,), "c")])
 @pytest.mark.parametrize("p", [0.25, 0.5, 0.9])
-def test_dropout_draws_numpys_masks_in_parallel(rng, shape, layout, p):
+def test_dropout_draws_numpys_masks_in_parallel(rng, monkeypatch, shape, layout, p):
     """The parallel PCG64 kernel gives NumPy's masks (rng.random(x.shape,
     float32) >= p) and leaves the generator as NumPy's draw does, after an odd
     or even number of earlier draws, with any thread count; the gradient takes
     the input's layout."""
     import numba
+    from numbabn import _config
 
+    monkeypatch.setattr(_config, "SERIAL_MAX_ELEMS", 0)   # the kernel even for small inputs
     x = rng.standard_normal(shape).astype(np.float32)
     if layout == "channels-last":
         x = np.ascontiguousarray(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)

@@ -12,6 +12,7 @@ import numba
 import numpy as np
 
 from . import _check, _kernels
+from .. import _config
 from .base import Layer
 
 
@@ -64,8 +65,8 @@ class ReLU(_Elementwise):
     def forward(self, x):
         _check.float_input(x, "ReLU")
         y = x if self.inplace else np.empty_like(x)
-        flat = _flat_views(x, y)
-        if flat is None:
+        flat = _flat_views(x, y) if x.size > _config.SERIAL_MAX_ELEMS else None
+        if flat is None:  # small (waking the threads costs more) or not dense: NumPy
             np.maximum(x, 0, out=y)
         else:
             _kernels.relu_forward(*flat)
@@ -117,7 +118,8 @@ class Dropout(_Elementwise):
     by ``1 / (1 - p)``; the identity in eval mode (as PyTorch).
 
     The masks are ``rng.random(x.shape, dtype=x.dtype) >= p``.  For float32
-    inputs of at most 4 dimensions and a PCG64 generator (``default_rng``'s)
+    inputs of at most 4 dimensions, more than ``_config.SERIAL_MAX_ELEMS``
+    values, and a PCG64 generator (``default_rng``'s)
     they are drawn by a parallel kernel that reproduces NumPy's stream, jumping
     ahead to each thread's share, and leaves the generator in NumPy's state:
     the same masks, and the same generator state, as NumPy's own draw.  The
@@ -149,7 +151,8 @@ class Dropout(_Elementwise):
             self._saved = np.ones_like(x)
             return x.copy()
         bitgen = self.rng.bit_generator
-        if x.dtype != np.float32 or x.ndim > 4 or x.size == 0 or type(bitgen) is not np.random.PCG64:
+        if (x.dtype != np.float32 or x.ndim > 4 or x.size <= _config.SERIAL_MAX_ELEMS
+                or type(bitgen) is not np.random.PCG64):  # NumPy's draw, the same masks
             keep = self.rng.random(x.shape, dtype=x.dtype) >= self.p
             scale = np.multiply(keep, 1.0 / (1.0 - self.p), dtype=x.dtype)
             self._saved = scale
