@@ -37,7 +37,7 @@ from .optim import SGD, Adam
 EVAL_BATCH = 500
 
 #: Said once, before the first batch, when Numba's on-disk cache lacks the run's kernels.
-COMPILE_MESSAGE = "compiling kernels (first run only, ~30 s)..."
+COMPILE_MESSAGE = "compiling kernels (first run only, about a minute)..."
 
 
 @dataclass(frozen=True)
@@ -288,16 +288,17 @@ class _NoProgress:
 
 def kernel_sources(config):
     """Source files of the Numba kernels a run of ``config`` compiles (``cache=True``):
-    the batch-norm kernels and the statistics core they compile with BN, the
-    convolution, pooling and ReLU kernels for the cnn, Adam's kernel for Adam.
-    (The mlp without BN and with SGD has none.)"""
-    from . import _core, optim
+    the batch-norm kernels with BN (the statistics core of ``_core`` compiles
+    inside them and has no cache entries of its own), the convolution, pooling
+    and ReLU kernels for the cnn, Adam's kernel for Adam.  (The mlp without BN
+    and with SGD has none.)"""
+    from . import optim
     from ._cpu import kernels as bn_kernels
     from .layers import _kernels as layer_kernels
 
     sources = []
     if config.batch_norm:
-        sources += [bn_kernels.__file__, _core.__file__]
+        sources.append(bn_kernels.__file__)
     if config.model == "cnn":
         sources.append(layer_kernels.__file__)
     if config.optimizer == "adam":
