@@ -15,6 +15,9 @@ NCHW-like family.
 
 from __future__ import annotations
 
+import mmap
+import sys
+import threading
 from dataclasses import dataclass
 from functools import lru_cache
 from math import prod
@@ -67,6 +70,85 @@ def _plan_layout(shape, strides, axis):
     return Layout(shape, axis, perm, (n_outer, shape[axis], n_inner))
 
 
+# --------------------------------------------------------------------------- #
+# Fresh outputs.  The kernels write every value of an output, so a fresh one is
+# page-faulted in by its first write: the kernel zeroes each new page, 51 MB of
+# them cost as much as the kernel's own work.  Below glibc's largest mmap
+# threshold (32 MiB on 64-bit) malloc reuses freed memory, which faults nothing
+# in a loop; larger outputs get a fresh mapping every time.  So outputs of at
+# least LARGE_OUTPUT_BYTES are mapped here instead:
+#
+# * aligned to 2 MiB and advised for transparent huge pages whole (NumPy
+#   advises from the page after malloc's header, which leaves the first 2 MiB
+#   and the tail on 4 KiB pages: 281-792 faults for 51 MB instead of 25);
+# * kept for reuse, at most POOL_BUFFERS of them and POOL_BYTES in all: a
+#   mapping is handed out again only when nothing but the pool refers to it
+#   (every array or buffer over its memory holds a reference to its base
+#   array, which sys.getrefcount sees; counted under a lock, and never on a
+#   free-threaded build, whose counts are not exact), so a reused output has
+#   no page to fault in.  Outputs are written whole before they are returned,
+#   so where the memory comes from changes no result.
+# --------------------------------------------------------------------------- #
+HUGE_PAGE = 1 << 21
+LARGE_OUTPUT_BYTES = 32 << 20
+POOL_BUFFERS = 2
+POOL_BYTES = 256 << 20
+_MADV_HUGEPAGE = getattr(mmap, "MADV_HUGEPAGE", None)  # Linux only
+_MAP_PRIVATE = getattr(mmap, "MAP_PRIVATE", None)
+_pool = []  # base arrays (uint8, over a whole mapping) of outputs handed out, oldest first
+_pool_lock = threading.Lock()
+
+
+def _refs(seq, i):
+    """``sys.getrefcount`` of ``seq[i]``, counted the same way for every caller."""
+    return sys.getrefcount(seq[i])
+
+
+_ONLY_LISTED = _refs([object()], 0)  # the count of an object that only a list holds
+_POOLING = getattr(sys, "_is_gil_enabled", lambda: True)()
+
+
+def empty(shape: tuple, dtype) -> np.ndarray:
+    """``np.empty(shape, dtype)`` (C order); large arrays on whole huge pages,
+    from the pool when a mapping of that size is free."""
+    dtype = np.dtype(dtype)
+    count = prod(shape)
+    nbytes = count * dtype.itemsize
+    if nbytes < LARGE_OUTPUT_BYTES or _MADV_HUGEPAGE is None or _MAP_PRIVATE is None:
+        return np.empty(shape, dtype)
+    size = -(-nbytes // HUGE_PAGE) * HUGE_PAGE
+    with _pool_lock:
+        for i in range(len(_pool)):
+            if _pool[i].nbytes == size + HUGE_PAGE and _refs(_pool, i) == _ONLY_LISTED:
+                return _output(_pool[i], count, dtype, shape)
+        try:
+            buf = mmap.mmap(-1, size + HUGE_PAGE, flags=_MAP_PRIVATE)
+            buf.madvise(_MADV_HUGEPAGE)
+        except (OSError, ValueError):
+            return np.empty(shape, dtype)
+        base = np.frombuffer(buf, np.uint8)
+        y = _output(base, count, dtype, shape)
+        if _POOLING and size <= POOL_BYTES:
+            _pool.append(base)
+            _trim_pool()
+        return y
+
+
+def _output(base, count, dtype, shape):
+    """The first 2 MiB-aligned ``count`` values of ``base`` (its views' base)."""
+    start = -base.__array_interface__["data"][0] % HUGE_PAGE
+    return base[start:start + count * dtype.itemsize].view(dtype).reshape(shape)
+
+
+def _trim_pool():
+    """Drop mappings beyond POOL_BUFFERS / POOL_BYTES, free ones first, then the
+    oldest (an output in use stays valid: it is unmapped with its last view)."""
+    while len(_pool) > POOL_BUFFERS or sum(b.nbytes for b in _pool) > POOL_BYTES + len(
+            _pool) * HUGE_PAGE:
+        free = [i for i in range(len(_pool)) if _refs(_pool, i) == _ONLY_LISTED]
+        del _pool[free[0] if free else 0]
+
+
 class HostPlan:
     """What the public API needs of a NumPy input on every call, for one
     ``(shape, strides, axis)``: its :class:`Layout`, how to view any array of
@@ -97,7 +179,7 @@ class HostPlan:
 
     def empty(self, dtype):
         """:func:`empty_like_3d`: ``(y3, y)``."""
-        y3 = np.empty(self.shape3, dtype)
+        y3 = empty(self.shape3, dtype)
         y = y3.reshape(self.pshape)
         return y3, (y if self.inverse is None else y.transpose(self.inverse))
 
@@ -136,7 +218,7 @@ def empty_like_3d(layout: Layout, dtype):
     ``y`` is the same memory seen with the caller's shape, so its strides follow
     the input's memory order (like ``np.empty_like(x, order='K')``).
     """
-    y3 = np.empty(layout.shape3, dtype=dtype)
+    y3 = empty(layout.shape3, dtype)
     return y3, from_3d(y3, layout)
 
 
@@ -344,7 +426,7 @@ def empty_like_4d(layout: RowLayout, dtype):
     """Allocate an output in ``layout.perm`` order; return ``(y4, y)`` with ``y``
     the same memory in the caller's axis order."""
     permuted_shape, inverse = _unpermute(layout.shape, layout.perm)
-    y4 = np.empty(layout.shape4, dtype=dtype)
+    y4 = empty(layout.shape4, dtype)
     return y4, y4.reshape(permuted_shape).transpose(inverse)
 
 

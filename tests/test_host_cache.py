@@ -132,3 +132,92 @@ def test_float32_statistics_overflow_to_inf_without_a_warning(rng):
             assert invstd[1] == np.float32(1e38)
             _, var = nb.batch_stats(1e30 * x)
             assert np.isinf(var[0]) and var[1] == 0
+
+
+def test_large_outputs_are_whole_aligned_huge_page_mappings():
+    from numbabn import _layout
+
+    n = _layout.LARGE_OUTPUT_BYTES // 4 + 3
+    a = _layout.empty((n,), np.float32)  # untouched: no memory is used
+    if _layout._MADV_HUGEPAGE is not None:
+        assert a.__array_interface__["data"][0] % _layout.HUGE_PAGE == 0
+    assert a.shape == (n,) and a.dtype == np.float32
+    assert a.flags.writeable and a.flags.c_contiguous and a.flags.aligned
+    small = _layout.empty((3, 4), np.float64)
+    assert small.flags.owndata and small.shape == (3, 4)
+
+
+@pytest.fixture
+def small_pool(monkeypatch):
+    """Outputs of 64 bytes and more on pooled mappings, in a pool of this test's own."""
+    from numbabn import _layout
+
+    if _layout._MADV_HUGEPAGE is None or not _layout._POOLING:
+        pytest.skip("no huge-page mappings (not Linux) or no exact refcounts (free-threaded)")
+    monkeypatch.setattr(_layout, "LARGE_OUTPUT_BYTES", 64)
+    monkeypatch.setattr(_layout, "_pool", [])
+    return _layout
+
+
+def _addr(a):
+    return a.__array_interface__["data"][0]
+
+
+def test_pool_reuses_only_outputs_nothing_refers_to(rng, small_pool):
+    x = rng.standard_normal((4, 3, 5, 6)).astype(np.float32)
+    first = nb.batch_norm_train(x)[0]
+    expected = first.copy()
+    kept = {"view": first[1:, 2], "memoryview": memoryview(first),
+            "array over a memoryview": np.asarray(memoryview(first)), "output": first}  # last
+    address = _addr(first)
+    del first
+    for name in list(kept):
+        y = nb.batch_norm_train(x)[0]
+        assert _addr(y) != address, f"handed out again while a {name} refers to it"
+        np.testing.assert_array_equal(kept["output"], expected)  # not written over
+        del kept[name], y
+    y = nb.batch_norm_train(2 * x)[0]  # nothing refers to the first output any more
+    assert _addr(y) == address
+    np.testing.assert_array_equal(y, nb.batch_norm_train(2 * x, out=np.empty_like(x))[0])
+    assert len(small_pool._pool) <= small_pool.POOL_BUFFERS
+
+
+def test_pool_is_bounded_and_never_shared_between_threads(rng, small_pool, monkeypatch):
+    import threading
+
+    monkeypatch.setattr(small_pool, "POOL_BUFFERS", 3)
+    xs = [rng.standard_normal((8, 3, 4, 5)).astype(np.float32) for _ in range(4)]
+    want = [nb.batch_norm_train(x, out=np.empty_like(x))[0] for x in xs]
+    errors = []
+
+    def work(i):
+        for _ in range(30):
+            y = nb.batch_norm_train(xs[i])[0]
+            if not np.array_equal(y, want[i]):
+                errors.append(i)
+
+    workers = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join()
+    assert errors == []
+    assert len(small_pool._pool) <= 3
+
+
+def test_outputs_on_huge_page_mappings_give_the_same_bits(rng, monkeypatch):
+    from numbabn import _layout
+
+    monkeypatch.setattr(_layout, "_pool", [])
+    x = rng.standard_normal((4, 3, 5, 6)).astype(np.float32)
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    y, mean, invstd = nb.batch_norm_train(x)
+    before = [y, mean, invstd, nb.batch_norm_backward(dy, x, mean, invstd)[0]]
+    monkeypatch.setattr(_layout, "LARGE_OUTPUT_BYTES", 64)
+    y, mean, invstd = nb.batch_norm_train(x)
+    dx = nb.batch_norm_backward(dy, x, mean, invstd)[0]
+    if _layout._MADV_HUGEPAGE is not None:  # on a mapping of its own
+        assert y.__array_interface__["data"][0] % _layout.HUGE_PAGE == 0
+    for a, b in zip(before, [y, mean, invstd, dx]):
+        assert a.strides == b.strides
+        np.testing.assert_array_equal(a, b)
