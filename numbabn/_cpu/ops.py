@@ -59,7 +59,7 @@ def _plan(shape3, itemsize, nread, tunables, threads):
     return Geometry(rows, cols, threads, int(fused), 0, bwd_block, merge, short_run)
 
 
-_plans = {}  # (shape3, itemsize, nread, *tunables, threads) -> Geometry
+_plans = {}  # (shape3, itemsize, nread, tunables, threads) -> Geometry
 _MAX_PLANS = 256
 
 
@@ -70,12 +70,13 @@ def plan(shape3, itemsize, nread):
     Memoised on the shape and the tunables' current values (read on every call:
     a benchmark may change them between calls), so a training loop's few shapes
     cost one dictionary look-up each."""
-    key = (tuple(shape3), itemsize, nread, cfg.CHUNK_ELEMS, cfg.NC_COLS, cfg.FUSE_BYTES,
-           cfg.FUSE_MIN_TASKS, cfg.NC_STREAM_MIN_BYTES, cfg.BWD_BLOCK, cfg.BWD_NC_ROWS,
-           cfg.NC_MERGE_COLS, cfg.SHORT_RUN, get_num_threads())
+    tunables = (cfg.CHUNK_ELEMS, cfg.NC_COLS, cfg.FUSE_BYTES, cfg.FUSE_MIN_TASKS,
+                cfg.NC_STREAM_MIN_BYTES, cfg.BWD_BLOCK, cfg.BWD_NC_ROWS, cfg.NC_MERGE_COLS,
+                cfg.SHORT_RUN)
+    key = (tuple(shape3), itemsize, nread, tunables, get_num_threads())
     geom = _plans.get(key)
     if geom is None:
-        geom = _plan(key[0], itemsize, nread, key[3:12], key[12])
+        geom = _plan(*key)
         if len(_plans) >= _MAX_PLANS:
             _plans.clear()
         _plans[key] = geom
