@@ -63,17 +63,9 @@ GPU_MAX_THREADS = 256
 # Must divide GPU_ITEMS_PER_THREAD.
 GPU_UNROLL = 4
 
-# Channel-contiguous elementwise CPU passes over rows that are not one run (a
-# strided view) split each row of at least this many bytes at x's first 64-byte
-# boundary, with aligned vector loads and stores after it (see
-# numbabn._cpu.kernels, "Alignment").  A shorter row is not split: its scalar
-# head and tail cost more than the split loads (measured on NCHW runs of 784
-# bytes, (32, 256, 14, 14) float32: dx pass 0.42 ms split, 0.28 ms unsplit).
-ALIGN_MIN_BYTES = 2048
-
 COMPILE_TIME = ("FASTMATH", "STRICT_FASTMATH", "CPU_JIT", "CPU_JIT_STRICT",
                 "CPU_JIT_IEEE_PARALLEL", "CPU_JIT_PARALLEL", "GPU_JIT", "GPU_MAX_THREADS",
-                "GPU_UNROLL", "ALIGN_MIN_BYTES")
+                "GPU_UNROLL")
 
 
 def compile_time_values() -> dict:

@@ -71,7 +71,7 @@ from numba import njit, prange
 from numba.extending import overload
 
 from .. import _cache, _core
-from .._config import ALIGN_MIN_BYTES, CPU_JIT, CPU_JIT_PARALLEL, CPU_JIT_STRICT
+from .._config import CPU_JIT, CPU_JIT_PARALLEL, CPU_JIT_STRICT
 from .._core import (DX_SCALE, DY_SHIFT, HI, INVSTD, M2, MEAN, OFFSET, SCALE, SUM_DY,
                      SUM_DY_XHI, SUM_XHI, VAR, XC_COEF)
 
@@ -120,18 +120,6 @@ def _accumulate(total, part, width):
 # split either: measured no faster (64x64x56x56 streams from memory at the same
 # speed; 14x14 runs are too short to pay for a head and a tail).
 # =========================================================================== #
-@njit(**CPU_JIT_STRICT)
-def _lead(a):
-    """Values of the 1-D contiguous ``a`` before its first 64-byte boundary."""
-    return min(a.shape[0], ((-a.ctypes.data) % 64) // a.itemsize)
-
-
-@njit(**CPU_JIT_STRICT)
-def _run_lead(a):
-    """:func:`_lead` for a run of at least ``ALIGN_MIN_BYTES``, else 0 (not split)."""
-    return _lead(a) if a.shape[0] * a.itemsize >= ALIGN_MIN_BYTES else 0
-
-
 def _contiguous(a):
     """Whether ``a`` is typed C-contiguous (a constant of the compiled code)."""
 
@@ -176,8 +164,7 @@ def _nc_table(coef, x, flat):
       aligned like the segments.  Every block of the pass starts on the same
       offset from a 64-byte boundary as ``x`` (blocks are multiples of 64 bytes,
       see :func:`_elementwise_rows`), so one table serves them all.
-    * rows: ``tab`` is ``coef`` with rows starting at the offset of x's rows
-      (when a row of x is a multiple of 64 bytes), ``k`` is found per block.
+    * otherwise (strided rows): ``coef`` itself, each row taken from its start.
     """
     nq, nfeat = coef.shape
     isz = coef.itemsize
@@ -190,16 +177,7 @@ def _nc_table(coef, x, flat):
             for q in range(nq):
                 tab[q, t] = coef[q, c]
         return tab, k
-    per_line = 64 // isz
-    width = _cdiv(nfeat, per_line) * per_line
-    raw = np.empty(nq * width + per_line, coef.dtype)
-    phase = x.ctypes.data % 64 if x.strides[0] % 64 == 0 else 0
-    off = ((phase - raw.ctypes.data) % 64) // isz
-    tab = raw[off:off + nq * width].reshape((nq, width))
-    for q in range(nq):
-        for i in range(nfeat):
-            tab[q, i] = coef[q, i]
-    return tab, 0
+    return coef, 0
 
 
 @njit(**CPU_JIT_STRICT)
@@ -723,31 +701,19 @@ def _affine_nc(x, r0, r1, coef, tab, k, relu, y):
     if _contiguous(x) and _contiguous(y):
         _affine_flat(_rows_view(x, r0, r1), _rows_view(y, r0, r1), coef, tab, k, relu, zero)
         return
-    nfeat = x.shape[1]
-    k = _run_lead(x[r0])
-    hi = tab[HI, :nfeat]
-    s = tab[SCALE, :nfeat]
-    o = tab[OFFSET, :nfeat]
-    hk = hi[k:]
-    sk = s[k:]
-    ok = o[k:]
+    hi = tab[HI]
+    s = tab[SCALE]
+    o = tab[OFFSET]
     for r in range(r0, r1):
         xr = x[r]
         yr = y[r]
-        xa = xr[k:]
-        ya = yr[k:]
         if relu:
-            for i in range(k):
+            for i in range(xr.shape[0]):
                 v = (xr[i] - hi[i]) * s[i] + o[i]
                 yr[i] = zero if v < zero else v
-            for i in range(xa.shape[0]):
-                v = (xa[i] - hk[i]) * sk[i] + ok[i]
-                ya[i] = zero if v < zero else v
         else:
-            for i in range(k):
+            for i in range(xr.shape[0]):
                 yr[i] = (xr[i] - hi[i]) * s[i] + o[i]
-            for i in range(xa.shape[0]):
-                ya[i] = (xa[i] - hk[i]) * sk[i] + ok[i]
 
 
 @njit(**CPU_JIT)
@@ -893,37 +859,22 @@ def _dx_nc(dy, x, r0, r1, coef, tab, k, y, masked, dx):
         _dx_flat(_rows_view(dy, r0, r1), _rows_view(x, r0, r1), _rows_view(y, r0, r1), coef,
                  tab, k, masked, zero, _rows_view(dx, r0, r1))
         return
-    nfeat = x.shape[1]
-    k = _run_lead(x[r0])
-    a = tab[DX_SCALE, :nfeat]
-    hi = tab[HI, :nfeat]
-    b = tab[XC_COEF, :nfeat]
-    d = tab[DY_SHIFT, :nfeat]
-    ak = a[k:]
-    hk = hi[k:]
-    bk = b[k:]
-    dk = d[k:]
+    a = tab[DX_SCALE]
+    hi = tab[HI]
+    b = tab[XC_COEF]
+    d = tab[DY_SHIFT]
     for r in range(r0, r1):
         dyr = dy[r]
         xr = x[r]
         dxr = dx[r]
-        dya = dyr[k:]
-        xa = xr[k:]
-        dxa = dxr[k:]
         if masked:
             yr = y[r]
-            ya = yr[k:]
-            for i in range(k):
+            for i in range(xr.shape[0]):
                 g = dyr[i] if yr[i] > zero else zero
                 dxr[i] = (g + (xr[i] - hi[i]) * b[i] + d[i]) * a[i]
-            for i in range(xa.shape[0]):
-                g = dya[i] if ya[i] > zero else zero
-                dxa[i] = (g + (xa[i] - hk[i]) * bk[i] + dk[i]) * ak[i]
         else:
-            for i in range(k):
+            for i in range(xr.shape[0]):
                 dxr[i] = (dyr[i] + (xr[i] - hi[i]) * b[i] + d[i]) * a[i]
-            for i in range(xa.shape[0]):
-                dxa[i] = (dya[i] + (xa[i] - hk[i]) * bk[i] + dk[i]) * ak[i]
 
 
 @njit(**CPU_JIT_PARALLEL)
