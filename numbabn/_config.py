@@ -178,6 +178,20 @@ LINEAR_DIRECT_MIN_MACS = 1 << 22
 # are added to the output in block order.  A multiple of 16.
 LINEAR_K_BLOCK = 1024
 
+# --- Outputs (read by numbabn._layout) --------------------------------------
+
+# Fresh outputs of at least this many bytes are 2 MiB-aligned mappings advised
+# for huge pages whole, kept in a pool for reuse (see numbabn._layout, "Fresh
+# outputs"): glibc maps and unmaps every allocation from 32 MiB on, so each
+# fresh output there is page-faulted in again.  Timing only, never results.
+LARGE_OUTPUT_BYTES = 32 << 20
+
+# At most this many pooled mappings, and this many bytes of them, stay
+# resident between calls (a mapping still referred to by an output is unmapped
+# with its last view once dropped from the pool).
+POOL_BUFFERS = 2
+POOL_BYTES = 256 << 20
+
 # --- GPU (numba.cuda; read by numbabn._gpu only) -----------------------------
 
 # Threads per block for every kernel.  The reduction tree inside a block has this

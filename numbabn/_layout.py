@@ -24,6 +24,8 @@ from math import prod
 
 import numpy as np
 
+from . import _config as cfg
+
 
 @dataclass(frozen=True)
 class Layout:
@@ -76,12 +78,13 @@ def _plan_layout(shape, strides, axis):
 # them cost as much as the kernel's own work.  Below glibc's largest mmap
 # threshold (32 MiB on 64-bit) malloc reuses freed memory, which faults nothing
 # in a loop; larger outputs get a fresh mapping every time.  So outputs of at
-# least LARGE_OUTPUT_BYTES are mapped here instead:
+# least ``_config.LARGE_OUTPUT_BYTES`` are mapped here instead:
 #
 # * aligned to 2 MiB and advised for transparent huge pages whole (NumPy
 #   advises from the page after malloc's header, which leaves the first 2 MiB
 #   and the tail on 4 KiB pages: 281-792 faults for 51 MB instead of 25);
-# * kept for reuse, at most POOL_BUFFERS of them and POOL_BYTES in all: a
+# * kept for reuse, at most ``_config.POOL_BUFFERS`` of them and
+#   ``_config.POOL_BYTES`` in all: a
 #   mapping is handed out again only when nothing but the pool refers to it
 #   (every array or buffer over its memory holds a reference to its base
 #   array, which sys.getrefcount sees; counted under a lock, and never on a
@@ -90,9 +93,6 @@ def _plan_layout(shape, strides, axis):
 #   so where the memory comes from changes no result.
 # --------------------------------------------------------------------------- #
 HUGE_PAGE = 1 << 21
-LARGE_OUTPUT_BYTES = 32 << 20
-POOL_BUFFERS = 2
-POOL_BYTES = 256 << 20
 _MADV_HUGEPAGE = getattr(mmap, "MADV_HUGEPAGE", None)  # Linux only
 _MAP_PRIVATE = getattr(mmap, "MAP_PRIVATE", None)
 _pool = []  # base arrays (uint8, over a whole mapping) of outputs handed out, oldest first
@@ -114,7 +114,7 @@ def empty(shape: tuple, dtype) -> np.ndarray:
     dtype = np.dtype(dtype)
     count = prod(shape)
     nbytes = count * dtype.itemsize
-    if nbytes < LARGE_OUTPUT_BYTES or _MADV_HUGEPAGE is None or _MAP_PRIVATE is None:
+    if nbytes < cfg.LARGE_OUTPUT_BYTES or _MADV_HUGEPAGE is None or _MAP_PRIVATE is None:
         return np.empty(shape, dtype)
     size = -(-nbytes // HUGE_PAGE) * HUGE_PAGE
     with _pool_lock:
@@ -128,7 +128,7 @@ def empty(shape: tuple, dtype) -> np.ndarray:
             return np.empty(shape, dtype)
         base = np.frombuffer(buf, np.uint8)
         y = _output(base, count, dtype, shape)
-        if _POOLING and size <= POOL_BYTES:
+        if _POOLING and size <= cfg.POOL_BYTES:
             _pool.append(base)
             _trim_pool()
         return y
@@ -141,10 +141,10 @@ def _output(base, count, dtype, shape):
 
 
 def _trim_pool():
-    """Drop mappings beyond POOL_BUFFERS / POOL_BYTES, free ones first, then the
+    """Drop mappings beyond ``_config.POOL_BUFFERS`` / ``POOL_BYTES``, free ones first, then the
     oldest (an output in use stays valid: it is unmapped with its last view)."""
-    while len(_pool) > POOL_BUFFERS or sum(b.nbytes for b in _pool) > POOL_BYTES + len(
-            _pool) * HUGE_PAGE:
+    while (len(_pool) > cfg.POOL_BUFFERS
+           or sum(b.nbytes for b in _pool) > cfg.POOL_BYTES + len(_pool) * HUGE_PAGE):
         free = [i for i in range(len(_pool)) if _refs(_pool, i) == _ONLY_LISTED]
         del _pool[free[0] if free else 0]
 

@@ -137,7 +137,9 @@ def test_float32_statistics_overflow_to_inf_without_a_warning(rng):
 def test_large_outputs_are_whole_aligned_huge_page_mappings():
     from numbabn import _layout
 
-    n = _layout.LARGE_OUTPUT_BYTES // 4 + 3
+    from numbabn import _config
+
+    n = _config.LARGE_OUTPUT_BYTES // 4 + 3
     a = _layout.empty((n,), np.float32)  # untouched: no memory is used
     if _layout._MADV_HUGEPAGE is not None:
         assert a.__array_interface__["data"][0] % _layout.HUGE_PAGE == 0
@@ -150,11 +152,11 @@ def test_large_outputs_are_whole_aligned_huge_page_mappings():
 @pytest.fixture
 def small_pool(monkeypatch):
     """Outputs of 64 bytes and more on pooled mappings, in a pool of this test's own."""
-    from numbabn import _layout
+    from numbabn import _config, _layout
 
     if _layout._MADV_HUGEPAGE is None or not _layout._POOLING:
         pytest.skip("no huge-page mappings (not Linux) or no exact refcounts (free-threaded)")
-    monkeypatch.setattr(_layout, "LARGE_OUTPUT_BYTES", 64)
+    monkeypatch.setattr(_config, "LARGE_OUTPUT_BYTES", 64)
     monkeypatch.setattr(_layout, "_pool", [])
     return _layout
 
@@ -179,13 +181,13 @@ def test_pool_reuses_only_outputs_nothing_refers_to(rng, small_pool):
     y = nb.batch_norm_train(2 * x)[0]  # nothing refers to the first output any more
     assert _addr(y) == address
     np.testing.assert_array_equal(y, nb.batch_norm_train(2 * x, out=np.empty_like(x))[0])
-    assert len(small_pool._pool) <= small_pool.POOL_BUFFERS
+    assert len(small_pool._pool) <= small_pool.cfg.POOL_BUFFERS
 
 
 def test_pool_is_bounded_and_never_shared_between_threads(rng, small_pool, monkeypatch):
     import threading
 
-    monkeypatch.setattr(small_pool, "POOL_BUFFERS", 3)
+    monkeypatch.setattr(small_pool.cfg, "POOL_BUFFERS", 3)
     xs = [rng.standard_normal((8, 3, 4, 5)).astype(np.float32) for _ in range(4)]
     want = [nb.batch_norm_train(x, out=np.empty_like(x))[0] for x in xs]
     errors = []
@@ -213,7 +215,7 @@ def test_outputs_on_huge_page_mappings_give_the_same_bits(rng, monkeypatch):
     dy = rng.standard_normal(x.shape).astype(np.float32)
     y, mean, invstd = nb.batch_norm_train(x)
     before = [y, mean, invstd, nb.batch_norm_backward(dy, x, mean, invstd)[0]]
-    monkeypatch.setattr(_layout, "LARGE_OUTPUT_BYTES", 64)
+    monkeypatch.setattr(_layout.cfg, "LARGE_OUTPUT_BYTES", 64)
     y, mean, invstd = nb.batch_norm_train(x)
     dx = nb.batch_norm_backward(dy, x, mean, invstd)[0]
     if _layout._MADV_HUGEPAGE is not None:  # on a mapping of its own
