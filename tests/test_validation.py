@@ -130,9 +130,9 @@ PARAMS = [pytest.param(func, build, exc, word, id=f"{func}-{cid}")
           for cid, funcs, build, exc, word in CASES for func in funcs]
 
 
-@pytest.mark.parametrize("func,build,exc,word", PARAMS)
-def test_bad_input_is_refused_and_nothing_changes(rng, func, build, exc, word):
-    a = _args(rng)
+def assert_refused_unchanged(func, a, build, exc, word):
+    """``func`` with the arguments ``a`` overridden by ``build(a)`` raises ``exc``
+    naming ``word``, and no array argument was modified."""
     over = build(a)
     merged = dict(a, **over)
     snapshot = {k: v.copy() for k, v in merged.items() if isinstance(v, np.ndarray)}
@@ -142,6 +142,11 @@ def test_bad_input_is_refused_and_nothing_changes(rng, func, build, exc, word):
     for k, v in merged.items():
         if isinstance(v, np.ndarray):
             np.testing.assert_array_equal(v, snapshot[k], err_msg=f"{k} was modified")
+
+
+@pytest.mark.parametrize("func,build,exc,word", PARAMS)
+def test_bad_input_is_refused_and_nothing_changes(rng, func, build, exc, word):
+    assert_refused_unchanged(func, _args(rng), build, exc, word)
 
 
 def test_eval_mode_accepts_readonly_running_stats(rng):
