@@ -19,9 +19,12 @@ writes ``y`` (2), eval the same (2), backward reads ``x`` and ``dy`` and writes
 
 from __future__ import annotations
 
+import os
+import platform
 import time
 from dataclasses import dataclass
 
+import numba
 import numpy as np
 
 import numbabn as nb
@@ -305,3 +308,33 @@ def set_torch_threads():
         import numba
 
         torch.set_num_threads(numba.get_num_threads())
+
+
+def machine():
+    """The machine a report was measured on: CPU model, instruction-set features, versions."""
+    import llvmlite.binding as llvm
+
+    from numbabn.kit._kernels import tiles
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {
+        "cpu": cpu,
+        "llvm_cpu": numba.config.CPU_NAME or llvm.get_host_cpu_name(),
+        # what the host has, and what Numba compiles for (NUMBA_CPU_FEATURES when set)
+        "host_avx512f": "avx512f" in tiles.enabled_features(llvm.get_host_cpu_features().flatten()),
+        "host_avx2": "avx2" in tiles.enabled_features(llvm.get_host_cpu_features().flatten()),
+        "numba_cpu_features": numba.config.CPU_FEATURES,
+        "register_tiles": tiles.DIRECT_CONV_CPU,
+        "cores": os.cpu_count(),
+        "numba_threads": numba.get_num_threads(),
+        "threading_layer": numba.threading_layer(),
+        "numpy": np.__version__,
+        "numba": numba.__version__,
+        "torch": torch.__version__ if torch is not None else None,
+        "python": platform.python_version(),
+    }

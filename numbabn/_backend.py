@@ -11,19 +11,19 @@ from __future__ import annotations
 import contextlib
 from collections import namedtuple
 
-from . import _layout
-from ._cpu import ops as _cpu_ops
-from ._cpu import rows as _cpu_rows
-from ._cpu.threads import kernel_guard
+from ._cpu import feature_ops as _cpu_feature_ops
+from ._cpu import layout as _cpu_layout
+from ._cpu import row_ops as _cpu_row_ops
+from ._cpu.runtime import kernel_guard
 
-Backend = namedtuple("Backend", "name ops layout guard rows")
-"""``ops``: the operations (see :mod:`numbabn._cpu.ops`); ``layout``: ``as_3d``
-and ``empty_like_3d`` for that backend's arrays; ``guard(x)``: a context manager
-held around kernel launches on input ``x`` (see :mod:`numbabn._cpu.threads`);
-``rows``: the per-row operations and views of :mod:`numbabn.norms` (see
-:mod:`numbabn._cpu.rows`)."""
+Backend = namedtuple("Backend", "name feature_ops row_ops layout guard")
+"""One backend's twin modules: ``feature_ops``, batch norm's per-feature
+operations (:mod:`numbabn._cpu.feature_ops`); ``row_ops``, the family's per-row
+operations (:mod:`numbabn._cpu.row_ops`); ``layout``, the views of that
+backend's arrays (:mod:`numbabn._cpu.layout`); ``guard(x)``, a context manager
+held around kernel launches on input ``x`` (:func:`numbabn._cpu.runtime.kernel_guard`)."""
 
-CPU = Backend("cpu", _cpu_ops, _layout, kernel_guard, _cpu_rows)
+CPU = Backend("cpu", _cpu_feature_ops, _cpu_row_ops, _cpu_layout, kernel_guard)
 _GPU = []
 
 
@@ -39,9 +39,9 @@ def is_device_array(a) -> bool:
 
 def gpu() -> Backend:
     if not _GPU:
-        from ._gpu import layout, ops, rows
+        from ._gpu import feature_ops, layout, row_ops
 
-        _GPU.append(Backend("gpu", ops, layout, contextlib.nullcontext, rows))
+        _GPU.append(Backend("gpu", feature_ops, row_ops, layout, contextlib.nullcontext))
     return _GPU[0]
 
 

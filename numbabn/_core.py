@@ -1,8 +1,8 @@
 """The statistics core: the scalar maths every normalization shares, written once.
 
 Plain Python functions of float64 scalars.  Each backend compiles the same
-functions for itself: :mod:`numbabn._cpu.kernels` with ``njit`` and
-:mod:`numbabn._gpu.kernels` as ``numba.cuda`` device functions, so the CPU and GPU twins cannot drift apart in
+functions for itself: :mod:`numbabn._cpu.feature_kernels` with ``njit`` and
+:mod:`numbabn._gpu.feature_kernels` as ``numba.cuda`` device functions, so the CPU and GPU twins cannot drift apart in
 their arithmetic.  The functions call nothing but ``math``: a compiled function
 cannot call another plain Python function.
 
@@ -30,6 +30,7 @@ NaN propagates through every function (comparisons that clamp keep NaN).
 from __future__ import annotations
 
 import math
+from collections import namedtuple
 
 # Rows of the per-feature tables both backends build and return rows of.
 # Float64 statistics of a forward reduction:
@@ -109,4 +110,37 @@ def backward_coefs(n, sum_dy, sum_dy_xmu, mean, hi, invstd, weight):
 def parameter_grads(invstd, sum_dy, sum_dy_xmu):
     """``(dweight, dbias)`` of one feature: ``invstd * sum(dy * (x - mean))`` and ``sum(dy)``."""
     return invstd * sum_dy_xmu, sum_dy
+
+
+# --------------------------------------------------------------------------- #
+# The per-row pattern (layer, group, instance and RMS norm)
+# --------------------------------------------------------------------------- #
+# Rows of the float64 per-row table: the statistics above, and the centre the
+# pass subtracts (the mean, or 0 for RMSNorm).
+CENTER = NSTATS
+NROWSTATS = NSTATS + 1
+# Rows of the float64 per-row backward table: xhat = (x - HI) * XHAT_SCALE + XHAT_OFFSET.
+XHAT_SCALE, XHAT_OFFSET = 0, 1
+
+Affine = namedtuple("Affine", "gmod arow adiv")
+"""Weight index of value ``(m, k)`` of row ``r``:
+``(r % gmod) * arow + ((m * K + k) // adiv) % arow`` (see :mod:`numbabn._cpu.row_kernels`)."""
+
+
+# --------------------------------------------------------------------------- #
+# Host side, both backends: NumPy, not compiled
+# --------------------------------------------------------------------------- #
+def update_instance_running_stats(running_mean, running_var, mean, var, count, momentum):
+    """PyTorch's instance-norm update, in place: the batch statistics are the
+    mean over samples of the instances' means and unbiased variances (``mean``
+    and the biased ``var`` of shape ``(N, C)``, ``count`` values each)."""
+    import numpy as np
+
+    batch_mean = np.mean(mean.astype(np.float64), axis=0)
+    batch_var = np.mean(var.astype(np.float64) * (count / (count - 1)), axis=0)
+    keep = 1.0 - momentum
+    with np.errstate(over="ignore"):  # beyond float32's range, inf is the right value
+        running_mean[...] = keep * running_mean.astype(np.float64) + momentum * batch_mean
+        running_var[...] = keep * running_var.astype(np.float64) + momentum * batch_var
+
 

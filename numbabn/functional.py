@@ -148,10 +148,10 @@ def batch_stats(x, axis=1):
     plan = _plan_of(x, axis)
     if plan is not None:
         with _CPU.guard(x):
-            return _CPU.ops.batch_stats(plan.view(x))
+            return _CPU.feature_ops.batch_stats(plan.view(x))
     be, layout, x = _prepare(x, axis)
     with be.guard(x):
-        return be.ops.batch_stats(_view(be, x, layout))
+        return be.feature_ops.batch_stats(_view(be, x, layout))
 
 
 def normalize(x, mean, var, weight=None, bias=None, eps=1e-5, axis=1, out=None):
@@ -187,7 +187,7 @@ def normalize(x, mean, var, weight=None, bias=None, eps=1e-5, axis=1, out=None):
                 bias is None or _is_vector(bias, dtype, vshape)):
             y3, y = plan.empty(dtype)
             with _CPU.guard(x):
-                _CPU.ops.normalize(plan.view(x), mean, var, weight, bias, eps, y3)
+                _CPU.feature_ops.normalize(plan.view(x), mean, var, weight, bias, eps, y3)
             return y
     be, layout, x, mean, var, weight, bias, out = _prepare(
         x, axis, allow_empty_batch=True, mean=mean, var=var, weight=weight, bias=bias, out=out)
@@ -199,7 +199,7 @@ def normalize(x, mean, var, weight=None, bias=None, eps=1e-5, axis=1, out=None):
     y3, y, finish = _output(be, x, layout, out)
     if layout.count:
         with be.guard(x):
-            be.ops.normalize(_view(be, x, layout), mean, var, weight, bias, eps, y3)
+            be.feature_ops.normalize(_view(be, x, layout), mean, var, weight, bias, eps, y3)
     if finish:
         finish()
     return y
@@ -246,7 +246,7 @@ def _batch_norm_train(x, weight, bias, eps, axis, out, relu=False):
             bias is None or _is_vector(bias, x.dtype, plan.vector_shape)):
         y3, y = plan.empty(x.dtype)
         with _CPU.guard(x):
-            mean, invstd, var = _CPU.ops.batch_norm_train(plan.view(x), weight, bias, eps, y3,
+            mean, invstd, var = _CPU.feature_ops.batch_norm_train(plan.view(x), weight, bias, eps, y3,
                                                           relu)
         return y, mean, invstd, var
     be, layout, x, weight, bias, out = _prepare(x, axis, weight=weight, bias=bias, out=out)
@@ -256,7 +256,7 @@ def _batch_norm_train(x, weight, bias, eps, axis, out, relu=False):
     v.check_training_count(layout.count, x.shape, axis)
     y3, y, finish = _output(be, x, layout, out)
     with be.guard(x):
-        mean, invstd, var = be.ops.batch_norm_train(_view(be, x, layout), weight, bias, eps, y3,
+        mean, invstd, var = be.feature_ops.batch_norm_train(_view(be, x, layout), weight, bias, eps, y3,
                                                     relu)
     if finish:
         finish()
@@ -338,7 +338,7 @@ def _batch_norm_backward(dy, x, mean, invstd, weight, axis, out, y):
                 weight is None or _is_vector(weight, dtype, vshape)):
             dx3, dx = plan.empty(dtype)
             with _CPU.guard(x):
-                dweight, dbias = _CPU.ops.batch_norm_backward(
+                dweight, dbias = _CPU.feature_ops.batch_norm_backward(
                     plan.view(dy), plan.view(x), mean, invstd, weight, dx3,
                     None if y is None else plan.view(y))
             return dx, dweight, dbias
@@ -354,7 +354,7 @@ def _batch_norm_backward(dy, x, mean, invstd, weight, axis, out, y):
         v.check_vector(weight, "weight", nfeat, x.dtype)
     dx3, dx, finish = _output(be, x, layout, out, inputs=(x, dy) if y is None else (x, dy, y))
     with be.guard(x):
-        dweight, dbias = be.ops.batch_norm_backward(
+        dweight, dbias = be.feature_ops.batch_norm_backward(
             _view(be, dy, layout), _view(be, x, layout), mean, invstd, weight, dx3,
             None if y is None else _view(be, y, layout))
     if finish:
@@ -392,7 +392,7 @@ def update_running_stats(running_mean, running_var, mean, var, count, momentum=0
     count = v.check_count(count)
     momentum = v.check_momentum(momentum)
     if momentum > 0:  # momentum 0 keeps the old values (even where a batch var is inf)
-        be.ops.update_running_stats(running_mean, running_var, mean, var, count, momentum)
+        be.feature_ops.update_running_stats(running_mean, running_var, mean, var, count, momentum)
 
 
 def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=False,
@@ -438,12 +438,12 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
             y3, y = plan.empty(dtype)
             with _CPU.guard(x):
                 if not training:
-                    _CPU.ops.normalize(plan.view(x), running_mean, running_var, weight, bias,
+                    _CPU.feature_ops.normalize(plan.view(x), running_mean, running_var, weight, bias,
                                        eps, y3)
                     return y
-                mean, _, var = _CPU.ops.batch_norm_train(plan.view(x), weight, bias, eps, y3)
+                mean, _, var = _CPU.feature_ops.batch_norm_train(plan.view(x), weight, bias, eps, y3)
             if momentum > 0:
-                _CPU.ops.update_running_stats(running_mean, running_var, mean, var, plan.count,
+                _CPU.feature_ops.update_running_stats(running_mean, running_var, mean, var, plan.count,
                                               momentum)
             return y
     be, layout, x, running_mean, running_var, weight, bias = _prepare(
@@ -472,11 +472,11 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
     x3 = _view(be, x, layout)
     with be.guard(x):
         if not training:
-            be.ops.normalize(x3, running_mean, running_var, weight, bias, eps, y3)
+            be.feature_ops.normalize(x3, running_mean, running_var, weight, bias, eps, y3)
             return y
-        mean, _, var = be.ops.batch_norm_train(x3, weight, bias, eps, y3)
+        mean, _, var = be.feature_ops.batch_norm_train(x3, weight, bias, eps, y3)
     if has_running and momentum > 0:
-        be.ops.update_running_stats(running_mean, running_var, mean, var, layout.count, momentum)
+        be.feature_ops.update_running_stats(running_mean, running_var, mean, var, layout.count, momentum)
     return y
 
 
@@ -515,7 +515,7 @@ def batch_moments(x, axis=1):
         nfeat = layout.shape3[1]
         return 0, np.zeros(nfeat), np.zeros(nfeat)
     with be.guard(x):
-        mean, m2 = be.ops.batch_moments(_view(be, x, layout))
+        mean, m2 = be.feature_ops.batch_moments(_view(be, x, layout))
     return layout.count, mean, m2
 
 
@@ -596,7 +596,7 @@ def batch_norm_elemt(x, mean, invstd, weight=None, bias=None, axis=1, out=None):
     y3, y, finish = _output(be, x, layout, out)
     if layout.count:
         with be.guard(x):
-            be.ops.batch_norm_elemt(_view(be, x, layout), mean, invstd, weight, bias, y3)
+            be.feature_ops.batch_norm_elemt(_view(be, x, layout), mean, invstd, weight, bias, y3)
     if finish:
         finish()
     return y
@@ -635,7 +635,7 @@ def batch_norm_backward_reduce(dy, x, mean, invstd, axis=1):
     if layout.count == 0:
         return np.zeros(nfeat), np.zeros(nfeat)
     with be.guard(x):
-        return be.ops.batch_norm_backward_reduce(
+        return be.feature_ops.batch_norm_backward_reduce(
             _view(be, dy, layout), _view(be, x, layout), mean, invstd)
 
 
@@ -678,7 +678,7 @@ def batch_norm_backward_elemt(dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu, c
     dx3, dx, finish = _output(be, x, layout, out, inputs=(x, dy))
     if layout.count:
         with be.guard(x):
-            be.ops.batch_norm_backward_elemt(
+            be.feature_ops.batch_norm_backward_elemt(
                 _view(be, dy, layout), _view(be, x, layout), mean, invstd, weight, sum_dy,
                 sum_dy_xmu, count, dx3)
     if finish:

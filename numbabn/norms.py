@@ -11,8 +11,8 @@ accumulated in float64 (see :mod:`numbabn._core`); ``rstd = 1 / sqrt(var + eps)`
 Each public function validates all of its arguments before touching anything,
 views the input as ``(N, M, G, K)`` (:func:`numbabn._layout.plan_rows`: a view
 for C-contiguous and channels-last data, a copy only when the strides allow
-none), and calls the backend's per-row kernels (:mod:`numbabn._cpu.rows`, or
-:mod:`numbabn._gpu.rows` for device arrays).  Outputs follow the input's memory
+none), and calls the backend's per-row kernels (:mod:`numbabn._cpu.row_ops`, or
+:mod:`numbabn._gpu.row_ops` for device arrays).  Outputs follow the input's memory
 order.  Results are bitwise identical for any number of threads.
 
 The split between forward and backward (as ``torch.native_layer_norm`` and
@@ -39,7 +39,7 @@ import numpy as np
 
 from . import _backend, _layout
 from . import _validate as v
-from ._cpu.rows import Affine
+from ._core import Affine
 
 __all__ = [
     "layer_norm",
@@ -199,38 +199,38 @@ def _kept_shapes(shape, k):
 # --------------------------------------------------------------------------- #
 def _forward(be, x, plan, weight, bias, eps, rms):
     """Run the forward; return ``y`` and per-row ``(mean, rstd, var)`` (row order)."""
-    rows = be.rows
-    x4 = rows.as_4d(x, plan.layout)
-    y4, y = rows.empty_like_4d(plan.layout, x.dtype)
+    rows, layout = be.row_ops, be.layout
+    x4 = layout.as_4d(x, plan.layout)
+    y4, y = layout.empty_like_4d(plan.layout, x.dtype)
     if plan.wperm is not None:
-        weight = None if weight is None else rows.permute_flat(weight, plan.wperm)
-        bias = None if bias is None else rows.permute_flat(bias, plan.wperm)
+        weight = None if weight is None else layout.permute_flat(weight, plan.wperm)
+        bias = None if bias is None else layout.permute_flat(bias, plan.wperm)
     with be.guard(x):
         mean, rstd, var = rows.row_norm_train(x4, weight, bias, plan.affine, eps, rms, y4)
     return y, mean, rstd, var
 
 
 def _backward(be, dy, x, plan, mean, rstd, weight, rms, param_grads, param_shape):
-    rows = be.rows
-    x4 = rows.as_4d(x, plan.layout)
-    dy4 = rows.as_4d(dy, plan.layout)
-    dx4, dx = rows.empty_like_4d(plan.layout, x.dtype)
+    rows, layout = be.row_ops, be.layout
+    x4 = layout.as_4d(x, plan.layout)
+    dy4 = layout.as_4d(dy, plan.layout)
+    dx4, dx = layout.empty_like_4d(plan.layout, x.dtype)
     if plan.wperm is not None and weight is not None:
-        weight = rows.permute_flat(weight, plan.wperm)
-    mean = None if mean is None else rows.kept_to_rows(mean, plan.layout)
-    rstd = rows.kept_to_rows(rstd, plan.layout)
+        weight = layout.permute_flat(weight, plan.wperm)
+    mean = None if mean is None else layout.kept_to_rows(mean, plan.layout)
+    rstd = layout.kept_to_rows(rstd, plan.layout)
     with be.guard(x):
         dweight, dbias = rows.row_norm_backward(dy4, x4, mean, rstd, weight, plan.affine, rms,
                                                 param_grads, dx4)
     if param_grads and plan.wperm is not None:
-        dweight = rows.unpermute_flat(dweight, param_shape, plan.wperm)
-        dbias = rows.unpermute_flat(dbias, param_shape, plan.wperm)
+        dweight = layout.unpermute_flat(dweight, param_shape, plan.wperm)
+        dbias = layout.unpermute_flat(dbias, param_shape, plan.wperm)
     return dx, dweight, dbias
 
 
 def _kept(be, stat, plan, trailing_ones):
-    kept = be.rows.rows_to_kept(stat, plan.layout)
-    return be.rows.reshape_ones(kept, tuple(kept.shape) + (1,) * trailing_ones)
+    kept = be.layout.rows_to_kept(stat, plan.layout)
+    return be.layout.reshape_ones(kept, tuple(kept.shape) + (1,) * trailing_ones)
 
 
 # --------------------------------------------------------------------------- #
@@ -322,8 +322,8 @@ def layer_norm_backward(dy, x, mean, rstd, normalized_shape, weight=None, param_
     param_grads = v.check_bool(param_grads, "param_grads")
     plan = _layer_plan(x, len(shape))
     lead = shapes[1]
-    return _backward(be, dy, x, plan, be.rows.reshape_ones(mean, lead),
-                     be.rows.reshape_ones(rstd, lead), weight, False, param_grads, shape)
+    return _backward(be, dy, x, plan, be.layout.reshape_ones(mean, lead),
+                     be.layout.reshape_ones(rstd, lead), weight, False, param_grads, shape)
 
 
 # --------------------------------------------------------------------------- #
@@ -383,7 +383,7 @@ def rms_norm_backward(dy, x, rstd, normalized_shape, weight=None, param_grads=Tr
     _check_param(weight, "weight", shape, x.dtype)
     param_grads = v.check_bool(param_grads, "param_grads")
     plan = _layer_plan(x, len(shape))
-    dx, dweight, _ = _backward(be, dy, x, plan, None, be.rows.reshape_ones(rstd, shapes[1]),
+    dx, dweight, _ = _backward(be, dy, x, plan, None, be.layout.reshape_ones(rstd, shapes[1]),
                                weight, True, param_grads, shape)
     return dx, dweight
 
@@ -393,21 +393,21 @@ def rms_norm_backward(dy, x, rstd, normalized_shape, weight=None, param_grads=Tr
 # --------------------------------------------------------------------------- #
 def _group_train(be, x, groups, weight, bias, eps):
     nchan = x.shape[1]
-    xs = be.rows.split_axis(x, 1, (groups, nchan // groups))
+    xs = be.layout.split_axis(x, 1, (groups, nchan // groups))
     plan = _group_plan(xs)
     ys, mean, rstd, var = _forward(be, xs, plan, weight, bias, eps, False)
-    return (be.rows.merge_axes(ys, 1, 2), _kept(be, mean, plan, 0), _kept(be, rstd, plan, 0),
+    return (be.layout.merge_axes(ys, 1, 2), _kept(be, mean, plan, 0), _kept(be, rstd, plan, 0),
             _kept(be, var, plan, 0))
 
 
 def _group_backward(be, dy, x, groups, mean, rstd, weight, param_grads):
     nchan = x.shape[1]
     parts = (groups, nchan // groups)
-    xs = be.rows.split_axis(x, 1, parts)
+    xs = be.layout.split_axis(x, 1, parts)
     plan = _group_plan(xs)
-    dxs, dweight, dbias = _backward(be, be.rows.split_axis(dy, 1, parts), xs, plan, mean, rstd,
+    dxs, dweight, dbias = _backward(be, be.layout.split_axis(dy, 1, parts), xs, plan, mean, rstd,
                                     weight, False, param_grads, None)
-    return be.rows.merge_axes(dxs, 1, 2), dweight, dbias
+    return be.layout.merge_axes(dxs, 1, 2), dweight, dbias
 
 
 def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5):
@@ -577,6 +577,6 @@ def _instance_update(be, x, running_mean, running_var, weight, bias, momentum, e
     y, mean, rstd, var = _group_train(be, x, nchan, weight, bias, eps)
     if running_mean is not None and momentum > 0:
         count = x.size // (x.shape[0] * nchan)
-        be.rows.update_instance_running_stats(running_mean, running_var, mean, var, count,
+        be.row_ops.update_instance_running_stats(running_mean, running_var, mean, var, count,
                                               momentum)
     return y, mean, rstd

@@ -15,13 +15,11 @@ import time
 
 import numpy as np
 
-from numbabn.checkpoint import load_checkpoint
-from numbabn.data import load_mnist
-from numbabn.layers import fold_batchnorm
-from numbabn.models import mnist_cnn
-from numbabn.train import EVAL_BATCH, prepare_images
-
-
+from numbabn.mnist.checkpoint import load_checkpoint
+from numbabn.mnist.data import load_mnist
+from numbabn.kit import fold_batchnorm
+from numbabn.mnist.models import mnist_cnn
+from numbabn.mnist.train import EVAL_BATCH, prepare_images
 def logits(model, images):
     return np.concatenate([model.forward(images[i:i + EVAL_BATCH])
                            for i in range(0, len(images), EVAL_BATCH)])

@@ -19,8 +19,7 @@ import time
 import numpy as np
 
 import numbabn as nb
-from numbabn.layers import ReLU
-
+from numbabn.kit import ReLU
 CASES = [(128, 32, 26, 26), (64, 64, 56, 56), (32, 256, 14, 14), (8, 3, 224, 224)]
 
 

@@ -5,7 +5,7 @@
 For each public function on a case (the default: (256, 1024) float32, axis 1;
 ``--cases all`` adds a small NCHW and a small NHWC input), times the public call
 (as users make it: a fresh output) and the bare kernel call it makes (the
-``numbabn._cpu.kernels`` function called directly with the same arguments,
+``numbabn._cpu.feature_kernels`` function called directly with the same arguments,
 built once before timing, outputs preallocated), one call of each in turn,
 ``--reps`` times, and prints both medians and their difference, the host cost,
 in microseconds.  The bare call includes Numba's dispatch (typing the arguments),
@@ -33,8 +33,8 @@ import numpy as np
 
 import numbabn as nb
 from numbabn import _core
-from numbabn._cpu import kernels as k
-from numbabn._cpu import ops
+from numbabn._cpu import feature_kernels as k
+from numbabn._cpu import feature_ops as ops
 
 CASES = {
     "(256, 1024) f32": ((256, 1024), 1),

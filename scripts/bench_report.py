@@ -19,7 +19,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -28,8 +27,8 @@ import numba
 import numpy as np
 
 from benchmarks import warm_start
-from benchmarks.cases import (CASES, OPS, TRAFFIC, Inputs, implementations, reference,
-                              set_torch_threads, time_interleaved, torch, validate,
+from benchmarks.cases import (CASES, OPS, TRAFFIC, Inputs, implementations, machine,
+                              reference, set_torch_threads, time_interleaved, validate,
                               wait_for_quiet)
 
 TARGETS = {  # speed-up over PyTorch (geometric mean, worst case) and time over copy (geometric mean)
@@ -38,26 +37,6 @@ TARGETS = {  # speed-up over PyTorch (geometric mean, worst case) and time over 
     "eval": (1.2, 1.0, None),
     "stats": (None, None, None),
 }
-
-
-def machine():
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {
-        "cpu": cpu,
-        "llvm_cpu": numba.config.CPU_NAME or __import__("llvmlite.binding", fromlist=["x"]).get_host_cpu_name(),
-        "cores": os.cpu_count(),
-        "numba_threads": numba.get_num_threads(),
-        "threading_layer": numba.threading_layer(),
-        "numpy": np.__version__,
-        "numba": numba.__version__,
-        "torch": torch.__version__ if torch is not None else None,
-        "python": platform.python_version(),
-    }
 
 
 def run(ops, budget, quiet_wait):
@@ -171,14 +150,7 @@ def chart(rows, ops, path):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    if "--sweep" in argv:  # the size sweep instead, with the other arguments
-        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-        import bench_sweep
-
-        return bench_sweep.main([a for a in argv if a != "--sweep"])
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--sweep", action="store_true",
-                    help="run scripts/bench_sweep.py (a size sweep) with the other arguments")
     ap.add_argument("--ops", default=",".join(OPS), help=f"comma-separated subset of {OPS}")
     ap.add_argument("--budget", type=float, default=2.0, help="seconds of timing per case")
     ap.add_argument("--out", default="runs/bench", help="folder for bench.png/.md/.json")

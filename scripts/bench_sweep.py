@@ -42,14 +42,8 @@ import numba
 import numpy as np
 
 from benchmarks.cases import (TRAFFIC, Case, Inputs, implementations, reference,
-                              set_torch_threads, time_interleaved, torch, validate,
+                              machine, set_torch_threads, time_interleaved, torch, validate,
                               wait_for_quiet)
-
-try:
-    from scripts.bench_report import machine
-except ImportError:  # run as scripts/bench_sweep.py without PYTHONPATH=.
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from bench_report import machine
 
 C = 64
 SIZES = [64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20, 256 << 20, 512 << 20]

@@ -7,7 +7,7 @@ same logits; dropout masks differ, so training losses cannot be compared).
 Each timed round then runs in a fresh process of its own, as a user runs one
 framework at a time: in one process, the thread pool of whichever framework ran
 last keeps spinning into the other's steps (here numbabn lost 10% that way).
-numbabn's round runs with the trainer's settings (``numbabn.train.cli``: quiet
+numbabn's round runs with the trainer's settings (``numbabn.mnist.train.cli``: quiet
 thread pools), PyTorch's with its defaults and numba's thread count.  Rounds
 alternate between the two so that load from other processes on the machine hits
 both alike; the best and the median round are reported, in images per second.
@@ -34,10 +34,10 @@ import time
 import numba
 import numpy as np
 
-from numbabn._cpu.threads import prefer_passive_waiting
-from numbabn.losses import cross_entropy
-from numbabn.models import mnist_cnn
-from numbabn.optim import Adam
+from numbabn._cpu.runtime import prefer_passive_waiting
+from numbabn.kit.losses import cross_entropy
+from numbabn.mnist.models import mnist_cnn
+from numbabn.kit.optim import Adam
 
 
 def numbabn_step(model, opt):
@@ -224,7 +224,7 @@ def check_same_model(batch_size):
 def run_round(name, args, profile=False):
     env = dict(os.environ)
     if name == "numbabn":
-        from numbabn.train import QUIET_THREAD_POOLS
+        from numbabn.mnist.train import QUIET_THREAD_POOLS
         env = {**QUIET_THREAD_POOLS, **env}
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", name,
            "--batch-size", str(args.batch_size), "--steps", str(args.steps)]

@@ -22,12 +22,11 @@ import time
 import numba
 import numpy as np
 
-from numbabn.layers import Sigmoid
-from numbabn.models import bn_paper_mlp
-from numbabn.losses import cross_entropy
-from numbabn.optim import SGD
-from numbabn.train import epoch_batches, evaluate, prepare_images
-
+from numbabn.kit import Sigmoid
+from numbabn.kit.losses import cross_entropy
+from numbabn.kit.optim import SGD
+from numbabn.mnist.models import bn_paper_mlp
+from numbabn.mnist.train import epoch_batches, evaluate, prepare_images
 PERCENTILES = (15, 50, 85)
 
 
@@ -126,7 +125,7 @@ def main(argv=None):
                              "threads costs more than it saves)")
     args = parser.parse_args(argv)
 
-    from numbabn.data import load_mnist
+    from numbabn.mnist.data import load_mnist
 
     numba.set_num_threads(args.threads)
     train_x, train_y, test_x, test_y = load_mnist(data_dir=args.data_dir)

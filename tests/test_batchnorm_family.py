@@ -6,8 +6,7 @@ import pytest
 
 import naive
 from conftest import assert_close
-from numbabn.layers import (BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchRenorm1d,
-                            BatchRenorm2d)
+from numbabn.layers import BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchRenorm1d, BatchRenorm2d
 
 
 def _torch():

@@ -9,7 +9,7 @@ SCRIPT = r"""
 import json, threading
 import numpy as np
 import numbabn as nb
-from numbabn._cpu.threads import threading_layer
+from numbabn._cpu.runtime import threading_layer
 
 rng = np.random.default_rng(1)
 shapes = [((32, 8, 9, 9), 1), ((2000, 16), 1), ((8, 9, 9, 5), -1), ((4, 3, 3000), 1)]
@@ -65,7 +65,7 @@ def test_four_threads_get_correct_results(layer):
 def test_default_layer_is_threadsafe():
     """Numba picks omp or tbb when present; the guard only locks under workqueue."""
     import numbabn as nb
-    from numbabn._cpu import threads
+    from numbabn._cpu import runtime as threads
 
     nb.batch_stats(np.ones((4, 2)))
     layer = threads.threading_layer()
@@ -81,7 +81,7 @@ def test_small_inputs_run_serially_and_restore_the_thread_count():
 
     import numbabn as nb
     from numbabn import _config
-    from numbabn._cpu import threads
+    from numbabn._cpu import runtime as threads
 
     before = numba.get_num_threads()
     small = np.ones((4, 3))

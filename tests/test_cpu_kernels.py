@@ -11,7 +11,7 @@ import naive
 import numbabn as nb
 from conftest import assert_close
 from harness import run_json
-from numbabn._cpu import ops
+from numbabn._cpu import feature_ops as ops
 
 # (shape, axis): fused NCHW, two-phase NCHW (3 channels, huge inner), dense and
 # channels-last two-phase, inner smaller than a vector, several row blocks, and

@@ -1,4 +1,4 @@
-"""Tests for numbabn.data: IDX parsing, verification, and downloads from a local server.
+"""Tests for numbabn.mnist.data: IDX parsing, verification, and downloads from a local server.
 
 The tests write tiny IDX files (a few 4x5 "images") with an MD5 table of their own,
 and serve them from an HTTP server on 127.0.0.1 so the real download code runs.
@@ -24,8 +24,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from numbabn import data
-from numbabn.data import MNIST_FILES, MNISTError, download_file, load_mnist, read_idx
+from numbabn.mnist import data
+from numbabn.mnist.data import MNIST_FILES, MNISTError, download_file, load_mnist, read_idx
 
 SHARED_MNIST = Path(__file__).resolve().parents[1].parent / "shared/data/mnist"
 
@@ -482,7 +482,7 @@ def places(tmp_path, monkeypatch):
         "argument": tmp_path / "given",
         "$NUMBABN_DATA": tmp_path / "env",
         "cache": tmp_path / "home/.cache/numbabn/mnist",
-        "shipped": tmp_path / "site-packages/numbabn/datasets/mnist",
+        "shipped": tmp_path / "site-packages/numbabn/mnist/dataset",
     }
     sets = {}
     for seed, (origin, directory) in enumerate(dirs.items()):

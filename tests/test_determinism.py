@@ -29,7 +29,7 @@ CACHE_SCRIPT = r"""
 import json
 import numpy as np
 import numbabn as nb
-from numbabn._cpu import kernels
+from numbabn._cpu import feature_kernels as kernels
 rng = np.random.default_rng(0)
 x = rng.standard_normal((64, 8, 5, 5)).astype(np.float32)
 y, mean, invstd = nb.batch_norm_train(x)
@@ -75,7 +75,7 @@ if sys.argv[1] == "ieee":  # no fused multiply-adds anywhere
 sys.modules["numbabn._config"] = cfg
 import numpy as np
 import numbabn as nb
-from numbabn._cpu import kernels
+from numbabn._cpu import feature_kernels as kernels
 rng = np.random.default_rng(5)
 x = (3 + rng.standard_normal((512, 24))).astype(np.float32)
 w = rng.standard_normal(24).astype(np.float32)

@@ -90,7 +90,7 @@ def _run_python(code):
 
 
 def test_importing_numbabn_distributed_does_not_import_mpi4py():
-    code = "import sys, numbabn, numbabn.distributed, numbabn.train; print('mpi4py' in sys.modules)"
+    code = "import sys, numbabn, numbabn.distributed, numbabn.mnist.train; print('mpi4py' in sys.modules)"
     assert _run_python(code) == "False"
 
 
@@ -106,7 +106,7 @@ def test_without_mpi4py_the_first_call_names_the_extra():
 
 
 def test_shard_bounds_split_like_array_split():
-    from numbabn.distributed.trainer import shard_bounds
+    from numbabn.mnist.distributed import shard_bounds
 
     for n in range(0, 12):
         for size in range(1, 5):
@@ -204,7 +204,7 @@ def test_bad_input_on_one_rank_raises_the_same_error_on_every_rank(sync_bn, labe
 # --------------------------------------------------------------------------- #
 @needs_mpi
 def test_two_process_training_gives_the_losses_of_one_process(tmp_path, monkeypatch):
-    from numbabn import train as train_module
+    from numbabn.mnist import train as train_module
 
     steps = _scripts_module("train_steps", monkeypatch)
     common = _scripts_module("common", monkeypatch)
@@ -238,8 +238,8 @@ def _event(results, rank, event):
 
 @needs_mpi
 def test_killed_rank_ends_the_job_and_resume_continues_from_the_last_checkpoint(tmp_path, monkeypatch):
-    from numbabn.checkpoint import load_checkpoint
-    from numbabn.train import Trainer
+    from numbabn.mnist.checkpoint import load_checkpoint
+    from numbabn.mnist.train import Trainer
 
     out = tmp_path / "run"
     done, results = mpirun([SCRIPTS / "faults.py", "kill", out], check=False)
@@ -272,15 +272,15 @@ def test_uncaught_exception_on_one_rank_aborts_the_job(tmp_path):
     assert "[rank 1/2] RuntimeError: rank 1 fails on purpose" in done.stderr + done.stdout
 
 
-CLI = ["-m", "numbabn.train", "--distributed", "--model", "mlp", "--limit-train", "600",
+CLI = ["-m", "numbabn.mnist.train", "--distributed", "--model", "mlp", "--limit-train", "600",
        "--no-progress"]
 
 
 @needs_mpi
 def test_cli_ctrl_c_ends_the_job_and_resume_finishes_it(tmp_path):
-    from numbabn.checkpoint import load_checkpoint
-    from numbabn.data import load_mnist
-    from numbabn.train import Trainer, build_parser, config_from_args, evaluate
+    from numbabn.mnist.checkpoint import load_checkpoint
+    from numbabn.mnist.data import load_mnist
+    from numbabn.mnist.train import Trainer, build_parser, config_from_args, evaluate
 
     out = tmp_path / "run"
     args = [*CLI, "--out", str(out)]
@@ -333,9 +333,9 @@ def test_cli_missing_checkpoint_is_reported_once_and_every_rank_exits(tmp_path):
 
 def test_convert_sync_batchnorm_refuses_variants_without_a_synchronised_version():
     from numbabn.distributed import SyncBatchNorm, convert_sync_batchnorm
-    from numbabn.layers import BatchNorm1d, Linear, Sequential
-    from numbabn.models import build_model
-
+    from numbabn.kit import Linear, Sequential
+    from numbabn.layers import BatchNorm1d
+    from numbabn.mnist.models import build_model
     model = build_model("mlp", np.random.default_rng(0), norm="renorm")
     before = [type(layer) for layer in model.layers]
     with pytest.raises(TypeError, match="BatchRenorm1d has no synchronised version"):

@@ -3,10 +3,10 @@
 import numpy as np
 import pytest
 
-from numbabn.layers import (BatchNorm1d, BatchNorm2d, Conv2d, Dropout, Flatten, Linear,
-                            MaxPool2d, ReLU, Sequential, fold_batchnorm)
+from numbabn.layers import BatchNorm1d, BatchNorm2d
+from numbabn.kit import Conv2d, Dropout, Flatten, Linear, MaxPool2d, ReLU, Sequential, fold_batchnorm
 from numbabn.layers.batchnorm import _BatchNorm
-from numbabn.models import mnist_cnn
+from numbabn.mnist.models import mnist_cnn
 
 
 def _randomize_bn(model, rng, positive=True):

@@ -6,8 +6,8 @@ import pytest
 import naive
 import numbabn as nb
 from conftest import CASES, LAYOUTS, assert_close, make_array
-from numbabn.layers import (BatchNorm1d, BatchNorm2d, BatchNormReLU1d, BatchNormReLU2d, Conv2d,
-                            ReLU, Sequential, fold_batchnorm)
+from numbabn.layers import BatchNorm1d, BatchNorm2d, BatchNormReLU1d, BatchNormReLU2d
+from numbabn.kit import Conv2d, ReLU, Sequential, fold_batchnorm
 
 DTYPES = [np.float32, np.float64]
 

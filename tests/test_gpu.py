@@ -68,7 +68,7 @@ class CAIWrapper:
     @property
     def __cuda_array_interface__(self):
         if SIMULATOR:  # the simulator's arrays are host NumPy arrays
-            from numbabn._gpu import _private
+            from numbabn._numba_private import cuda as _private
 
             return dict(_private.sim_ndarray(self._a).__array_interface__, version=3)
         return self._a.__cuda_array_interface__
@@ -349,7 +349,7 @@ def test_fused_relu_is_relu_of_the_plain_operations_bit_for_bit(shape):
     ``y3``): the forward is ``where(y < 0, 0, y)`` of the plain forward (NaN and
     -0.0 kept), the backward the plain backward of ``where(y > 0, dy, 0)``,
     NaN or inf in ``dy`` masked where ``y <= 0`` or NaN."""
-    from numbabn._gpu import ops
+    from numbabn._gpu import feature_ops as ops
 
     dtype = np.float32
     x, dy, w, b = make(shape, 1, dtype, seed=18)
@@ -462,14 +462,14 @@ def run_every_operation(shape, axis, dtype, seed=12):
 def pointer(a):
     """Device address of the first element."""
     if SIMULATOR:
-        from numbabn._gpu import _private
+        from numbabn._numba_private import cuda as _private
 
         return _private.sim_ndarray(a).__array_interface__["data"][0]
     return a.__cuda_array_interface__["data"][0]
 
 
 def test_reused_scratch_gives_the_results_of_a_fresh_buffer():
-    from numbabn._gpu import launch
+    from numbabn._gpu import runtime as launch
 
     cases = [((5, 3, 13), 1, np.float32), ((21, 5), 1, np.float64),
              ((2, 4, 3, 3), -1, np.float32), ((3, 2, 4, 5), 1, np.float64)]
@@ -496,7 +496,7 @@ def test_reused_scratch_gives_the_results_of_a_fresh_buffer():
 def test_results_of_consecutive_calls_do_not_alias(monkeypatch, slab_bytes):
     """Results stay fresh memory: parameter tables cut from slabs (one slab for
     every call, a new slab every few calls, or tables allocated one by one)."""
-    from numbabn._gpu import launch
+    from numbabn._gpu import runtime as launch
 
     monkeypatch.setattr(_config, "GPU_RESULT_SLAB_BYTES", slab_bytes)
     launch.clear_scratch()
@@ -517,7 +517,7 @@ def test_results_of_consecutive_calls_do_not_alias(monkeypatch, slab_bytes):
 
 
 def test_scratch_is_per_thread_and_reused_within_one():
-    from numbabn._gpu import launch
+    from numbabn._gpu import runtime as launch
 
     mine = launch.scratch((2, 3))
     assert launch.scratch((2, 3)) is mine
@@ -530,7 +530,7 @@ def test_scratch_is_per_thread_and_reused_within_one():
 
 def test_kernel_launcher_types_each_signature_once():
     """The launcher's bookkeeping, against a stand-in for numba's dispatcher."""
-    from numbabn._gpu import launch
+    from numbabn._gpu import runtime as launch
 
     log = []
 
@@ -610,7 +610,8 @@ def test_launches_use_compiled_overloads_on_a_gpu(monkeypatch):
     overloads; and the public path (plain launches, ``cuda.device_array``
     tables, interface views), forced by failing the version check, gives the
     same bits for every operation."""
-    from numbabn._gpu import _private, launch, ops
+    from numbabn._gpu import feature_ops as ops, runtime as launch
+    from numbabn._numba_private import cuda as _private
 
     launch.reset()
     if not _private.version_tested():
@@ -654,14 +655,14 @@ _PTX_CHECK = r"""
 import sys
 from numba import cuda, typeof
 from numba.core import types
-from numbabn._gpu import _private
+from numbabn._numba_private import cuda as _private
 if not _private.nvvm_available():
     print("NO-NVVM")
     sys.exit(0)
 # No GPU here: device functions ask the current device for its compute capability.
 _private.assume_compute_capability((9, 0))
 from numbabn._config import GPU_JIT
-from numbabn._gpu import kernels as k, ops
+from numbabn._gpu import feature_kernels as k, feature_ops as ops
 
 geom, f64, flag = typeof(ops.Geometry(4, 32, 100, 8, 0)), types.float64, types.boolean
 counters = types.Array(types.int32, 1, "C")

@@ -1,6 +1,6 @@
 """The GPU backend's launches: how many per operation, the reductions' "last
 block done" merge whatever order the blocks finish in, and the public path
-taken when numba-cuda's private names are not used (numbabn._gpu._private).
+taken when numba-cuda's private names are not used (numbabn._numba_private.cuda).
 
 Runs under the CUDA simulator by default (see conftest.py), with the small
 blocks of test_gpu.py, or on a GPU with ``NUMBA_ENABLE_CUDASIM=0``.
@@ -54,7 +54,7 @@ LAUNCHES = {
 def test_launches_per_operation(monkeypatch, shape):
     """Counted by wrapping ``Kernel.launch``: 2 launches for a training forward
     or backward, 1 for a reduction alone, 1 for eval."""
-    from numbabn._gpu import launch
+    from numbabn._gpu import runtime as launch
 
     family = "_nchw" if len(shape) == 3 else "_nc"
     log = []
@@ -140,7 +140,7 @@ def test_last_block_merge_is_bitwise_independent_of_block_order(monkeypatch, sha
     same, with the partials' scratch filled with NaN before each call (a merge
     reading a partial not yet written would show), and the ticket counters are
     all zero after every call."""
-    from numbabn._gpu import launch, ops
+    from numbabn._gpu import feature_ops as ops, runtime as launch
 
     monkeypatch.setattr(_config, "GPU_THREADS", threads)
     reference = run_reductions(shape, axis, np.float32)
@@ -158,8 +158,8 @@ def test_last_block_merge_is_bitwise_independent_of_block_order(monkeypatch, sha
 def test_reversed_geometry_reverses_the_blocks(monkeypatch):
     """The test hook does what the test above relies on: the plan's geometry
     carries it, and a kernel sees block 0 at the last place of the partition."""
-    from numbabn._gpu import kernels as k
-    from numbabn._gpu import ops
+    from numbabn._gpu import feature_kernels as k
+    from numbabn._gpu import feature_ops as ops
 
     monkeypatch.setattr(_config, "GPU_REVERSE_BLOCKS", True)
     plan = ops._plan((2, 3, 32))
@@ -179,7 +179,7 @@ def test_reversed_geometry_reverses_the_blocks(monkeypatch):
 # numba-cuda's private names: the public path gives the same bits
 # --------------------------------------------------------------------------- #
 def test_private_names_version_check():
-    from numbabn._gpu import _private
+    from numbabn._numba_private import cuda as _private
 
     name, version = _private.provider()
     assert name in ("numba", "numba-cuda")
@@ -197,7 +197,8 @@ def test_public_path_gives_the_same_bits(monkeypatch, caplog, shape, axis, dtype
     group of private names fall back to the public path: plain launches,
     ``cuda.device_array`` result tables, sliced scratch views.  Results are
     bitwise those of the private path, and the fallback is reported once."""
-    from numbabn._gpu import _private, launch
+    from numbabn._gpu import runtime as launch
+    from numbabn._numba_private import cuda as _private
 
     monkeypatch.setattr(_private, "version_tested", lambda: True)
     launch.reset()

@@ -13,7 +13,7 @@ from test_validation import _args, _call, assert_refused_unchanged
 import numbabn as nb
 from numbabn import _config
 from numbabn import functional as F
-from numbabn._cpu import ops, threads
+from numbabn._cpu import feature_ops as ops, runtime as threads
 
 BAD = [pytest.param(func, build, exc, word, id=f"{func}-{cid}")
        for cid, funcs, build, exc, word in BAD_CASES for func in funcs

@@ -4,8 +4,8 @@ was expected, and no parameter, gradient or running statistic changed."""
 import numpy as np
 import pytest
 
-from numbabn.layers import (BatchNorm1d, BatchNorm2d, Conv2d, Dropout, Flatten, Linear,
-                            MaxPool2d, ReLU, Sequential, Sigmoid)
+from numbabn.layers import BatchNorm1d, BatchNorm2d
+from numbabn.kit import Conv2d, Dropout, Flatten, Linear, MaxPool2d, ReLU, Sequential, Sigmoid
 
 # name -> (factory, a valid float32 input)
 LAYERS = {

@@ -4,11 +4,12 @@ against plain NumPy loops, BatchNorm against PyTorch, state dicts and input chec
 import numpy as np
 import pytest
 
-from numbabn.layers import (BatchNorm1d, BatchNorm2d, Conv2d, Dropout, Flatten, Linear,
-                            MaxPool2d, ReLU, Sequential, Sigmoid)
-from numbabn.layers import _kernels as conv_kernels
-from numbabn.losses import cross_entropy
-from numbabn.models import bn_paper_mlp, mnist_cnn
+from numbabn.layers import BatchNorm1d, BatchNorm2d
+from numbabn.kit import Conv2d, Dropout, Flatten, Linear, MaxPool2d, ReLU, Sequential, Sigmoid
+from numbabn.kit._kernels import pooling as pool_kernels
+from numbabn.kit._kernels import tiles as conv_kernels
+from numbabn.kit.losses import cross_entropy
+from numbabn.mnist.models import bn_paper_mlp, mnist_cnn
 
 F64 = np.float64
 
@@ -150,7 +151,7 @@ def test_conv2d_accepts_any_memory_layout(rng):
 
 
 def test_conv2d_chunked_batch_matches_whole(rng, monkeypatch):
-    from numbabn.layers import conv as conv_module
+    from numbabn.kit import conv as conv_module
     conv = Conv2d(2, 3, 3, dtype=F64, rng=rng)
     x = rng.standard_normal((5, 2, 6, 6))
     dy = rng.standard_normal((5, 3, 4, 4))
@@ -243,7 +244,7 @@ def test_conv2d_direct_bits_do_not_depend_on_threads_or_task_count(rng):
 
 def test_conv2d_direct_switch_falls_back_to_im2col(rng, monkeypatch):
     """CONV_DIRECT=False, float64, strides and channel counts off the 16-grid take im2col."""
-    from numbabn.layers import conv as conv_module
+    from numbabn.kit import conv as conv_module
     conv = Conv2d(16, 32, 3, rng=rng)
     assert conv._direct() == conv_kernels.DIRECT_CONV_CPU
     monkeypatch.setattr(conv_module._config, "CONV_DIRECT", False)
@@ -267,7 +268,6 @@ def test_max_pool_forward_and_gradients(rng, k, s, p):
 def test_max_pool_tiled_backward_matches_scatter(rng, k, hw):
     """Windows that tile the input: the one-write backward gives the scatter-add
     kernel's bits (0 in leftover rows and columns, -0.0 in dy as 0.0)."""
-    from numbabn.layers import _kernels
 
     pool = MaxPool2d(k)
     pool.forward(rng.standard_normal((2, 5) + hw).astype(np.float32))
@@ -275,8 +275,8 @@ def test_max_pool_tiled_backward_matches_scatter(rng, k, hw):
     dy = rng.standard_normal(argmax.shape).astype(np.float32)
     dy[0, 0, 0, :2] = [-0.0, np.nan]
     dx_tiled, dx_scatter = (np.full((2,) + hw + (5,), 7, np.float32) for _ in range(2))
-    _kernels.max_pool_backward_tiled(dy, argmax, *pool.kernel_size, dx_tiled)
-    _kernels.max_pool_backward(dy, argmax, dx_scatter)
+    pool_kernels.max_pool_backward_tiled(dy, argmax, *pool.kernel_size, dx_tiled)
+    pool_kernels.max_pool_backward(dy, argmax, dx_scatter)
     assert dx_tiled.tobytes() == dx_scatter.tobytes()
 
 

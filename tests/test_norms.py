@@ -14,7 +14,7 @@ from conftest import assert_close, relayout
 
 import naive
 import numbabn
-from numbabn._cpu import rows as cpu_rows
+from numbabn._cpu import row_ops as cpu_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 DTYPES = [np.float32, np.float64]

@@ -1,4 +1,4 @@
-"""The GPU twins of the per-row norms (numbabn._gpu.rows) against the float64
+"""The GPU twins of the per-row norms (numbabn._gpu.row_ops) against the float64
 twins and the CPU path.
 
 Runs under the CUDA simulator by default (see conftest.py), on small shapes
@@ -201,7 +201,7 @@ numba.cuda.dispatcher.get_current_device = lambda: pytypes.SimpleNamespace(
     compute_capability=(9, 0))
 from numbabn._config import GPU_JIT
 from numbabn._gpu import rows as k
-from numbabn._cpu.rows import Affine
+from numbabn._core import Affine
 
 geom, aff = typeof(k.RowGeometry(32, 3, 2, 4)), typeof(Affine(2, 3, 1))
 f64, flag, i64 = types.float64, types.boolean, types.int64

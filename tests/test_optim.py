@@ -5,7 +5,7 @@ import zlib
 import numpy as np
 import pytest
 
-from numbabn.optim import SGD, Adam
+from numbabn.kit.optim import SGD, Adam
 
 
 def _params(rng, dtype):

@@ -28,7 +28,7 @@ def test_import_numbabn_and_layers_imports_nothing_optional():
 
 
 def test_trainer_modules_import_their_extras_lazily():
-    assert _optional_imported_by("numbabn.data", "numbabn.train", "numbabn.models") == []
+    assert _optional_imported_by("numbabn.mnist.data", "numbabn.mnist.train", "numbabn.mnist.models") == []
 
 
 def test_distributed_imports_mpi4py_only_when_used():
@@ -45,8 +45,8 @@ def test_core_dependencies_are_numpy_and_numba_only(pyproject):
     assert names == ["numpy", "numba"]
     extras = pyproject["project"]["optional-dependencies"]
     assert extras["train"] == ["tqdm>=4.60", "matplotlib>=3.7"]
-    assert extras["mpi"] == ["mpi4py>=4", "mpich"]
-    assert pyproject["project"]["scripts"]["numbabn-mnist"] == "numbabn.train:cli"
+    assert extras["mpi"] == ["mpi4py>=4", "mpich", "threadpoolctl>=3"]
+    assert pyproject["project"]["scripts"]["numbabn-mnist"] == "numbabn.mnist.cli:cli"
 
 
 def test_mnist_is_package_data(pyproject):
@@ -54,9 +54,9 @@ def test_mnist_is_package_data(pyproject):
     patterns = pyproject["tool"]["setuptools"]["package-data"]["numbabn"]
     shipped = {p.relative_to(ROOT / "numbabn").as_posix() for pattern in patterns
                for p in (ROOT / "numbabn").glob(pattern)}
-    assert {f"datasets/mnist/{split}-{kind}.gz" for split in ("train", "t10k")
+    assert {f"mnist/dataset/{split}-{kind}.gz" for split in ("train", "t10k")
             for kind in ("images-idx3-ubyte", "labels-idx1-ubyte")} <= shipped
-    assert "datasets/mnist/README.md" in shipped  # the data set's credit and licence travel with it
+    assert "mnist/dataset/README.md" in shipped  # the data set's credit and licence travel with it
 
 
 def test_ci_runs_the_readme_test_commands_verbatim():

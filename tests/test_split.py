@@ -10,8 +10,6 @@ from conftest import CASES, assert_close, make_array
 from numbabn.layers import BatchNorm1d, BatchNorm2d
 
 DTYPES = [np.float32, np.float64]
-
-
 def _invstd(count, m2, eps=1e-5):
     return 1.0 / np.sqrt(m2 / count + eps)
 

@@ -11,10 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from numbabn import train as train_module
+from numbabn.mnist import train as train_module
 from numbabn._extras import MissingExtraError
-from numbabn.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from numbabn.train import COMPILE_MESSAGE, TrainConfig, Trainer, main
+from numbabn.mnist.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from numbabn.mnist import cli as cli_module
+from numbabn.mnist.cli import main
+from numbabn.mnist.train import COMPILE_MESSAGE, TrainConfig, Trainer
 
 FIX = "pip install 'numbabn[train]'"
 
@@ -27,10 +29,10 @@ def synthetic_data(n_train=40, n_test=30, seed=0):
 
 @pytest.fixture
 def fake_data_module(monkeypatch):
-    """Make ``numbabn.data.load_mnist`` return small synthetic data."""
-    module = types.ModuleType("numbabn.data")
+    """Make ``numbabn.mnist.data.load_mnist`` return small synthetic data."""
+    module = types.ModuleType("numbabn.mnist.data")
     module.load_mnist = lambda data_dir=None, download=True: synthetic_data()
-    monkeypatch.setitem(sys.modules, "numbabn.data", module)
+    monkeypatch.setitem(sys.modules, "numbabn.mnist.data", module)
 
 
 def _final_state(trainer):
@@ -257,7 +259,7 @@ def test_bad_schedule_and_augmentation_flags(tmp_path, fake_data_module, capsys,
 
 
 def test_prefer_passive_waiting_respects_the_user_and_a_started_pool(monkeypatch):
-    from numbabn._cpu import threads
+    from numbabn._cpu import runtime as threads
 
     monkeypatch.setenv("OMP_WAIT_POLICY", "active")
     assert threads.prefer_passive_waiting() is False
@@ -277,30 +279,30 @@ def test_cli_restarts_once_with_quiet_thread_pools(monkeypatch):
     monkeypatch.setenv("OMP_WAIT_POLICY", "active")  # the user's choice is kept
     monkeypatch.setattr(sys, "argv", ["numbabn-mnist", "--epochs", "2"])
     monkeypatch.setattr(os, "execve", lambda path, args, env: calls.append((path, args, env)))
-    monkeypatch.setattr(train_module, "main", lambda: 0)
+    monkeypatch.setattr(cli_module, "main", lambda: 0)
     with pytest.raises(SystemExit):
-        train_module.cli()
+        cli_module.cli()
     ((path, args, env),) = calls
-    assert path == sys.executable and args == [sys.executable, "-m", "numbabn.train", "--epochs", "2"]
+    assert path == sys.executable and args == [sys.executable, "-m", "numbabn.mnist.cli", "--epochs", "2"]
     assert env["OPENBLAS_THREAD_TIMEOUT"] == "4" and env["OMP_WAIT_POLICY"] == "active"
 
     calls.clear()
     monkeypatch.setenv("OPENBLAS_THREAD_TIMEOUT", "10")  # already set: no restart, runs main
     with pytest.raises(SystemExit) as exit_info:
-        train_module.cli()
+        cli_module.cli()
     assert calls == [] and exit_info.value.code == 0
     assert os.environ["OMP_WAIT_POLICY"] == "active"
 
     # The restarted process (or a user who set only OPENBLAS_THREAD_TIMEOUT): the command
     # still asks for passive OpenMP waiting, as the trainer itself used to.
-    from numbabn._cpu import threads
+    from numbabn._cpu import runtime as threads
 
     monkeypatch.delenv("OMP_WAIT_POLICY")
     monkeypatch.setattr(threads, "threading_layer", lambda: None)  # Numba's pool not started yet
     seen = {}
-    monkeypatch.setattr(train_module, "main", lambda: seen.setdefault("policy", os.environ.get("OMP_WAIT_POLICY")))
+    monkeypatch.setattr(cli_module, "main", lambda: seen.setdefault("policy", os.environ.get("OMP_WAIT_POLICY")))
     with pytest.raises(SystemExit):
-        train_module.cli()
+        cli_module.cli()
     assert calls == [] and seen == {"policy": "passive"}
 
 
@@ -308,7 +310,7 @@ def test_cli_restarts_once_with_quiet_thread_pools(monkeypatch):
 def bare_environ(monkeypatch):
     """No thread-pool variables set and Numba's pool 'not started', so anything that
     wanted to set them would."""
-    from numbabn._cpu import threads
+    from numbabn._cpu import runtime as threads
 
     for name in ("OMP_WAIT_POLICY", "OPENBLAS_THREAD_TIMEOUT"):
         monkeypatch.delenv(name, raising=False)
@@ -426,8 +428,7 @@ def test_a_run_leaves_the_cache_warm_for_the_next(tmp_path):
 @pytest.mark.parametrize("model", ["cnn", "mlp"])
 def test_renorm_option_builds_batch_renorm_layers_and_trains(tmp_path, model):
     from numbabn.layers import BatchRenorm1d, BatchRenorm2d
-    from numbabn.train import build_parser, config_from_args
-
+    from numbabn.mnist.options import build_parser, config_from_args
     config = config_from_args(build_parser().parse_args(["--model", model, "--norm", "renorm",
                                                          "--batch-size", "8"]))
     assert config.norm == "renorm"

@@ -3,12 +3,12 @@ numba device arrays, without host copies.
 
 numba's ``DeviceNDArray`` cannot transpose beyond 2-D, so views are made by
 hand: a new array over the same memory with permuted and merged strides
-(:func:`strided_view`: on a GPU :func:`numbabn._gpu._private.device_view`,
+(:func:`strided_view`: on a GPU :func:`numbabn._numba_private.cuda.device_view`,
 which shares the parent's device memory object and costs no CUDA driver call,
 or, where numba-cuda's private names are not used, an array made by the public
 ``cuda.from_cuda_array_interface`` from the interface of the view).  When the
 strides cannot be merged (stepped slices, say) the input is copied once, on the
-device, by :func:`numbabn._gpu.kernels.copy_strided`.  Objects that only expose
+device, by :func:`numbabn._gpu.feature_kernels.copy_strided`.  Objects that only expose
 the CUDA array interface (CuPy arrays, PyTorch tensors) are wrapped once per
 call by :func:`as_device_array`.
 
@@ -18,7 +18,7 @@ This module is what :func:`numbabn._layout.output_3d` calls for device arrays
 Under the CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``) device arrays are NumPy
 arrays in host memory, and an interface's pointer is a host pointer; the same
 code builds the views through NumPy's array interface (the simulator's own
-array class, through :mod:`numbabn._gpu._private`).
+array class, through :mod:`numbabn._numba_private.cuda`).
 """
 
 from __future__ import annotations
@@ -31,9 +31,9 @@ from numba import cuda
 
 from .. import _config as cfg
 from .._layout import contiguous_strides, extent, interfaces_overlap
-from . import _private
-from . import kernels as k
-from .launch import Kernel, dim3
+from .._numba_private import cuda as _private
+from . import feature_kernels as k
+from .runtime import Kernel, dim3
 
 SIMULATOR = _private.SIMULATOR
 
@@ -190,9 +190,117 @@ def copy_into(dst, src):
     device_dst, dst_start, dst_strides = _flat(dst)
     shape = tuple(int(n) for n in src.shape)
     threads = cfg.GPU_THREADS
-    blocks = max(1, min(-(-int(np.prod(shape)) // threads), cfg.GPU_COPY_MAX_BLOCKS))
+    blocks = max(1, min(-(-int(np.math.prod(shape)) // threads), cfg.GPU_COPY_MAX_BLOCKS))
     _COPY_STRIDED.launch(dim3(blocks), dim3(threads), device_src, src_start, src_strides,
                          device_dst, dst_start, dst_strides, shape)
 
 
 _COPY_STRIDED = Kernel(k.copy_strided)
+
+
+# --------------------------------------------------------------------------- #
+# The per-row views, on device arrays (views built from strides)
+# --------------------------------------------------------------------------- #
+def _is_contiguous(a):
+    return tuple(a.strides) == contiguous_strides(tuple(a.shape), a.dtype.itemsize) or a.size <= 1
+
+
+def _contiguous(a):
+    """``a`` itself when C-contiguous, else a C-contiguous device copy."""
+    if _is_contiguous(a):
+        return a
+    out = cuda.device_array(tuple(a.shape), a.dtype)
+    copy_into(out, a)
+    return out
+
+
+def _permuted(a, perm):
+    return (tuple(a.shape[i] for i in perm), tuple(a.strides[i] for i in perm))
+
+
+def as_4d(x, layout, copy_ok=True):
+    """See :func:`numbabn._layout.as_4d`."""
+    shape, strides = _permuted(x, layout.perm)
+    merged = [_merge([x.shape[a] for a in b], [x.strides[a] for a in b]) for b in layout.blocks]
+    if all(m is not None for m in merged):
+        return strided_view(x, layout.shape4, tuple(s for _, s in merged))
+    if not copy_ok:
+        return None
+    out = cuda.device_array(shape, x.dtype)
+    copy_into(out, strided_view(x, shape, strides))
+    return strided_view(out, layout.shape4, contiguous_strides(layout.shape4, x.dtype.itemsize))
+
+
+def _caller_view(a, shape, perm):
+    """A C-contiguous array ``a`` of the permuted ``shape`` seen in the caller's axis order."""
+    permuted_strides = contiguous_strides(tuple(shape[i] for i in perm), a.dtype.itemsize)
+    strides = [0] * len(perm)
+    for i, axis in enumerate(perm):
+        strides[axis] = permuted_strides[i]
+    return strided_view(a, tuple(shape), tuple(strides))
+
+
+def empty_like_4d(layout, dtype):
+    """See :func:`numbabn._layout.empty_like_4d`."""
+    y4 = cuda.device_array(layout.shape4, dtype)
+    return y4, _caller_view(y4, layout.shape, layout.perm)
+
+
+def rows_to_kept(v, layout):
+    """See :func:`numbabn._layout.rows_to_kept` (``v`` is C-contiguous)."""
+    kept = layout.kept_perm
+    return _caller_view(v, tuple(layout.shape[a] for a in range(layout.nkept)), kept)
+
+
+def kept_to_rows(v, layout):
+    """See :func:`numbabn._layout.kept_to_rows`."""
+    rows = math.prod(v.shape)
+    shape, strides = _permuted(v, layout.kept_perm)
+    ordered = strided_view(v, shape, strides)
+    return _contiguous(ordered).reshape(rows) if rows > 1 else strided_view(
+        v, (1,), (v.dtype.itemsize,))
+
+
+def split_axis(x, axis, parts):
+    """``x`` with axis ``axis`` split into ``parts`` (a view)."""
+    shape = tuple(x.shape[:axis]) + tuple(parts) + tuple(x.shape[axis + 1:])
+    inner = x.strides[axis]
+    split = []
+    for n in reversed(parts):
+        split.append(inner)
+        inner *= n
+    strides = tuple(x.strides[:axis]) + tuple(reversed(split)) + tuple(x.strides[axis + 1:])
+    return strided_view(x, shape, strides)
+
+
+def merge_axes(y, axis, count):
+    """``y`` with axes ``axis .. axis + count - 1`` merged (a view when they
+    form one strided run, else a C-contiguous copy)."""
+    merged = _merge(y.shape[axis:axis + count], y.strides[axis:axis + count])
+    if merged is None:
+        y = _contiguous(y)
+        merged = _merge(y.shape[axis:axis + count], y.strides[axis:axis + count])
+    shape = tuple(y.shape[:axis]) + (merged[0],) + tuple(y.shape[axis + count:])
+    strides = tuple(y.strides[:axis]) + (merged[1],) + tuple(y.strides[axis + count:])
+    return strided_view(y, shape, strides)
+
+
+def permute_flat(w, perm):
+    """``w`` with its axes in ``perm`` order, flattened."""
+    shape, strides = _permuted(w, perm)
+    return _contiguous(strided_view(w, shape, strides)).reshape(math.prod(shape))
+
+
+def unpermute_flat(flat, shape, perm):
+    """Inverse of :func:`permute_flat` for an array of ``shape`` (a view)."""
+    return _caller_view(flat, tuple(shape), perm)
+
+
+def reshape_ones(v, shape):
+    """``v`` with size-1 axes added or removed to make ``shape`` (a view)."""
+    if tuple(v.shape) == tuple(shape):
+        return v
+    strides = iter(s for n, s in zip(v.shape, v.strides) if n != 1)
+    new = tuple(v.dtype.itemsize if n == 1 else next(strides) for n in shape)
+    return strided_view(v, tuple(shape), new)
+

@@ -6,7 +6,7 @@
   swap of a model's BatchNorm layers for it;
 * :func:`abort_on_uncaught_exception`, :func:`abort`, :func:`allreduce_in_rank_order`,
   :func:`set_threads_per_rank`: what a data-parallel program needs around them;
-* ``numbabn-mnist --distributed`` (:mod:`numbabn.distributed.trainer`) trains
+* ``numbabn-mnist --distributed`` (:mod:`numbabn.mnist.distributed`) trains
   under ``mpiexec -n N``.
 
 Every function takes ``comm=None``, meaning ``MPI.COMM_WORLD``.  mpi4py is

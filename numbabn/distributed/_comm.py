@@ -274,10 +274,8 @@ def set_threads_per_rank(comm=None):
     """One Numba thread (and one BLAS thread) per core this rank owns: the
     machine's cores divided by the ranks on this machine.  Returns the count.
 
-    Numba's pool is set with ``numba.set_num_threads``; NumPy's OpenBLAS pool
-    with its ``set_num_threads`` entry point, when it can be found (the
-    ``OPENBLAS_NUM_THREADS`` environment variable also works, set before
-    NumPy loads).
+    Numba's pool is set with ``numba.set_num_threads``; the BLAS pools with
+    ``threadpoolctl`` (:func:`set_blas_threads`).
     """
     import numba
 
@@ -289,20 +287,10 @@ def set_threads_per_rank(comm=None):
 
 
 def set_blas_threads(n):
-    """Set NumPy's bundled OpenBLAS thread count; False when not found."""
-    import ctypes
-    import glob
+    """Limit every BLAS library loaded in this process (NumPy's OpenBLAS, MKL,
+    BLIS) to ``n`` threads, through ``threadpoolctl`` (the ``mpi`` extra);
+    False when no BLAS library is loaded."""
+    from .._extras import require
 
-    libs = glob.glob(os.path.join(os.path.dirname(np.__file__) + ".libs", "*openblas*"))
-    for path in libs:
-        try:
-            lib = ctypes.CDLL(path)
-        except OSError:
-            continue
-        for name in ("scipy_openblas_set_num_threads64_", "scipy_openblas_set_num_threads",
-                     "openblas_set_num_threads64_", "openblas_set_num_threads"):
-            fn = getattr(lib, name, None)
-            if fn is not None:
-                fn(ctypes.c_int(int(n)))
-                return True
-    return False
+    threadpoolctl = require("threadpoolctl", "Setting the BLAS thread count", extra="mpi")
+    return bool(threadpoolctl.threadpool_limits(limits=int(n), user_api="blas"))

@@ -375,15 +375,3 @@ def _convert(layer, comm):
         for i, child in enumerate(children):
             children[i] = _convert(child, comm)
     return layer
-    if type(model) in _CONVERTIBLE:
-        return SyncBatchNorm.from_batchnorm(model, comm)
-    if isinstance(model, _BatchNorm):  # batch renormalization, fused BN+ReLU, ...
-        raise TypeError(f"convert_sync_batchnorm: {type(model).__name__} has no synchronised version "
-                        f"(only {', '.join(t.__name__ for t in _CONVERTIBLE)} do).")
-    if not isinstance(model, Layer):
-        raise TypeError(f"convert_sync_batchnorm expects a numbabn Layer; got {type(model).__name__}.")
-    layers = getattr(model, "layers", None)
-    if isinstance(layers, list):
-        for i, layer in enumerate(layers):
-            layers[i] = convert_sync_batchnorm(layer, comm)
-    return model

@@ -25,8 +25,6 @@ from numbabn.distributed import SyncBatchNorm
 from numbabn.layers import BatchNorm1d, BatchNorm2d
 
 REPS = 40
-
-
 def rows(n, c, hw):
     rng = np.random.default_rng(0)
     if hw is None:

@@ -16,8 +16,8 @@ import time
 
 import numpy as np
 
-from numbabn.data import load_mnist
-from numbabn.train import TrainConfig, Trainer
+from numbabn.mnist.data import load_mnist
+from numbabn.mnist.train import TrainConfig, Trainer
 
 STEPS = 30
 BATCH = 128
@@ -30,7 +30,7 @@ def main():
     if "PMI_RANK" in os.environ or "OMPI_COMM_WORLD_RANK" in os.environ:
         from common import world
 
-        from numbabn.distributed.trainer import DistributedTrainer
+        from numbabn.mnist.distributed import DistributedTrainer
 
         comm = world()
         trainer = DistributedTrainer(config, data, out, comm=comm, progress=False, log=lambda s: None)

@@ -55,7 +55,7 @@ def rel_err(actual, ref):
 
 
 def synthetic_data(n_train=640, n_test=64, seed=0):
-    """uint8 images and labels, as numbabn.data.load_mnist returns them."""
+    """uint8 images and labels, as numbabn.mnist.data.load_mnist returns them."""
     rng = np.random.default_rng(seed)
     return (rng.integers(0, 256, (n_train, 28, 28), dtype=np.uint8), rng.integers(0, 10, n_train).astype(np.uint8),
             rng.integers(0, 256, (n_test, 28, 28), dtype=np.uint8), rng.integers(0, 10, n_test).astype(np.uint8))

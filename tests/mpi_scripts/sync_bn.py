@@ -8,8 +8,8 @@ from common import digest, emit, rel_err, world
 import numbabn as nb
 from numbabn.distributed import (CollectiveError, SyncBatchNorm, convert_sync_batchnorm,
                                  sync_batch_norm_backward, sync_batch_norm_train)
-from numbabn.layers import BatchNorm1d, BatchNorm2d, Linear, ReLU, Sequential
-
+from numbabn.layers import BatchNorm1d, BatchNorm2d
+from numbabn.kit import Linear, ReLU, Sequential
 comm = world()
 rank, size = comm.Get_rank(), comm.Get_size()
 assert size == 2, "run with mpiexec -n 2"

@@ -4,7 +4,7 @@ and a digest of its parameters, buffers and optimizer state."""
 
 from common import emit, synthetic_data, world
 
-from numbabn.train import TrainConfig
+from numbabn.mnist.train import TrainConfig
 
 # The paper's MLP (3 BatchNorm1d, SGD): 20 steps.  The cnn (2 BatchNorm2d, 1 BatchNorm1d,
 # random shifts): 3 steps only, since its training amplifies rounding differences within a
@@ -21,7 +21,7 @@ if __name__ == "__main__":
 
     import numba
 
-    from numbabn.distributed.trainer import DistributedTrainer
+    from numbabn.mnist.distributed import DistributedTrainer
 
     comm = world()
     results = {}

@@ -11,9 +11,11 @@ import math
 import numba
 import numpy as np
 
-from . import _check, _kernels
 from .. import _config
-from .base import Layer
+from ..layers import _check
+from ..layers.base import Layer
+from ._kernels import activation as _act
+from ._kernels import dropout as _dropout
 
 
 def _flat_views(*arrays):
@@ -69,7 +71,7 @@ class ReLU(_Elementwise):
         if flat is None:  # small (waking the threads costs more) or not dense: NumPy
             np.maximum(x, 0, out=y)
         else:
-            _kernels.relu_forward(*flat)
+            _act.relu_forward(*flat)
         self._saved = y
         return y
 
@@ -83,7 +85,7 @@ class ReLU(_Elementwise):
         if flat is None:
             np.copyto(dx, np.where(y > 0, dy, 0))
         else:
-            _kernels.relu_backward(*flat)
+            _act.relu_backward(*flat)
         return dx
 
     def extra_repr(self):
@@ -164,7 +166,7 @@ class Dropout(_Elementwise):
         # rng.random(dtype=float32) >= p  <=>  (next_uint32() >> 8) * 2**-24 >= float32(p)
         threshold = np.uint32(math.ceil(float(np.float32(self.p)) * 2.0 ** 24))
         as4 = (lambda a: a.reshape((1,) * (4 - a.ndim) + a.shape))  # noqa: E731
-        hi, lo, has_u32, uinteger = _kernels.dropout_forward(
+        hi, lo, has_u32, uinteger = _dropout.dropout_forward(
             as4(x), np.uint64(s >> 64), np.uint64(s & mask64), np.uint64(inc >> 64),
             np.uint64(inc & mask64), bool(state["has_uint32"]), np.uint64(state["uinteger"]),
             threshold, x.dtype.type(1.0 / (1.0 - self.p)), as4(y), as4(scale), numba.get_num_threads())
@@ -185,7 +187,7 @@ class Dropout(_Elementwise):
         axes = self._x_axes
         dx_mem = np.empty([dy.shape[a] for a in axes], dy.dtype)   # dx in memory order
         as4 = (lambda a: a.reshape((1,) * (4 - a.ndim) + a.shape))  # noqa: E731
-        _kernels.scale_into(as4(dy.transpose(axes)), as4(self._saved.transpose(axes)), as4(dx_mem))
+        _act.scale_into(as4(dy.transpose(axes)), as4(self._saved.transpose(axes)), as4(dx_mem))
         return dx_mem.transpose(np.argsort(axes))
 
     def extra_repr(self):

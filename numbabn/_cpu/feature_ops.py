@@ -2,7 +2,7 @@
 
 Every function takes arrays already validated and viewed as ``(outer, C, inner)``
 by :mod:`numbabn.functional`; outputs of the input's shape are written into the
-``y3``/``dx3`` arrays given.  The GPU backend (``numbabn._gpu.ops``) has the
+``y3``/``dx3`` arrays given.  The GPU backend (``numbabn._gpu.feature_ops``) has the
 same functions, signatures and return dtypes:
 
 * the fused operations return per-feature results in the input's dtype, except
@@ -12,7 +12,7 @@ same functions, signatures and return dtypes:
 * the split primitives (:func:`batch_moments`, :func:`batch_norm_backward_reduce`)
   return float64 partials, ready to merge across processes.
 
-Each operation is a single kernel call (see :mod:`numbabn._cpu.kernels` for the
+Each operation is a single kernel call (see :mod:`numbabn._cpu.feature_kernels` for the
 fused and two-phase paths); this module plans the chunk grid, which depends on
 the shape alone, and allocates.  Every tunable is read from :mod:`numbabn._config`
 per plan and passed to the kernels as an argument.
@@ -26,7 +26,7 @@ from numba import get_num_threads
 
 from .. import _config as cfg
 from .. import _core
-from . import kernels as k
+from . import feature_kernels as k
 
 Geometry = namedtuple("Geometry",
                       "rows cols threads fused by_row bwd_block merge_cols short_run")

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from . import _check
-from .base import Layer
+from ..layers import _check
+from ..layers.base import Layer
 
 
 class Sequential(Layer):

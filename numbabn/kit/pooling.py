@@ -1,11 +1,12 @@
-"""``MaxPool2d`` on channels-last memory (see :mod:`numbabn.layers.conv`)."""
+"""``MaxPool2d`` on channels-last memory (see :mod:`numbabn.kit.conv`)."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from . import _check, _kernels
-from .base import Layer
+from ..layers import _check
+from ..layers.base import Layer
+from ._kernels import pooling as _pool
 from .conv import channels_last
 
 
@@ -57,7 +58,7 @@ class MaxPool2d(Layer):
         x_nhwc = channels_last(x)
         y = np.empty((n_img, out_h, out_w, chans), x.dtype)
         argmax = np.empty(y.shape, np.int32)
-        _kernels.max_pool(x_nhwc, kh, kw, sh, sw, ph, pw, y, argmax)
+        _pool.max_pool(x_nhwc, kh, kw, sh, sw, ph, pw, y, argmax)
         self._cache = (argmax, x_nhwc.shape, x.dtype)
         return y.transpose(0, 3, 1, 2)
 
@@ -68,9 +69,9 @@ class MaxPool2d(Layer):
         _check.grad_output(dy, "MaxPool2d", y_shape, dtype)
         dx = np.empty(x_shape, dtype)
         if self.stride == self.kernel_size and self.padding == (0, 0):
-            _kernels.max_pool_backward_tiled(dy.transpose(0, 2, 3, 1), argmax, *self.kernel_size, dx)
+            _pool.max_pool_backward_tiled(dy.transpose(0, 2, 3, 1), argmax, *self.kernel_size, dx)
         else:
-            _kernels.max_pool_backward(dy.transpose(0, 2, 3, 1), argmax, dx)
+            _pool.max_pool_backward(dy.transpose(0, 2, 3, 1), argmax, dx)
         return dx.transpose(0, 3, 1, 2)
 
     def extra_repr(self):

@@ -29,13 +29,13 @@ GPU, sets its cost.  Four things here cut it:
   default stream, in order: a call's kernels finish with the buffer before the
   next call's first kernel starts.  Another thread gets its own buffer.
 * :func:`counters` hands out the int32 tickets of the reductions' "last block
-  done" merge (see :mod:`numbabn._gpu.kernels`): per thread and CUDA context,
+  done" merge (see :mod:`numbabn._gpu.feature_kernels`): per thread and CUDA context,
   allocated zeroed once (again when more are needed) and reused by every call;
   the last block of each group resets its counter to 0, so the workspace is
   zero again whenever a launch has finished.
 
 The overload launch and the hand-made views behind slabs and scratch use
-numba-cuda's private names, all in :mod:`numbabn._gpu._private`, which checks
+numba-cuda's private names, all in :mod:`numbabn._numba_private.cuda`, which checks
 them once against the tested numba-cuda releases; otherwise every launch is a
 plain ``kernel[grid, block](*args)``, every result table a
 ``cuda.device_array`` and every scratch view a slice and ``reshape`` of the
@@ -54,7 +54,7 @@ import numpy as np
 from numba import cuda
 
 from .. import _config as cfg
-from . import _private
+from .._numba_private import cuda as _private
 
 SIMULATOR = _private.SIMULATOR
 
@@ -93,7 +93,7 @@ class Kernel:
 
     Whether it launches compiled overloads directly or as
     ``dispatcher[grid, block](*args)`` is decided at its first launch
-    (:func:`numbabn._gpu._private.fast`); ``_fast`` holds the answer.
+    (:func:`numbabn._numba_private.cuda.fast`); ``_fast`` holds the answer.
     """
 
     def __init__(self, dispatcher):
@@ -139,7 +139,7 @@ class Kernel:
 
 
 def reset():
-    """Decide the private paths again (:func:`numbabn._gpu._private.reset`) and
+    """Decide the private paths again (:func:`numbabn._numba_private.cuda.reset`) and
     drop every kernel's launch state, scratch buffers, result slabs and counters."""
     _private.reset()
     for kernel in list(_KERNELS):

@@ -3,7 +3,7 @@
     numbabn-mnist --epochs 5                                          # cnn, Adam, batch 128
     numbabn-mnist --model mlp --no-bn --epochs 2 --out runs/mlp-nobn  # paper MLP without BN
 
-MNIST comes with numbabn (see :func:`numbabn.data.find_mnist`); ``--data-dir``
+MNIST comes with numbabn (see :func:`numbabn.mnist.data.find_mnist`); ``--data-dir``
 reads another copy.  The progress bar (tqdm) and the curves (matplotlib) need
 the ``train`` extra: ``pip install 'numbabn[train]'``.
 
@@ -16,23 +16,20 @@ and reach bitwise the same weights as an uninterrupted run).
 
 from __future__ import annotations
 
-import argparse
 import glob
-import hashlib
 import json
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from ._cpu.threads import prefer_passive_waiting
-from ._extras import MissingExtraError, require
+from .. import _numba_private
+from .._extras import require
+from ..kit.losses import cross_entropy
+from ..kit.optim import SGD, Adam
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from .losses import cross_entropy
 from .models import MODELS, NORMS, build_model
-from .optim import SGD, Adam
 
 EVAL_BATCH = 500
 
@@ -133,7 +130,7 @@ class Trainer:
     config : TrainConfig
     data : tuple
         ``(train_images, train_labels, test_images, test_labels)`` as
-        :func:`numbabn.data.load_mnist` returns them (uint8 images, int labels).
+        :func:`numbabn.mnist.data.load_mnist` returns them (uint8 images, int labels).
     out_dir : str
     progress : bool, default True
         Show a tqdm progress bar per epoch (needs the ``train`` extra).
@@ -292,15 +289,19 @@ def kernel_sources(config):
     inside them and has no cache entries of its own), the convolution, pooling
     and ReLU kernels for the cnn, Adam's kernel for Adam.  (The mlp without BN
     and with SGD has none.)"""
-    from . import optim
-    from ._cpu import kernels as bn_kernels
-    from .layers import _kernels as layer_kernels
+    from .._cpu import feature_kernels
+    from ..kit import optim
+    from ..kit._kernels import activation, dropout, im2col, pooling, tiles
 
     sources = []
     if config.batch_norm:
-        sources.append(bn_kernels.__file__)
+        sources.append(feature_kernels.__file__)
     if config.model == "cnn":
-        sources.append(layer_kernels.__file__)
+        sources += [im2col.__file__, pooling.__file__, activation.__file__]
+        if tiles.DIRECT_CONV_CPU:
+            sources.append(tiles.__file__)
+        if config.dropout is not False:
+            sources.append(dropout.__file__)
     if config.optimizer == "adam":
         sources.append(optim.__file__)
     return sources
@@ -316,23 +317,8 @@ def kernels_cached(sources):
     An index can still lack a signature, so this may miss a partial compile;
     it never reads as cold once a run has cached its kernels.
     """
-    from numba.core import config as numba_config
-
     for source in sources:
-        source = os.path.abspath(source)
-        folder = os.path.dirname(source)
-        # Numba's _CacheLocator.get_suitable_cache_subpath: the folder's name and a hash of its path.
-        subpath = f"{os.path.basename(folder)}_{hashlib.sha1(folder.encode()).hexdigest()}"
-        if numba_config.CACHE_DIR:
-            places = [os.path.join(numba_config.CACHE_DIR, subpath)]
-        else:
-            places = [os.path.join(folder, "__pycache__")]
-            try:
-                from numba.misc.appdirs import AppDirs
-
-                places.append(os.path.join(AppDirs(appname="numba", appauthor=False).user_cache_dir, subpath))
-            except ImportError:  # moved in another Numba version: the in-tree cache is the usual one
-                pass
+        places = _numba_private.cache_places(source)
         stem = os.path.splitext(os.path.basename(source))[0]
         source_time = os.stat(source).st_mtime
         indexes = [p for place in places for p in glob.glob(os.path.join(glob.escape(place), f"{stem}.*.nbi"))]
@@ -364,151 +350,3 @@ def plot_curves(history, path, title=""):
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-
-
-# --------------------------------------------------------------------------- #
-# Command line.
-# --------------------------------------------------------------------------- #
-def build_parser():
-    parser = argparse.ArgumentParser(
-        prog="numbabn-mnist", description="Train a small network on MNIST with numbabn's layers.")
-    parser.add_argument("--model", choices=sorted(MODELS), default="cnn")
-    parser.add_argument("--no-bn", action="store_true", help="leave out the batch-norm layers")
-    parser.add_argument("--norm", choices=["batch", "renorm"], default="batch",
-                        help="batch norm, or batch renormalization for small batches")
-    parser.add_argument("--epochs", type=int, default=5)
-    parser.add_argument("--batch-size", type=int, help="default: 128 (cnn), 60 (mlp)")
-    parser.add_argument("--lr", type=float, help="default: 1e-3 (cnn), 0.5 (mlp)")
-    parser.add_argument("--lr-decay", type=float, metavar="GAMMA",
-                        help="multiply the learning rate by GAMMA after each epoch; default: 0.7 (cnn), 1 (mlp)")
-    parser.add_argument("--no-dropout", action="store_true",
-                        help="leave out the cnn's two Dropout layers (the mlp has none)")
-    parser.add_argument("--shift", type=int, metavar="PIXELS",
-                        help="augment: shift each training image by up to PIXELS in each direction; "
-                             "default: 2 (cnn), 0 (mlp)")
-    parser.add_argument("--optimizer", choices=["adam", "sgd"], help="default: adam (cnn), sgd (mlp)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--limit-train", type=int, metavar="N", help="train on the first N images only")
-    parser.add_argument("--data-dir", help="MNIST folder (default: $NUMBABN_DATA, else ~/.cache/numbabn/mnist "
-                                           "when it holds the four files, else the copy shipped with numbabn)")
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--out", metavar="DIR", help="output folder (default: runs/mnist-<model>)")
-    parser.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.npz")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--distributed", action="store_true",
-                        help="data-parallel training on every process of an MPI job: "
-                             "mpiexec -n N numbabn-mnist --distributed (needs the 'mpi' extra)")
-    return parser
-
-
-def config_from_args(args):
-    spec = MODELS[args.model]
-    if args.epochs < 1 or (args.batch_size is not None and args.batch_size < 2) \
-            or (args.limit_train is not None and args.limit_train < 2):
-        raise ValueError("--epochs must be >= 1, --batch-size and --limit-train >= 2.")
-    if args.shift is not None and not 0 <= args.shift <= 8:
-        raise ValueError(f"--shift must be between 0 and 8 pixels; got {args.shift}.")
-    if args.lr_decay is not None and not 0.0 < args.lr_decay <= 1.0:
-        raise ValueError(f"--lr-decay must be in (0, 1]; got {args.lr_decay}.")
-    return TrainConfig(
-        model=args.model, batch_norm=not args.no_bn,
-        batch_size=args.batch_size or spec.batch_size,
-        lr=args.lr if args.lr is not None else spec.lr,
-        optimizer=args.optimizer or spec.optimizer,
-        seed=args.seed, limit_train=args.limit_train,
-        lr_decay=args.lr_decay if args.lr_decay is not None else spec.lr_decay,
-        dropout=spec.dropout and not args.no_dropout,
-        shift=args.shift if args.shift is not None else spec.shift,
-        norm=args.norm,
-    )
-
-
-def check_device(device):
-    """Refuse ``cuda`` with a clear message (the layers run on NumPy/CPU)."""
-    if device == "cpu":
-        return
-    import importlib.util
-
-    if importlib.util.find_spec("numbabn._gpu") is None:
-        raise RuntimeError("--device cuda needs numbabn's GPU backend (numbabn._gpu with numba-cuda), "
-                           "which is not installed here; use --device cpu.")
-    raise RuntimeError("--device cuda: the layer API (convolutions, linear layers) runs on the CPU only; "
-                       "numbabn's GPU backend covers the functional batch-norm API. Use --device cpu.")
-
-
-# Idle workers of NumPy's BLAS (after each GEMM) and of Numba's OpenMP pool spin
-# for a while before sleeping, and the training step alternates the two on the
-# same cores.  On the 2-core CI machine the cnn step ran at 633 img/s with both
-# spinning, 762 with both sleeping at once (the 64-channel BatchNorm2d forward
-# went from 13 ms to 4 ms).  Results are the same bits either way.
-QUIET_THREAD_POOLS = {"OPENBLAS_THREAD_TIMEOUT": "4", "OMP_WAIT_POLICY": "passive"}
-
-
-def cli():
-    """The ``numbabn-mnist`` console script: :func:`main` with quiet thread pools.
-
-    The only place the trainer changes environment variables.  OpenBLAS reads
-    ``OPENBLAS_THREAD_TIMEOUT`` once, when NumPy loads it, which has happened by
-    the time this runs; so, unless the variable is set, the command starts
-    itself again once (``python -m numbabn.train``) with the settings of
-    :data:`QUIET_THREAD_POOLS` that the user has not set.  When it is set (the
-    restarted process, or the user's choice), ``OMP_WAIT_POLICY=passive`` is
-    still set unless the user chose a policy (before Numba's pool starts).
-    """
-    if "OPENBLAS_THREAD_TIMEOUT" not in os.environ:
-        env = {**QUIET_THREAD_POOLS, **os.environ}
-        os.execve(sys.executable, [sys.executable, "-m", "numbabn.train", *sys.argv[1:]], env)
-    prefer_passive_waiting()  # the step interleaves Numba kernels and BLAS GEMMs
-    sys.exit(main())
-
-
-def main(argv=None):
-    """Entry point of ``numbabn-mnist`` (through :func:`cli`); returns the exit
-    status (130 after Ctrl-C)."""
-    args = build_parser().parse_args(argv)
-    if args.distributed:  # the logic lives in numbabn.distributed.trainer
-        from .distributed.trainer import main as distributed_main
-
-        return distributed_main(args)
-    trainer = None
-    try:
-        _require_train_extra(progress=not args.no_progress)
-        trainer = _setup(args)
-        metrics = trainer.run(args.epochs)
-    except (ValueError, RuntimeError, OSError, MissingExtraError) as e:
-        print(f"numbabn-mnist: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        done = 0 if trainer is None else trainer.epochs_done
-        where = (f"the last complete checkpoint ({done} epoch{'s' if done != 1 else ''}) is "
-                 f"{trainer.checkpoint_path}; continue with --resume" if done else "no epoch was completed")
-        print(f"\ninterrupted: {where}.", file=sys.stderr)
-        return 130
-    print(f"test accuracy {metrics['test_accuracy']:.4f}; metrics, curves and checkpoint in {trainer.out_dir}")
-    return 0
-
-
-def _require_train_extra(progress):
-    """Fail before loading data when the ``train`` extra is missing."""
-    if progress:
-        require("tqdm", "numbabn-mnist's progress bar", otherwise="run with --no-progress")
-    require("matplotlib", "numbabn-mnist's loss and accuracy curves")
-
-
-def _setup(args):
-    config = config_from_args(args)
-    check_device(args.device)
-    from .data import load_mnist
-
-    data = load_mnist(data_dir=args.data_dir)
-    out_dir = args.out or os.path.join("runs", f"mnist-{config.model}")
-    os.makedirs(out_dir, exist_ok=True)
-    trainer = Trainer(config, data, out_dir, progress=not args.no_progress)
-    if args.resume:
-        trainer.resume()
-        print(f"resuming from {trainer.checkpoint_path} after epoch {trainer.epochs_done}")
-    return trainer
-
-
-if __name__ == "__main__":
-    cli()  # the command's restart runs this; OPENBLAS_THREAD_TIMEOUT is set by then, so no second one

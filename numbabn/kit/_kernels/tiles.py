@@ -23,98 +23,10 @@ import numba
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
-from numba.core import cgutils, errors
 from numba.extending import intrinsic
 
-from .. import _cache
-from .._config import CPU_JIT_PARALLEL, CPU_JIT_STRICT
-from .._cpu.kernels import _accumulate
-
-
-@njit(**CPU_JIT_PARALLEL)
-def im2col(x, stride_h, stride_w, pad_h, pad_w, cols):
-    """``cols[n, oh, ow, i, j, c] = x[n, oh*stride_h - pad_h + i, ow*stride_w - pad_w + j, c]``
-    (zero outside ``x``)."""
-    n_img, height, width, chans = x.shape
-    _, out_h, out_w, k_h, k_w, _ = cols.shape
-    for n in prange(n_img):
-        for oh in range(out_h):
-            for ow in range(out_w):
-                for i in range(k_h):
-                    h = oh * stride_h - pad_h + i
-                    for j in range(k_w):
-                        w = ow * stride_w - pad_w + j
-                        if 0 <= h < height and 0 <= w < width:
-                            for c in range(chans):
-                                cols[n, oh, ow, i, j, c] = x[n, h, w, c]
-                        else:
-                            for c in range(chans):
-                                cols[n, oh, ow, i, j, c] = 0.0
-
-
-@njit(**CPU_JIT_PARALLEL)
-def col2im(dcols, stride_h, stride_w, pad_h, pad_w, dx):
-    """Adjoint of :func:`im2col`: ``dx`` (overwritten) sums every column entry
-    that was copied from it."""
-    n_img, height, width, chans = dx.shape
-    _, out_h, out_w, k_h, k_w, _ = dcols.shape
-    for n in prange(n_img):
-        dx[n] = 0.0
-        for oh in range(out_h):
-            for ow in range(out_w):
-                for i in range(k_h):
-                    h = oh * stride_h - pad_h + i
-                    if h < 0 or h >= height:
-                        continue
-                    for j in range(k_w):
-                        w = ow * stride_w - pad_w + j
-                        if 0 <= w < width:
-                            for c in range(chans):
-                                dx[n, h, w, c] += dcols[n, oh, ow, i, j, c]
-
-
-@njit(**CPU_JIT_PARALLEL)
-def max_pool(x, k_h, k_w, stride_h, stride_w, pad_h, pad_w, y, argmax):
-    """Window maxima into ``y`` and their flat positions ``h * W + w`` into ``argmax``.
-
-    The first maximum wins ties; a NaN in a window is propagated (as PyTorch).
-    """
-    n_img, height, width, chans = x.shape
-    _, out_h, out_w, _ = y.shape
-    for n in prange(n_img):
-        for oh in range(out_h):
-            for ow in range(out_w):
-                for c in range(chans):
-                    y[n, oh, ow, c] = -np.inf
-                    argmax[n, oh, ow, c] = -1
-                for i in range(k_h):
-                    h = oh * stride_h - pad_h + i
-                    if h < 0 or h >= height:
-                        continue
-                    for j in range(k_w):
-                        w = ow * stride_w - pad_w + j
-                        if w < 0 or w >= width:
-                            continue
-                        for c in range(chans):
-                            v = x[n, h, w, c]
-                            best = y[n, oh, ow, c]
-                            if v > best or (v != v and best == best) or argmax[n, oh, ow, c] < 0:
-                                y[n, oh, ow, c] = v
-                                argmax[n, oh, ow, c] = h * width + w
-
-
-@njit(**CPU_JIT_PARALLEL)
-def max_pool_backward(dy, argmax, dx):
-    """Route each ``dy`` entry to its window's maximum; ``dx`` is overwritten."""
-    n_img, height, width, chans = dx.shape
-    _, out_h, out_w, _ = dy.shape
-    for n in prange(n_img):
-        dx[n] = 0.0
-        for oh in range(out_h):
-            for ow in range(out_w):
-                for c in range(chans):
-                    f = argmax[n, oh, ow, c]
-                    dx[n, f // width, f % width, c] += dy[n, oh, ow, c]
+from ... import _cache, _numba_private
+from ..._config import CPU_JIT_PARALLEL, CPU_JIT_STRICT
 
 
 @njit(**CPU_JIT_PARALLEL)
@@ -179,62 +91,6 @@ def linear_weight_grad(dy, x, chain, dweight):
                      xf, kb * vw, 0, k, dwf, r0 * k + kb * vw, k, 0, xf, 0, chain)
 
 
-@njit(**CPU_JIT_PARALLEL)
-def max_pool_backward_tiled(dy, argmax, k_h, k_w, dx):
-    """:func:`max_pool_backward` for windows that tile the input (stride equal to
-    the kernel size, no padding): each ``dx`` value is written once, ``dy`` at its
-    window's maximum and 0 elsewhere (and 0 in the rows and columns past the
-    last window), instead of zeroing ``dx`` and adding into it."""
-    n_img, height, width, chans = dx.shape
-    _, out_h, out_w, _ = dy.shape
-    zero = dx.dtype.type(0.0)
-    for n in prange(n_img):
-        for h in range(height):
-            oh = h // k_h
-            for w in range(width):
-                ow = w // k_w
-                if oh >= out_h or ow >= out_w:
-                    for c in range(chans):
-                        dx[n, h, w, c] = zero
-                    continue
-                f = h * width + w
-                for c in range(chans):  # + 0: -0.0 gives 0.0, as zero + dy does
-                    dx[n, h, w, c] = dy[n, oh, ow, c] + zero if argmax[n, oh, ow, c] == f else zero
-
-
-@njit(**CPU_JIT_STRICT)
-def _add_rows(a, r0, r1, acc):
-    for r in range(r0, r1):
-        _accumulate(acc, a[r], acc.shape[0])
-
-
-@njit(**CPU_JIT_PARALLEL)
-def column_sums(a, rows, out):
-    """Float64 column sums of the C-contiguous ``(n, C)`` array ``a`` into ``out``.
-
-    Blocks of ``rows`` whole rows are summed in parallel, each column in row
-    order, and the block sums added in block order: the partition depends on the
-    shape only, so the bits do not depend on the thread count.
-    """
-    n, ncol = a.shape
-    nblocks = (n + rows - 1) // rows
-    partial = np.zeros((nblocks, ncol))
-    for b in prange(nblocks):
-        _add_rows(a, b * rows, min((b + 1) * rows, n), partial[b])
-    out[:] = 0.0
-    for b in range(nblocks):
-        _accumulate(out, partial[b], ncol)
-
-
-@njit(**CPU_JIT_PARALLEL)
-def relu_backward(dy, y, dx):
-    """``dx = dy where y > 0, else 0`` over flat arrays (PyTorch's
-    ``threshold_backward``: a NaN or inf in ``dy`` where ``y <= 0`` gives 0)."""
-    zero = dy.dtype.type(0.0)
-    for i in prange(dy.shape[0]):
-        dx[i] = dy[i] if y[i] > 0 else zero
-
-
 # =========================================================================== #
 # Direct convolution on register tiles
 # =========================================================================== #
@@ -242,11 +98,49 @@ def relu_backward(dy, y, dx):
 LANES = 16
 """Floats per vector of the register tiles (one AVX-512 register)."""
 
-DIRECT_CONV_CPU = ("avx512f" in _llvm.get_host_cpu_features().flatten()
-                   and numba.config.CPU_NAME in (None, "host"))
-"""Whether Numba compiles for a host with AVX-512: 24 accumulators of 16 floats
-take 24 of its 32 vector registers.  Elsewhere (AVX2 has 16 registers of 8
-floats) the tiles would spill, and Conv2d keeps im2col and BLAS."""
+# LLVM CPU names whose default features include AVX-512F (used only when the
+# feature string Numba compiles with does not mention avx512f either way).
+AVX512_CPU_NAMES = frozenset({
+    "knl", "knm", "skylake-avx512", "skx", "cascadelake", "cooperlake", "cannonlake",
+    "icelake-client", "icelake-server", "tigerlake", "rocketlake", "sapphirerapids",
+    "emeraldrapids", "graniterapids", "graniterapids-d", "diamondrapids", "znver4",
+    "znver5", "x86-64-v4",
+})
+
+
+def enabled_features(features: str) -> frozenset:
+    """The features an LLVM feature string turns on: ``"+avx2,-avx512f,+fma"``
+    gives ``{"avx2", "fma"}`` (a ``-`` entry is a feature the CPU lacks)."""
+    return frozenset(t.strip()[1:] for t in features.split(",") if t.strip().startswith("+"))
+
+
+def tiles_fit(cpu_name: str, features: str) -> bool:
+    """Whether code compiled for ``cpu_name`` with LLVM feature string ``features``
+    has AVX-512F: 24 accumulators of 16 floats then take 24 of its 32 vector
+    registers.  Without it (AVX2: 16 registers of 8 floats) the tiles would be
+    split into halves and spill, and Conv2d and Linear keep im2col and BLAS."""
+    named = {t.strip().lstrip("+-") for t in features.split(",")}
+    if "avx512f" in named:
+        return "avx512f" in enabled_features(features)
+    return cpu_name in AVX512_CPU_NAMES
+
+
+def _compile_target():
+    """The CPU name and feature string Numba's CPU target compiles for: its
+    ``NUMBA_CPU_NAME`` / ``NUMBA_CPU_FEATURES`` settings, else the host's."""
+    name = numba.config.CPU_NAME or _llvm.get_host_cpu_name()
+    features = numba.config.CPU_FEATURES
+    if features is None:
+        features = _llvm.get_host_cpu_features().flatten()
+    return name, features
+
+
+_cg = _numba_private.cgutils()  # None on an untested Numba: the tiles are then off
+
+DIRECT_CONV_CPU = tiles_fit(*_compile_target()) and _cg is not None
+"""Whether Conv2d and Linear may use the register tiles here: the code Numba
+emits has AVX-512F, and the Numba is one whose IR helpers the tiles were
+checked with (see :mod:`numbabn._numba_private`)."""
 
 _VEC = ir.VectorType(ir.FloatType(), LANES)
 _I64 = ir.IntType(64)
@@ -275,7 +169,7 @@ def _tile(typingctx, a, a_base, row_off, nseg, a_seg, seg_len, a_k, b, b_base, b
     gradient's 4608 per block of images are 48).
     """
     if not (isinstance(rmax, types.IntegerLiteral) and isinstance(nv, types.IntegerLiteral)):
-        raise errors.RequireLiteralValue("_tile: rmax and nv must be literal integers")
+        raise _numba_private.RequireLiteralValue("_tile: rmax and nv must be literal integers")
     n_rmax, n_nv = rmax.literal_value, nv.literal_value
     u = types.unliteral
     sig = types.void(a, u(a_base), row_off, u(nseg), u(a_seg), u(seg_len), u(a_k), b, u(b_base),
@@ -304,7 +198,7 @@ def _tile(typingctx, a, a_base, row_off, nseg, a_seg, seg_len, a_k, b, b_base, b
         B = context.make_array(sig.args[7])(context, builder, b).data
         C = context.make_array(sig.args[11])(context, builder, c).data
         INIT = context.make_array(sig.args[15])(context, builder, init).data
-        fma = cgutils.get_or_insert_function(
+        fma = _cg.get_or_insert_function(
             builder.module, ir.FunctionType(_VEC, [_VEC] * 3), f"llvm.fma.v{LANES}f32")
         vptr = _VEC.as_pointer()
 
@@ -314,7 +208,7 @@ def _tile(typingctx, a, a_base, row_off, nseg, a_seg, seg_len, a_k, b, b_base, b
         def vstore(value, base, offset):
             builder.store(value, builder.bitcast(builder.gep(base, [offset]), vptr), align=4)
 
-        accs = [[cgutils.alloca_once(builder, _VEC) for _ in range(n_nv)] for _ in range(n_rmax)]
+        accs = [[_cg.alloca_once(builder, _VEC) for _ in range(n_nv)] for _ in range(n_rmax)]
         end = builder.append_basic_block("tile.end")
         switch = builder.switch(rows, end)
         for nr in range(1, n_rmax + 1):
@@ -338,17 +232,17 @@ def _tile(typingctx, a, a_base, row_off, nseg, a_seg, seg_len, a_k, b, b_base, b
                             for v in range(n_nv):
                                 vstore(ir.Constant(_VEC, None), C, c_off[r][v])
             ngroup = builder.sdiv(builder.add(nseg, builder.sub(group, const(1))), group)
-            with cgutils.for_range(builder, ngroup) as grp:
+            with _cg.for_range(builder, ngroup) as grp:
                 for r in range(nr):
                     for v in range(n_nv):
                         builder.store(ir.Constant(_VEC, None), accs[r][v])
                 s0 = builder.mul(grp.index, group)
                 s1 = builder.select(builder.icmp_signed("<", builder.add(s0, group), nseg),
                                     builder.add(s0, group), nseg)
-                with cgutils.for_range_slice(builder, s0, s1, const(1)) as (seg, _):
+                with _cg.for_range_slice(builder, s0, s1, const(1)) as (seg, _):
                     a_s = builder.mul(seg, a_seg)
                     b_s = builder.add(b_base, builder.mul(seg, b_seg))
-                    with cgutils.for_range(builder, seg_len) as kk:
+                    with _cg.for_range(builder, seg_len) as kk:
                         a_off = builder.add(a_s, builder.mul(kk.index, a_k))
                         b_off = builder.add(b_s, builder.mul(kk.index, b_k))
                         bv = [vload(B, builder.add(b_off, const(LANES * v))) for v in range(n_nv)]
@@ -400,7 +294,7 @@ def _dot_tile(typingctx, a, a_base, a_row, b, b_base, b_row, length, c, c_base, 
     accumulators at most ``max_a * max_b``).
     """
     if not (isinstance(max_a, types.IntegerLiteral) and isinstance(max_b, types.IntegerLiteral)):
-        raise errors.RequireLiteralValue("_dot_tile: max_a and max_b must be literal integers")
+        raise _numba_private.RequireLiteralValue("_dot_tile: max_a and max_b must be literal integers")
     n_a, n_b = max_a.literal_value, max_b.literal_value
     u = types.unliteral
     sig = types.void(a, u(a_base), u(a_row), b, u(b_base), u(b_row), u(length), c, u(c_base),
@@ -414,11 +308,11 @@ def _dot_tile(typingctx, a, a_base, a_row, b, b_base, b_row, length, c, c_base, 
         B = context.make_array(sig.args[3])(context, builder, args[3]).data
         C = context.make_array(sig.args[7])(context, builder, args[7]).data
         INIT = context.make_array(sig.args[11])(context, builder, args[11]).data
-        fma = cgutils.get_or_insert_function(
+        fma = _cg.get_or_insert_function(
             builder.module, ir.FunctionType(_VEC, [_VEC] * 3), f"llvm.fma.v{LANES}f32")
         vptr = _VEC.as_pointer()
         const = lambda v: ir.Constant(_I64, v)  # noqa: E731
-        accs = [[cgutils.alloca_once(builder, _VEC) for _ in range(n_b)] for _ in range(n_a)]
+        accs = [[_cg.alloca_once(builder, _VEC) for _ in range(n_b)] for _ in range(n_a)]
         end = builder.append_basic_block("dot.end")
         switch = builder.switch(builder.add(builder.mul(rows_a, const(n_b + 1)), rows_b), end)
         for na in range(1, n_a + 1):
@@ -431,7 +325,7 @@ def _dot_tile(typingctx, a, a_base, a_row, b, b_base, b_row, length, c, c_base, 
                 for i in range(na):
                     for j in range(nb):
                         builder.store(ir.Constant(_VEC, None), accs[i][j])
-                with cgutils.for_range_slice(builder, const(0), length, const(LANES)) as (k, _):
+                with _cg.for_range_slice(builder, const(0), length, const(LANES)) as (k, _):
                     av = [builder.load(builder.bitcast(builder.gep(A, [builder.add(r, k)]), vptr), align=4)
                           for r in a_rows]
                     bv = [builder.load(builder.bitcast(builder.gep(B, [builder.add(r, k)]), vptr), align=4)
@@ -655,143 +549,6 @@ def _sum_blocks(partial, r, out):
         for blk in range(partial.shape[0]):
             total += partial[blk, r, o]
         out[o] = total
-
-
-@njit(**CPU_JIT_PARALLEL)
-def relu_forward(x, y):
-    """``y = max(x, 0)`` over flat arrays with ``np.maximum(x, 0)``'s bits (NaN
-    kept, ``-0.0`` gives ``0.0``); ``y`` may be ``x``."""
-    zero = x.dtype.type(0.0)
-    for i in prange(x.shape[0]):
-        v = x[i]
-        y[i] = v if (v > zero or v != v) else zero
-
-
-# --------------------------------------------------------------------------- #
-# Dropout masks: NumPy's PCG64 stream, drawn in parallel
-# --------------------------------------------------------------------------- #
-
-_I128 = ir.IntType(128)
-_U64 = types.uint64
-
-
-def _join128(builder, hi, lo):
-    return builder.or_(builder.shl(builder.zext(hi, _I128), ir.Constant(_I128, 64)),
-                       builder.zext(lo, _I128))
-
-
-def _split128(context, builder, value):
-    hi = builder.trunc(builder.lshr(value, ir.Constant(_I128, 64)), _I64)
-    lo = builder.trunc(value, _I64)
-    return context.make_tuple(builder, types.UniTuple(_U64, 2), [hi, lo])
-
-
-@intrinsic
-def _muladd128(typingctx, a_hi, a_lo, b_hi, b_lo, c_hi, c_lo):
-    """``(a * b + c) mod 2**128`` of 128-bit integers given as ``(hi, lo)`` uint64
-    halves (LLVM's i128: one 64x64 -> 128 multiply and two 64-bit ones)."""
-    sig = types.UniTuple(_U64, 2)(_U64, _U64, _U64, _U64, _U64, _U64)
-
-    def codegen(context, builder, sig, args):
-        a, b, c = (_join128(builder, args[i], args[i + 1]) for i in (0, 2, 4))
-        return _split128(context, builder, builder.add(builder.mul(a, b), c))
-
-    return sig, codegen
-
-
-_PCG_MULT_HI = np.uint64(0x2360ED051FC65DA4)
-_PCG_MULT_LO = np.uint64(0x4385DF649FCCF645)
-
-
-@njit(**CPU_JIT_STRICT)
-def _pcg_advance(s_hi, s_lo, inc_hi, inc_lo, delta):
-    """PCG64's state after ``delta`` more steps (``state = state * MULT + inc``),
-    in O(log delta) multiplies (pcg_advance_lcg_128)."""
-    acc_m_hi, acc_m_lo = np.uint64(0), np.uint64(1)
-    acc_p_hi, acc_p_lo = np.uint64(0), np.uint64(0)
-    cur_m_hi, cur_m_lo = _PCG_MULT_HI, _PCG_MULT_LO
-    cur_p_hi, cur_p_lo = inc_hi, inc_lo
-    zero, one = np.uint64(0), np.uint64(1)
-    d = np.uint64(delta)
-    while d > zero:
-        if d & one:
-            acc_m_hi, acc_m_lo = _muladd128(acc_m_hi, acc_m_lo, cur_m_hi, cur_m_lo, zero, zero)
-            acc_p_hi, acc_p_lo = _muladd128(acc_p_hi, acc_p_lo, cur_m_hi, cur_m_lo, cur_p_hi, cur_p_lo)
-        # cur_p = (cur_m + 1) * cur_p, cur_m = cur_m * cur_m
-        m1_hi, m1_lo = _muladd128(cur_m_hi, cur_m_lo, zero, one, zero, one)
-        cur_p_hi, cur_p_lo = _muladd128(m1_hi, m1_lo, cur_p_hi, cur_p_lo, zero, zero)
-        cur_m_hi, cur_m_lo = _muladd128(cur_m_hi, cur_m_lo, cur_m_hi, cur_m_lo, zero, zero)
-        d >>= one
-    return _muladd128(acc_m_hi, acc_m_lo, s_hi, s_lo, acc_p_hi, acc_p_lo)
-
-
-@njit(**CPU_JIT_STRICT)
-def _pcg_output(s_hi, s_lo):
-    """PCG64's XSL-RR output of a state."""
-    x = s_hi ^ s_lo
-    r = s_hi >> np.uint64(58)
-    return (x >> r) | (x << ((np.uint64(64) - r) & np.uint64(63)))
-
-
-@njit(**CPU_JIT_PARALLEL)
-def dropout_forward(x, s_hi, s_lo, inc_hi, inc_lo, buffered, first_u32, threshold, scale,
-                    y, keep_scale, ntasks):
-    """Dropout of the 4-D array ``x`` (any strides) with the masks NumPy draws:
-    ``rng.random(x.shape, dtype=float32) >= p`` of a PCG64 generator in the
-    state ``(s, inc, buffered, first_u32)``, i.e. value ``i`` (C order of the
-    shape) kept when ``next_uint32() >> 8 >= threshold`` (``ceil(p * 2**24)``).
-
-    ``keep_scale`` (C-contiguous) gets ``scale`` or 0, then ``y = x * keep_scale``
-    (any strides).  The 64-bit outputs are shared among ``ntasks`` tasks, each
-    jumping ahead to its first one, so the values are NumPy's whatever the
-    thread count.  Returns ``(hi, lo,
-    has_uint32, uinteger)`` of the generator's state after the draw, as NumPy
-    leaves it (``uinteger``: the last output's high half, else ``first_u32``).
-    """
-    n0, n1, n2, n3 = x.shape
-    n = n0 * n1 * n2 * n3
-    kf = keep_scale.reshape(-1)
-    zero = x.dtype.type(0.0)
-    offset = 1 if (buffered and n > 0) else 0
-    if offset:
-        kf[0] = scale if (np.uint64(first_u32) >> np.uint64(8)) >= threshold else zero
-    m = n - offset
-    q = (m + 1) // 2  # 64-bit outputs: value offset + 2j is output j's low half, + 1 its high
-    nt = max(1, min(ntasks, q))
-    low = np.uint64(0xFFFFFFFF)
-    eight = np.uint64(8)
-    for task in prange(nt):  # the masks, in C order
-        j0, j1 = task * q // nt, (task + 1) * q // nt
-        hi, lo = _pcg_advance(s_hi, s_lo, inc_hi, inc_lo, j0)
-        for j in range(j0, j1):
-            hi, lo = _muladd128(hi, lo, _PCG_MULT_HI, _PCG_MULT_LO, inc_hi, inc_lo)
-            out = _pcg_output(hi, lo)
-            i = offset + 2 * j
-            kf[i] = scale if ((out & low) >> eight) >= threshold else zero
-            if i + 1 < n:
-                kf[i + 1] = scale if (out >> np.uint64(40)) >= threshold else zero
-    for ab in prange(n0 * n1):  # y = x * mask
-        a, b = ab // n1, ab % n1
-        for c in range(n2):
-            for d in range(n3):
-                y[a, b, c, d] = x[a, b, c, d] * keep_scale[a, b, c, d]
-    if q == 0:
-        return s_hi, s_lo, False, np.uint64(first_u32)
-    e_hi, e_lo = _pcg_advance(s_hi, s_lo, inc_hi, inc_lo, q)
-    return e_hi, e_lo, m % 2 == 1, _pcg_output(e_hi, e_lo) >> np.uint64(32)
-
-
-@njit(**CPU_JIT_PARALLEL)
-def scale_into(dy, keep_scale, dx):
-    """``dx = dy * keep_scale`` over 4-D arrays of one shape and any strides
-    (Dropout's backward into its input's layout; pass views that make ``dx``
-    C-contiguous to write it in order), parallel over the first two axes."""
-    n0, n1, n2, n3 = dx.shape
-    for ab in prange(n0 * n1):
-        a, b = ab // n1, ab % n1
-        for c in range(n2):
-            for d in range(n3):
-                dx[a, b, c, d] = dy[a, b, c, d] * keep_scale[a, b, c, d]
 
 
 _cache.check(globals())  # before any kernel above loads from the disk cache

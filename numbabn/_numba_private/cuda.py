@@ -5,7 +5,7 @@ allocations (``cuda.device_array``, ``cuda.to_device``), views of memory
 described by an array interface (``cuda.from_cuda_array_interface``,
 ``cuda.as_cuda_array``), contexts (``cuda.current_context``,
 ``cuda.require_context``) and the ``DeviceNDArray`` class with its slicing and
-``reshape``.  To cut host work per call (see :mod:`numbabn._gpu.launch`), the
+``reshape``.  To cut host work per call (see :mod:`numbabn._gpu.runtime`), the
 GPU backend also uses names it does not document, in two groups:
 
 * ``"launch"``: launching a kernel's compiled overload directly: the

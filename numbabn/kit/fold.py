@@ -23,11 +23,11 @@ import copy
 import numpy as np
 
 from .activation import Dropout, ReLU
-from .batchnorm import _BatchNorm
+from ..layers.batchnorm import _BatchNorm
 from .container import Sequential
 from .conv import Conv2d
 from .flatten import Flatten
-from .fused import _BatchNormReLU
+from ..layers.fused import _BatchNormReLU
 from .linear import Linear
 from .pooling import MaxPool2d
 

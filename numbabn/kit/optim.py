@@ -14,9 +14,9 @@ import numbers
 import numpy as np
 from numba import njit, prange
 
-from . import _cache, _config
-from ._config import CPU_JIT_IEEE_PARALLEL
-from ._validate import describe
+from .. import _cache, _config
+from .._config import CPU_JIT_IEEE_PARALLEL
+from .._validate import describe
 
 
 def _nonnegative(value, name):

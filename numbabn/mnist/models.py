@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .layers import (BatchNorm1d, BatchNorm2d, BatchRenorm1d, BatchRenorm2d, Conv2d, Dropout,
-                     Flatten, Linear, MaxPool2d, ReLU, Sequential, Sigmoid)
+from ..kit import Conv2d, Dropout, Flatten, Linear, MaxPool2d, ReLU, Sequential, Sigmoid
+from ..layers import BatchNorm1d, BatchNorm2d, BatchRenorm1d, BatchRenorm2d
 
 NORMS = {"batch": (BatchNorm1d, BatchNorm2d), "renorm": (BatchRenorm1d, BatchRenorm2d)}
 """The normalization layers a model's ``norm`` argument chooses: ``(1d, 2d)``."""

@@ -1,11 +1,11 @@
-"""GPU host drivers: the twins of :mod:`numbabn._cpu.ops`, on numba device arrays.
+"""GPU host drivers: the twins of :mod:`numbabn._cpu.feature_ops`, on numba device arrays.
 
 Same function names, signatures and return dtypes as the CPU's; inputs are
 validated and viewed as ``(outer, C, inner)`` device arrays by
 :mod:`numbabn.functional`.  Everything stays on the device and on the default
 stream: no host copy of ``x`` or ``y``, no synchronisation.  Per-feature results
 are numba device arrays, rows of the tables the kernels fill (see
-:mod:`numbabn._gpu.kernels`): the float64 statistics and sums tables for float64
+:mod:`numbabn._gpu.feature_kernels`): the float64 statistics and sums tables for float64
 results (``batch_moments``, ``batch_norm_backward_reduce``, the variance of
 ``batch_norm_train``), the coefficient table's result rows for results in the
 input's dtype.
@@ -15,13 +15,13 @@ Launches per call: ``batch_stats``, ``batch_moments`` 1 (moments);
 (backward sums, dx pass); ``batch_norm_backward_reduce`` 1 (backward sums);
 ``normalize``, ``batch_norm_elemt``, ``batch_norm_backward_elemt`` and
 ``update_running_stats`` 1 each.  A reduction merges its block partials in the
-same launch, in the block that finishes last (see :mod:`numbabn._gpu.kernels`).
+same launch, in the block that finishes last (see :mod:`numbabn._gpu.feature_kernels`).
 
 Host work per call is kept small (it, not the GPU, sets the cost of a call on
 small and mid-sized inputs): each operation looks up the CUDA context once,
 launches compiled overloads directly, takes its float64 partials from a reused
 scratch buffer, its tickets from a reused zeroed counter array and its result
-tables from a slab (see :mod:`numbabn._gpu.launch`); launch shapes are computed
+tables from a slab (see :mod:`numbabn._gpu.runtime`); launch shapes are computed
 once per input shape.  The one device allocation left per call is the output
 ``y`` or ``dx``.
 """
@@ -34,8 +34,8 @@ from numba import cuda
 
 from .. import _config as cfg
 from .. import _core
-from . import kernels as k
-from .launch import Kernel, counters, dim3, scratch, small_result
+from . import feature_kernels as k
+from .runtime import Kernel, counters, dim3, scratch, small_result
 from .layout import row
 
 Geometry = namedtuple("Geometry", "items chunk total lanes reverse")

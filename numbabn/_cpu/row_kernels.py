@@ -1,8 +1,8 @@
 """CPU per-row kernels and their host drivers: layer, group, instance and RMS norm.
 
 The second reduction pattern of the statistics core (:mod:`numbabn._core`);
-batch norm's per-feature pattern is :mod:`numbabn._cpu.kernels`.  The GPU twins
-are :mod:`numbabn._gpu.rows`, with the same host functions and signatures.
+batch norm's per-feature pattern is :mod:`numbabn._cpu.feature_kernels`.  The GPU twins
+are :mod:`numbabn._gpu.row_ops`, with the same host functions and signatures.
 
 Layout.  ``x4`` is the ``(N, M, G, K)`` view of the input (see
 :func:`numbabn._layout.plan_rows`): row ``r = n * G + g`` holds the values
@@ -56,31 +56,18 @@ stores).
 """
 
 from collections import namedtuple
-from functools import lru_cache
 
 import numpy as np
 from numba import njit, prange
 
-from .. import _config as cfg
-from .. import _cache, _core
+from .. import _cache
 from .._config import CPU_JIT, CPU_JIT_PARALLEL, CPU_JIT_STRICT
-from .._layout import as_4d, empty_like_4d, kept_to_rows, rows_to_kept  # noqa: F401 (see the end)
-from .._core import DX_SCALE, DY_SHIFT, HI, INVSTD, M2, MEAN, OFFSET, SCALE, VAR, XC_COEF
+from .._core import (CENTER, DX_SCALE, DY_SHIFT, HI, INVSTD, M2, MEAN, OFFSET, SCALE, VAR,
+                     XC_COEF, XHAT_OFFSET, XHAT_SCALE)
 
-# The statistics core, compiled once for the CPU in numbabn._cpu.kernels.
-from .kernels import (affine_coefs, backward_coefs, chan_merge, invstd_of,
-                      parameter_grads, shifted_moments, sum_dy_xmu_about)
-
-# Rows of the float64 per-row table: _core's statistics, and the centre the
-# pass subtracts (the mean, or 0 for RMSNorm).
-CENTER = _core.NSTATS
-NROWSTATS = _core.NSTATS + 1
-# Rows of the float64 per-row backward table: xhat = (x - HI) * XHAT_SCALE + XHAT_OFFSET.
-XHAT_SCALE, XHAT_OFFSET = 0, 1
-
-Affine = namedtuple("Affine", "gmod arow adiv")
-"""Weight index of value ``(m, k)`` of row ``r``:
-``(r % gmod) * arow + ((m * K + k) // adiv) % arow`` (see the module docstring)."""
+# The statistics core, compiled once for the CPU in numbabn._cpu.feature_kernels.
+from .feature_kernels import (affine_coefs, backward_coefs, chan_merge, invstd_of,
+                              shifted_moments, sum_dy_xmu_about)
 
 RowGeometry = namedtuple("RowGeometry", "mrows kcols fused grad_rows")
 """A row's chunks are ``mrows`` runs by ``kcols`` values of its ``(M, K)``
@@ -656,139 +643,6 @@ def backward(dy, x, hi, rstd, weight, aff, rms, geom, want_grads, p, coef, bstat
     if want_grads:
         for group in prange(aff.gmod):
             _merge_grads(q, group, nblk_per_group, aff.arow, grads)
-
-
-# =========================================================================== #
-# Host drivers (the GPU twins in numbabn._gpu.rows have the same signatures)
-# =========================================================================== #
-@lru_cache(maxsize=256)
-def _plan(shape4, itemsize, nread, tunables):
-    _, M, _, K = shape4
-    chunk, fuse_bytes, fuse_min_tasks = tunables
-    rows = shape4[0] * shape4[2]
-    reduced = M * K
-    kcols = min(K, chunk)
-    mrows = max(1, chunk // kcols)
-    fused = rows >= fuse_min_tasks and nread * reduced * itemsize <= fuse_bytes
-    grad_rows = max(1, chunk // reduced)
-    return RowGeometry(mrows, kcols, int(fused), grad_rows)
-
-
-def plan(shape4, itemsize, nread):
-    """The geometry of one ``(N, M, G, K)`` shape reading ``nread`` arrays, with
-    the tunables of :mod:`numbabn._config` as they are now."""
-    return _plan(tuple(shape4), itemsize, nread,
-                 (cfg.CHUNK_ELEMS, cfg.FUSE_BYTES, cfg.FUSE_MIN_TASKS))
-
-
-@lru_cache(maxsize=64)
-def _constant(n, dtype, fill):
-    # Stands in for a missing weight or bias; kernels only read it.
-    return np.full(n, fill, dtype)
-
-
-@lru_cache(maxsize=8)
-def _dummy(ndim, dtype=np.float64):
-    return np.empty((1,) * ndim, dtype)
-
-
-def _nparams(aff):
-    return aff.gmod * aff.arow
-
-
-def row_norm_train(x4, weight, bias, aff, eps, rms, y4):
-    """Normalise each row of ``x4`` into ``y4``; return per-row ``(mean, rstd)``
-    in x's dtype (row order) and the biased variance in float64.  ``weight`` and
-    ``bias`` (or None) have ``gmod * arow`` values laid out as ``aff`` indexes them."""
-    N, M, G, K = x4.shape
-    dtype = x4.dtype
-    rows = N * G
-    geom = plan(x4.shape, dtype.itemsize, 1)
-    nparams = _nparams(aff)
-    weight = _constant(nparams, dtype, 1) if weight is None else weight
-    bias = _constant(nparams, dtype, 0) if bias is None else bias
-    coef = np.empty((_core.NCOEFS, rows), dtype)
-    stats = np.empty((NROWSTATS, rows))
-    p = _dummy(3) if geom.fused else np.empty((2, rows, _nchunks_host(geom, M, K)))
-    forward(x4, weight, bias, aff, float(eps), bool(rms), geom, True, p, coef, stats, y4)
-    with np.errstate(over="ignore"):
-        return stats[MEAN].astype(dtype), stats[INVSTD].astype(dtype), stats[VAR]
-
-
-def _nchunks_host(geom, M, K):
-    return -(-M // geom.mrows) * -(-K // geom.kcols)
-
-
-def row_norm_backward(dy4, x4, mean, rstd, weight, aff, rms, want_grads, dx4):
-    """Write dx into ``dx4``; return float64-accumulated ``(dweight, dbias)`` in
-    x's dtype, laid out as ``aff`` indexes them (None, None without ``want_grads``).
-
-    ``mean`` (None for RMSNorm) and ``rstd``: per row, row order, x's dtype or
-    float64, as the forward returned them.
-    """
-    N, M, G, K = x4.shape
-    dtype = x4.dtype
-    rows = N * G
-    geom = plan(x4.shape, dtype.itemsize, 2)
-    nparams = _nparams(aff)
-    weight = _constant(nparams, dtype, 1) if weight is None else weight
-    hi = np.zeros(rows, dtype) if mean is None else mean.astype(dtype, copy=False)
-    rstd = rstd.astype(np.float64, copy=False)
-    coef = np.empty((_core.NCOEFS, rows), dtype)
-    bstat = np.empty((2, rows))
-    p = _dummy(3) if geom.fused else np.empty((3, rows, _nchunks_host(geom, M, K)))
-    nblk = aff.gmod * -(-(rows // aff.gmod) // geom.grad_rows)
-    q = np.empty((2, nblk, aff.arow)) if want_grads else _dummy(3)
-    grads = np.empty((2, nparams)) if want_grads else _dummy(2)
-    backward(dy4, x4, hi, rstd, weight, aff, bool(rms), geom, bool(want_grads), p, coef, bstat,
-             q, grads, dx4)
-    if not want_grads:
-        return None, None
-    with np.errstate(over="ignore"):
-        return grads[0].astype(dtype), grads[1].astype(dtype)
-
-
-def update_instance_running_stats(running_mean, running_var, mean, var, count, momentum):
-    """PyTorch's instance-norm update, in place: the batch statistics are the
-    mean over samples of the instances' means and unbiased variances (``mean``
-    and the biased ``var`` of shape ``(N, C)``, ``count`` values each)."""
-    batch_mean = np.mean(mean.astype(np.float64), axis=0)
-    batch_var = np.mean(var.astype(np.float64) * (count / (count - 1)), axis=0)
-    keep = 1.0 - momentum
-    with np.errstate(over="ignore"):  # beyond float32's range, inf is the right value
-        running_mean[...] = keep * running_mean.astype(np.float64) + momentum * batch_mean
-        running_var[...] = keep * running_var.astype(np.float64) + momentum * batch_var
-
-
-# --------------------------------------------------------------------------- #
-# The backend's layout surface for the per-row pattern (NumPy arrays; the GPU
-# module has device-array twins of the same names).
-# --------------------------------------------------------------------------- #
-def split_axis(x, axis, parts):
-    """``x`` with axis ``axis`` split into ``parts`` (a view)."""
-    return x.reshape(x.shape[:axis] + tuple(parts) + x.shape[axis + 1:])
-
-
-def merge_axes(y, axis, count):
-    """``y`` with axes ``axis .. axis + count - 1`` merged into one."""
-    size = int(np.prod(y.shape[axis:axis + count]))
-    return y.reshape(y.shape[:axis] + (size,) + y.shape[axis + count:])
-
-
-def permute_flat(w, perm):
-    """``w`` with its axes in ``perm`` order, flattened (a view when it can be)."""
-    return w.transpose(perm).reshape(-1)
-
-
-def unpermute_flat(flat, shape, perm):
-    """Inverse of :func:`permute_flat` for an array of ``shape``."""
-    inverse = tuple(sorted(range(len(perm)), key=perm.__getitem__))
-    return flat.reshape(tuple(shape[a] for a in perm)).transpose(inverse)
-
-
-def reshape_ones(v, shape):
-    """``v`` with size-1 axes added or removed to make ``shape`` (a view)."""
-    return v.reshape(shape)
 
 
 _cache.check(globals())  # before any kernel above loads from the disk cache

@@ -1,7 +1,7 @@
 """numba.cuda kernels.  Private: inputs are validated and shaped by ``ops.py``.
 
 The per-feature maths is :mod:`numbabn._core`'s, compiled here as device
-functions (the CPU twins in :mod:`numbabn._cpu.kernels` compile the same
+functions (the CPU twins in :mod:`numbabn._cpu.feature_kernels` compile the same
 functions), and the tables the kernels fill use its row names.  Each operation
 runs these phases, named as the CPU's:
 

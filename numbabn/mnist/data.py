@@ -1,6 +1,6 @@
 """The MNIST data set: find, download, verify and read its four IDX files.
 
-numbabn ships the four files (``numbabn/datasets/mnist``, ``SHIPPED_DATA_DIR``),
+numbabn ships the four files (``numbabn/mnist/dataset``, ``SHIPPED_DATA_DIR``),
 so nothing needs downloading.  ``load_mnist`` reads them from one directory,
 found in this order (``find_mnist``): ``data_dir`` when given, else
 ``$NUMBABN_DATA`` when set, else ``~/.cache/numbabn/mnist`` when it holds all
@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._extras import MissingExtraError, require
+from .._extras import MissingExtraError, require
 
 __all__ = [
     "MNISTError",
@@ -76,7 +76,7 @@ MIRRORS: tuple[str, ...] = (
 DATA_DIR_ENV = "NUMBABN_DATA"
 DEFAULT_DATA_DIR = Path("~/.cache/numbabn/mnist")
 #: The copy of MNIST installed with numbabn (package data, also in the wheel).
-SHIPPED_DATA_DIR = Path(__file__).resolve().parent / "datasets" / "mnist"
+SHIPPED_DATA_DIR = Path(__file__).resolve().parent / "dataset"
 
 #: Seconds to wait for a mirror to connect or to send the next block.
 TIMEOUT = 30.0

@@ -7,7 +7,7 @@ elementwise layers keep the layout, and the next Conv2d gets its channels-last
 input without a copy.
 
 Float32 stride-1 convolutions with output channels in multiples of 16 run as
-direct convolutions on a CPU with AVX-512 (see :mod:`numbabn.layers._kernels`
+direct convolutions on a CPU with AVX-512 (see :mod:`numbabn.kit._kernels.tiles`
 and ``_config.CONV_DIRECT``): the forward, the weight gradient and (when the
 input channels are a multiple of 16 too) the input gradient sum register tiles
 straight from the images, with no column buffer.
@@ -26,10 +26,12 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from . import _check, _kernels
 from .. import _config
+from ..layers import _check
+from ._kernels import im2col as _im2col
+from ._kernels import tiles as _tiles
 from ._init import fan_in_uniform
-from .base import Layer
+from ..layers.base import Layer
 
 
 def channels_last(x):
@@ -131,18 +133,18 @@ class Conv2d(Layer):
         kh, kw = self.kernel_size
         cols = buffer[: (n1 - n0) * out_h * out_w * self._n_cols()]
         cols = cols.reshape(n1 - n0, out_h, out_w, kh, kw, self.in_channels)
-        _kernels.im2col(x_nhwc[n0:n1], *self.stride, *self.padding, cols)
+        _im2col.im2col(x_nhwc[n0:n1], *self.stride, *self.padding, cols)
         return cols
 
     def _direct(self):
         """Whether the forward and the weight gradient run as direct convolutions."""
-        return (_config.CONV_DIRECT and _kernels.DIRECT_CONV_CPU and self.dtype == np.float32
-                and self.stride == (1, 1) and self.out_channels % _kernels.LANES == 0)
+        return (_config.CONV_DIRECT and _tiles.DIRECT_CONV_CPU and self.dtype == np.float32
+                and self.stride == (1, 1) and self.out_channels % _tiles.LANES == 0)
 
     def _direct_input_grad(self):
         """Whether the input gradient runs as a direct convolution too (its zero
         padding, ``kernel - 1 - padding``, must not be negative)."""
-        return (self._direct() and self.in_channels % _kernels.LANES == 0
+        return (self._direct() and self.in_channels % _tiles.LANES == 0
                 and all(p < k for p, k in zip(self.padding, self.kernel_size)))
 
     def forward(self, x):
@@ -155,7 +157,7 @@ class Conv2d(Layer):
             y = np.empty((n_img, out_h, out_w, self.out_channels), self.dtype)
             weight = np.ascontiguousarray(self.weight.transpose(2, 3, 1, 0))
             bias = self.bias if self.bias is not None else np.zeros(self.out_channels, self.dtype)
-            _kernels.conv_forward(x_nhwc, weight, bias, self.bias is not None, *self.padding,
+            _tiles.conv_forward(x_nhwc, weight, bias, self.bias is not None, *self.padding,
                                   _config.TILE_CHAIN, y, numba.get_num_threads())
             self._cache = (x_nhwc, None, y.shape)
             return y.transpose(0, 3, 1, 2)
@@ -203,12 +205,12 @@ class Conv2d(Layer):
             np.matmul(cols2d.T, dy2d, out=dw_chunk)
             dwmat += dw_chunk
             if self.bias is not None:
-                _kernels.column_sums(dy2d, max(1, _config.CHUNK_ELEMS // dy2d.shape[1]), dbias_chunk)
+                _im2col.column_sums(dy2d, max(1, _config.CHUNK_ELEMS // dy2d.shape[1]), dbias_chunk)
                 dbias += dbias_chunk
             if input_grad:
                 # The chunk's columns are no longer needed: overwrite them with dcols.
                 np.matmul(dy2d, wmat_t, out=cols2d)
-                _kernels.col2im(cols, *self.stride, *self.padding, dx[n0:n1])
+                _im2col.col2im(cols, *self.stride, *self.padding, dx[n0:n1])
         self.grads["weight"][...] = dwmat.reshape(kh, kw, self.in_channels, c_out).transpose(3, 2, 0, 1)
         if self.bias is not None:
             self.grads["bias"][...] = dbias
@@ -217,20 +219,20 @@ class Conv2d(Layer):
     def _backward_direct(self, x_nhwc, dy_nhwc, input_grad):
         kh, kw = self.kernel_size
         dweight = np.empty((kh, kw, self.in_channels, self.out_channels), self.dtype)
-        _kernels.conv_weight_grad(x_nhwc, dy_nhwc, *self.padding, _config.CONV_WGRAD_IMAGES,
+        _tiles.conv_weight_grad(x_nhwc, dy_nhwc, *self.padding, _config.CONV_WGRAD_IMAGES,
                                   _config.TILE_CHAIN, dweight)
         self.grads["weight"][...] = dweight.transpose(3, 2, 0, 1)
         if self.bias is not None:
             dy2d = dy_nhwc.reshape(-1, self.out_channels)
             dbias = np.empty(self.out_channels, np.float64)
-            _kernels.column_sums(dy2d, max(1, _config.CHUNK_ELEMS // dy2d.shape[1]), dbias)
+            _im2col.column_sums(dy2d, max(1, _config.CHUNK_ELEMS // dy2d.shape[1]), dbias)
             self.grads["bias"][...] = dbias
         if not input_grad:
             return None
         dx = np.empty(x_nhwc.shape, self.dtype)
         if self._direct_input_grad():
             weight_flip = np.ascontiguousarray(self.weight[:, :, ::-1, ::-1].transpose(2, 3, 0, 1))
-            _kernels.conv_input_grad(dy_nhwc, weight_flip, *self.padding, _config.TILE_CHAIN, dx,
+            _tiles.conv_input_grad(dy_nhwc, weight_flip, *self.padding, _config.TILE_CHAIN, dx,
                                      numba.get_num_threads())
         else:
             self._input_grad_gemm(dy_nhwc, dx)
@@ -247,7 +249,7 @@ class Conv2d(Layer):
             cols = buffer[: (n1 - n0) * out_h * out_w * self._n_cols()]
             np.matmul(dy_nhwc[n0:n1].reshape(-1, c_out), wmat_t, out=cols.reshape(-1, self._n_cols()))
             cols = cols.reshape(n1 - n0, out_h, out_w, kh, kw, self.in_channels)
-            _kernels.col2im(cols, *self.stride, *self.padding, dx[n0:n1])
+            _im2col.col2im(cols, *self.stride, *self.padding, dx[n0:n1])
 
     def extra_repr(self):
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "

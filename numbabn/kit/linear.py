@@ -2,7 +2,7 @@
 
 Float32 layers with ``in_features`` a multiple of 16 and at least
 ``_config.LINEAR_DIRECT_MIN_MACS`` multiply-adds per GEMM run on the register
-tiles of :mod:`numbabn.layers._kernels` on a CPU with AVX-512; others call BLAS.
+tiles of :mod:`numbabn.kit._kernels` on a CPU with AVX-512; others call BLAS.
 """
 
 from __future__ import annotations
@@ -10,10 +10,11 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from . import _check, _kernels
 from .. import _config
+from ..layers import _check
+from ._kernels import tiles as _tiles
 from ._init import fan_in_uniform
-from .base import Layer
+from ..layers.base import Layer
 
 
 class Linear(Layer):
@@ -59,8 +60,8 @@ class Linear(Layer):
     def _direct(self, n):
         """Whether a batch of ``n`` rows runs on the register tiles."""
         least = _config.LINEAR_DIRECT_MIN_MACS
-        return (least is not None and _kernels.DIRECT_CONV_CPU and self.dtype == np.float32
-                and self.in_features % _kernels.LANES == 0 and self.weight.flags.c_contiguous
+        return (least is not None and _tiles.DIRECT_CONV_CPU and self.dtype == np.float32
+                and self.in_features % _tiles.LANES == 0 and self.weight.flags.c_contiguous
                 and n * self.in_features * self.out_features >= least)
 
     def forward(self, x):
@@ -70,7 +71,7 @@ class Linear(Layer):
             x = np.ascontiguousarray(x)
             y = np.empty((x.shape[0], self.out_features), self.dtype)
             bias = self.bias if self.bias is not None else np.zeros(self.out_features, self.dtype)
-            _kernels.linear_forward(x, self.weight, bias, self.bias is not None,
+            _tiles.linear_forward(x, self.weight, bias, self.bias is not None,
                                     _config.LINEAR_K_BLOCK, y, numba.get_num_threads())
         else:
             y = np.matmul(x, self.weight.T)
@@ -87,7 +88,7 @@ class Linear(Layer):
         direct = self._direct(dy.shape[0]) and self._x.flags.c_contiguous
         if direct:
             dy = np.ascontiguousarray(dy)
-            _kernels.linear_weight_grad(dy, self._x, _config.TILE_CHAIN, self.grads["weight"])
+            _tiles.linear_weight_grad(dy, self._x, _config.TILE_CHAIN, self.grads["weight"])
         else:
             np.matmul(dy.T, self._x, out=self.grads["weight"])
         if self.bias is not None:
@@ -96,7 +97,7 @@ class Linear(Layer):
             return None
         if direct:
             dx = np.empty(self._x.shape, self.dtype)
-            _kernels.linear_input_grad(dy, self.weight, _config.TILE_CHAIN, dx)
+            _tiles.linear_input_grad(dy, self.weight, _config.TILE_CHAIN, dx)
             return dx
         return np.matmul(dy, self.weight)
 

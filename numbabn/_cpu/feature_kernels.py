@@ -1,7 +1,7 @@
 """Numba CPU kernels.  Private: inputs are validated, shaped and allocated by ``ops.py``.
 
 The per-value and per-feature maths is :mod:`numbabn._core`'s, compiled here
-(the GPU twins in :mod:`numbabn._gpu.kernels` compile the same functions).  Each
+(the GPU twins in :mod:`numbabn._gpu.feature_kernels` compile the same functions).  Each
 kernel runs the phases of one operation, named as on the GPU:
 
 * ``forward_*``: moments partials per chunk (:func:`_chunk_sums_nchw` /

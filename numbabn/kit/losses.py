@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._validate import FLOAT_DTYPES, describe
+from .._validate import FLOAT_DTYPES, describe
 
 
 def log_softmax(logits):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import _check
-from .base import Layer
+from ..layers import _check
+from ..layers.base import Layer
 
 
 class Flatten(Layer):

@@ -29,12 +29,14 @@ import traceback
 
 import numpy as np
 
-from .. import train as T
-from ..layers import Dropout
-from ..losses import log_softmax
-from . import _comm
-from ._comm import CollectiveError, CollectiveRuntimeError
-from .batchnorm import convert_sync_batchnorm
+from .._extras import require
+from ..distributed import _comm
+from ..distributed._comm import CollectiveError, CollectiveRuntimeError
+from ..distributed.batchnorm import convert_sync_batchnorm
+from ..kit import Dropout
+from ..kit.losses import log_softmax
+from . import options
+from . import train as T
 
 
 def shard_bounds(n, size, rank):
@@ -48,7 +50,7 @@ def shard_bounds(n, size, rank):
 def shard_cross_entropy(logits, targets, global_count):
     """This shard's loss *sum* and the gradient of the global mean loss:
     ``(softmax - onehot) / global_count``, computed as
-    :func:`numbabn.losses.cross_entropy` does for a whole batch, so each row's
+    :func:`numbabn.kit.losses.cross_entropy` does for a whole batch, so each row's
     gradient has the bits of a one-process run with the same logits."""
     logp = log_softmax(logits)
     rows = np.arange(len(targets))
@@ -89,7 +91,7 @@ class GradientReducer:
 
 
 class _PresetShifts:
-    """Stands in for the shift generator in :func:`numbabn.train.random_shifts`:
+    """Stands in for the shift generator in :func:`numbabn.mnist.train.random_shifts`:
     returns this shard's columns of offsets drawn for the whole global batch."""
 
     def __init__(self, offsets):
@@ -116,7 +118,7 @@ def _processes(n):
 
 
 class DistributedTrainer(T.Trainer):
-    """:class:`numbabn.train.Trainer` on every rank of ``comm``, data parallel.
+    """:class:`numbabn.mnist.train.Trainer` on every rank of ``comm``, data parallel.
 
     Construct it on every rank with the same arguments (collective: rank 0's
     initial parameters are broadcast).  Dropout masks come from a generator
@@ -218,7 +220,7 @@ class DistributedTrainer(T.Trainer):
             layer.rng = np.random.default_rng([cfg.seed, epoch, 2, self.rank])
         self._announce_compilation()
         if self.progress:
-            tqdm = T.require("tqdm", "The trainer's progress bar", otherwise="pass progress=False").tqdm
+            tqdm = require("tqdm", "The trainer's progress bar", otherwise="pass progress=False").tqdm
             bar = tqdm(batches, desc=f"epoch {epoch + 1}/{n_epochs} ({_processes(self.size)})",
                        unit="batch", leave=False)
         else:
@@ -286,9 +288,9 @@ class DistributedTrainer(T.Trainer):
 def _setup_local(args, rank, size):
     """This rank's part of the setup: settings, data, output folder."""
     if rank == 0:  # only rank 0 draws the bar and the curves
-        T._require_train_extra(progress=not args.no_progress)
-    config = T.config_from_args(args)
-    T.check_device(args.device)
+        options.require_train_extra(progress=not args.no_progress)
+    config = options.config_from_args(args)
+    options.check_device(args.device)
     if getattr(config, "norm", "batch") != "batch":
         raise ValueError(f"--distributed synchronises batch norm only (SyncBatchNorm); "
                          f"--norm {config.norm} has no synchronised version.")
@@ -296,7 +298,7 @@ def _setup_local(args, rank, size):
         if value is not None and value < size:
             raise ValueError(f"{name} {value} is smaller than the {size} processes; each process "
                              f"needs at least one image of every batch.")
-    from ..data import load_mnist
+    from .data import load_mnist
 
     data = load_mnist(data_dir=args.data_dir)
     out_dir = args.out or os.path.join("runs", f"mnist-{config.model}")
