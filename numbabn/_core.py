@@ -47,6 +47,25 @@ DX_SCALE, XC_COEF, DY_SHIFT = 1, 2, 3
 NCOEFS = 4
 
 
+def cdiv(a, b):
+    """Integer ``ceil(a / b)`` for ``b > 0``."""
+    return -(-a // b)
+
+
+def imin(a, b):
+    """Integer minimum (kernels do not use the ``min`` builtin)."""
+    return a if a < b else b
+
+
+def store_statistics(stats, c, mean, invstd, var, m2):
+    """Write one group's float64 statistics into column ``c`` of a table whose
+    rows are ``MEAN, INVSTD, VAR, M2`` (the table writer of every backend)."""
+    stats[MEAN, c] = mean
+    stats[INVSTD, c] = invstd
+    stats[VAR, c] = var
+    stats[M2, c] = m2
+
+
 def shifted_moments(n, shift, s1, s2):
     """``(mean, M2)`` of ``n > 0`` values from their shifted sums
     ``s1 = sum(x - shift)`` and ``s2 = sum((x - shift)**2)``."""

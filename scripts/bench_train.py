@@ -102,6 +102,10 @@ def worker(name, batch_size, steps):
     else:
         prefer_passive_waiting()
         step = numbabn_step(model, Adam(model.params, lr=1e-3))
+    if name == "numbabn-blas":  # the convolutions and linear layers without the register tiles
+        from numbabn import _config
+        _config.CONV_DIRECT = False
+        _config.LINEAR_DIRECT_MIN_MACS = None
     for x, y in batches[:3]:
         step(x, y)
     return steps * batch_size / time_steps(step, batches)
@@ -223,8 +227,8 @@ def check_same_model(batch_size):
 
 def run_round(name, args, profile=False):
     env = dict(os.environ)
-    if name == "numbabn":
-        from numbabn.mnist.train import QUIET_THREAD_POOLS
+    if name.startswith("numbabn"):
+        from numbabn.mnist.cli import QUIET_THREAD_POOLS
         env = {**QUIET_THREAD_POOLS, **env}
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", name,
            "--batch-size", str(args.batch_size), "--steps", str(args.steps)]
@@ -246,7 +250,10 @@ def main(argv=None):
     parser.add_argument("--no-torch", action="store_true", help="time numbabn only")
     parser.add_argument("--profile", action="store_true",
                         help="time each layer's forward and backward, the loss and the optimizer")
-    parser.add_argument("--worker", choices=["numbabn", "pytorch"], help=argparse.SUPPRESS)
+    parser.add_argument("--blas", action="store_true",
+                        help="also time numbabn with every convolution and linear layer on im2col + "
+                             "BLAS (numbabn-blas), the path taken where the register tiles do not fit")
+    parser.add_argument("--worker", choices=["numbabn", "numbabn-blas", "pytorch"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         if args.profile:
@@ -258,7 +265,7 @@ def main(argv=None):
         print_profile(args)
         return
 
-    names = ["numbabn"]
+    names = ["numbabn"] + (["numbabn-blas"] if args.blas else [])
     if not args.no_torch:
         check_same_model(args.batch_size)
         names.insert(0, "pytorch")
@@ -269,9 +276,14 @@ def main(argv=None):
     threads = numba.config.NUMBA_NUM_THREADS
     print(f"cnn training step, batch {args.batch_size}, {args.steps} steps x {args.rounds} rounds "
           f"(one process each), {threads} threads")
-    print(f"{'':10s} {'best img/s':>11s} {'median img/s':>13s}")
+    from benchmarks.cases import machine
+    info = machine()
+    print(f"{info['cpu']} (LLVM target {info['llvm_cpu']}, NUMBA_CPU_FEATURES="
+          f"{'host' if info['numba_cpu_features'] is None else 'set'}), register tiles: "
+          f"{'on' if info['register_tiles'] else 'off'}")
+    print(f"{'':13s} {'best img/s':>11s} {'median img/s':>13s}")
     for name, r in rates.items():
-        print(f"{name:10s} {max(r):11.0f} {statistics.median(r):13.0f}")
+        print(f"{name:13s} {max(r):11.0f} {statistics.median(r):13.0f}")
     if "pytorch" in rates:
         print(f"numbabn / pytorch (median): {statistics.median(rates['numbabn']) / statistics.median(rates['pytorch']):.2f}")
 

@@ -556,7 +556,7 @@ def test_shipped_mnist_is_complete_and_verified(monkeypatch, tmp_path):
     # The real copy in the package: found with nothing configured, and it passes the MD5s.
     monkeypatch.delenv("NUMBABN_DATA", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))
-    assert data.SHIPPED_DATA_DIR.parent.parent == Path(data.__file__).resolve().parent
+    assert data.SHIPPED_DATA_DIR.parent == Path(data.__file__).resolve().parent
     assert data.find_mnist() == (data.SHIPPED_DATA_DIR, "shipped")
     assert sorted(p.name for p in data.SHIPPED_DATA_DIR.glob("*.gz")) == ALL_GZ
     x_train, y_train, x_test, y_test = load_mnist(download=False)

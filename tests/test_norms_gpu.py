@@ -200,7 +200,7 @@ import numba.cuda.dispatcher
 numba.cuda.dispatcher.get_current_device = lambda: pytypes.SimpleNamespace(
     compute_capability=(9, 0))
 from numbabn._config import GPU_JIT
-from numbabn._gpu import rows as k
+from numbabn._gpu import row_kernels as k
 from numbabn._core import Affine
 
 geom, aff = typeof(k.RowGeometry(32, 3, 2, 4)), typeof(Affine(2, 3, 1))

@@ -72,8 +72,7 @@ from numba.extending import overload
 
 from .. import _cache, _core
 from .._config import CPU_JIT, CPU_JIT_PARALLEL, CPU_JIT_STRICT
-from .._core import (DX_SCALE, DY_SHIFT, HI, INVSTD, M2, MEAN, OFFSET, SCALE, SUM_DY,
-                     SUM_DY_XHI, SUM_XHI, VAR, XC_COEF)
+from .._core import (DX_SCALE, DY_SHIFT, HI, OFFSET, SCALE, SUM_DY, SUM_DY_XHI, SUM_XHI, XC_COEF)
 
 # The statistics core, compiled for the CPU.
 shifted_moments = njit(**CPU_JIT_STRICT)(_core.shifted_moments)
@@ -83,11 +82,8 @@ affine_coefs = njit(**CPU_JIT_STRICT)(_core.affine_coefs)
 sum_dy_xmu_about = njit(**CPU_JIT_STRICT)(_core.sum_dy_xmu_about)
 backward_coefs = njit(**CPU_JIT_STRICT)(_core.backward_coefs)
 parameter_grads = njit(**CPU_JIT_STRICT)(_core.parameter_grads)
-
-
-@njit(**CPU_JIT_STRICT)
-def _cdiv(a, b):
-    return (a + b - 1) // b
+_cdiv = njit(**CPU_JIT_STRICT)(_core.cdiv)
+store_statistics = njit(**CPU_JIT_STRICT)(_core.store_statistics)
 
 
 @njit(**CPU_JIT_STRICT)
@@ -196,10 +192,7 @@ def _elementwise_rows(rows, nfeat, isz):
 def _store_forward(c, n, mean, m2, eps, weight, bias, coef, stats):
     var = m2 / n
     invstd = invstd_of(var, eps)
-    stats[MEAN, c] = mean
-    stats[INVSTD, c] = invstd
-    stats[VAR, c] = var
-    stats[M2, c] = m2
+    store_statistics(stats, c, mean, invstd, var, m2)
     coef[HI, c] = mean
     coef[SCALE, c], coef[OFFSET, c] = affine_coefs(mean, np.float64(coef[HI, c]), invstd,
                                                    np.float64(weight[c]), np.float64(bias[c]))
@@ -381,37 +374,34 @@ def _affine_nchw(x, c, r0, r1, j0, j1, coef, relu, y):
                 yr[j] = (xr[j] - hi) * s + o
 
 
-@njit(**CPU_JIT)
-def _block_backward_sums(dyr, xr, m, s):
-    """The three sums of one block, in the input's dtype (vector lanes of it)."""
-    a = np.float32(0.0)
-    b = np.float32(0.0)
-    e = np.float32(0.0)
-    for j in range(dyr.shape[0]):
-        g = dyr[j]
-        xc = (xr[j] - m) * s
-        a += g
-        b += g * xc
-        e += xc
-    return a, b, e
+def _block_backward_sums_kernel(masked):
+    """The three sums of one block, in the input's dtype (vector lanes of it);
+    with ``masked``, ``dy`` taken as 0 where ``y <= 0`` (the ReLU of the fused
+    ``batch_norm_relu``; a NaN ``y`` counts as ``<= 0``, as PyTorch's
+    ``threshold_backward``).  ``masked`` is a constant of the compiled code."""
+
+    @njit(**CPU_JIT)
+    def block_sums(dyr, yr, xr, m, s):
+        a = np.float32(0.0)
+        b = np.float32(0.0)
+        e = np.float32(0.0)
+        zero = m - m
+        for j in range(dyr.shape[0]):
+            if masked:
+                g = dyr[j] if yr[j] > zero else zero
+            else:
+                g = dyr[j]
+            xc = (xr[j] - m) * s
+            a += g
+            b += g * xc
+            e += xc
+        return a, b, e
+
+    return block_sums
 
 
-@njit(**CPU_JIT)
-def _block_backward_sums_masked(dyr, yr, xr, m, s):
-    """As :func:`_block_backward_sums` with ``dy`` taken as 0 where ``y <= 0``
-    (the ReLU of the fused ``batch_norm_relu``; a NaN ``y`` counts as ``<= 0``,
-    as PyTorch's ``threshold_backward``)."""
-    a = np.float32(0.0)
-    b = np.float32(0.0)
-    e = np.float32(0.0)
-    zero = m - m
-    for j in range(dyr.shape[0]):
-        g = dyr[j] if yr[j] > zero else zero
-        xc = (xr[j] - m) * s
-        a += g
-        b += g * xc
-        e += xc
-    return a, b, e
+_block_backward_sums = _block_backward_sums_kernel(masked=False)
+_block_backward_sums_masked = _block_backward_sums_kernel(masked=True)
 
 
 @njit(**CPU_JIT_STRICT)
@@ -431,7 +421,7 @@ def _chunk_backward_sums_nchw(dy, x, c, r0, r1, j0, j1, m, s, block, y, masked):
             if masked:
                 a, b, e = _block_backward_sums_masked(dyr[b0:b1], yr[b0:b1], xr[b0:b1], m, s)
             else:
-                a, b, e = _block_backward_sums(dyr[b0:b1], xr[b0:b1], m, s)
+                a, b, e = _block_backward_sums(dyr[b0:b1], yr[b0:b1], xr[b0:b1], m, s)
             sdy += np.float64(a)
             sdyxc += np.float64(b)
             sxc += np.float64(e)

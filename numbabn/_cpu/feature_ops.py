@@ -26,6 +26,7 @@ from numba import get_num_threads
 
 from .. import _config as cfg
 from .. import _core
+from .runtime import constant
 from . import feature_kernels as k
 
 Geometry = namedtuple("Geometry",
@@ -95,13 +96,7 @@ def _as2d(a3):
 
 
 def _param(v, nfeat, dtype, fill):
-    return _constant(nfeat, dtype, fill) if v is None else v
-
-
-@lru_cache(maxsize=64)
-def _constant(nfeat, dtype, fill):
-    # Stands in for a missing weight or bias; kernels only read it.
-    return np.full(nfeat, fill, dtype)
+    return constant(nfeat, dtype, fill) if v is None else v
 
 
 @lru_cache(maxsize=8)

@@ -62,21 +62,16 @@ from numba import njit, prange
 
 from .. import _cache
 from .._config import CPU_JIT, CPU_JIT_PARALLEL, CPU_JIT_STRICT
-from .._core import (CENTER, DX_SCALE, DY_SHIFT, HI, INVSTD, M2, MEAN, OFFSET, SCALE, VAR,
-                     XC_COEF, XHAT_OFFSET, XHAT_SCALE)
+from .._core import (CENTER, DX_SCALE, DY_SHIFT, HI, INVSTD, OFFSET, SCALE, XC_COEF, XHAT_OFFSET,
+                     XHAT_SCALE)
 
 # The statistics core, compiled once for the CPU in numbabn._cpu.feature_kernels.
-from .feature_kernels import (affine_coefs, backward_coefs, chan_merge, invstd_of,
-                              shifted_moments, sum_dy_xmu_about)
+from .feature_kernels import (_cdiv, affine_coefs, backward_coefs, chan_merge, invstd_of,
+                              shifted_moments, store_statistics, sum_dy_xmu_about)
 
 RowGeometry = namedtuple("RowGeometry", "mrows kcols fused grad_rows")
 """A row's chunks are ``mrows`` runs by ``kcols`` values of its ``(M, K)``
 plane; ``fused``: one task per row; ``grad_rows``: rows per parameter block."""
-
-
-@njit(**CPU_JIT_STRICT)
-def _cdiv(a, b):
-    return (a + b - 1) // b
 
 
 @njit(**CPU_JIT_STRICT)
@@ -190,10 +185,7 @@ def _store_forward(r, cnt, mean, m2, eps, rms, coef, stats):
     else:
         center = mean
         invstd = invstd_of(var, eps)
-    stats[MEAN, r] = mean
-    stats[INVSTD, r] = invstd
-    stats[VAR, r] = var
-    stats[M2, r] = m2
+    store_statistics(stats, r, mean, invstd, var, m2)
     stats[CENTER, r] = center
     coef[HI, r] = center
     coef[SCALE, r], coef[OFFSET, r] = affine_coefs(center, np.float64(coef[HI, r]), invstd,

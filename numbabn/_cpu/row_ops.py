@@ -9,6 +9,7 @@ import numpy as np
 
 from .. import _config as cfg
 from .. import _core
+from .runtime import constant
 from .._core import INVSTD, MEAN, NROWSTATS, VAR
 from .row_kernels import RowGeometry, backward, forward
 
@@ -33,12 +34,6 @@ def plan(shape4, itemsize, nread):
                  (cfg.CHUNK_ELEMS, cfg.FUSE_BYTES, cfg.FUSE_MIN_TASKS))
 
 
-@lru_cache(maxsize=64)
-def _constant(n, dtype, fill):
-    # Stands in for a missing weight or bias; kernels only read it.
-    return np.full(n, fill, dtype)
-
-
 @lru_cache(maxsize=8)
 def _dummy(ndim, dtype=np.float64):
     return np.empty((1,) * ndim, dtype)
@@ -57,8 +52,8 @@ def row_norm_train(x4, weight, bias, aff, eps, rms, y4):
     rows = N * G
     geom = plan(x4.shape, dtype.itemsize, 1)
     nparams = _nparams(aff)
-    weight = _constant(nparams, dtype, 1) if weight is None else weight
-    bias = _constant(nparams, dtype, 0) if bias is None else bias
+    weight = constant(nparams, dtype, 1) if weight is None else weight
+    bias = constant(nparams, dtype, 0) if bias is None else bias
     coef = np.empty((_core.NCOEFS, rows), dtype)
     stats = np.empty((NROWSTATS, rows))
     p = _dummy(3) if geom.fused else np.empty((2, rows, _nchunks_host(geom, M, K)))
@@ -83,7 +78,7 @@ def row_norm_backward(dy4, x4, mean, rstd, weight, aff, rms, want_grads, dx4):
     rows = N * G
     geom = plan(x4.shape, dtype.itemsize, 2)
     nparams = _nparams(aff)
-    weight = _constant(nparams, dtype, 1) if weight is None else weight
+    weight = constant(nparams, dtype, 1) if weight is None else weight
     hi = np.zeros(rows, dtype) if mean is None else mean.astype(dtype, copy=False)
     rstd = rstd.astype(np.float64, copy=False)
     coef = np.empty((_core.NCOEFS, rows), dtype)

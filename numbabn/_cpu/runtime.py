@@ -9,10 +9,12 @@ Numba prefers ``omp`` then ``tbb`` by default (``NUMBA_THREADING_LAYER``).
 """
 
 import contextlib
+from functools import lru_cache
 import os
 import threading
 
 import numba
+import numpy as np
 
 from .. import _config
 
@@ -92,3 +94,9 @@ def prefer_passive_waiting():
         return False
     os.environ["OMP_WAIT_POLICY"] = "passive"
     return True
+
+
+@lru_cache(maxsize=64)
+def constant(n, dtype, fill):
+    """``n`` values ``fill``: stands in for a missing weight or bias (kernels only read it)."""
+    return np.full(n, fill, dtype)

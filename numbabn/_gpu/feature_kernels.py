@@ -97,8 +97,8 @@ from numba import cuda, float64, int32
 
 from .. import _cache, _core
 from .._config import GPU_JIT, GPU_MAX_THREADS, GPU_UNROLL
-from .._core import (DX_SCALE, DY_SHIFT, HI, INVSTD, M2, MEAN, NCOEFS, NSUMS, OFFSET, SCALE,
-                     SUM_DY, SUM_DY_XHI, SUM_XHI, VAR, XC_COEF)
+from .._core import (DX_SCALE, DY_SHIFT, HI, INVSTD, MEAN, NCOEFS, NSUMS, OFFSET, SCALE, SUM_DY,
+                     SUM_DY_XHI, SUM_XHI, VAR, XC_COEF)
 
 # The statistics core, compiled as device functions.
 shifted_moments = cuda.jit(device=True, **GPU_JIT)(_core.shifted_moments)
@@ -108,6 +108,8 @@ affine_coefs = cuda.jit(device=True, **GPU_JIT)(_core.affine_coefs)
 sum_dy_xmu_about = cuda.jit(device=True, **GPU_JIT)(_core.sum_dy_xmu_about)
 backward_coefs = cuda.jit(device=True, **GPU_JIT)(_core.backward_coefs)
 parameter_grads = cuda.jit(device=True, **GPU_JIT)(_core.parameter_grads)
+_imin = cuda.jit(device=True, **GPU_JIT)(_core.imin)
+store_statistics = cuda.jit(device=True, **GPU_JIT)(_core.store_statistics)
 
 # The float64 sums table: the core's rows, then sum(dy * (x - mean)) about the given mean.
 SUM_DY_XMU = NSUMS
@@ -224,12 +226,6 @@ def _flat_thread():
 
 
 @cuda.jit(device=True, **GPU_JIT)
-def _imin(a, b):
-    """Integer minimum (the ``min`` builtin is not used in kernels)."""
-    return a if a < b else b
-
-
-@cuda.jit(device=True, **GPU_JIT)
 def _chunk_count(k, chunk, total):
     """Values in chunk ``k`` of a feature, as float64."""
     return np.float64(_imin(chunk, total - k * chunk))
@@ -311,10 +307,7 @@ def _store_forward(c, n, mean, m2, eps, weight, bias, has_weight, has_bias, stat
     the CPU's ``_store_forward``, plus the results in the input's dtype."""
     var = m2 / n
     invstd = invstd_of(var, eps)
-    stats[MEAN, c] = mean
-    stats[INVSTD, c] = invstd
-    stats[VAR, c] = var
-    stats[M2, c] = m2
+    store_statistics(stats, c, mean, invstd, var, m2)
     coef[HI, c] = mean
     coef[SCALE, c], coef[OFFSET, c] = affine_coefs(
         mean, np.float64(coef[HI, c]), invstd, _param(weight, c, has_weight, 1.0),

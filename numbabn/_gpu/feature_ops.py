@@ -34,8 +34,9 @@ from numba import cuda
 
 from .. import _config as cfg
 from .. import _core
+from .._core import cdiv
 from . import feature_kernels as k
-from .runtime import Kernel, counters, dim3, scratch, small_result
+from .runtime import Kernel, check_threads, counters, dim3, scratch, small_result
 from .layout import row
 
 Geometry = namedtuple("Geometry", "items chunk total lanes reverse")
@@ -51,9 +52,6 @@ block ``b`` to place ``nblocks - 1 - b`` of the partition (a test hook,
 ``GPU_REVERSE_BLOCKS``; results are the same), else 0.
 """
 
-
-def _cdiv(a, b):
-    return -(-a // b)
 
 
 class _Plan:
@@ -74,25 +72,21 @@ class _Plan:
 
     def __init__(self, shape3, threads, items, tile_max, reverse):
         outer, nfeat, inner = shape3
-        if threads > k.GPU_MAX_THREADS or items % k.GPU_UNROLL:
-            raise ValueError(
-                f"GPU_THREADS ({threads}) must be at most GPU_MAX_THREADS ({k.GPU_MAX_THREADS}) "
-                f"and GPU_ITEMS_PER_THREAD ({items}) a multiple of GPU_UNROLL ({k.GPU_UNROLL}), "
-                f"the values the kernels were compiled with.")
+        check_threads(threads, items, k.GPU_UNROLL)
         self.nfeat = nfeat
         self.channels_last = inner == 1
         total = outer * inner
         if self.channels_last:
-            tile = _cdiv(nfeat, _cdiv(nfeat, tile_max))
+            tile = cdiv(nfeat, cdiv(nfeat, tile_max))
             rows = threads // tile
             block = (tile, rows)
             chunk = rows * items
-            self.nchunks = _cdiv(outer, chunk)
-            self.ncounters = _cdiv(nfeat, tile)
+            self.nchunks = cdiv(outer, chunk)
+            self.ncounters = cdiv(nfeat, tile)
         else:
             block = threads
             chunk = threads * items
-            self.nchunks = _cdiv(total, chunk)
+            self.nchunks = cdiv(total, chunk)
             self.ncounters = nfeat
         lanes = 1
         while lanes < min(self.nchunks, threads):
@@ -121,7 +115,7 @@ def _plan(shape3):
 @lru_cache(maxsize=256)
 def _per_feature_launch(nfeat, threads):
     """Grid and block of a kernel with one thread per feature."""
-    return dim3(_cdiv(nfeat, threads)), dim3(threads)
+    return dim3(cdiv(nfeat, threads)), dim3(threads)
 
 
 def _family(nchw, nc):

@@ -190,7 +190,7 @@ def copy_into(dst, src):
     device_dst, dst_start, dst_strides = _flat(dst)
     shape = tuple(int(n) for n in src.shape)
     threads = cfg.GPU_THREADS
-    blocks = max(1, min(-(-int(np.math.prod(shape)) // threads), cfg.GPU_COPY_MAX_BLOCKS))
+    blocks = max(1, min(-(-int(np.prod(shape)) // threads), cfg.GPU_COPY_MAX_BLOCKS))
     _COPY_STRIDED.launch(dim3(blocks), dim3(threads), device_src, src_start, src_strides,
                          device_dst, dst_start, dst_strides, shape)
 

@@ -39,12 +39,12 @@ from numba import cuda, float64
 
 from .. import _cache
 from .._config import GPU_JIT, GPU_MAX_THREADS
-from .._core import (CENTER, DX_SCALE, DY_SHIFT, HI, INVSTD, M2, MEAN, OFFSET, SCALE, VAR,
-                     XC_COEF, XHAT_OFFSET, XHAT_SCALE)
+from .._core import (CENTER, DX_SCALE, DY_SHIFT, HI, INVSTD, OFFSET, SCALE, XC_COEF, XHAT_OFFSET,
+                     XHAT_SCALE)
 
 # The statistics core, compiled once as device functions in numbabn._gpu.feature_kernels.
-from .feature_kernels import (affine_coefs, backward_coefs, chan_merge, invstd_of,
-                              shifted_moments, sum_dy_xmu_about)
+from .feature_kernels import (_imin, _tree_sum, affine_coefs, backward_coefs, chan_merge,
+                              invstd_of, shifted_moments, store_statistics, sum_dy_xmu_about)
 
 RowGeometry = namedtuple("RowGeometry", "chunk nch grad_rows nbpg")
 """``chunk`` values per block, ``nch`` chunks per row, ``grad_rows`` rows per
@@ -54,27 +54,6 @@ parameter block and ``nbpg`` parameter blocks per affine group."""
 # --------------------------------------------------------------------------- #
 # Device helpers
 # --------------------------------------------------------------------------- #
-@cuda.jit(device=True, **GPU_JIT)
-def _imin(a, b):
-    return a if a < b else b
-
-
-@cuda.jit(device=True, **GPU_JIT)
-def _tree_sum(sh, nsums, t, nthreads):
-    """Sum rows ``0 .. nsums-1`` of ``sh`` over the block (fixed tree); slot 0 gets the totals."""
-    half = 1
-    while half < nthreads:
-        half *= 2
-    half //= 2
-    while half > 0:
-        cuda.syncthreads()
-        if t < half and t + half < nthreads:
-            for q in range(nsums):
-                sh[q, t] += sh[q, t + half]
-        half //= 2
-    cuda.syncthreads()
-
-
 @cuda.jit(device=True, **GPU_JIT)
 def _value(x, n, g, f, K):
     m = f // K
@@ -117,7 +96,7 @@ def moments_partials(x, geom, p):
     sh = cuda.shared.array((2, GPU_MAX_THREADS), float64)
     sh[0, t] = s1
     sh[1, t] = s2
-    _tree_sum(sh, 2, t, nthreads)
+    _tree_sum(sh, 2, t, t, nthreads, 1)
     if t == 0:
         p[0, r, c], p[1, r, c] = shifted_moments(f1 - f0, pivot, sh[0, 0], sh[1, 0])
 
@@ -142,10 +121,7 @@ def merge_moments(p, geom, MK, eps, rms, coef, stats):
     else:
         center = mean
         invstd = invstd_of(var, eps)
-    stats[MEAN, r] = mean
-    stats[INVSTD, r] = invstd
-    stats[VAR, r] = var
-    stats[M2, r] = m2
+    store_statistics(stats, r, mean, invstd, var, m2)
     stats[CENTER, r] = center
     coef[HI, r] = center
     coef[SCALE, r], coef[OFFSET, r] = affine_coefs(center, np.float64(coef[HI, r]), invstd,
@@ -199,7 +175,7 @@ def backward_partials(dy, x, hi, weight, aff, geom, p):
     sh[0, t] = s1
     sh[1, t] = s2
     sh[2, t] = s3
-    _tree_sum(sh, 3, t, nthreads)
+    _tree_sum(sh, 3, t, t, nthreads, 1)
     if t == 0:
         p[0, r, c] = sh[0, 0]
         p[1, r, c] = sh[1, 0]

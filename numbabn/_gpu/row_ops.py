@@ -9,24 +9,32 @@ from numba import cuda
 
 from .. import _config as cfg
 from .. import _core
-from .._core import INVSTD, MEAN, NROWSTATS, VAR
+from . import row_kernels as k
+from .._core import INVSTD, MEAN, NROWSTATS, VAR, cdiv
 from .layout import _contiguous
-from .row_kernels import (RowGeometry, backward_partials, dx_pass, grad_partials, merge_backward,
-                          merge_grads, merge_moments, moments_partials, normalize, to_dtype)
+from .runtime import Kernel, check_threads, constant, dim3
 
+_MOMENTS_PARTIALS = Kernel(k.moments_partials)
+_MERGE_MOMENTS = Kernel(k.merge_moments)
+_NORMALIZE = Kernel(k.normalize)
+_BACKWARD_PARTIALS = Kernel(k.backward_partials)
+_MERGE_BACKWARD = Kernel(k.merge_backward)
+_DX_PASS = Kernel(k.dx_pass)
+_GRAD_PARTIALS = Kernel(k.grad_partials)
+_MERGE_GRADS = Kernel(k.merge_grads)
+_TO_DTYPE = Kernel(k.to_dtype)
 
-def _cdiv(a, b):
-    return -(-a // b)
 
 
 @lru_cache(maxsize=256)
 def _plan(shape4, gmod, threads, items, chunk_elems):
+    check_threads(threads, items)
     N, M, G, K = shape4
     reduced = M * K
     chunk = threads * items
     grad_rows = max(1, chunk_elems // reduced)
-    nbpg = _cdiv((N * G) // gmod, grad_rows)
-    return RowGeometry(chunk, _cdiv(reduced, chunk), grad_rows, nbpg)
+    nbpg = cdiv((N * G) // gmod, grad_rows)
+    return k.RowGeometry(chunk, cdiv(reduced, chunk), grad_rows, nbpg)
 
 
 def plan(shape4, aff):
@@ -35,19 +43,13 @@ def plan(shape4, aff):
 
 
 def _grid(n, threads):
-    return max(1, _cdiv(n, threads))
-
-
-@lru_cache(maxsize=64)
-def _constant(n, dtype, fill):
-    # Stands in for a missing weight or bias; kernels only read it.
-    return cuda.to_device(np.full(n, fill, dtype))
+    return dim3(max(1, cdiv(n, threads)))
 
 
 def _cast(v64, dtype):
     out = cuda.device_array(v64.shape[0], dtype)
     threads = cfg.GPU_THREADS
-    to_dtype[_grid(v64.shape[0], threads), threads](v64, out)
+    _TO_DTYPE.launch(_grid(v64.shape[0], threads), dim3(threads), v64, out)
     return out
 
 
@@ -58,15 +60,17 @@ def row_norm_train(x4, weight, bias, aff, eps, rms, y4):
     rows, MK = N * G, M * K
     geom = plan(x4.shape, aff)
     threads = cfg.GPU_THREADS
+    block = dim3(threads)
     nparams = aff.gmod * aff.arow
-    weight = _constant(nparams, dtype, 1) if weight is None else weight
-    bias = _constant(nparams, dtype, 0) if bias is None else bias
+    weight = constant(nparams, dtype, 1) if weight is None else weight
+    bias = constant(nparams, dtype, 0) if bias is None else bias
     p = cuda.device_array((2, rows, geom.nch))
     coef = cuda.device_array((_core.NCOEFS, rows), dtype)
     stats = cuda.device_array((NROWSTATS, rows))
-    moments_partials[rows * geom.nch, threads](x4, geom, p)
-    merge_moments[_grid(rows, threads), threads](p, geom, MK, float(eps), bool(rms), coef, stats)
-    normalize[rows * geom.nch, threads](x4, weight, bias, aff, coef, stats, geom, y4)
+    _MOMENTS_PARTIALS.launch(dim3(rows * geom.nch), block, x4, geom, p)
+    _MERGE_MOMENTS.launch(_grid(rows, threads), block, p, geom, MK, float(eps), bool(rms), coef,
+                         stats)
+    _NORMALIZE.launch(dim3(rows * geom.nch), block, x4, weight, bias, aff, coef, stats, geom, y4)
     return _cast(stats[MEAN], dtype), _cast(stats[INVSTD], dtype), stats[VAR]
 
 
@@ -77,23 +81,25 @@ def row_norm_backward(dy4, x4, mean, rstd, weight, aff, rms, want_grads, dx4):
     rows, MK = N * G, M * K
     geom = plan(x4.shape, aff)
     threads = cfg.GPU_THREADS
+    block = dim3(threads)
     nparams = aff.gmod * aff.arow
-    weight = _constant(nparams, dtype, 1) if weight is None else weight
-    hi = _constant(rows, dtype, 0) if mean is None else _as_dtype(mean, dtype)
+    weight = constant(nparams, dtype, 1) if weight is None else weight
+    hi = constant(rows, dtype, 0) if mean is None else _as_dtype(mean, dtype)
     rstd = _as_dtype(rstd, np.float64)
     p = cuda.device_array((3, rows, geom.nch))
     coef = cuda.device_array((_core.NCOEFS, rows), dtype)
     bstat = cuda.device_array((2, rows))
-    backward_partials[rows * geom.nch, threads](dy4, x4, hi, weight, aff, geom, p)
-    merge_backward[_grid(rows, threads), threads](p, geom, MK, hi, rstd, bool(rms), coef, bstat)
-    dx_pass[rows * geom.nch, threads](dy4, x4, weight, aff, coef, geom, dx4)
+    _BACKWARD_PARTIALS.launch(dim3(rows * geom.nch), block, dy4, x4, hi, weight, aff, geom, p)
+    _MERGE_BACKWARD.launch(_grid(rows, threads), block, p, geom, MK, hi, rstd, bool(rms), coef,
+                          bstat)
+    _DX_PASS.launch(dim3(rows * geom.nch), block, dy4, x4, weight, aff, coef, geom, dx4)
     if not want_grads:
         return None, None
     nblk = aff.gmod * geom.nbpg
     q = cuda.device_array((2, nblk, aff.arow))
     grads = cuda.device_array((2, nparams))
-    grad_partials[_grid(nblk * aff.arow, threads), threads](dy4, x4, aff, coef, bstat, geom, q)
-    merge_grads[_grid(nparams, threads), threads](q, geom, aff.arow, grads)
+    _GRAD_PARTIALS.launch(_grid(nblk * aff.arow, threads), block, dy4, x4, aff, coef, bstat, geom, q)
+    _MERGE_GRADS.launch(_grid(nparams, threads), block, q, geom, aff.arow, grads)
     return _cast(grads[0], dtype), _cast(grads[1], dtype)
 
 
@@ -107,6 +113,6 @@ def update_instance_running_stats(running_mean, running_var, mean, var, count, m
     """As the CPU's, through the host: the statistics are ``C`` values each."""
     rm, rv = running_mean.copy_to_host(), running_var.copy_to_host()
     _core.update_instance_running_stats(rm, rv, _contiguous(mean).copy_to_host(),
-                                            _contiguous(var).copy_to_host(), count, momentum)
+                                        _contiguous(var).copy_to_host(), count, momentum)
     running_mean.copy_to_device(rm)
     running_var.copy_to_device(rv)

@@ -165,6 +165,7 @@ class _PerContext(threading.local):
 _scratch = _PerContext()  # entry: [context, flat float64 buffer, {shape: view}]
 _slabs = _PerContext()  # entry: [context, uint8 slab, bytes handed out]
 _counters = _PerContext()  # entry: [context, int32 array of zeros]
+_constants = _PerContext()  # entry: [context, {(n, dtype, fill): device array}]
 
 _ALIGN = 256  # bytes; what cudaMalloc guarantees
 
@@ -232,9 +233,36 @@ def counters(n):
     return entry[1]
 
 
+def constant(n, dtype, fill):
+    """A device array of ``n`` values ``fill`` (a missing weight or bias: kernels
+    only read it), kept per thread and CUDA context."""
+    ctx, entry = _constants.get()
+    if entry is None:
+        entry = [ctx, {}]
+        _constants.by_context[id(ctx)] = entry
+    key = (int(n), np.dtype(dtype).str, fill)
+    array = entry[1].get(key)
+    if array is None:
+        if len(entry[1]) >= cfg.GPU_MAX_SCRATCH_VIEWS:
+            entry[1].clear()
+        array = entry[1][key] = cuda.to_device(np.full(int(n), fill, dtype))
+    return array
+
+
+def check_threads(threads, items, unroll=1):
+    """Refuse launch settings the kernels were not compiled for: their shared
+    memory holds ``GPU_MAX_THREADS`` slots per row."""
+    if threads > cfg.GPU_MAX_THREADS or items % unroll:
+        raise ValueError(
+            f"GPU_THREADS ({threads}) must be at most GPU_MAX_THREADS ({cfg.GPU_MAX_THREADS}) "
+            f"and GPU_ITEMS_PER_THREAD ({items}) a multiple of GPU_UNROLL ({unroll}), "
+            f"the values the kernels were compiled with.")
+
+
 def clear_scratch():
-    """Drop this thread's scratch buffers, result slabs and counters (their
-    memory goes when nothing uses it)."""
+    """Drop this thread's scratch buffers, result slabs, counters and constants
+    (their memory goes when nothing uses it)."""
+    _constants.by_context.clear()
     _scratch.by_context.clear()
     _slabs.by_context.clear()
     _counters.by_context.clear()

@@ -293,7 +293,7 @@ class SyncBatchNorm(_BatchNorm):
         name = type(self).__name__
         if mean is None:  # eval-mode forward (or none at all): local
             _check.grad_output(dy, name, y_shape, self.dtype)
-            dx, dweight, dbias = self._eval_backward(dy, x)
+            dx, dweight, dbias = self._backward_eval(dy, x)  # constants: no communication
         else:
             dx, dweight, dbias = _sync_backward(
                 dy, x, mean, invstd, self.weight, 1, None, self.comm,
@@ -303,18 +303,6 @@ class SyncBatchNorm(_BatchNorm):
             if "bias" in self.grads:
                 self.grads["bias"][...] = dbias
         return dx if input_grad else None
-
-    def _eval_backward(self, dy, x):
-        """Gradients of ``(x - running_mean) * invstd * weight + bias`` (constants: no
-        communication)."""
-        zeros = np.zeros(self.num_features, self.dtype)
-        dx = F.normalize(dy, zeros, self.running_var, self.weight, None, self.eps)
-        if not self.affine:
-            return dx, None, None
-        axes = tuple(a for a in range(x.ndim) if a != 1)
-        xhat = F.normalize(x, self.running_mean, self.running_var, None, None, self.eps)
-        dweight = np.sum(dy * xhat, axis=axes, dtype=np.float64).astype(self.dtype)
-        return dx, dweight, np.sum(dy, axis=axes, dtype=np.float64).astype(self.dtype)
 
     def extra_repr(self):
         return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
