@@ -272,7 +272,7 @@ def test_uncaught_exception_on_one_rank_aborts_the_job(tmp_path):
     assert "[rank 1/2] RuntimeError: rank 1 fails on purpose" in done.stderr + done.stdout
 
 
-CLI = ["-m", "numbabn.mnist.train", "--distributed", "--model", "mlp", "--limit-train", "600",
+CLI = ["-m", "numbabn.mnist.cli", "--distributed", "--model", "mlp", "--limit-train", "600",
        "--no-progress"]
 
 
@@ -280,7 +280,8 @@ CLI = ["-m", "numbabn.mnist.train", "--distributed", "--model", "mlp", "--limit-
 def test_cli_ctrl_c_ends_the_job_and_resume_finishes_it(tmp_path):
     from numbabn.mnist.checkpoint import load_checkpoint
     from numbabn.mnist.data import load_mnist
-    from numbabn.mnist.train import Trainer, build_parser, config_from_args, evaluate
+    from numbabn.mnist.options import build_parser, config_from_args
+    from numbabn.mnist.train import Trainer, evaluate
 
     out = tmp_path / "run"
     args = [*CLI, "--out", str(out)]

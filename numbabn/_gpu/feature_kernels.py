@@ -317,40 +317,62 @@ def _store_forward(c, n, mean, m2, eps, weight, bias, has_weight, has_bias, stat
     coef[X_VAR, c] = var
 
 
+def _merge_partials_kernel(accumulate, lanes, store):
+    """A device function that reduces the per-chunk partials of features
+    ``c0 .. c0+nf-1`` and stores each feature's result, the whole block taking
+    part.  Per feature, as ``geom.lanes`` threads would: lane ``t`` folds chunks
+    ``t, t + lanes, ...`` in order with ``accumulate`` (three float64 values),
+    then ``lanes`` (a fixed tree over the lanes, :func:`_lanes_chan` or
+    :func:`_lanes_sum`); features go side by side, as many as the block's
+    threads hold lanes for.  ``store(c, a, b, e, geom, args)`` writes a
+    feature's results; ``args`` is a tuple of whatever it needs."""
+
+    @cuda.jit(device=True, **GPU_JIT)
+    def merge(sh, partials, c0, nf, geom, args):
+        tid, nthreads = _flat_thread()
+        nlanes = geom.lanes
+        nchunks = partials.shape[1]
+        group = nthreads // nlanes
+        if group < 1:
+            group = 1
+        for f0 in range(0, nf, group):
+            nslots = _imin(group, nf - f0) * nlanes
+            for s in range(tid, nslots, nthreads):
+                f = s // nlanes
+                c = c0 + f0 + f
+                a = 0.0
+                b = 0.0
+                e = 0.0
+                for k in range(s - f * nlanes, nchunks, nlanes):
+                    a, b, e = accumulate(a, b, e, partials, k, c, geom)
+                sh[0, s] = a
+                sh[1, s] = b
+                sh[2, s] = e
+            lanes(sh, nslots, nlanes, tid, nthreads)
+            for f in range(tid, nslots // nlanes, nthreads):
+                s = f * nlanes
+                store(c0 + f0 + f, sh[0, s], sh[1, s], sh[2, s], geom, args)
+            cuda.syncthreads()
+
+    return merge
+
+
 @cuda.jit(device=True, **GPU_JIT)
-def _merge_moments(sh, partials, c0, nf, geom, weight, bias, has_weight, has_bias, eps, stats,
-                   coef):
-    """Merge the chunk moments of features ``c0 .. c0+nf-1`` and fill ``stats``
-    and ``coef``, the whole block taking part.  Per feature, as ``geom.lanes``
-    threads would: lane ``t`` Chan-merges chunks ``t, t + lanes, ...`` in
-    order, then a fixed tree over the lanes (:func:`_lanes_chan`); features go
-    side by side, as many as the block's threads hold lanes for."""
-    tid, nthreads = _flat_thread()
-    nlanes = geom.lanes
-    nchunks = partials.shape[1]
-    group = nthreads // nlanes
-    if group < 1:
-        group = 1
-    for f0 in range(0, nf, group):
-        nslots = _imin(group, nf - f0) * nlanes
-        for s in range(tid, nslots, nthreads):
-            f = s // nlanes
-            c = c0 + f0 + f
-            n = 0.0
-            mean = 0.0
-            m2 = 0.0
-            for k in range(s - f * nlanes, nchunks, nlanes):
-                n, mean, m2 = chan_merge(n, mean, m2, _chunk_count(k, geom.chunk, geom.total),
-                                         partials[0, k, c], partials[1, k, c])
-            sh[0, s] = n
-            sh[1, s] = mean
-            sh[2, s] = m2
-        _lanes_chan(sh, nslots, nlanes, tid, nthreads)
-        for f in range(tid, nslots // nlanes, nthreads):
-            s = f * nlanes
-            _store_forward(c0 + f0 + f, sh[0, s], sh[1, s], sh[2, s], eps, weight, bias,
-                           has_weight, has_bias, stats, coef)
-        cuda.syncthreads()
+def _chan_chunk(n, mean, m2, partials, k, c, geom):
+    """Chan-merge chunk ``k``'s moments of feature ``c`` into ``(n, mean, m2)``."""
+    return chan_merge(n, mean, m2, _chunk_count(k, geom.chunk, geom.total),
+                      partials[0, k, c], partials[1, k, c])
+
+
+@cuda.jit(device=True, **GPU_JIT)
+def _store_moments(c, n, mean, m2, geom, args):
+    weight, bias, has_weight, has_bias, eps, stats, coef = args
+    _store_forward(c, n, mean, m2, eps, weight, bias, has_weight, has_bias, stats, coef)
+
+
+_merge_moments = _merge_partials_kernel(_chan_chunk, _lanes_chan, _store_moments)
+"""Merge the chunk moments of features ``c0 .. c0+nf-1`` and fill ``stats`` and
+``coef`` (``args``: ``weight, bias, has_weight, has_bias, eps, stats, coef``)."""
 
 
 @cuda.jit(**GPU_JIT)
@@ -394,8 +416,8 @@ def moments_nchw(x, weight, bias, has_weight, has_bias, eps, partials, counters,
         partials[0, k, c], partials[1, k, c] = shifted_moments(
             np.float64(stop - start), pivot, sh[0, 0], sh[1, 0])
     if _last_block(counters, c, nchunks):
-        _merge_moments(sh, partials, c, 1, geom, weight, bias, has_weight, has_bias, eps, stats,
-                       coef)
+        _merge_moments(sh, partials, c, 1, geom,
+                       (weight, bias, has_weight, has_bias, eps, stats, coef))
 
 
 @cuda.jit(**GPU_JIT)
@@ -432,8 +454,8 @@ def moments_nc(x, weight, bias, has_weight, has_bias, eps, partials, counters, s
             np.float64(r1 - r0), pivot, sh[0, slot], sh[1, slot])
     if _last_block(counters, tile, partials.shape[1]):
         c0 = tile * cuda.blockDim.x
-        _merge_moments(sh, partials, c0, _imin(cuda.blockDim.x, nfeat - c0), geom, weight, bias,
-                       has_weight, has_bias, eps, stats, coef)
+        _merge_moments(sh, partials, c0, _imin(cuda.blockDim.x, nfeat - c0), geom,
+                       (weight, bias, has_weight, has_bias, eps, stats, coef))
 
 
 # --------------------------------------------------------------------------- #
@@ -618,8 +640,8 @@ def backward_sums_nchw(dy, x, mean, y, masked, invstd, weight, has_weight, write
         for q in range(NSUMS):
             partials[q, k, c] = sh[q, 0]
     if _last_block(counters, c, nchunks):
-        _merge_backward_sums(sh, partials, c, 1, geom, mean, invstd, weight, has_weight,
-                             write_coefs, sums, coef)
+        _merge_backward_sums(sh, partials, c, 1, geom,
+                             (mean, invstd, weight, has_weight, write_coefs, sums, coef))
 
 
 @cuda.jit(**GPU_JIT)
@@ -670,8 +692,8 @@ def backward_sums_nc(dy, x, mean, y, masked, invstd, weight, has_weight, write_c
             partials[q, rb, c] = sh[q, slot]
     if _last_block(counters, tile, partials.shape[1]):
         c0 = tile * cuda.blockDim.x
-        _merge_backward_sums(sh, partials, c0, _imin(cuda.blockDim.x, nfeat - c0), geom, mean,
-                             invstd, weight, has_weight, write_coefs, sums, coef)
+        _merge_backward_sums(sh, partials, c0, _imin(cuda.blockDim.x, nfeat - c0), geom,
+                             (mean, invstd, weight, has_weight, write_coefs, sums, coef))
 
 
 @cuda.jit(device=True, **GPU_JIT)
@@ -707,39 +729,28 @@ def _store_sums(c, sdy, sdyxhi, sxhi, geom, mean, invstd, weight, has_weight, wr
 
 
 @cuda.jit(device=True, **GPU_JIT)
-def _merge_backward_sums(sh, partials, c0, nf, geom, mean, invstd, weight, has_weight,
-                         write_coefs, sums, coef):
-    """Add up the block sums of features ``c0 .. c0+nf-1`` and store them
-    (:func:`_store_sums`), the whole block taking part.  Per feature, as
-    ``geom.lanes`` threads would: lane ``t`` adds chunks ``t, t + lanes, ...``
-    in order, then a fixed tree over the lanes (:func:`_lanes_sum`)."""
-    tid, nthreads = _flat_thread()
-    nlanes = geom.lanes
-    nchunks = partials.shape[1]
-    group = nthreads // nlanes
-    if group < 1:
-        group = 1
-    for f0 in range(0, nf, group):
-        nslots = _imin(group, nf - f0) * nlanes
-        for s in range(tid, nslots, nthreads):
-            f = s // nlanes
-            c = c0 + f0 + f
-            sdy = 0.0
-            sdyxhi = 0.0
-            sxhi = 0.0
-            for k in range(s - f * nlanes, nchunks, nlanes):
-                sdy += partials[SUM_DY, k, c]
-                sdyxhi += partials[SUM_DY_XHI, k, c]
-                sxhi += partials[SUM_XHI, k, c]
-            sh[SUM_DY, s] = sdy
-            sh[SUM_DY_XHI, s] = sdyxhi
-            sh[SUM_XHI, s] = sxhi
-        _lanes_sum(sh, NSUMS, nslots, nlanes, tid, nthreads)
-        for f in range(tid, nslots // nlanes, nthreads):
-            s = f * nlanes
-            _store_sums(c0 + f0 + f, sh[SUM_DY, s], sh[SUM_DY_XHI, s], sh[SUM_XHI, s], geom,
-                        mean, invstd, weight, has_weight, write_coefs, sums, coef)
-        cuda.syncthreads()
+def _add_chunk_sums(sdy, sdyxhi, sxhi, partials, k, c, geom):
+    """Add chunk ``k``'s three backward sums of feature ``c``."""
+    return (sdy + partials[SUM_DY, k, c], sdyxhi + partials[SUM_DY_XHI, k, c],
+            sxhi + partials[SUM_XHI, k, c])
+
+
+@cuda.jit(device=True, **GPU_JIT)
+def _lanes_sums(sh, nslots, nlanes, tid, nthreads):
+    _lanes_sum(sh, NSUMS, nslots, nlanes, tid, nthreads)
+
+
+@cuda.jit(device=True, **GPU_JIT)
+def _store_backward_sums(c, sdy, sdyxhi, sxhi, geom, args):
+    mean, invstd, weight, has_weight, write_coefs, sums, coef = args
+    _store_sums(c, sdy, sdyxhi, sxhi, geom, mean, invstd, weight, has_weight, write_coefs, sums,
+                coef)
+
+
+_merge_backward_sums = _merge_partials_kernel(_add_chunk_sums, _lanes_sums, _store_backward_sums)
+"""Add up the block sums of features ``c0 .. c0+nf-1`` and store them
+(:func:`_store_sums`; ``args``: ``mean, invstd, weight, has_weight, write_coefs,
+sums, coef``)."""
 
 
 # --------------------------------------------------------------------------- #

@@ -14,7 +14,7 @@ import time
 
 from common import emit, synthetic_data, world
 
-from numbabn.distributed import trainer as dist
+from numbabn.mnist import distributed as dist
 from numbabn.mnist.train import TrainConfig
 
 CONFIG = TrainConfig(model="cnn", batch_size=16, limit_train=96, seed=5)
