@@ -147,6 +147,37 @@ Affine = namedtuple("Affine", "gmod arow adiv")
 
 
 # --------------------------------------------------------------------------- #
+# Table writers built from a backend's compiled core functions
+# --------------------------------------------------------------------------- #
+def row_forward_writer(compile, invstd_of, affine_coefs, store_statistics, as_float64):
+    """The per-row "statistics and coefficients" step of the family's forward,
+    compiled by ``compile`` (``njit(...)`` or ``cuda.jit(device=True, ...)``)
+    from that backend's compiled ``invstd_of``, ``affine_coefs`` and
+    ``store_statistics``; ``as_float64`` is ``numpy.float64``.
+
+    ``store(r, cnt, mean, m2, eps, rms, coef, stats)`` writes row ``r``'s
+    statistics and centre (the mean, or 0 for RMSNorm, whose "variance" is the
+    mean square) and the coefficients of ``xhat = (x - HI) * SCALE + OFFSET``,
+    ``HI`` the centre rounded to the table's dtype."""
+
+    def store(r, cnt, mean, m2, eps, rms, coef, stats):
+        var = m2 / cnt
+        if rms:
+            center = 0.0
+            invstd = invstd_of(var + mean * mean, eps)
+        else:
+            center = mean
+            invstd = invstd_of(var, eps)
+        store_statistics(stats, r, mean, invstd, var, m2)
+        stats[CENTER, r] = center
+        coef[HI, r] = center
+        coef[SCALE, r], coef[OFFSET, r] = affine_coefs(center, as_float64(coef[HI, r]), invstd,
+                                                       1.0, 0.0)
+
+    return compile(store)
+
+
+# --------------------------------------------------------------------------- #
 # Host side, both backends: NumPy, not compiled
 # --------------------------------------------------------------------------- #
 def update_instance_running_stats(running_mean, running_var, mean, var, count, momentum):

@@ -102,13 +102,23 @@ def worker(name, batch_size, steps):
     else:
         prefer_passive_waiting()
         step = numbabn_step(model, Adam(model.params, lr=1e-3))
-    if name == "numbabn-blas":  # the convolutions and linear layers without the register tiles
-        from numbabn import _config
-        _config.CONV_DIRECT = False
-        _config.LINEAR_DIRECT_MIN_MACS = None
+    _force_path(name)
     for x, y in batches[:3]:
         step(x, y)
     return steps * batch_size / time_steps(step, batches)
+
+
+def _force_path(name):
+    """``numbabn-blas``: every convolution and linear layer on im2col + BLAS;
+    ``numbabn-tiles``: on the register tiles even where they do not fit the
+    host (AVX2: each 16-float vector split in two, 24 accumulators spilling)."""
+    if name == "numbabn-blas":
+        from numbabn import _config
+        _config.CONV_DIRECT = False
+        _config.LINEAR_DIRECT_MIN_MACS = None
+    elif name == "numbabn-tiles":
+        from numbabn.kit._kernels import tiles
+        tiles.DIRECT_CONV_CPU = True
 
 
 def profile_numbabn(model, opt, batches):
@@ -189,6 +199,7 @@ def profile_worker(name, batch_size, steps):
         times = profile_pytorch(torch_model_like(model), batches)
     else:
         prefer_passive_waiting()
+        _force_path(name)
         times = profile_numbabn(model, Adam(model.params, lr=1e-3), batches)
     return {k: 1e3 * statistics.median(v[3:]) for k, v in times.items()}
 
@@ -250,10 +261,12 @@ def main(argv=None):
     parser.add_argument("--no-torch", action="store_true", help="time numbabn only")
     parser.add_argument("--profile", action="store_true",
                         help="time each layer's forward and backward, the loss and the optimizer")
-    parser.add_argument("--blas", action="store_true",
-                        help="also time numbabn with every convolution and linear layer on im2col + "
-                             "BLAS (numbabn-blas), the path taken where the register tiles do not fit")
-    parser.add_argument("--worker", choices=["numbabn", "numbabn-blas", "pytorch"], help=argparse.SUPPRESS)
+    parser.add_argument("--both-paths", action="store_true",
+                        help="also time numbabn on the path of convolutions and linear layers the "
+                             "host does not choose: im2col + BLAS (numbabn-blas) where the register "
+                             "tiles are chosen, the tiles (numbabn-tiles) where they are not")
+    parser.add_argument("--worker", choices=["numbabn", "numbabn-blas", "numbabn-tiles", "pytorch"],
+                        help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         if args.profile:
@@ -265,7 +278,9 @@ def main(argv=None):
         print_profile(args)
         return
 
-    names = ["numbabn"] + (["numbabn-blas"] if args.blas else [])
+    from numbabn.kit._kernels import tiles
+    other = "numbabn-blas" if tiles.DIRECT_CONV_CPU else "numbabn-tiles"
+    names = ["numbabn"] + ([other] if args.both_paths else [])
     if not args.no_torch:
         check_same_model(args.batch_size)
         names.insert(0, "pytorch")

@@ -60,7 +60,7 @@ from collections import namedtuple
 import numpy as np
 from numba import njit, prange
 
-from .. import _cache
+from .. import _cache, _core
 from .._config import CPU_JIT, CPU_JIT_PARALLEL, CPU_JIT_STRICT
 from .._core import (CENTER, DX_SCALE, DY_SHIFT, HI, INVSTD, OFFSET, SCALE, XC_COEF, XHAT_OFFSET,
                      XHAT_SCALE)
@@ -175,21 +175,9 @@ def _merge_chunk_moments(p, r, geom, M, K):
     return cnt, mean, m2
 
 
-@njit(**CPU_JIT_STRICT)
-def _store_forward(r, cnt, mean, m2, eps, rms, coef, stats):
-    """The row's statistics and the coefficients of ``xhat = (x - HI) * SCALE + OFFSET``."""
-    var = m2 / cnt
-    if rms:
-        center = 0.0
-        invstd = invstd_of(var + mean * mean, eps)
-    else:
-        center = mean
-        invstd = invstd_of(var, eps)
-    store_statistics(stats, r, mean, invstd, var, m2)
-    stats[CENTER, r] = center
-    coef[HI, r] = center
-    coef[SCALE, r], coef[OFFSET, r] = affine_coefs(center, np.float64(coef[HI, r]), invstd,
-                                                   1.0, 0.0)
+_store_forward = _core.row_forward_writer(njit(**CPU_JIT_STRICT), invstd_of, affine_coefs,
+                                          store_statistics, np.float64)
+"""Row ``r``'s statistics and the coefficients of ``xhat = (x - HI) * SCALE + OFFSET``."""
 
 
 @njit(**CPU_JIT_STRICT)

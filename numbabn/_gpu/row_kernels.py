@@ -37,7 +37,7 @@ from collections import namedtuple
 import numpy as np
 from numba import cuda, float64
 
-from .. import _cache
+from .. import _cache, _core
 from .._config import GPU_JIT, GPU_MAX_THREADS
 from .._core import (CENTER, DX_SCALE, DY_SHIFT, HI, INVSTD, OFFSET, SCALE, XC_COEF, XHAT_OFFSET,
                      XHAT_SCALE)
@@ -49,6 +49,11 @@ from .feature_kernels import (_imin, _tree_sum, affine_coefs, backward_coefs, ch
 RowGeometry = namedtuple("RowGeometry", "chunk nch grad_rows nbpg")
 """``chunk`` values per block, ``nch`` chunks per row, ``grad_rows`` rows per
 parameter block and ``nbpg`` parameter blocks per affine group."""
+
+
+_store_forward = _core.row_forward_writer(cuda.jit(device=True, **GPU_JIT), invstd_of,
+                                          affine_coefs, store_statistics, np.float64)
+"""Row ``r``'s statistics and coefficients: the CPU's ``_store_forward``, compiled here."""
 
 
 # --------------------------------------------------------------------------- #
@@ -114,18 +119,7 @@ def merge_moments(p, geom, MK, eps, rms, coef, stats):
     for c in range(geom.nch):
         nb = np.float64(_imin(geom.chunk, MK - c * geom.chunk))
         cnt, mean, m2 = chan_merge(cnt, mean, m2, nb, p[0, r, c], p[1, r, c])
-    var = m2 / cnt
-    if rms:
-        center = 0.0
-        invstd = invstd_of(var + mean * mean, eps)
-    else:
-        center = mean
-        invstd = invstd_of(var, eps)
-    store_statistics(stats, r, mean, invstd, var, m2)
-    stats[CENTER, r] = center
-    coef[HI, r] = center
-    coef[SCALE, r], coef[OFFSET, r] = affine_coefs(center, np.float64(coef[HI, r]), invstd,
-                                                   1.0, 0.0)
+    _store_forward(r, cnt, mean, m2, eps, rms, coef, stats)
 
 
 @cuda.jit(**GPU_JIT)
