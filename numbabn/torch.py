@@ -61,10 +61,10 @@ def _gpu_available() -> bool:
     the simulator (which cannot read PyTorch's device memory)."""
     if not _GPU_OK:
         try:
+            import numba
             from numba import cuda
-            from numba.core import config
 
-            ok = (not config.ENABLE_CUDASIM) and cuda.is_available()
+            ok = (not numba.config.ENABLE_CUDASIM) and cuda.is_available()
         except Exception:  # noqa: BLE001 - any failure means: use stock PyTorch
             ok = False
         _GPU_OK.append(ok)
