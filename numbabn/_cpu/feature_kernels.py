@@ -110,7 +110,7 @@ def _accumulate(total, part, width):
 # match (:func:`_nc_table`), with no per-row loop overhead.  One thread,
 # (100352, 64) float32, normalize: 1.1 ms against 1.7-2.2 ms per row (the copy
 # 0.8 ms).  Each value's arithmetic is unchanged, so results do not depend on
-# addresses (tests/test_alignment.py).  Reductions are never split this way
+# addresses (tests/cpu/test_alignment.py).  Reductions are never split this way
 # where their vector lanes run along a feature (NCHW sums): the lanes, hence the
 # rounding, would depend on where the data lives.  NCHW elementwise runs are not
 # split either: measured no faster (64x64x56x56 streams from memory at the same

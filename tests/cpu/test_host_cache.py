@@ -2,13 +2,18 @@
 the kernel guard.  Same bits and output strides as the general path, the same
 errors (before anything is modified), tunables and thread count read per call."""
 
+import sys
 import warnings
+from pathlib import Path
 
 import numba
 import numpy as np
 import pytest
-from test_validation import CASES as BAD_CASES
-from test_validation import _args, _call, assert_refused_unchanged
+
+# The bad-input cases of tests/core/test_validation.py (importable however this file is run).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "core"))
+from test_validation import CASES as BAD_CASES  # noqa: E402
+from test_validation import _args, _call, assert_refused_unchanged  # noqa: E402
 
 import numbabn as nb
 from numbabn import _config

@@ -32,8 +32,12 @@ from numbabn import functional as F
 
 cuda = pytest.importorskip("numba.cuda")
 GPU = cuda.is_available()
-BACKENDS = ["cpu", pytest.param("gpu", marks=pytest.mark.skipif(
-    not GPU, reason="no CUDA GPU, and NUMBA_ENABLE_CUDASIM is off"))]
+NEEDS_GPU = pytest.mark.skipif(not GPU, reason="no CUDA GPU, and NUMBA_ENABLE_CUDASIM is off")
+BACKENDS = ["cpu", pytest.param("gpu", marks=NEEDS_GPU)]
+# Under the simulator a GPU call costs 0.2 to 0.5 s: the quick loop (``-m "not slow"``)
+# runs the GPU on the dense and NHWC cases; the NCHW family (NCHW, 3d, 5d) on the GPU
+# is slow (CI runs it; the quick loop still runs those cases on the CPU).
+QUICK_GPU_CASES = {"dense", "NHWC"}
 
 CASES = {
     "dense": ((14, 3), 1),
@@ -283,13 +287,32 @@ def results(name, variant, case, dtype_id, backend):
     return {key: (host(v), kind(v)) for key, v in call(name, variant, d, backend).items()}
 
 
-MATRIX = [pytest.param(name, variant, case, dt,
-                       id=f"{name}-{variant}-{case}-{dt}".replace("--", "-"))
+def _matrix_id(name, variant, case, dt):
+    return f"{name}-{variant}-{case}-{dt}".replace("--", "-")
+
+
+def _on_backends(cases, slow_on_gpu):
+    """``{id: values}`` crossed with the backends, as ``pytest.param(*values, backend)``
+    with the ids stacked parametrizations would give (``<id>-cpu``, ``<id>-gpu``); the
+    GPU half of the cases in ``slow_on_gpu`` is marked slow."""
+    return [pytest.param(*values, backend, id=f"{cid}-{backend}",
+                         marks=[] if backend == "cpu" else
+                         [NEEDS_GPU] + ([pytest.mark.slow] if cid in slow_on_gpu else []))
+            for backend in ("cpu", "gpu") for cid, values in cases.items()]
+
+
+# Every (call, case, dtype); the slow marks are for the GPU: the CPU half of the
+# reference test drops them.
+MATRIX = [pytest.param(name, variant, case, dt, id=_matrix_id(name, variant, case, dt),
+                       marks=[] if case in QUICK_GPU_CASES else [pytest.mark.slow])
           for name, variant in CALLS for case in CASES for dt in DTYPES]
+MATRIX_ON_BACKENDS = [
+    pytest.param(*p.values, backend, id=f"{p.id}-{backend}",
+                 marks=[] if backend == "cpu" else [NEEDS_GPU, *p.marks])
+    for backend in ("cpu", "gpu") for p in MATRIX]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("name, variant, case, dtype_id", MATRIX)
+@pytest.mark.parametrize("name, variant, case, dtype_id, backend", MATRIX_ON_BACKENDS)
 def test_against_float64_reference(name, variant, case, dtype_id, backend):
     d = data(case, DTYPES[dtype_id])
     got = results(name, variant, case, dtype_id, backend)
@@ -311,7 +334,7 @@ def test_against_float64_reference(name, variant, case, dtype_id, backend):
         assert k == (None if value is None else want), f"{backend} {name} {key}: {k}"
 
 
-@pytest.mark.skipif(not GPU, reason="no CUDA GPU, and NUMBA_ENABLE_CUDASIM is off")
+@NEEDS_GPU
 @pytest.mark.parametrize("name, variant, case, dtype_id", MATRIX)
 def test_cpu_and_gpu_agree(name, variant, case, dtype_id):
     cpu = results(name, variant, case, dtype_id, "cpu")
@@ -331,9 +354,9 @@ def test_cpu_and_gpu_agree(name, variant, case, dtype_id):
 # --------------------------------------------------------------------------- #
 # The split primitives give the fused operations' results
 # --------------------------------------------------------------------------- #
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype_id", list(DTYPES))
-@pytest.mark.parametrize("case", ["NCHW", "NHWC"])
+@pytest.mark.parametrize("case, dtype_id, backend", _on_backends(
+    {f"{case}-{dt}": (case, dt) for dt in DTYPES for case in ("NCHW", "NHWC")},
+    slow_on_gpu={"NCHW-f32", "NCHW-f64"}))
 def test_split_primitives_compose_to_the_fused_operations(case, dtype_id, backend):
     """batch_moments -> batch_norm_elemt gives batch_norm_train's y; and
     batch_norm_backward_reduce -> batch_norm_backward_elemt its backward's dx."""
@@ -383,9 +406,9 @@ def _rel(got, ref):
     return np.abs(got - ref).max() / np.abs(ref).max()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("shape, axis", [((6, 2, 50), 1), ((150, 2), 1), ((3, 5, 4, 2), -1)],
-                         ids=["NCL", "NC", "NHWC"])
+@pytest.mark.parametrize("shape, axis, backend", _on_backends(
+    {"NCL": ((6, 2, 50), 1), "NC": ((150, 2), 1), "NHWC": ((3, 5, 4, 2), -1)},
+    slow_on_gpu={"NCL", "NC"}))  # 10 s and 5 s on the simulator
 def test_large_mean_tiny_spread_float32(shape, axis, backend):
     """``1e4 + 1e-2 * randn`` in float32: within 1e-6 of float64 on the same values."""
     rng = np.random.default_rng(20)

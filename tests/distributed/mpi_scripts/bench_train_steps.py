@@ -1,7 +1,7 @@
 """Trainer throughput, one process against N (not a test; run by hand):
 
-    python tests/mpi_scripts/bench_train_steps.py                       # one process
-    mpiexec -n 2 python tests/mpi_scripts/bench_train_steps.py          # two, data parallel
+    python tests/distributed/mpi_scripts/bench_train_steps.py                       # one process
+    mpiexec -n 2 python tests/distributed/mpi_scripts/bench_train_steps.py          # two, data parallel
 
 The cnn (its defaults: dropout, shifts, Adam) on the shipped MNIST, global batch
 128, STEPS steps after 3 warm-up steps; prints the median and the fastest step

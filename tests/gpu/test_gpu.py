@@ -31,6 +31,7 @@ if not cuda.is_available():
     pytest.skip("no CUDA GPU, and NUMBA_ENABLE_CUDASIM is off", allow_module_level=True)
 
 SIMULATOR = bool(int(os.environ.get("NUMBA_ENABLE_CUDASIM", "0") or 0))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
 
 # (shape, axis): NCHW-like with several blocks per feature and a 1-value last
 # block, channels-last NHWC, dense (N, C) over two feature tiles, 3-D (N, C, L).
@@ -42,6 +43,12 @@ CASES = [
 ]
 DTYPES = [np.float32, np.float64]
 TOL = {np.float32: 3e-5, np.float64: 1e-11}
+
+
+def slow(case):
+    """``case`` marked slow: NCL's several blocks per feature take seconds per call
+    under the simulator; the quick loop (``-m "not slow"``) keeps the smaller cases."""
+    return pytest.param(*case.values, id=case.id, marks=[*case.marks, pytest.mark.slow])
 
 
 @pytest.fixture(autouse=True)
@@ -108,7 +115,7 @@ def make(shape, axis, dtype, seed=0, loc=1.0, spread=3.0):
 # Agreement with the CPU path and the reference
 # --------------------------------------------------------------------------- #
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape, axis", CASES)
+@pytest.mark.parametrize("shape, axis", [slow(CASES[0]), *CASES[1:]])
 def test_train_backward_stats_match_cpu_and_reference(shape, axis, dtype):
     x, dy, w, b = make(shape, axis, dtype)
     y, mean, invstd = numbabn.batch_norm_train(dev(x), dev(w), dev(b), eps=1e-3, axis=axis)
@@ -135,7 +142,7 @@ def test_train_backward_stats_match_cpu_and_reference(shape, axis, dtype):
     close(to_host(v), rvar, dtype, "batch_stats var")
 
 
-@pytest.mark.parametrize("shape, axis", [CASES[0], CASES[2]])
+@pytest.mark.parametrize("shape, axis", [slow(CASES[0]), CASES[2]])
 def test_train_and_backward_out(shape, axis):
     """``out=`` on the device: a separate array, ``x`` itself, and ``dy`` itself."""
     dtype = np.float32
@@ -293,7 +300,8 @@ def test_bad_inputs_same_errors_and_nothing_changes(case):
 # --------------------------------------------------------------------------- #
 # Numerics and reproducibility
 # --------------------------------------------------------------------------- #
-@pytest.mark.parametrize("shape, axis", [((6, 2, 50), 1), ((150, 2), 1)], ids=["NCL", "NC"])
+@pytest.mark.parametrize("shape, axis", [slow(pytest.param((6, 2, 50), 1, id="NCL")),
+                                         pytest.param((150, 2), 1, id="NC")])
 @pytest.mark.parametrize("loc, spread", [(1e4, 1e-2), (1e6, 1.0)])
 def test_ill_conditioned_float32(shape, axis, loc, spread):
     x = make(shape, axis, np.float32, seed=8, loc=loc, spread=spread)[0]
@@ -343,7 +351,8 @@ def test_out_overlapping_an_input_goes_through_a_temporary():
     close(to_host(base)[1:], dx_ref, dtype, "backward into dy shifted by a row")
 
 
-@pytest.mark.parametrize("shape", [(5, 3, 13), (21, 5, 1)], ids=["NCL", "NC"])
+@pytest.mark.parametrize("shape", [slow(pytest.param((5, 3, 13), id="NCL")),
+                                   pytest.param((21, 5, 1), id="NC")])
 def test_fused_relu_is_relu_of_the_plain_operations_bit_for_bit(shape):
     """The GPU twins of the CPU's fused batch-norm + ReLU ops (``relu=True``,
     ``y3``): the forward is ``where(y < 0, 0, y)`` of the plain forward (NaN and
@@ -393,7 +402,7 @@ def test_nan_stays_in_its_channel():
         assert np.isnan(vec[1]) and np.isfinite(vec[[0, 2]]).all()
 
 
-@pytest.mark.parametrize("shape, axis", [CASES[0], CASES[1]])
+@pytest.mark.parametrize("shape, axis", [slow(CASES[0]), CASES[1]])
 def test_bitwise_deterministic(shape, axis):
     x, dy, w, b = make(shape, axis, np.float32, seed=10)
 
@@ -408,7 +417,7 @@ def test_bitwise_deterministic(shape, axis):
         assert a.tobytes() == b_.tobytes()
 
 
-@pytest.mark.parametrize("shape, axis", [CASES[0], CASES[1], CASES[2]])
+@pytest.mark.parametrize("shape, axis", [slow(CASES[0]), CASES[1], CASES[2]])
 def test_eval_kernel_derives_the_training_parameters(shape, axis):
     """float64: eval mode with the batch mean and var gives the training output
     bit for bit (the one-launch eval kernel computes what the merge stores)."""
@@ -468,6 +477,7 @@ def pointer(a):
     return a.__cuda_array_interface__["data"][0]
 
 
+@pytest.mark.slow  # four cases run three times: 20 s under the simulator
 def test_reused_scratch_gives_the_results_of_a_fresh_buffer():
     from numbabn._gpu import runtime as launch
 
@@ -492,7 +502,11 @@ def test_reused_scratch_gives_the_results_of_a_fresh_buffer():
     assert reused == fresh + fresh[::-1]
 
 
-@pytest.mark.parametrize("slab_bytes", [1 << 20, 1024, 64], ids=["slab", "small-slab", "no-slab"])
+@pytest.mark.parametrize("slab_bytes", [
+    pytest.param(1 << 20, id="slab"),
+    pytest.param(1024, id="small-slab", marks=pytest.mark.slow),  # 6 s each under the simulator
+    pytest.param(64, id="no-slab", marks=pytest.mark.slow),
+])
 def test_results_of_consecutive_calls_do_not_alias(monkeypatch, slab_bytes):
     """Results stay fresh memory: parameter tables cut from slabs (one slab for
     every call, a new slab every few calls, or tables allocated one by one)."""
@@ -698,13 +712,13 @@ print("compiled", len(sigs) * 2)
 """
 
 
+@pytest.mark.slow  # compiles every kernel to PTX in a fresh process
 def test_kernels_compile_for_a_gpu():
     """The simulator runs kernels as Python and types nothing: compile each
     kernel, for every argument type it is launched with, to PTX as a GPU would
     (and check that float32 elementwise passes hold no float64 arithmetic)."""
     env = dict(os.environ, NUMBA_ENABLE_CUDASIM="0")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    result = subprocess.run([sys.executable, "-c", _PTX_CHECK], env=env, cwd=root,
+    result = subprocess.run([sys.executable, "-c", _PTX_CHECK], env=env, cwd=ROOT,
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     if "NO-NVVM" in result.stdout:
@@ -717,4 +731,4 @@ def test_cpu_only_import_does_not_load_numba_cuda():
             "assert 'numba.cuda' not in sys.modules, 'numba.cuda was imported'")
     env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
     subprocess.run([sys.executable, "-c", code], check=True, env=env,
-                   cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+                   cwd=ROOT)

@@ -1,7 +1,7 @@
 """Cost of SyncBatchNorm against the local BatchNorm on the cnn's batch-norm shapes
 (not a test; run by hand):
 
-    mpiexec -n 2 python tests/mpi_scripts/bench_sync_bn.py [global batch, default 128]
+    mpiexec -n 2 python tests/distributed/mpi_scripts/bench_sync_bn.py [global batch, default 128]
 
 Each rank holds half of the global batch, channels-last in memory as the cnn's
 activations are, and uses one Numba thread.  Per shape: the median time of one

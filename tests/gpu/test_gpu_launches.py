@@ -50,7 +50,8 @@ LAUNCHES = {
 }
 
 
-@pytest.mark.parametrize("shape", [(5, 3, 13), (21, 3)], ids=["NCL", "NC"])
+@pytest.mark.parametrize("shape", [pytest.param((5, 3, 13), id="NCL", marks=pytest.mark.slow),
+                                   pytest.param((21, 3), id="NC")])
 def test_launches_per_operation(monkeypatch, shape):
     """Counted by wrapping ``Kernel.launch``: 2 launches for a training forward
     or backward, 1 for a reduction alone, 1 for eval."""
@@ -106,12 +107,14 @@ def test_launches_per_operation(monkeypatch, shape):
 # --------------------------------------------------------------------------- #
 # (shape, axis, GPU_THREADS) with 4 values per thread and at most 4 features per
 # tile: chunks per feature (C) and merge lanes (L); an NC block has T threads.
+# Each case takes 4 to 14 s under the simulator: the quick loop keeps the smallest.
+SLOW = pytest.mark.slow
 ORDER_CASES = [
-    pytest.param((1, 2, 80), 1, 4, id="NCL-C5-L4"),  # lane 0 takes 2 chunks
-    pytest.param((1, 2, 50), 1, 3, id="NCL-C5-L3"),  # lanes not a power of two
-    pytest.param((20, 5), 1, 4, id="NC-C5-L4-T3"),  # more lanes than block threads
+    pytest.param((1, 2, 80), 1, 4, id="NCL-C5-L4", marks=SLOW),  # lane 0 takes 2 chunks
+    pytest.param((1, 2, 50), 1, 3, id="NCL-C5-L3", marks=SLOW),  # lanes not a power of two
+    pytest.param((20, 5), 1, 4, id="NC-C5-L4-T3", marks=SLOW),  # more lanes than block threads
     pytest.param((9, 4), 1, 8, id="NC-C2-L2-T8"),  # 4 features merged side by side
-    pytest.param((2, 4, 3, 3), -1, 8, id="NHWC-C3-L4-T6"),
+    pytest.param((2, 4, 3, 3), -1, 8, id="NHWC-C3-L4-T6", marks=SLOW),
 ]
 
 
@@ -188,6 +191,7 @@ def test_private_names_version_check():
     assert _private._parse("0.30.4") == (0, 30) and _private._parse("dev") is None
 
 
+@pytest.mark.slow  # every operation twice per case: 11 to 24 s each under the simulator
 @pytest.mark.parametrize("shape, axis, dtype", [((5, 3, 13), 1, np.float32),
                                                 ((21, 5), 1, np.float64),
                                                 ((3, 2, 4, 5), 1, np.float32)],

@@ -17,7 +17,7 @@ import numbabn  # noqa: E402
 
 nn = torch.nn
 REL32 = 1e-5
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
 
 CLASSES = [  # numbabn class, stock class, an input shape
     (nbt.BatchNorm1d, nn.BatchNorm1d, (16, 5)),
@@ -310,6 +310,7 @@ def _like(t, values):
     return out.copy_(values)
 
 
+@pytest.mark.slow  # 150 random layouts, each a cold compile
 def test_output_and_grad_strides_as_stock_on_random_layouts():
     """Output and input-gradient strides as ATen's (size-1 dimensions included),
     for random layouts of x and of the incoming gradient."""

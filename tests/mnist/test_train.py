@@ -50,6 +50,7 @@ def _assert_same_run(a, b):
     assert strip[0] == strip[1]
 
 
+@pytest.mark.slow  # trains on 4000 real MNIST images
 def test_short_real_mnist_run(tmp_path, monkeypatch):
     # No --data-dir, no $NUMBABN_DATA and an empty cache: the MNIST shipped with numbabn.
     monkeypatch.delenv("NUMBABN_DATA", raising=False)

@@ -82,6 +82,7 @@ def test_constant_feature(rng):
     np.testing.assert_allclose(dx, rdx, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow  # reads 2**31 values
 def test_index_arithmetic_beyond_2_31_elements():
     """An (N, C) view with N * C > 2**31 elements, built with overlapping strides
     (x[i, c] = base[i + c], a Hankel view) so nothing that large is allocated."""

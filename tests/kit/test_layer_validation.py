@@ -39,7 +39,7 @@ def _snapshot(layer):
     return state, grads
 
 
-# Batch norm accepts an empty batch, as PyTorch (tests/test_batchnorm_family.py).
+# Batch norm accepts an empty batch, as PyTorch (tests/layers/test_batchnorm_family.py).
 ACCEPTS_EMPTY_BATCH = {"BatchNorm1d", "BatchNorm2d"}
 CASES = [pytest.param(name, bad, id=f"{name}-{bad}")
          for name in LAYERS for bad in ["list", "python-float", "int-array", "string", "empty-batch"]

@@ -22,7 +22,8 @@ cuda = pytest.importorskip("numba.cuda")
 if not cuda.is_available():
     pytest.skip("no CUDA GPU, and NUMBA_ENABLE_CUDASIM is off", allow_module_level=True)
 
-DTYPES = [np.float32, np.float64]
+# float64 runs the simulator's same Python as float32, at the same cost: in CI, not the quick loop.
+DTYPES = [np.float32, pytest.param(np.float64, marks=pytest.mark.slow)]
 TOL = {np.float32: 3e-5, np.float64: 1e-11}
 
 
@@ -105,7 +106,8 @@ def test_layer_norm_on_device(dtype, layout, shape, nshape):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("shape,groups", [((2, 6, 3, 3), 1), ((2, 6, 3, 3), 2),
-                                          ((2, 6, 3, 3), 6), ((3, 4, 5), 2)])
+                                          pytest.param((2, 6, 3, 3), 6, marks=pytest.mark.slow),
+                                          ((3, 4, 5), 2)])
 def test_group_norm_on_device(dtype, layout, shape, groups):
     x, dy, rng = data(shape, dtype, seed=1)
     c = shape[1]
@@ -228,10 +230,11 @@ print("compiled", count)
 """
 
 
+@pytest.mark.slow  # compiles every kernel to PTX in a fresh process
 def test_row_kernels_compile_for_a_gpu():
     """The simulator types nothing: compile each kernel to PTX as a GPU would."""
     env = dict(os.environ, NUMBA_ENABLE_CUDASIM="0")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
     result = subprocess.run([sys.executable, "-c", _PTX_CHECK], env=env, cwd=root,
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -55,6 +55,7 @@ def _available_layers():
     return layers
 
 
+@pytest.mark.slow  # a fresh process per threading layer
 @pytest.mark.parametrize("layer", _available_layers())
 def test_four_threads_get_correct_results(layer):
     out = run_json(SCRIPT, threads=2, env={"NUMBA_THREADING_LAYER": layer})

@@ -3,7 +3,7 @@ on the concatenated batch, the layer and convert_sync_batchnorm, bad input on on
 rank, data-parallel training against one process, and faults (a killed rank, an
 uncaught exception, Ctrl-C) with resume.
 
-Each MPI case runs a script of tests/mpi_scripts/ through ``mpiexec`` in a
+Each MPI case runs a script of tests/distributed/mpi_scripts/ through ``mpiexec`` in a
 subprocess with a timeout and parses the JSON line each rank prints.  Skipped
 when mpi4py or mpiexec is missing (``pip install -e '.[mpi]'``).
 """
@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = ROOT / "tests" / "mpi_scripts"
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPTS = Path(__file__).resolve().parent / "mpi_scripts"
 TIMEOUT = 120
 
 
@@ -129,6 +129,7 @@ def sync_bn():
 TOL = {"float32": 1e-6, "float64": 1e-12}
 
 
+@pytest.mark.slow  # mpiexec runs
 @needs_mpi
 def test_sync_batch_norm_equals_one_process_on_the_concatenated_batch(sync_bn):
     # dense, (N, C, L), NCHW and NHWC (axis=-1); float32 and float64; rows split 4+4, 3+5, 0+8.
@@ -143,12 +144,14 @@ def test_sync_batch_norm_equals_one_process_on_the_concatenated_batch(sync_bn):
     assert checked == 2 * 24 * 6
 
 
+@pytest.mark.slow  # mpiexec runs
 @needs_mpi
 def test_statistics_are_bitwise_identical_on_every_rank(sync_bn):
     for case0, case1 in zip(sync_bn[0]["cases"], sync_bn[1]["cases"]):
         assert case0["stats_digest"] == case1["stats_digest"], case0["case"]
 
 
+@pytest.mark.slow  # mpiexec runs
 @needs_mpi
 def test_sync_batchnorm_layer_equals_batchnorm2d_on_the_whole_batch(sync_bn):
     for rank, result in sync_bn.items():
@@ -161,6 +164,7 @@ def test_sync_batchnorm_layer_equals_batchnorm2d_on_the_whole_batch(sync_bn):
         assert case0["running_digest"] == case1["running_digest"], case0["case"]
 
 
+@pytest.mark.slow  # mpiexec runs
 @needs_mpi
 def test_convert_sync_batchnorm_shares_arrays_and_matches_the_model(sync_bn):
     for rank, result in sync_bn.items():
@@ -186,6 +190,7 @@ FAULTS = {  # label: (error class, words in the message, ranks named)
 }
 
 
+@pytest.mark.slow  # mpiexec runs
 @needs_mpi
 @pytest.mark.parametrize("label", sorted(FAULTS))
 def test_bad_input_on_one_rank_raises_the_same_error_on_every_rank(sync_bn, label):
@@ -202,6 +207,7 @@ def test_bad_input_on_one_rank_raises_the_same_error_on_every_rank(sync_bn, labe
 # --------------------------------------------------------------------------- #
 # Training.
 # --------------------------------------------------------------------------- #
+@pytest.mark.slow  # mpiexec runs
 @needs_mpi
 def test_two_process_training_gives_the_losses_of_one_process(tmp_path, monkeypatch):
     from numbabn.mnist import train as train_module
@@ -236,6 +242,7 @@ def _event(results, rank, event):
     return next(r for r in results.get(rank, []) if r.get("event") == event)
 
 
+@pytest.mark.slow  # mpiexec runs
 @needs_mpi
 def test_killed_rank_ends_the_job_and_resume_continues_from_the_last_checkpoint(tmp_path, monkeypatch):
     from numbabn.mnist.checkpoint import load_checkpoint
@@ -263,6 +270,7 @@ def test_killed_rank_ends_the_job_and_resume_continues_from_the_last_checkpoint(
     assert _event(results, 0, "resumed")["digest"] == _event(results, 1, "resumed")["digest"]
 
 
+@pytest.mark.slow  # mpiexec runs
 @needs_mpi
 def test_uncaught_exception_on_one_rank_aborts_the_job(tmp_path):
     done, results = mpirun([SCRIPTS / "faults.py", "raise", tmp_path / "run"], check=False)
@@ -276,6 +284,7 @@ CLI = ["-m", "numbabn.mnist.cli", "--distributed", "--model", "mlp", "--limit-tr
        "--no-progress"]
 
 
+@pytest.mark.slow  # mpiexec runs
 @needs_mpi
 def test_cli_ctrl_c_ends_the_job_and_resume_finishes_it(tmp_path):
     from numbabn.mnist.checkpoint import load_checkpoint
@@ -322,6 +331,7 @@ def test_cli_ctrl_c_ends_the_job_and_resume_finishes_it(tmp_path):
     assert evaluate(single.model, single.test_x, single.test_y)[1] == metrics["test_accuracy"]
 
 
+@pytest.mark.slow  # mpiexec runs
 @needs_mpi
 def test_cli_missing_checkpoint_is_reported_once_and_every_rank_exits(tmp_path):
     done = subprocess.run([MPIEXEC, "-n", "2", sys.executable, *CLI, "--out", str(tmp_path),

@@ -1,5 +1,7 @@
 """Bitwise reproducibility across runs and thread counts, and the on-disk JIT cache."""
 
+import pytest
+
 from harness import run_json
 
 HASH_SCRIPT = r"""
@@ -48,6 +50,7 @@ def _run(script, threads):
     return run_json(script, threads=threads)
 
 
+@pytest.mark.slow  # three fresh processes
 def test_bitwise_identical_for_1_and_2_threads_and_across_runs():
     one = _run(HASH_SCRIPT, 1)
     two = _run(HASH_SCRIPT, 2)
@@ -87,6 +90,7 @@ print(json.dumps({"hash": digest, "misses": misses}))
 """
 
 
+@pytest.mark.slow  # cold compiles in fresh caches, five processes
 def test_changing_a_compile_time_value_never_loads_stale_kernels(tmp_path):
     """Numba's cache key ignores flags and constants; numbabn._cache keys the
     cache on _config's compile-time values, so a warm cache never gives the bits

@@ -1,7 +1,7 @@
 """Fuzzing every operation against the float64 naive twin with hypothesis.
 
 The fast profile runs in CI; the long one is behind a marker:
-``pytest -m fuzz_long tests/test_fuzz.py``.
+``pytest -m fuzz_long tests/core/test_fuzz.py``.
 """
 
 import numpy as np
@@ -98,6 +98,7 @@ def test_fuzz_fast(p):
     check_problem(p)
 
 
+@pytest.mark.slow  # also out of `pytest -m "not slow"`, which replaces addopts' -m
 @pytest.mark.fuzz_long
 @LONG
 @given(problems())

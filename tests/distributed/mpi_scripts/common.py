@@ -1,4 +1,4 @@
-"""Helpers of the scripts that tests/test_distributed.py runs under ``mpiexec``."""
+"""Helpers of the scripts that tests/distributed/test_distributed.py runs under ``mpiexec``."""
 
 import hashlib
 import json

@@ -27,7 +27,7 @@ from hypothesis.extra import numpy as hnp
 from numbabn.mnist import data
 from numbabn.mnist.data import MNIST_FILES, MNISTError, download_file, load_mnist, read_idx
 
-SHARED_MNIST = Path(__file__).resolve().parents[1].parent / "shared/data/mnist"
+SHARED_MNIST = Path(__file__).resolve().parents[2].parent / "shared/data/mnist"
 
 # Examples overwrite one file in tmp_path, so sharing the fixture between them is fine.
 FIXTURE_OK = [HealthCheck.function_scoped_fixture]

@@ -147,5 +147,6 @@ def _hashes(threads):
                     threads=threads, timeout=900)
 
 
+@pytest.mark.slow  # fresh processes
 def test_bitwise_identical_for_1_and_2_threads_on_every_path():
     assert _hashes(1) == _hashes(2)
