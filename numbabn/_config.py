@@ -144,7 +144,7 @@ FUSE_MIN_TASKS = 8
 # three.  The layer keeps its buffer between calls.
 IM2COL_CHUNK_BYTES = 128 << 20
 
-# Conv2d's direct convolutions (numbabn.kit._kernels.conv_forward and its
+# Conv2d's direct convolutions (numbabn.kit._kernels.tiles.conv_forward and its
 # gradients): float32, stride 1, output channels (for the input gradient, input
 # channels) a multiple of 16, on a CPU with AVX-512.  They sum register tiles of
 # the output straight from the images, with no im2col buffer: the cnn's second
@@ -167,7 +167,7 @@ TILE_CHAIN = 128
 
 # Linear layers (float32, in_features a multiple of 16, a CPU with AVX-512) whose
 # GEMMs take at least this many multiply-adds run on the same register tiles
-# (numbabn.kit._kernels.linear_*): the cnn's Linear(9216, 128) at batch 128,
+# (numbabn.kit._kernels.tiles.linear_*): the cnn's Linear(9216, 128) at batch 128,
 # one core, forward 1.6 vs 2.6 ms, input gradient 1.3 vs 2.6, weight gradient 1.5
 # vs 2.6 (OpenBLAS).  Smaller layers, where waking the threads costs more than
 # the work, and None keep BLAS (the rounding differs).

@@ -1,4 +1,8 @@
-"""Make concurrent calls safe whatever Numba threading layer is in use.
+"""The CPU backend's runtime (the twin of :mod:`numbabn._gpu.runtime`): the
+thread-pool guard around kernel launches, and the cached constant arrays that
+stand in for a missing weight or bias.
+
+Concurrent calls are safe whatever Numba threading layer is in use.
 
 Numba's ``omp`` and ``tbb`` layers accept parallel kernels launched from several
 Python threads at once; the ``workqueue`` fallback (used where neither OpenMP nor
@@ -9,9 +13,9 @@ Numba prefers ``omp`` then ``tbb`` by default (``NUMBA_THREADING_LAYER``).
 """
 
 import contextlib
-from functools import lru_cache
 import os
 import threading
+from functools import lru_cache
 
 import numba
 import numpy as np
