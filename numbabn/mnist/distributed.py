@@ -250,7 +250,8 @@ class DistributedTrainer(T.Trainer):
         seconds = time.perf_counter() - start
         bar.close()
         return {"lr": self.optimizer.lr, "train_loss": loss_sum / seen, "train_accuracy": correct / seen,
-                "epoch_seconds": seconds, "images_per_second": seen / seconds}
+                "epoch_seconds": seconds, "images_per_second": seen / seconds,
+                "step_losses": list(self.step_losses)}
 
     def evaluate(self):
         """Test loss and accuracy, each rank evaluating a contiguous shard."""

@@ -200,6 +200,7 @@ class Trainer:
         self.optimizer.lr = self.config.epoch_lr(epoch)
         shifts = np.random.default_rng([self.config.seed, epoch, 1])
         loss_sum, correct, seen = 0.0, 0, 0
+        step_losses = []
         self._announce_compilation()
         if self.progress:
             tqdm = require("tqdm", "The trainer's progress bar", otherwise="pass progress=False").tqdm
@@ -216,6 +217,7 @@ class Trainer:
             self.model.backward(dlogits, input_grad=False)  # the images need no gradient
             self.optimizer.step(self.model.grads)
             loss_sum += loss * len(y)
+            step_losses.append(float(loss))
             correct += int(np.sum(logits.argmax(axis=1) == y))
             seen += len(y)
             if i % 10 == 0 or i == len(batches) - 1:
@@ -223,7 +225,8 @@ class Trainer:
         seconds = time.perf_counter() - start
         bar.close()
         return {"lr": self.optimizer.lr, "train_loss": loss_sum / seen, "train_accuracy": correct / seen,
-                "epoch_seconds": seconds, "images_per_second": seen / seconds}
+                "epoch_seconds": seconds, "images_per_second": seen / seconds,
+                "step_losses": step_losses}
 
     def _announce_compilation(self):
         """Log :data:`COMPILE_MESSAGE` once, before the first batch, on a cold cache."""
@@ -327,9 +330,22 @@ def kernels_cached(sources):
     return True
 
 
+def smoothed(values, span):
+    """Exponential moving average of ``values`` with ``alpha = 2 / (span + 1)``,
+    started at the first value (the smoothed per-step loss of the curves)."""
+    alpha = 2.0 / (max(1, span) + 1.0)
+    out, level = [], None
+    for v in values:
+        level = v if level is None else level + alpha * (v - level)
+        out.append(level)
+    return out
+
+
 def plot_curves(history, path, title=""):
-    """Loss and accuracy (train and test) against epoch, as a PNG (needs matplotlib,
-    from the ``train`` extra)."""
+    """Loss and accuracy against epoch, as a PNG (needs matplotlib, from the
+    ``train`` extra): the per-step training loss (faint) and its moving average
+    (span a tenth of an epoch), the per-epoch train and test losses, and the
+    per-epoch accuracies."""
     matplotlib = require("matplotlib", "The trainer's loss and accuracy curves")
 
     matplotlib.use("Agg")
@@ -337,8 +353,20 @@ def plot_curves(history, path, title=""):
 
     epochs = [h["epoch"] for h in history]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    steps_x, steps_y = [], []
+    for h in history:
+        losses = h.get("step_losses") or []  # absent in checkpoints of older runs
+        steps_x += [h["epoch"] - 1 + (i + 1) / len(losses) for i in range(len(losses))]
+        steps_y += losses
+    if steps_y:
+        per_epoch = max(len(h.get("step_losses") or []) for h in history)
+        ax_loss.plot(steps_x, steps_y, "-", color="C0", alpha=0.25, linewidth=0.8,
+                     label="train, per step")
+        ax_loss.plot(steps_x, smoothed(steps_y, per_epoch // 10), "-", color="C0",
+                     label="train, moving average")
+    ax_loss.plot(epochs, [h["train_loss"] for h in history], "o", color="C0", label="train, epoch")
+    ax_loss.plot(epochs, [h["test_loss"] for h in history], "s--", color="C1", label="test")
     for split, style in (("train", "o-"), ("test", "s--")):
-        ax_loss.plot(epochs, [h[f"{split}_loss"] for h in history], style, label=split)
         ax_acc.plot(epochs, [h[f"{split}_accuracy"] for h in history], style, label=split)
     ax_loss.set(xlabel="epoch", ylabel="cross-entropy loss", title="loss")
     ax_acc.set(xlabel="epoch", ylabel="accuracy", title="accuracy")

@@ -442,3 +442,43 @@ def test_renorm_option_builds_batch_renorm_layers_and_trains(tmp_path, model):
         TrainConfig(model=model, norm="layer")
     with pytest.raises(ValueError, match="unknown norm"):
         train_module.build_model(model, np.random.default_rng(0), norm="layer")
+
+
+def test_each_epoch_records_its_per_step_losses(tmp_path):
+    # 45 images in batches of 10: four full batches and one of 5.
+    trainer = Trainer(TrainConfig(model="mlp", batch_size=10, limit_train=45), synthetic_data(n_train=45),
+                      str(tmp_path), progress=False, log=lambda s: None)
+    trainer.run(2)
+    for record in trainer.history:
+        steps = record["step_losses"]
+        assert len(steps) == 5 and all(np.isfinite(steps))
+        sizes = [10, 10, 10, 10, 5]
+        assert np.isclose(np.average(steps, weights=sizes), record["train_loss"], rtol=1e-12)
+    assert trainer.history[0]["step_losses"] != trainer.history[1]["step_losses"]
+    saved = json.loads((tmp_path / "metrics.json").read_text())["history"]
+    assert [h["step_losses"] for h in saved] == [h["step_losses"] for h in trainer.history]
+
+
+def test_smoothed_is_the_exponential_moving_average():
+    rng = np.random.default_rng(3)
+    values = rng.standard_normal(40)
+    span = 7
+    alpha = 2 / (span + 1)
+    # closed form: (1 - a)^t v0 + sum_{k=1..t} a (1 - a)^(t - k) v_k
+    expected = [(1 - alpha) ** t * values[0]
+                + sum(alpha * (1 - alpha) ** (t - k) * values[k] for k in range(1, t + 1))
+                for t in range(len(values))]
+    np.testing.assert_allclose(train_module.smoothed(list(values), span), expected, rtol=1e-12)
+    assert train_module.smoothed([], 5) == []
+
+
+def test_curves_plot_per_step_losses_and_older_histories(tmp_path):
+    pytest.importorskip("matplotlib")
+    epoch = {"train_loss": 1.0, "test_loss": 0.9, "train_accuracy": 0.6, "test_accuracy": 0.7}
+    with_steps = [dict(epoch, epoch=1, step_losses=[2.3, 1.5, 1.1, 0.9]),
+                  dict(epoch, epoch=2, step_losses=[0.8, 0.7, 0.6, 0.6])]
+    without = [dict(epoch, epoch=1), dict(epoch, epoch=2)]  # a checkpoint of an older run
+    for name, history in (("a.png", with_steps), ("b.png", without)):
+        path = tmp_path / name
+        train_module.plot_curves(history, str(path))
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
