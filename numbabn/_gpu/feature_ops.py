@@ -72,7 +72,7 @@ class _Plan:
 
     def __init__(self, shape3, threads, items, tile_max, reverse):
         outer, nfeat, inner = shape3
-        check_threads(threads, items, k.GPU_UNROLL)
+        check_threads(threads, items, k.GPU_MAX_THREADS, k.GPU_UNROLL)
         self.nfeat = nfeat
         self.channels_last = inner == 1
         total = outer * inner

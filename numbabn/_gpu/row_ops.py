@@ -25,10 +25,9 @@ _MERGE_GRADS = Kernel(k.merge_grads)
 _TO_DTYPE = Kernel(k.to_dtype)
 
 
-
 @lru_cache(maxsize=256)
 def _plan(shape4, gmod, threads, items, chunk_elems):
-    check_threads(threads, items)
+    check_threads(threads, items, k.GPU_MAX_THREADS)
     N, M, G, K = shape4
     reduced = M * K
     chunk = threads * items

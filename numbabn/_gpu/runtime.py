@@ -249,12 +249,13 @@ def constant(n, dtype, fill):
     return array
 
 
-def check_threads(threads, items, unroll=1):
+def check_threads(threads, items, max_threads, unroll=1):
     """Refuse launch settings the kernels were not compiled for: their shared
-    memory holds ``GPU_MAX_THREADS`` slots per row."""
-    if threads > cfg.GPU_MAX_THREADS or items % unroll:
+    memory holds ``max_threads`` slots per row (the ``GPU_MAX_THREADS`` the
+    kernel module read when it was imported, not the config's value now)."""
+    if threads > max_threads or items % unroll:
         raise ValueError(
-            f"GPU_THREADS ({threads}) must be at most GPU_MAX_THREADS ({cfg.GPU_MAX_THREADS}) "
+            f"GPU_THREADS ({threads}) must be at most GPU_MAX_THREADS ({max_threads}) "
             f"and GPU_ITEMS_PER_THREAD ({items}) a multiple of GPU_UNROLL ({unroll}), "
             f"the values the kernels were compiled with.")
 

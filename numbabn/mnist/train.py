@@ -353,13 +353,13 @@ def plot_curves(history, path, title=""):
 
     epochs = [h["epoch"] for h in history]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
-    steps_x, steps_y = [], []
+    steps_x, steps_y, per_epoch = [], [], 0
     for h in history:
         losses = h.get("step_losses") or []  # absent in checkpoints of older runs
         steps_x += [h["epoch"] - 1 + (i + 1) / len(losses) for i in range(len(losses))]
         steps_y += losses
+        per_epoch = max(per_epoch, len(losses))
     if steps_y:
-        per_epoch = max(len(h.get("step_losses") or []) for h in history)
         ax_loss.plot(steps_x, steps_y, "-", color="C0", alpha=0.25, linewidth=0.8,
                      label="train, per step")
         ax_loss.plot(steps_x, smoothed(steps_y, per_epoch // 10), "-", color="C0",
