@@ -116,6 +116,24 @@ BWD_NC_ROWS = 64
 # L1: 0.055 against 0.090 ns per value for rows of 196, no gain for 676.
 SHORT_RUN = 512
 
+# NCHW-like elementwise passes over runs of at most ``PLANE_MAX_INNER`` values
+# (planes up to 16x16) run along whole samples with each feature's coefficients
+# repeated over its run (numbabn._cpu.feature_kernels.affine_planes), when that
+# table (NCOEFS rows, aligned) takes at most ``PLANE_TABLE_BYTES``: it is read
+# once per sample next to the data, so it must stay in L2.  Same bits as the
+# per-run pass, which runs short runs as scalar code.
+PLANE_MAX_INNER = 256
+PLANE_TABLE_BYTES = 384 << 10
+# Their backward sums run along whole samples too (feature_kernels.backward_planes):
+# a task takes features of at most ``PLANE_SUM_VALUES`` values per sample, whose
+# per-position accumulators stay in L1/L2.
+PLANE_SUM_VALUES = 2048
+
+# Group and instance norm of channels-last data whose groups hold at most
+# ``CL_MAX_RUN`` adjacent channels run per sample along the channels
+# (numbabn._cpu.row_kernels.forward_cl): their rows are runs of a few values.
+CL_MAX_RUN = 64
+
 # Channel-contiguous backward sums take four rows at a time (a quarter of the
 # accumulator loads and stores), which is faster for column blocks and for data
 # in cache: (4096, 512) float32 0.19 vs 0.27 ms.  When whole rows (C <= NC_COLS)

@@ -18,6 +18,7 @@ the shape alone, and allocates.  Every tunable is read from :mod:`numbabn._confi
 per plan and passed to the kernels as an argument.
 """
 
+import math
 from collections import namedtuple
 from functools import lru_cache
 
@@ -109,6 +110,41 @@ def _elementwise_runs(x3):
     return max(1, cfg.CHUNK_ELEMS // (x3.shape[1] if x3.shape[2] == 1 else x3.shape[2]))
 
 
+def _planes(x3, *outs):
+    """Whether the elementwise pass over NCHW-like ``x3`` runs along whole
+    samples (:func:`feature_kernels.affine_planes`): short runs (small planes),
+    all arrays C-contiguous, and the repeated coefficient table at most
+    ``PLANE_TABLE_BYTES``.  Depends on the shape and layout only."""
+    outer, nfeat, inner = x3.shape
+    if not 1 < inner <= cfg.PLANE_MAX_INNER:
+        return False
+    if not all(a.flags.c_contiguous for a in (x3, *outs)):
+        return False
+    width = nfeat * inner
+    isz = x3.dtype.itemsize
+    width *= 64 // math.gcd(width * isz, 64)  # the aligned table of _nc_table
+    return _core.NCOEFS * width * isz <= cfg.PLANE_TABLE_BYTES
+
+
+def _flat(a3):
+    return a3.reshape(a3.shape[0], a3.shape[1] * a3.shape[2])
+
+
+def _plane_rows(x3):
+    return max(1, cfg.CHUNK_ELEMS // (x3.shape[1] * x3.shape[2]))
+
+
+def _affine_planes(x3, coef, relu, y3):
+    coef2 = np.empty((_core.NCOEFS, x3.shape[1] * x3.shape[2]), x3.dtype)
+    k.affine_planes(_flat(x3), coef, x3.shape[2], _plane_rows(x3), relu, coef2, _flat(y3))
+
+
+def _dx_planes(dy3, x3, y3, coef, masked, dx3):
+    coef2 = np.empty((_core.NCOEFS, x3.shape[1] * x3.shape[2]), x3.dtype)
+    k.dx_planes(_flat(dy3), _flat(x3), _flat(y3), coef, x3.shape[2], _plane_rows(x3), masked,
+                coef2, _flat(dx3))
+
+
 def _forward(x3, weight, bias, eps, y3, relu=False):
     """Run the forward kernel; ``y3=None`` computes the statistics only; ``relu``
     passes the output through a ReLU.
@@ -126,8 +162,11 @@ def _forward(x3, weight, bias, eps, y3, relu=False):
     else:
         p = _no_output(np.float64, 3) if geom.fused else np.empty(
             (2, nfeat, _nchunks(x3.shape, geom)))
-        y3 = y3 if write_y else _no_output(dtype, 3)
-        k.forward_nchw(x3, weight, bias, eps, geom, write_y, relu, p, coef, stats, y3)
+        planes = write_y and _planes(x3, y3)
+        k.forward_nchw(x3, weight, bias, eps, geom, write_y and not planes, relu, p, coef, stats,
+                       y3 if write_y else _no_output(dtype, 3))
+        if planes:
+            _affine_planes(x3, coef, relu, y3)
     return stats
 
 
@@ -178,6 +217,9 @@ def _normalize(x3, mean, spread, spread_is_var, weight, bias, eps, y3):
     if x3.shape[2] == 1:
         k.normalize_nc(_as2d(x3), mean, spread, spread_is_var, eps, weight, bias, runs, coef,
                        _as2d(y3))
+    elif _planes(x3, y3):
+        k._normalize_coefs(mean, spread, spread_is_var, eps, weight, bias, coef)
+        _affine_planes(x3, coef, False, y3)
     else:
         k.normalize_nchw(x3, mean, spread, spread_is_var, eps, weight, bias, runs, coef, y3)
 
@@ -217,12 +259,22 @@ def _backward(dy3, x3, hi, invstd, weight, dx3, y3=None):
         dx2 = _as2d(dx3) if write_dx else _no_output(dtype, 2)
         k.backward_nc(_as2d(dy3), _as2d(x3), hi, invstd, w, geom, write_dx, _as2d(y3), masked, p,
                       sums, coef, dwb, dx2)
+    elif _planes(x3, dy3, y3):
+        inner = x3.shape[2]
+        fblock = max(1, min(cfg.PLANE_SUM_VALUES // inner, -(-nfeat // (2 * geom.threads))))
+        nblk = max(1, cfg.BWD_BLOCK // inner)
+        k.backward_planes(_flat(dy3), _flat(x3), _flat(y3), hi, invstd, w, inner, fblock, nblk,
+                          masked, write_dx, sums, coef, dwb)
+        if write_dx and _planes(x3, dx3):
+            _dx_planes(dy3, x3, y3, coef, masked, dx3)
+        elif write_dx:
+            k.dx_nchw(dy3, x3, y3, coef, _elementwise_runs(x3), masked, dx3)
     else:
         p = _no_output(np.float64, 3) if geom.fused else np.empty(
             (3, nfeat, _nchunks(x3.shape, geom)))
         dx3 = dx3 if write_dx else _no_output(dtype, 3)
-        k.backward_nchw(dy3, x3, hi, invstd, w, geom, write_dx, y3, masked, p, sums, coef, dwb,
-                        dx3)
+        k.backward_nchw(dy3, x3, hi, invstd, w, geom, write_dx, True, y3, masked, p, sums,
+                        coef, dwb, dx3)
     return sums, dwb
 
 
@@ -257,6 +309,9 @@ def batch_norm_backward_elemt(dy3, x3, mean, invstd, weight, sum_dy, sum_dy_xmu,
     if x3.shape[2] == 1:
         k.backward_elemt_nc(_as2d(dy3), _as2d(x3), mean, invstd, w, sum_dy, sum_dy_xmu,
                             float(count), runs, coef, _as2d(dx3))
+    elif _planes(x3, dy3, dx3):
+        k._elemt_backward_coefs(float(count), mean, invstd, w, sum_dy, sum_dy_xmu, coef)
+        _dx_planes(dy3, x3, dy3, coef, False, dx3)
     else:
         k.backward_elemt_nchw(dy3, x3, mean, invstd, w, sum_dy, sum_dy_xmu, float(count), runs,
                               coef, dx3)

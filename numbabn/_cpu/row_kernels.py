@@ -625,4 +625,146 @@ def backward(dy, x, hi, rstd, weight, aff, rms, geom, want_grads, p, coef, bstat
             _merge_grads(q, group, nblk_per_group, aff.arow, grads)
 
 
+# =========================================================================== #
+# Channels-last group and instance norm.  When each sample is one contiguous
+# (M, C) block with a group's K channels adjacent (NHWC memory: ``x4`` is
+# (N, HW, G, K) with unit stride along K), a row is M runs of K values: 8 for
+# GroupNorm(32) of 256 channels, 1 for InstanceNorm, too short for the run
+# loops above.  These kernels take the (N, M, C) view and vectorise along the
+# channels instead: per sample, float64 sums per channel over the M positions
+# (about each channel's first value), merged into the group's moments channel
+# by channel (Chan, in channel order), then the elementwise pass with per-channel
+# coefficients.  Per-value arithmetic is the run loops'; the sums' order is
+# fixed by the shape, so results do not depend on the thread count.
+# Channel ``c = g * K + k`` takes weight[c] (GroupNorm: ``aff`` is (G, K, 1);
+# InstanceNorm: K = 1).
+# =========================================================================== #
+@njit(**CPU_JIT_STRICT)
+def _channel_sums_cl(x, n, s0, s1, s2):
+    """Per channel: ``s0`` the first value (the shift), float64 sums of
+    ``x - shift`` and its square over the M positions of sample ``n``."""
+    M, C = x.shape[1], x.shape[2]
+    x0 = x[n, 0]
+    for c in range(C):
+        s0[c] = np.float64(x0[c])
+        s1[c] = 0.0
+        s2[c] = 0.0
+    for m in range(M):
+        xr = x[n, m]
+        for c in range(C):
+            d = np.float64(xr[c]) - s0[c]
+            s1[c] += d
+            s2[c] += d * d
+
+
+@njit(**CPU_JIT_PARALLEL)
+def forward_cl(x, weight, bias, G, eps, rms, write_y, coef, stats, y):
+    """:func:`forward` of channels-last data, ``x`` and ``y`` the (N, M, C)
+    views; rows ``r = n * G + g``."""
+    N, M, C = x.shape
+    K = C // G
+    for n in prange(N):
+        s0 = np.empty(C)
+        s1 = np.empty(C)
+        s2 = np.empty(C)
+        _channel_sums_cl(x, n, s0, s1, s2)
+        for g in range(G):
+            cnt = 0.0
+            mean = 0.0
+            m2 = 0.0
+            for c in range(g * K, (g + 1) * K):
+                mk, qk = shifted_moments(np.float64(M), s0[c], s1[c], s2[c])
+                cnt, mean, m2 = chan_merge(cnt, mean, m2, np.float64(M), mk, qk)
+            _store_forward(n * G + g, cnt, mean, m2, eps, rms, coef, stats)
+        if not write_y:
+            continue
+        hic = np.empty(C, x.dtype)
+        sc = np.empty(C, x.dtype)
+        oc = np.empty(C, x.dtype)
+        for c in range(C):
+            r = n * G + c // K
+            hic[c] = coef[HI, r]
+            sc[c] = coef[SCALE, r]
+            oc[c] = coef[OFFSET, r]
+        for m in range(M):
+            xr = x[n, m]
+            yr = y[n, m]
+            for c in range(C):
+                yr[c] = ((xr[c] - hic[c]) * sc[c] + oc[c]) * weight[c] + bias[c]
+
+
+@njit(**CPU_JIT_PARALLEL)
+def backward_cl(dy, x, hi, rstd, weight, G, rms, want_grads, coef, bstat, q, grads, dx):
+    """:func:`backward` of channels-last data (the (N, M, C) views); ``q`` is
+    (2, N, C) float64 scratch for the per-sample parameter-gradient partials,
+    added in sample order into ``grads``."""
+    N, M, C = x.shape
+    K = C // G
+    cnt = np.float64(M * K)
+    for n in prange(N):
+        hic = np.empty(C)
+        for c in range(C):
+            hic[c] = np.float64(hi[n * G + c // K])
+        t1 = np.zeros(C)
+        t2 = np.zeros(C)
+        t3 = np.zeros(C)
+        for m in range(M):
+            gr = dy[n, m]
+            xr = x[n, m]
+            for c in range(C):
+                gj = np.float64(gr[c]) * np.float64(weight[c])
+                d = np.float64(xr[c]) - hic[c]
+                t1[c] += gj
+                t2[c] += gj * d
+                t3[c] += d
+        for g in range(G):
+            r = n * G + g
+            a = 0.0
+            b = 0.0
+            e = 0.0
+            for c in range(g * K, (g + 1) * K):
+                a += t1[c]
+                b += t2[c]
+                e += t3[c]
+            _store_backward(r, cnt, a, b, e, np.float64(hi[r]), rstd[r], rms, coef, bstat)
+        hc = np.empty(C, x.dtype)
+        ac = np.empty(C, x.dtype)
+        bc = np.empty(C, x.dtype)
+        dc = np.empty(C, x.dtype)
+        xs = np.empty(C)
+        xo = np.empty(C)
+        for c in range(C):
+            r = n * G + c // K
+            hc[c] = coef[HI, r]
+            ac[c] = coef[DX_SCALE, r]
+            bc[c] = coef[XC_COEF, r]
+            dc[c] = coef[DY_SHIFT, r]
+            xs[c] = bstat[XHAT_SCALE, r]
+            xo[c] = bstat[XHAT_OFFSET, r]
+        qi = np.int64(n) if want_grads else np.int64(0)
+        qw = q[0, qi]
+        qb = q[1, qi]
+        if want_grads:
+            qw[:] = 0.0
+            qb[:] = 0.0
+        for m in range(M):
+            gr = dy[n, m]
+            xr = x[n, m]
+            dxr = dx[n, m]
+            for c in range(C):
+                dxr[c] = (gr[c] * weight[c] + (xr[c] - hc[c]) * bc[c] + dc[c]) * ac[c]
+            if want_grads:
+                for c in range(C):
+                    gj = np.float64(gr[c])
+                    qw[c] += gj * ((np.float64(xr[c]) - np.float64(hc[c])) * xs[c] + xo[c])
+                    qb[c] += gj
+    if want_grads:
+        for c in prange(C):
+            grads[0, c] = 0.0
+            grads[1, c] = 0.0
+            for n in range(N):
+                grads[0, c] += q[0, n, c]
+                grads[1, c] += q[1, n, c]
+
+
 _cache.check(globals())  # before any kernel above loads from the disk cache

@@ -11,7 +11,7 @@ from .. import _config as cfg
 from .. import _core
 from .runtime import constant
 from .._core import INVSTD, MEAN, NROWSTATS, VAR
-from .row_kernels import RowGeometry, backward, forward
+from .row_kernels import RowGeometry, backward, backward_cl, forward, forward_cl
 
 
 @lru_cache(maxsize=256)
@@ -43,6 +43,24 @@ def _nparams(aff):
     return aff.gmod * aff.arow
 
 
+def _channels_last(aff, *arrays):
+    """The (N, M, C) views of ``arrays`` (N, M, G, K) when each sample is one
+    (M, C) block with channels innermost and channel ``g * K + k`` takes
+    weight ``g * K + k`` (channels-last group and instance norm, with K < M
+    runs too short for the run kernels); else None."""
+    N, M, G, K = arrays[0].shape
+    if M < 2 or K > cfg.CL_MAX_RUN or aff.gmod != G or aff.arow != K or (K > 1 and aff.adiv != 1):
+        return None
+    views = []
+    for a in arrays:
+        isz = a.dtype.itemsize
+        sn, sm, sg, sk = a.strides
+        if not (sk == isz or K == 1) or sg != K * isz or sm != G * K * isz:
+            return None
+        views.append(a.reshape(N, M, G * K))  # merges (G, K): a view, never a copy
+    return views
+
+
 def row_norm_train(x4, weight, bias, aff, eps, rms, y4):
     """Normalise each row of ``x4`` into ``y4``; return per-row ``(mean, rstd)``
     in x's dtype (row order) and the biased variance in float64.  ``weight`` and
@@ -56,8 +74,12 @@ def row_norm_train(x4, weight, bias, aff, eps, rms, y4):
     bias = constant(nparams, dtype, 0) if bias is None else bias
     coef = np.empty((_core.NCOEFS, rows), dtype)
     stats = np.empty((NROWSTATS, rows))
-    p = _dummy(3) if geom.fused else np.empty((2, rows, _nchunks_host(geom, M, K)))
-    forward(x4, weight, bias, aff, float(eps), bool(rms), geom, True, p, coef, stats, y4)
+    cl = _channels_last(aff, x4, y4)
+    if cl is not None:
+        forward_cl(cl[0], weight, bias, G, float(eps), bool(rms), True, coef, stats, cl[1])
+    else:
+        p = _dummy(3) if geom.fused else np.empty((2, rows, _nchunks_host(geom, M, K)))
+        forward(x4, weight, bias, aff, float(eps), bool(rms), geom, True, p, coef, stats, y4)
     with np.errstate(over="ignore"):
         return stats[MEAN].astype(dtype), stats[INVSTD].astype(dtype), stats[VAR]
 
@@ -83,12 +105,18 @@ def row_norm_backward(dy4, x4, mean, rstd, weight, aff, rms, want_grads, dx4):
     rstd = rstd.astype(np.float64, copy=False)
     coef = np.empty((_core.NCOEFS, rows), dtype)
     bstat = np.empty((2, rows))
-    p = _dummy(3) if geom.fused else np.empty((3, rows, _nchunks_host(geom, M, K)))
-    nblk = aff.gmod * -(-(rows // aff.gmod) // geom.grad_rows)
-    q = np.empty((2, nblk, aff.arow)) if want_grads else _dummy(3)
     grads = np.empty((2, nparams)) if want_grads else _dummy(2)
-    backward(dy4, x4, hi, rstd, weight, aff, bool(rms), geom, bool(want_grads), p, coef, bstat,
-             q, grads, dx4)
+    cl = _channels_last(aff, dy4, x4, dx4)
+    if cl is not None:
+        q = np.empty((2, N, G * K)) if want_grads else _dummy(3)
+        backward_cl(cl[0], cl[1], hi, rstd, weight, G, bool(rms), bool(want_grads), coef, bstat,
+                    q, grads, cl[2])
+    else:
+        p = _dummy(3) if geom.fused else np.empty((3, rows, _nchunks_host(geom, M, K)))
+        nblk = aff.gmod * -(-(rows // aff.gmod) // geom.grad_rows)
+        q = np.empty((2, nblk, aff.arow)) if want_grads else _dummy(3)
+        backward(dy4, x4, hi, rstd, weight, aff, bool(rms), geom, bool(want_grads), p, coef,
+                 bstat, q, grads, dx4)
     if not want_grads:
         return None, None
     with np.errstate(over="ignore"):
