@@ -66,8 +66,9 @@ from .._core import (CENTER, DX_SCALE, DY_SHIFT, HI, INVSTD, OFFSET, SCALE, XC_C
                      XHAT_SCALE)
 
 # The statistics core, compiled once for the CPU in numbabn._cpu.feature_kernels.
-from .feature_kernels import (_cdiv, affine_coefs, backward_coefs, chan_merge, invstd_of,
-                              shifted_moments, store_statistics, sum_dy_xmu_about)
+from .feature_kernels import (_block_backward_sums, _cdiv, _pow2_near, affine_coefs,
+                              backward_coefs, chan_merge, invstd_of, shifted_moments,
+                              store_statistics, sum_dy_xmu_about)
 
 RowGeometry = namedtuple("RowGeometry", "mrows kcols fused grad_rows")
 """A row's chunks are ``mrows`` runs by ``kcols`` values of its ``(M, K)``
@@ -765,6 +766,82 @@ def backward_cl(dy, x, hi, rstd, weight, G, rms, want_grads, coef, bstat, q, gra
             for n in range(N):
                 grads[0, c] += q[0, n, c]
                 grads[1, c] += q[1, n, c]
+
+
+# =========================================================================== #
+# Rows of whole weight runs (group and instance norm of NCHW data: a row is
+# ``arow`` channels of ``adiv`` contiguous values).  The backward needs per run
+# only ``sum(dy)``, ``sum(dy * (x - hi))`` and ``sum(x - hi)``: taken as batch
+# norm's backward takes them (blocks of ``block`` values in the input's dtype,
+# ``x - hi`` scaled by a power of two near rstd, each block added in float64),
+# the row's sums, the parameter-gradient partials and the dx pass all follow,
+# one task per row, the row still in cache for its dx pass.
+# =========================================================================== #
+@njit(**CPU_JIT_PARALLEL)
+def backward_runs(dy, x, hi, rstd, weight, aff, rms, want_grads, block, coef, bstat, q, grads,
+                  dx):
+    """:func:`backward` for (N, G, K) views whose rows are ``aff.arow`` runs of
+    ``aff.adiv`` values (``K = arow * adiv``); ``q`` is (2, rows, arow) float64
+    scratch for the parameter-gradient partials, added in row order."""
+    N, G, K = x.shape
+    rows = N * G
+    arow, adiv, gmod = aff.arow, aff.adiv, aff.gmod
+    cnt = np.float64(K)
+    for r in prange(rows):
+        n, g = r // G, r % G
+        hr = hi[r]
+        sc = x.dtype.type(_pow2_near(rstd[r]))
+        sc64 = np.float64(sc)
+        base = (r % gmod) * arow
+        pa = np.empty(arow)
+        pb = np.empty(arow)
+        sg = 0.0
+        sgx = 0.0
+        sx = 0.0
+        for j in range(arow):
+            dyr = dy[n, g, j * adiv:(j + 1) * adiv]
+            xr = x[n, g, j * adiv:(j + 1) * adiv]
+            ta = 0.0
+            tb = 0.0
+            te = 0.0
+            for b0 in range(0, adiv, block):
+                b1 = min(b0 + block, adiv)
+                a, b, e = _block_backward_sums(dyr[b0:b1], dyr[b0:b1], xr[b0:b1], hr, sc)
+                ta += np.float64(a)
+                tb += np.float64(b)
+                te += np.float64(e)
+            tb /= sc64
+            te /= sc64
+            w = np.float64(weight[base + j])
+            sg += w * ta
+            sgx += w * tb
+            sx += te
+            pa[j] = ta
+            pb[j] = tb
+        _store_backward(r, cnt, sg, sgx, sx, np.float64(hr), rstd[r], rms, coef, bstat)
+        h = coef[HI, r]
+        a_, b_, d_ = coef[DX_SCALE, r], coef[XC_COEF, r], coef[DY_SHIFT, r]
+        for j in range(arow):
+            _dx_run(dy[n, g, j * adiv:(j + 1) * adiv], x[n, g, j * adiv:(j + 1) * adiv],
+                    weight[base + j], h, a_, b_, d_, dx[n, g, j * adiv:(j + 1) * adiv])
+        if want_grads:
+            # sum(dy * xhat) with xhat = (x - HI) * XHAT_SCALE + XHAT_OFFSET about
+            # HI (the exact mean rounded), from the sums about the saved mean hr
+            shift = np.float64(hr) - np.float64(h)
+            xs, xo = bstat[XHAT_SCALE, r], bstat[XHAT_OFFSET, r]
+            for j in range(arow):
+                q[0, r, j] = xs * (pb[j] + shift * pa[j]) + xo * pa[j]
+                q[1, r, j] = pa[j]
+    if want_grads:
+        for p in prange(gmod * arow):
+            g, j = p // arow, p % arow
+            tw = 0.0
+            tb = 0.0
+            for r in range(g, rows, gmod):
+                tw += q[0, r, j]
+                tb += q[1, r, j]
+            grads[0, p] = tw
+            grads[1, p] = tb
 
 
 _cache.check(globals())  # before any kernel above loads from the disk cache

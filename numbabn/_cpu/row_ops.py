@@ -11,7 +11,7 @@ from .. import _config as cfg
 from .. import _core
 from .runtime import constant
 from .._core import INVSTD, MEAN, NROWSTATS, VAR
-from .row_kernels import RowGeometry, backward, backward_cl, forward, forward_cl
+from .row_kernels import RowGeometry, backward, backward_cl, backward_runs, forward, forward_cl
 
 
 @lru_cache(maxsize=256)
@@ -61,6 +61,18 @@ def _channels_last(aff, *arrays):
     return views
 
 
+def _whole_runs(aff, *arrays):
+    """The (N, G, K) views of ``arrays`` (N, 1, G, K) when each row is
+    ``aff.arow`` contiguous runs of ``aff.adiv`` values sharing a weight (group
+    and instance norm of NCHW data); else None."""
+    N, M, G, K = arrays[0].shape
+    if M != 1 or aff.adiv < 2 or K != aff.arow * aff.adiv:
+        return None
+    if any(a.strides[3] != a.dtype.itemsize for a in arrays):
+        return None
+    return [a[:, 0] for a in arrays]
+
+
 def row_norm_train(x4, weight, bias, aff, eps, rms, y4):
     """Normalise each row of ``x4`` into ``y4``; return per-row ``(mean, rstd)``
     in x's dtype (row order) and the biased variance in float64.  ``weight`` and
@@ -107,7 +119,12 @@ def row_norm_backward(dy4, x4, mean, rstd, weight, aff, rms, want_grads, dx4):
     bstat = np.empty((2, rows))
     grads = np.empty((2, nparams)) if want_grads else _dummy(2)
     cl = _channels_last(aff, dy4, x4, dx4)
-    if cl is not None:
+    runs = _whole_runs(aff, dy4, x4, dx4)
+    if runs is not None:
+        q = np.empty((2, rows, aff.arow)) if want_grads else _dummy(3)
+        backward_runs(runs[0], runs[1], hi, rstd, weight, aff, bool(rms), bool(want_grads),
+                      cfg.BWD_BLOCK, coef, bstat, q, grads, runs[2])
+    elif cl is not None:
         q = np.empty((2, N, G * K)) if want_grads else _dummy(3)
         backward_cl(cl[0], cl[1], hi, rstd, weight, G, bool(rms), bool(want_grads), coef, bstat,
                     q, grads, cl[2])

@@ -99,9 +99,13 @@ GROUPS = [((8, 64, 7, 7), 32, np.float32), ((4, 48, 5, 6), 4, np.float64),
           ((2, 6, 5, 3), 3, np.float32), ((3, 16, 4, 4, 4), 8, np.float32)]
 
 
+@pytest.mark.parametrize("layout", ["channels_last", "nchw"])
 @pytest.mark.parametrize("shape,groups,dtype", GROUPS)
-def test_channels_last_group_norm(rng, shape, groups, dtype):
-    x, dy, w, b = (_channels_last(a) if a.ndim > 1 else a for a in _data(rng, shape, dtype, 1e3))
+def test_group_norm_short_and_whole_runs(rng, shape, groups, dtype, layout):
+    """Channels-last: per sample along the channels; NCHW: the backward by
+    whole weight runs (``row_kernels.backward_runs``)."""
+    relayout = _channels_last if layout == "channels_last" else np.ascontiguousarray
+    x, dy, w, b = (relayout(a) if a.ndim > 1 else a for a in _data(rng, shape, dtype, 1e3))
     y, mean, rstd = nb.group_norm_train(x, groups, w, b)
     assert y.strides == x.strides  # same memory order out
     assert_close(y, naive.group_norm(x, groups, w, b)[0], dtype, scale=np.abs(y).max(), what="y")
@@ -122,8 +126,10 @@ def test_channels_last_group_norm(rng, shape, groups, dtype):
         assert np.array_equal(a, e)
 
 
-def test_channels_last_instance_norm(rng):
-    x, dy, w, b = (_channels_last(a) if a.ndim > 1 else a
+@pytest.mark.parametrize("layout", ["channels_last", "nchw"])
+def test_instance_norm_short_and_whole_runs(rng, layout):
+    relayout = _channels_last if layout == "channels_last" else np.ascontiguousarray
+    x, dy, w, b = (relayout(a) if a.ndim > 1 else a
                    for a in _data(rng, (4, 16, 6, 5), np.float32, 50.0))
     y, mean, rstd = nb.instance_norm_train(x, w, b)
     assert_close(y, naive.instance_norm(x, w, b)[0], np.float32, scale=np.abs(y).max(), what="y")
