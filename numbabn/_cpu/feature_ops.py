@@ -23,11 +23,10 @@ from collections import namedtuple
 from functools import lru_cache
 
 import numpy as np
-from numba import get_num_threads
 
 from .. import _config as cfg
 from .. import _core
-from .runtime import constant
+from .runtime import constant, num_threads
 from . import feature_kernels as k
 
 Geometry = namedtuple("Geometry",
@@ -75,7 +74,7 @@ def plan(shape3, itemsize, nread):
     tunables = (cfg.CHUNK_ELEMS, cfg.NC_COLS, cfg.FUSE_BYTES, cfg.FUSE_MIN_TASKS,
                 cfg.NC_STREAM_MIN_BYTES, cfg.BWD_BLOCK, cfg.BWD_NC_ROWS, cfg.NC_MERGE_COLS,
                 cfg.SHORT_RUN)
-    key = (tuple(shape3), itemsize, nread, tunables, get_num_threads())
+    key = (tuple(shape3), itemsize, nread, tunables, num_threads())
     geom = _plans.get(key)
     if geom is None:
         geom = _plan(*key)

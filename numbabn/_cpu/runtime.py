@@ -37,6 +37,22 @@ def threading_layer():
 _unlocked = contextlib.nullcontext()  # reusable: it holds no state
 
 
+_thread_count = []  # (get, set) from _numba_private, once the pool may start
+
+
+def _thread_functions():
+    if not _thread_count:
+        from .._numba_private import thread_count_functions
+        _thread_count.extend(thread_count_functions())
+    return _thread_count
+
+
+def num_threads():
+    """Numba's thread count for the calling thread (``numba.get_num_threads``
+    without its per-call pool check)."""
+    return _thread_functions()[0]()
+
+
 def kernel_guard(x=None):
     """Held around every CPU kernel launch.
 
@@ -56,16 +72,27 @@ def kernel_guard(x=None):
     return _serial(lock)
 
 
-@contextlib.contextmanager
-def _serial(lock):
+class _serial:
     """``lock`` held, Numba's thread count 1 for this thread, restored after."""
-    with lock:
-        previous = numba.get_num_threads()
-        numba.set_num_threads(1)
+
+    __slots__ = ("lock", "previous")
+
+    def __init__(self, lock):
+        self.lock = lock
+
+    def __enter__(self):
+        self.lock.__enter__()
+        get, set_ = _thread_functions()
+        self.previous = get()
+        set_(1)
+        return self
+
+    def __exit__(self, *exc):
         try:
-            yield
+            _thread_functions()[1](self.previous)
         finally:
-            numba.set_num_threads(previous)
+            self.lock.__exit__(*exc)
+        return False
 
 
 def _lock_if_needed():

@@ -61,6 +61,25 @@ def cache_places(source: str) -> list:
     return places
 
 
+def thread_count_functions():
+    """``(get, set)`` of the calling thread's Numba thread count without the
+    pool-launch check that ``numba.get_num_threads``/``set_num_threads`` run on
+    every call (``numba.np.ufunc.parallel._get_num_threads`` and
+    ``_set_num_threads``, bound when the pool starts; this starts it).  About
+    0.8 and 2.3 us a call against 6 and 8 us on the 2-core VM.  ``set`` does not
+    check its argument: callers pass 1 or a count ``get`` returned.  The public
+    functions on an untested Numba."""
+    public = (numba.get_num_threads, numba.set_num_threads)
+    if not SUPPORTED:
+        return public
+    try:
+        from numba.np.ufunc import parallel
+        parallel._launch_threads()
+        return parallel._get_num_threads, parallel._set_num_threads
+    except (ImportError, AttributeError):  # pragma: no cover - an untested Numba
+        return public
+
+
 def cgutils():
     """``numba.core.cgutils``, the IR-building helpers the layer kit's register
     tiles are written with (:mod:`numbabn.kit._kernels.tiles`), or ``None`` on an
