@@ -15,6 +15,21 @@ import numpy as np
 from ._backend import is_device_array
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+ACCEPTED_DTYPES = "float32 or float64 (native byte order)"
+
+
+def dtype_message(name, dtype, to="float32") -> str:
+    """The one message for a dtype that is not float32/float64 (integers, bool,
+    complex, float16, ml_dtypes' float8 types, non-native byte order): what is
+    accepted, what was given, and the fix."""
+    return (f"{name} must have dtype {ACCEPTED_DTYPES}; got {dtype}. "
+            f"Convert it with {name}.astype(np.{to}).")
+
+
+def check_float_dtype(a, name):
+    """``a`` (an array) must be float32 or float64 (see :func:`dtype_message`)."""
+    if a.dtype not in FLOAT_DTYPES:
+        raise TypeError(dtype_message(name, a.dtype))
 
 
 def describe(a) -> str:
@@ -43,11 +58,7 @@ def check_input(x, name="x", allow_empty_batch=False):
             f"{name} must be a numpy.ndarray of float32 or float64; got {describe(x)}. "
             f"Wrap it with np.asarray({name}, dtype=np.float32)."
         )
-    if x.dtype not in FLOAT_DTYPES:
-        raise TypeError(
-            f"{name} must have dtype float32 or float64 (native byte order); got {x.dtype}. "
-            f"Convert it with {name}.astype(np.float32)."
-        )
+    check_float_dtype(x, name)
     if x.ndim < 2:
         raise ValueError(
             f"{name} must have at least 2 dimensions (batch and features, e.g. (N, C)); "
@@ -93,11 +104,12 @@ def check_bool(value, name) -> bool:
 
 def check_stat_vector(v, name):
     """A 1-D float32/float64 ndarray that fixes the feature count and dtype."""
-    if not is_array(v) or v.dtype not in FLOAT_DTYPES or v.ndim != 1 or v.size == 0:
+    if not is_array(v) or v.ndim != 1 or v.size == 0:
         raise TypeError(
             f"{name} must be a non-empty 1-D numpy.ndarray of float32 or float64; "
             f"got {describe(v)}."
         )
+    check_float_dtype(v, name)
 
 
 def check_vector(v, name, nfeat, dtype, writeable=False):

@@ -547,6 +547,12 @@ def merge_moments(counts, means, m2s):
     for c in counts:
         if isinstance(c, bool) or not isinstance(c, (int, np.integer)) or c < 0:
             raise TypeError(f"counts must be non-negative ints; got {v.describe(c)}.")
+    for name, a in (("means", means), ("m2s", m2s)):
+        dtype = a.dtype if hasattr(a, "dtype") else np.asarray(a).dtype
+        # NumPy's own ints and floats convert exactly; not complex, bool, ml_dtypes' float8...
+        if not (np.issubdtype(dtype, np.floating) or np.issubdtype(dtype, np.integer)):
+            raise TypeError(f"{name} must hold real numbers, float64 as batch_moments returns "
+                            f"them; got dtype {dtype}. Pass the float64 partials.")
     means = np.asarray(means, dtype=np.float64)
     m2s = np.asarray(m2s, dtype=np.float64)
     if means.ndim != 2 or m2s.shape != means.shape or means.shape[0] != len(counts) \

@@ -27,6 +27,13 @@ its backward):
 
 The saved statistics may be in x's dtype (as returned) or float64; the
 backward recovers the exact row mean from the data.
+
+Empty inputs are PyTorch's: any axis may be empty; the output is empty, the
+saved statistics are a mean of 0 and an ``rstd`` of NaN per row (rows exist
+when only the reduced axes are empty), parameter gradients are zeros (sums
+over no values; PyTorch's group norm gives a NaN ``dweight`` when only the
+reduced axes are empty), and running statistics are untouched (PyTorch's
+instance norm writes NaN into them for an empty batch).  No kernel runs.
 """
 
 from __future__ import annotations
@@ -65,18 +72,15 @@ a layer-norm weight's axes like the row's values (None: per-channel weights)."""
 # Checks (all before any work)
 # --------------------------------------------------------------------------- #
 def _check_x(x, name, min_ndim, expected):
+    """A float32/float64 array of at least ``min_ndim`` dimensions; any axis may
+    be empty (as PyTorch: see :func:`_empty_train`)."""
     if not v.is_array(x):
         raise TypeError(
             f"{name} must be a numpy.ndarray of float32 or float64; got {v.describe(x)}. "
             f"Wrap it with np.asarray({name}, dtype=np.float32).")
-    if x.dtype not in v.FLOAT_DTYPES:
-        raise TypeError(
-            f"{name} must have dtype float32 or float64 (native byte order); got {x.dtype}. "
-            f"Convert it with {name}.astype(np.float32).")
+    v.check_float_dtype(x, name)
     if x.ndim < min_ndim:
         raise ValueError(f"{name} must have shape {expected}; got shape {tuple(x.shape)}.")
-    if x.size == 0:
-        raise ValueError(f"{name} must not be empty; got shape {tuple(x.shape)}.")
 
 
 def _check_normalized_shape(normalized_shape, x):
@@ -89,7 +93,7 @@ def _check_normalized_shape(normalized_shape, x):
         raise TypeError(
             f"normalized_shape must be an int or a non-empty tuple of ints (the trailing "
             f"axes to normalise over); got {v.describe(normalized_shape)}.")
-    shape = tuple(int(n) for n in shape)
+    shape = tuple(int(n) for n in shape)  # sizes may be 0 (an empty input), as PyTorch
     k = len(shape)
     if x.ndim < k or tuple(x.shape[x.ndim - k:]) != shape:
         raise ValueError(
@@ -142,7 +146,8 @@ def _rms_eps(eps, dtype):
 
 
 def _check_spatial(x):
-    if x.size // (x.shape[0] * x.shape[1]) < 2:
+    """As PyTorch: one spatial element is refused, none (an empty input) is not."""
+    if prod(x.shape[2:]) == 1:
         raise ValueError(
             f"Expected more than 1 spatial element when using input statistics, got input of "
             f"shape {tuple(x.shape)}; instance norm normalises each (sample, channel) over the "
@@ -192,6 +197,41 @@ def _kept_shapes(shape, k):
     """Accepted shapes of a saved layer-norm statistic: PyTorch's, and squeezed."""
     lead = tuple(shape[:len(shape) - k])
     return (lead + (1,) * k, lead)
+
+
+# --------------------------------------------------------------------------- #
+# Empty inputs (no kernel runs): PyTorch's results
+# --------------------------------------------------------------------------- #
+def _full(be, shape, dtype, value):
+    """An array of ``shape`` filled with ``value`` on ``be``'s device."""
+    host = np.full(shape, value, dtype)
+    if be is _backend.CPU:
+        return host
+    from numba import cuda  # already imported: a device array chose this backend
+
+    return cuda.to_device(host)
+
+
+def _empty_like(be, x):
+    """An uninitialised array like an empty ``x`` (same memory order on the CPU)."""
+    return np.empty_like(x) if be is _backend.CPU else _full(be, x.shape, x.dtype, 0)
+
+
+def _empty_train(be, x, stat_shape):
+    """The forward of an empty ``x``, as PyTorch's: an empty ``y``; per row a
+    mean of 0 and an ``rstd`` of NaN (the variance of no values), rows that
+    only exist when the reduced axes are empty."""
+    return (_empty_like(be, x), _full(be, stat_shape, x.dtype, 0),
+            _full(be, stat_shape, x.dtype, np.nan))
+
+
+def _empty_backward(be, x, param_shape, param_grads):
+    """The backward of an empty ``x``: an empty ``dx``; parameter gradients of
+    zeros (sums over no values), as PyTorch's."""
+    dx = _empty_like(be, x)
+    if not param_grads:
+        return dx, None, None
+    return dx, _full(be, param_shape, x.dtype, 0), _full(be, param_shape, x.dtype, 0)
 
 
 # --------------------------------------------------------------------------- #
@@ -283,9 +323,11 @@ def layer_norm_train(x, normalized_shape, weight=None, bias=None, eps=1e-5):
     _check_param(weight, "weight", shape, x.dtype)
     _check_param(bias, "bias", shape, x.dtype)
     eps = v.check_eps(eps)
-    plan = _layer_plan(x, len(shape))
-    y, mean, rstd, _ = _forward(be, x, plan, weight, bias, eps, False)
     k = len(shape)
+    if x.size == 0:
+        return _empty_train(be, x, _kept_shapes(x.shape, k)[0])
+    plan = _layer_plan(x, k)
+    y, mean, rstd, _ = _forward(be, x, plan, weight, bias, eps, False)
     return y, _kept(be, mean, plan, k), _kept(be, rstd, plan, k)
 
 
@@ -320,6 +362,8 @@ def layer_norm_backward(dy, x, mean, rstd, normalized_shape, weight=None, param_
     _check_saved(rstd, "rstd", shapes, x.dtype)
     _check_param(weight, "weight", shape, x.dtype)
     param_grads = v.check_bool(param_grads, "param_grads")
+    if x.size == 0:
+        return _empty_backward(be, x, shape, param_grads)
     plan = _layer_plan(x, len(shape))
     lead = shapes[1]
     return _backward(be, dy, x, plan, be.layout.reshape_ones(mean, lead),
@@ -366,6 +410,8 @@ def rms_norm_train(x, normalized_shape, weight=None, eps=None):
     shape = _check_normalized_shape(normalized_shape, x)
     _check_param(weight, "weight", shape, x.dtype)
     eps = _rms_eps(eps, x.dtype)
+    if x.size == 0:
+        return _empty_train(be, x, _kept_shapes(x.shape, len(shape))[0])[::2]
     plan = _layer_plan(x, len(shape))
     y, _, rstd, _ = _forward(be, x, plan, weight, None, eps, True)
     return y, _kept(be, rstd, plan, len(shape))
@@ -382,6 +428,8 @@ def rms_norm_backward(dy, x, rstd, normalized_shape, weight=None, param_grads=Tr
     _check_saved(rstd, "rstd", shapes, x.dtype)
     _check_param(weight, "weight", shape, x.dtype)
     param_grads = v.check_bool(param_grads, "param_grads")
+    if x.size == 0:
+        return _empty_backward(be, x, shape, param_grads)[:2]
     plan = _layer_plan(x, len(shape))
     dx, dweight, _ = _backward(be, dy, x, plan, None, be.layout.reshape_ones(rstd, shapes[1]),
                                weight, True, param_grads, shape)
@@ -392,7 +440,10 @@ def rms_norm_backward(dy, x, rstd, normalized_shape, weight=None, param_grads=Tr
 # Group and instance norm
 # --------------------------------------------------------------------------- #
 def _group_train(be, x, groups, weight, bias, eps):
+    """``(y, mean, rstd, var)``, the statistics of shape ``(N, groups)``."""
     nchan = x.shape[1]
+    if x.size == 0:
+        return (*_empty_train(be, x, (x.shape[0], groups)), None)
     xs = be.layout.split_axis(x, 1, (groups, nchan // groups))
     plan = _group_plan(xs)
     ys, mean, rstd, var = _forward(be, xs, plan, weight, bias, eps, False)
@@ -402,6 +453,8 @@ def _group_train(be, x, groups, weight, bias, eps):
 
 def _group_backward(be, dy, x, groups, mean, rstd, weight, param_grads):
     nchan = x.shape[1]
+    if x.size == 0:
+        return _empty_backward(be, x, (nchan,), param_grads)
     parts = (groups, nchan // groups)
     xs = be.layout.split_axis(x, 1, parts)
     plan = _group_plan(xs)
@@ -537,6 +590,8 @@ def instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None
     be, x, running_mean, running_var, weight, bias, momentum, eps = _check_instance_norm(
         x, running_mean, running_var, weight, bias, use_input_stats, momentum, eps)
     if not use_input_stats:
+        if x.size == 0:  # no features either, perhaps: nothing to normalise
+            return _empty_like(be, x)
         return F.normalize(x, running_mean, running_var, weight, bias, eps, axis=1)
     return _instance_update(be, x, running_mean, running_var, weight, bias, momentum, eps)[0]
 
@@ -575,7 +630,9 @@ def _check_instance_norm(x, running_mean, running_var, weight, bias, use_input_s
 def _instance_update(be, x, running_mean, running_var, weight, bias, momentum, eps):
     nchan = x.shape[1]
     y, mean, rstd, var = _group_train(be, x, nchan, weight, bias, eps)
-    if running_mean is not None and momentum > 0:
+    # An empty input leaves the running statistics untouched, as batch norm's
+    # (PyTorch 2.13 writes NaN into them for an empty batch).
+    if running_mean is not None and momentum > 0 and x.size:
         count = x.size // (x.shape[0] * nchan)
         be.row_ops.update_instance_running_stats(running_mean, running_var, mean, var, count,
                                               momentum)

@@ -11,7 +11,8 @@ containers) builds on.
 from .base import Layer
 from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from .fused import BatchNormReLU1d, BatchNormReLU2d
-from .norms import GroupNorm, InstanceNorm1d, InstanceNorm2d, LayerNorm, RMSNorm
+from .norms import (GroupNorm, InstanceNorm1d, InstanceNorm2d, InstanceNorm3d, LayerNorm,
+                    RMSNorm)
 from .renorm import BatchRenorm1d, BatchRenorm2d
 
 __all__ = [
@@ -27,5 +28,6 @@ __all__ = [
     "GroupNorm",
     "InstanceNorm1d",
     "InstanceNorm2d",
+    "InstanceNorm3d",
     "RMSNorm",
 ]

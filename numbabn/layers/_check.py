@@ -11,7 +11,7 @@ import numbers
 
 import numpy as np
 
-from .._validate import FLOAT_DTYPES, describe
+from .._validate import FLOAT_DTYPES, describe, dtype_message
 
 
 def flag(value, name) -> bool:
@@ -49,10 +49,38 @@ def probability(value, name) -> float:
 
 
 def float_dtype(dtype) -> np.dtype:
-    dt = np.dtype(dtype)
-    if dt not in FLOAT_DTYPES:
-        raise TypeError(f"dtype must be float32 or float64; got {dt}.")
+    """A layer's ``dtype=``: float32 or float64 as NumPy spells it (``np.float32``,
+    ``"float64"``, a ``np.dtype``) or as PyTorch does (``torch.float32``); ``None``
+    is float32, PyTorch's default dtype.  Anything else (integers, complex, float16,
+    float8, non-native byte order) raises ``TypeError``."""
+    if dtype is None:
+        return FLOAT_DTYPES[0]
+    if type(dtype).__module__ == "torch":  # torch.float32 -> "float32", without importing torch
+        dtype = str(dtype).rpartition(".")[2]
+    try:
+        dt = np.dtype(dtype)
+    except TypeError:  # not a dtype at all (or ml_dtypes' name, not imported)
+        dt = None
+    if dt is None or dt not in FLOAT_DTYPES:  # (None in FLOAT_DTYPES: np.dtype(None) is float64)
+        raise TypeError(f"dtype must be float32 or float64 (native byte order), as NumPy "
+                        f"(np.float32) or PyTorch (torch.float32) spells it, or None (float32); "
+                        f"got {repr(dtype) if dt is None else dt}.")
     return dt
+
+
+def device(value, layer):
+    """A layer's ``device=``: numbabn layers run on the CPU, so None, ``"cpu"`` or
+    ``torch.device("cpu")``; anything else raises ``ValueError`` (a dtype passed
+    in the device's position raises ``TypeError`` saying so)."""
+    if value is None or (isinstance(value, str) or type(value).__module__ == "torch") and (
+            str(value) == "cpu" or str(value).startswith("cpu:")):
+        return value
+    if isinstance(value, (np.dtype, type)) or type(value).__name__ == "dtype":
+        raise TypeError(
+            f"{layer}: device must be None or 'cpu'; got the dtype {value!r}. The arguments "
+            f"are PyTorch's (..., device=None, dtype=None): pass dtype= by keyword.")
+    raise ValueError(f"numbabn layers run on the CPU: device must be None or 'cpu'; "
+                     f"got {value!r}.")
 
 
 def rng(value):
@@ -64,12 +92,12 @@ def rng(value):
     raise TypeError(f"rng must be a numpy.random.Generator, an int seed or None; got {describe(value)}.")
 
 
-def layer_input(x, layer, dtype, shape, allow_empty_batch=False):
+def layer_input(x, layer, dtype, shape, allow_empty_batch=False, allow_empty=False):
     """Check a forward input against a shape pattern.
 
     Each entry of ``shape`` is an int (that exact size) or ``None`` (any size);
-    no axis may be empty, except the batch axis (0) with ``allow_empty_batch``.
-    The message names what does not match.
+    no axis may be empty, except the batch axis (0) with ``allow_empty_batch``,
+    and any axis with ``allow_empty``.  The message names what does not match.
     """
     expected = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
     if not isinstance(x, np.ndarray):
@@ -77,6 +105,8 @@ def layer_input(x, layer, dtype, shape, allow_empty_batch=False):
             f"{layer} expects a numpy.ndarray of shape {expected} and dtype {dtype}; "
             f"got {describe(x)}. Wrap it with np.asarray(x, dtype=np.{dtype})."
         )
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{layer}: {dtype_message('x', x.dtype, dtype)}")
     if x.dtype != dtype:
         raise TypeError(
             f"{layer} expects dtype {dtype} (the dtype of its parameters); got {x.dtype}. "
@@ -90,7 +120,8 @@ def layer_input(x, layer, dtype, shape, allow_empty_batch=False):
         if want is not None and want != n:
             raise ValueError(f"{layer} expects an input of shape {expected}, with {want} at "
                              f"axis {axis}; got shape {got}.")
-    empty = [axis for axis, n in enumerate(got) if n == 0 and not (axis == 0 and allow_empty_batch)]
+    empty = [axis for axis, n in enumerate(got)
+             if n == 0 and not allow_empty and not (axis == 0 and allow_empty_batch)]
     if empty:
         what = "an empty batch (axis 0)" if empty == [0] else f"an empty axis {empty[-1]}"
         raise ValueError(f"{layer} expects an input of shape {expected} with no empty axis; "
@@ -99,8 +130,10 @@ def layer_input(x, layer, dtype, shape, allow_empty_batch=False):
 
 def float_input(x, layer, ndim=None):
     """A non-empty float32/float64 ndarray, with ``ndim`` dimensions when given."""
-    if not isinstance(x, np.ndarray) or x.dtype not in FLOAT_DTYPES:
+    if not isinstance(x, np.ndarray):
         raise TypeError(f"{layer} expects a float32 or float64 numpy.ndarray; got {describe(x)}.")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{layer}: {dtype_message('x', x.dtype)}")
     if (ndim is not None and x.ndim != ndim) or x.size == 0:
         want = f"{ndim} dimensions" if ndim is not None else "at least one value"
         raise ValueError(f"{layer} expects a non-empty input with {want}; got shape {tuple(x.shape)}.")

@@ -1,9 +1,12 @@
-"""``LayerNorm``, ``GroupNorm``, ``InstanceNorm1d/2d`` and ``RMSNorm``: PyTorch's
+"""``LayerNorm``, ``GroupNorm``, ``InstanceNorm1d/2d/3d`` and ``RMSNorm``: PyTorch's
 layers on :mod:`numbabn.norms`.
 
 The maths lives in :mod:`numbabn.norms`; these classes keep the parameters (and
 instance norm's running statistics) and the forward's saved statistics.
-Arguments, defaults, parameter and buffer names are PyTorch 2.13's.
+Arguments (in PyTorch's order, ``device=`` and ``dtype=`` included), defaults,
+parameter and buffer names are PyTorch 2.13's; ``dtype`` defaults to float32.
+Inputs may have empty axes, as PyTorch's: the output is empty, the parameter
+gradients are zeros and the running statistics are untouched.
 ``BatchNorm3d`` is in :mod:`numbabn.layers.batchnorm`.
 """
 
@@ -27,7 +30,7 @@ def _shape_tuple(normalized_shape):
     if not isinstance(normalized_shape, (tuple, list)) or not normalized_shape:
         raise TypeError(f"normalized_shape must be an int or a non-empty tuple of ints; got "
                         f"{_validate.describe(normalized_shape)}.")
-    return tuple(_check.positive_int(n, "normalized_shape") for n in normalized_shape)
+    return tuple(_check.nonnegative_int(n, "normalized_shape") for n in normalized_shape)
 
 
 class _RowNorm(Layer):
@@ -44,10 +47,11 @@ class _RowNorm(Layer):
             self.grads["bias"] = np.zeros(shape, self.dtype)
 
     def _check_input(self, x, patterns):
-        """``x`` against the first pattern of its ndim (or the first pattern)."""
+        """``x`` against the first pattern of its ndim (or the first pattern); any
+        axis may be empty."""
         ndim = getattr(x, "ndim", None)
         shape = next((s for s in patterns if len(s) == ndim), patterns[0])
-        _check.layer_input(x, type(self).__name__, self.dtype, shape)
+        _check.layer_input(x, type(self).__name__, self.dtype, shape, allow_empty=True)
 
     def _check_dy(self, dy):
         _check.grad_output(dy, type(self).__name__, self._y_shape, self.dtype)
@@ -74,7 +78,10 @@ class LayerNorm(_RowNorm):
         Learn ``weight`` (ones) of shape ``normalized_shape``...
     bias : bool, default True
         ...and ``bias`` (zeros), when ``elementwise_affine``.
+    device : None or 'cpu'
     dtype : float32 or float64, default float32
+        As NumPy (``np.float64``) or PyTorch (``torch.float64``) spells it;
+        ``None`` is float32.
 
     Examples
     --------
@@ -84,16 +91,17 @@ class LayerNorm(_RowNorm):
     """
 
     def __init__(self, normalized_shape, eps=1e-5, elementwise_affine=True, bias=True,
-                 dtype=np.float32):
+                 device=None, dtype=np.float32):
         super().__init__()
         self.normalized_shape = _shape_tuple(normalized_shape)
         self.eps = _validate.check_eps(eps)
         self.elementwise_affine = _check.flag(elementwise_affine, "elementwise_affine")
-        use_bias = _check.flag(bias, "bias")
+        self.has_bias = _check.flag(bias, "bias")
+        _check.device(device, type(self).__name__)
         self.dtype = _check.float_dtype(dtype)
         self.weight = self.bias = None
         if self.elementwise_affine:
-            self._make_params(self.normalized_shape, True, use_bias)
+            self._make_params(self.normalized_shape, True, self.has_bias)
         self._cache = None
         self._y_shape = None
 
@@ -119,7 +127,7 @@ class LayerNorm(_RowNorm):
 
     def extra_repr(self):
         return (f"{self.normalized_shape}, eps={self.eps}, "
-                f"elementwise_affine={self.elementwise_affine}")
+                f"elementwise_affine={self.elementwise_affine}, bias={self.has_bias}")
 
 
 class RMSNorm(_RowNorm):
@@ -135,7 +143,8 @@ class RMSNorm(_RowNorm):
         ``None`` is ``np.finfo(dtype).eps``, as PyTorch.
     elementwise_affine : bool, default True
         Learn ``weight`` (ones) of shape ``normalized_shape``; there is no bias.
-    dtype : float32 or float64, default float32
+    device : None or 'cpu'
+    dtype : float32 or float64, default float32 (see :class:`LayerNorm`)
 
     Examples
     --------
@@ -144,11 +153,13 @@ class RMSNorm(_RowNorm):
     >>> dx = rms.backward(dy)
     """
 
-    def __init__(self, normalized_shape, eps=None, elementwise_affine=True, dtype=np.float32):
+    def __init__(self, normalized_shape, eps=None, elementwise_affine=True, device=None,
+                 dtype=np.float32):
         super().__init__()
         self.normalized_shape = _shape_tuple(normalized_shape)
         self.eps = None if eps is None else _validate.check_eps(eps)
         self.elementwise_affine = _check.flag(elementwise_affine, "elementwise_affine")
+        _check.device(device, type(self).__name__)
         self.dtype = _check.float_dtype(dtype)
         self.weight = None
         if self.elementwise_affine:
@@ -192,7 +203,8 @@ class GroupNorm(_RowNorm):
     eps : float, default 1e-5
     affine : bool, default True
         Learn per-channel ``weight`` (ones) and, with ``bias``, ``bias`` (zeros).
-    dtype : float32 or float64, default float32
+    device : None or 'cpu'
+    dtype : float32 or float64, default float32 (see :class:`LayerNorm`)
     bias : bool, keyword only, default True
 
     Examples
@@ -202,21 +214,22 @@ class GroupNorm(_RowNorm):
     >>> dx = gn.backward(dy)
     """
 
-    def __init__(self, num_groups, num_channels, eps=1e-5, affine=True, dtype=np.float32, *,
-                 bias=True):
+    def __init__(self, num_groups, num_channels, eps=1e-5, affine=True, device=None,
+                 dtype=np.float32, *, bias=True):
         super().__init__()
         self.num_groups = _check.positive_int(num_groups, "num_groups")
-        self.num_channels = _check.positive_int(num_channels, "num_channels")
+        self.num_channels = _check.nonnegative_int(num_channels, "num_channels")
         if self.num_channels % self.num_groups:
             raise ValueError(f"num_channels ({self.num_channels}) must be divisible by "
                              f"num_groups ({self.num_groups}).")
         self.eps = _validate.check_eps(eps)
         self.affine = _check.flag(affine, "affine")
-        use_bias = _check.flag(bias, "bias")
+        self.has_bias = _check.flag(bias, "bias")
+        _check.device(device, type(self).__name__)
         self.dtype = _check.float_dtype(dtype)
         self.weight = self.bias = None
         if self.affine:
-            self._make_params((self.num_channels,), True, use_bias)
+            self._make_params((self.num_channels,), True, self.has_bias)
         self._cache = None
         self._y_shape = None
 
@@ -237,25 +250,28 @@ class GroupNorm(_RowNorm):
         return dx if input_grad else None
 
     def extra_repr(self):
-        return f"{self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine}"
+        return (f"{self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine}"
+                f"{'' if self.has_bias else ', bias=False'}")
 
 
 class _InstanceNorm(_RowNorm):
     _spatial: int = 1
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=False,
-                 track_running_stats=False, dtype=np.float32):
+                 track_running_stats=False, device=None, dtype=np.float32, *, bias=True):
         super().__init__()
-        self.num_features = _check.positive_int(num_features, "num_features")
+        self.num_features = _check.nonnegative_int(num_features, "num_features")
         self.eps = _validate.check_eps(eps)
         self.momentum = None if momentum is None else _validate.check_momentum(momentum)
         self.affine = _check.flag(affine, "affine")
         self.track_running_stats = _check.flag(track_running_stats, "track_running_stats")
+        self.has_bias = _check.flag(bias, "bias")
+        _check.device(device, type(self).__name__)
         self.dtype = _check.float_dtype(dtype)
         c = self.num_features
         self.weight = self.bias = None
         if self.affine:
-            self._make_params((c,), True, True)
+            self._make_params((c,), True, self.has_bias)
         self.running_mean = self.running_var = self.num_batches_tracked = None
         if self.track_running_stats:
             self.running_mean = np.zeros(c, self.dtype)
@@ -282,6 +298,8 @@ class _InstanceNorm(_RowNorm):
             momentum = 0.0 if self.momentum is None else self.momentum
             y, mean, rstd = N._instance_norm_train(xb, self.running_mean, self.running_var,
                                                    self.weight, self.bias, momentum, self.eps)
+        elif xb.size == 0:  # eval on an empty input (no channels, perhaps)
+            y, mean, rstd = np.empty_like(xb), None, None
         else:
             y = F.normalize(xb, self.running_mean, self.running_var, self.weight, self.bias,
                             self.eps)
@@ -297,6 +315,9 @@ class _InstanceNorm(_RowNorm):
         if mean is not None:
             dx, dweight, dbias = N.instance_norm_backward(dyb, x, mean, rstd, self.weight,
                                                           self.affine)
+        elif x.size == 0:
+            zeros = np.zeros(self.num_features, self.dtype)
+            dx, dweight, dbias = np.empty_like(x), zeros, zeros
         else:
             dx, dweight, dbias = self._backward_eval(dyb, x)
         self._store_grads(dweight, dbias)
@@ -308,8 +329,9 @@ class _InstanceNorm(_RowNorm):
     _backward_eval = _BatchNorm._backward_eval
 
     def extra_repr(self):
+        extra = "" if self.has_bias else ", bias=False"
         return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
-                f"affine={self.affine}, track_running_stats={self.track_running_stats}")
+                f"affine={self.affine}, track_running_stats={self.track_running_stats}{extra}")
 
 
 class InstanceNorm1d(_InstanceNorm):
@@ -327,12 +349,16 @@ class InstanceNorm1d(_InstanceNorm):
         Weight of the new batch in the running statistics (``None``: 0, as
         PyTorch's instance norm).
     affine : bool, default False
-        Learn per-channel ``weight`` (ones) and ``bias`` (zeros).
+        Learn per-channel ``weight`` (ones) and, with ``bias``, ``bias`` (zeros).
     track_running_stats : bool, default False
         Keep ``running_mean`` and ``running_var`` (unbiased), updated in
         training mode with the mean over samples of the instances' statistics
-        and used in eval mode.
-    dtype : float32 or float64, default float32
+        and used in eval mode.  An empty input leaves them untouched (PyTorch
+        2.13 writes NaN into them for an empty batch).
+    device : None or 'cpu'
+    dtype : float32 or float64, default float32 (see :class:`LayerNorm`)
+    bias : bool, keyword only, default True
+        With ``affine``, learn ``bias`` too.
 
     Examples
     --------
@@ -359,3 +385,19 @@ class InstanceNorm2d(_InstanceNorm):
     """
 
     _spatial = 2
+
+
+class InstanceNorm3d(_InstanceNorm):
+    """Instance normalisation of ``(N, C, D, H, W)`` (or unbatched ``(C, D, H, W)``)
+    inputs: each (sample, channel) over ``D, H, W``.
+
+    Same arguments, attributes and behaviour as ``torch.nn.InstanceNorm3d``;
+    see :class:`InstanceNorm1d` for the parameters.
+
+    Examples
+    --------
+    >>> inorm = InstanceNorm3d(8, affine=True, bias=False)
+    >>> y = inorm.forward(x)            # x: (N, 8, D, H, W)
+    """
+
+    _spatial = 3

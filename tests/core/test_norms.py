@@ -404,7 +404,8 @@ def _bad_calls(x, w, rm, rv):
         (ValueError, lambda: numbabn.layer_norm(x, x.shape[-1], np.ones(x.shape[-1] + 1, f32))),
         (TypeError, lambda: numbabn.layer_norm(x, x.shape[-1], np.ones(x.shape[-1]))),
         (ValueError, lambda: numbabn.layer_norm(x, x.shape[-1], eps=-1.0)),
-        (ValueError, lambda: numbabn.layer_norm(x[:0], x.shape[-1])),
+        # one spatial element is refused even in an empty batch (as PyTorch)
+        (ValueError, lambda: numbabn.instance_norm(x[:0, :, :1, :1], rm, rv)),
         (ValueError, lambda: numbabn.layer_norm_backward(
             x[:1], x, np.zeros((x.shape[0], 1)), np.ones((x.shape[0], 1)), x.shape[-1])),
         (ValueError, lambda: numbabn.layer_norm_backward(
@@ -454,3 +455,156 @@ def test_messages_say_what_was_expected():
         numbabn.layer_norm(x, 4)
     with pytest.raises(ValueError, match=r"weight must have shape \(3,\)"):
         numbabn.rms_norm(x, 3, np.ones(4, np.float32))
+
+
+# --------------------------------------------------------------------------- #
+# Empty inputs: PyTorch's results (no kernel runs)
+# --------------------------------------------------------------------------- #
+EMPTY_CASES = [  # (family, x shape, normalized_shape or num_groups)
+    ("layer", (0, 5), (5,)),
+    ("layer", (3, 0), (0,)),
+    ("layer", (0,), (0,)),
+    ("layer", (2, 0, 4), (0, 4)),
+    ("layer", (0, 3, 2, 4), (2, 4)),
+    ("rms", (0, 5), (5,)),
+    ("rms", (3, 0), (0,)),
+    ("rms", (2, 3, 0), (3, 0)),
+    ("group", (0, 4, 3), 2),
+    ("group", (0, 4), 2),
+    ("group", (2, 4, 0), 2),
+    ("group", (2, 0, 3), 1),
+    ("instance", (0, 3, 5), None),
+    ("instance", (2, 3, 0), None),
+    ("instance", (2, 0, 5, 2), None),
+]
+
+
+def _empty_ours(family, x, arg, w, b):
+    """(y, saved statistics, dx, parameter gradients) of an empty ``x``."""
+    if family == "layer":
+        y, mean, rstd = numbabn.layer_norm_train(x, arg, w, b)
+        dx, *grads = numbabn.layer_norm_backward(x, x, mean, rstd, arg, w)
+        return y, (mean, rstd), dx, grads
+    if family == "rms":
+        y, rstd = numbabn.rms_norm_train(x, arg, w)
+        dx, dw = numbabn.rms_norm_backward(x, x, rstd, arg, w)
+        return y, (rstd,), dx, [dw]
+    if family == "group":
+        y, mean, rstd = numbabn.group_norm_train(x, arg, w, b)
+        dx, *grads = numbabn.group_norm_backward(x, x, mean, rstd, arg, w)
+        return y, (mean, rstd), dx, grads
+    y, mean, rstd = numbabn.instance_norm_train(x, w, b)
+    dx, *grads = numbabn.instance_norm_backward(x, x, mean, rstd, w)
+    return y, (mean, rstd), dx, grads
+
+
+def _empty_torch(torch, family, x, arg, w, b):
+    """PyTorch's (y, saved statistics, parameter gradients), the gradients None
+    where PyTorch 2.13 has none to compare: affine instance norm with no
+    instances raises IndexError, group norm's dweight is NaN for empty rows."""
+    tx = torch.tensor(x, requires_grad=True)
+    tw = torch.tensor(w, requires_grad=True)
+    tb = torch.tensor(b, requires_grad=True)
+    if family in ("layer", "rms"):
+        if family == "layer":
+            y, mean, rstd = torch.native_layer_norm(tx, arg, tw, tb, 1e-5)
+            stats = (mean, rstd)
+        else:
+            y = torch.nn.functional.rms_norm(tx, arg, tw)
+            stats = None  # not returned by PyTorch
+    else:
+        n, c = x.shape[:2]
+        groups = c if family == "instance" else arg
+        stats = None  # (no channels: PyTorch's native group norm wants a group)
+        if groups:
+            stats = torch.native_group_norm(tx.detach(), None, None, n, c,
+                                            int(np.prod(x.shape[2:])), groups, 1e-5)[1:]
+        if family == "group":
+            y = torch.nn.functional.group_norm(tx, groups, tw, tb)
+        elif n * c == 0:  # affine and no instances: an IndexError (the docs say so)
+            with pytest.raises(IndexError):
+                torch.nn.functional.instance_norm(tx, weight=tw, bias=tb)
+            return torch.nn.functional.instance_norm(tx), stats, None
+        else:
+            y = torch.nn.functional.instance_norm(tx, weight=tw, bias=tb)
+    y.sum().backward()
+    if family == "group" and x.shape[0] > 0:
+        # Rows with no values: PyTorch's group norm gives dweight = sum(...) * rstd = 0 * NaN;
+        # its instance norm (and numbabn) the sum over no values, 0.
+        assert np.isnan(tw.grad.numpy()).all()
+        return y, stats, None
+    return y, stats, [tw.grad] + ([] if family == "rms" else [tb.grad])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("family,shape,arg", EMPTY_CASES)
+def test_empty_inputs_give_pytorchs_results(rng, dtype, family, shape, arg):
+    x = np.empty(shape, dtype)
+    pshape = arg if family in ("layer", "rms") else shape[1:2]
+    w, b = params(rng, pshape, dtype)
+    y, stats, dx, grads = _empty_ours(family, x, arg, w, b)
+    assert y.shape == dx.shape == shape and y.dtype == dx.dtype == dtype
+    for g in grads:
+        assert g.shape == pshape and g.dtype == dtype
+        np.testing.assert_array_equal(g, 0)
+    for s in stats:
+        assert s.dtype == dtype
+        np.testing.assert_array_equal(np.isnan(s), s is stats[-1])  # mean 0, rstd NaN
+    torch = pytest.importorskip("torch")
+    ty, tstats, tgrads = _empty_torch(torch, family, x, arg, w, b)
+    assert tuple(ty.shape) == shape
+    if tstats is not None:
+        for s, t in zip(stats, tstats):
+            t = t.detach().numpy().reshape(s.shape)  # group norm's are (N, G) as ours
+            np.testing.assert_array_equal(s, t)
+    if tgrads is not None:
+        for g, t in zip(grads, tgrads):
+            np.testing.assert_array_equal(g, t.numpy())
+
+
+@pytest.mark.parametrize("shape", [(0, 3, 5), (2, 3, 0)])
+@pytest.mark.parametrize("use_input_stats", [True, False])
+def test_empty_instance_norm_leaves_running_statistics_untouched(rng, shape, use_input_stats):
+    rm = rng.standard_normal(3).astype(np.float32)
+    rv = rng.uniform(0.5, 2, 3).astype(np.float32)
+    saved = rm.copy(), rv.copy()
+    y = numbabn.instance_norm(np.empty(shape, np.float32), rm, rv,
+                              use_input_stats=use_input_stats, momentum=0.5)
+    assert y.shape == shape
+    np.testing.assert_array_equal(rm, saved[0])
+    np.testing.assert_array_equal(rv, saved[1])
+
+
+def test_empty_inputs_are_still_validated():
+    x = np.empty((0, 4, 3), np.float32)
+    with pytest.raises(ValueError, match="more than 1 spatial element"):
+        numbabn.instance_norm_train(np.empty((0, 3, 1), np.float32))
+    with pytest.raises(ValueError, match="divide"):
+        numbabn.group_norm(x, 3)
+    with pytest.raises(ValueError, match="trailing axes"):
+        numbabn.layer_norm(x, (4, 4))
+    with pytest.raises(ValueError, match=r"weight must have shape \(4,\)"):
+        numbabn.group_norm(x, 2, np.ones(3, np.float32))
+    with pytest.raises(ValueError, match="mean must have shape"):
+        numbabn.layer_norm_backward(x, x, np.zeros((1, 4, 1), np.float32),
+                                    np.zeros((0, 4, 1), np.float32), 3)
+
+
+def test_empty_inputs_on_device_arrays():
+    """The GPU twins return device arrays for empty inputs too (simulator by default)."""
+    cuda = pytest.importorskip("numba.cuda")
+    if not cuda.is_available():
+        pytest.skip("no CUDA GPU, and NUMBA_ENABLE_CUDASIM is off")
+    x = cuda.to_device(np.zeros((2, 4, 0), np.float32))
+    y, mean, rstd = numbabn.group_norm_train(x, 2)
+    dx, dw, db = numbabn.group_norm_backward(x, x, mean, rstd, 2)
+    assert y.shape == dx.shape == (2, 4, 0)
+    np.testing.assert_array_equal(mean.copy_to_host(), np.zeros((2, 2)))
+    assert np.isnan(rstd.copy_to_host()).all()
+    np.testing.assert_array_equal(dw.copy_to_host(), np.zeros(4))
+    rm = cuda.to_device(np.full(4, 0.5, np.float32))
+    rv = cuda.to_device(np.full(4, 2.0, np.float32))
+    assert numbabn.instance_norm(cuda.to_device(np.zeros((0, 4, 3), np.float32)), rm, rv,
+                                 momentum=1.0).shape == (0, 4, 3)
+    np.testing.assert_array_equal(rm.copy_to_host(), 0.5)
+    np.testing.assert_array_equal(rv.copy_to_host(), 2.0)
