@@ -70,9 +70,10 @@ from .feature_kernels import (_block_backward_sums, _cdiv, _pow2_near, affine_co
                               backward_coefs, chan_merge, invstd_of, shifted_moments,
                               store_statistics, sum_dy_xmu_about)
 
-RowGeometry = namedtuple("RowGeometry", "mrows kcols fused grad_rows")
+RowGeometry = namedtuple("RowGeometry", "mrows kcols fused grad_rows bwd_block")
 """A row's chunks are ``mrows`` runs by ``kcols`` values of its ``(M, K)``
-plane; ``fused``: one task per row; ``grad_rows``: rows per parameter block."""
+plane; ``fused``: one task per row; ``grad_rows``: rows per parameter block;
+``bwd_block``: values per block of the backward sums in the input's dtype."""
 
 
 @njit(**CPU_JIT_STRICT)
@@ -325,13 +326,51 @@ def _sums_run(dyr, xr, hi):
     return s1, s2, s3
 
 
+@njit(**CPU_JIT)
+def _block_sums_each(dyr, xr, w, hi, sc):
+    """``sum(g)``, ``sum(g * xc)``, ``sum(xc)`` with ``g = dy * w`` and ``xc =
+    (x - hi) * sc`` in the input's dtype (vector lanes of it) over one block."""
+    a = hi - hi
+    b = hi - hi
+    e = hi - hi
+    for j in range(xr.shape[0]):
+        gj = dyr[j] * w[j]
+        xc = (xr[j] - hi) * sc
+        a += gj
+        b += gj * xc
+        e += xc
+    return a, b, e
+
+
 @njit(**CPU_JIT_STRICT)
-def _chunk_backward_sums(dy, x, n, g, r, m0, m1, k0, k1, aff, hi, weight):
+def _sums_each_blocked(dyr, xr, w, hi, rstd, block):
+    """The three float64 sums of :func:`_sums_each` as batch norm's backward
+    takes them: blocks of ``block`` values in the input's dtype with ``x - hi``
+    scaled by a power of two near ``rstd`` (exact), each block added in
+    float64 in order.  ``hi`` is the saved mean in the input's dtype."""
+    dt = xr.dtype.type
+    hx = dt(hi)
+    sc = dt(_pow2_near(rstd))
+    s1 = 0.0
+    s2 = 0.0
+    s3 = 0.0
+    for b0 in range(0, xr.shape[0], block):
+        b1 = min(b0 + block, xr.shape[0])
+        a, b, e = _block_sums_each(dyr[b0:b1], xr[b0:b1], w[b0:b1], hx, sc)
+        s1 += np.float64(a)
+        s2 += np.float64(b)
+        s3 += np.float64(e)
+    inv = 1.0 / np.float64(sc)  # a power of two: exact
+    return s1, s2 * inv, s3 * inv
+
+
+@njit(**CPU_JIT_STRICT)
+def _chunk_backward_sums(dy, x, n, g, r, m0, m1, k0, k1, aff, hi, weight, rstd, block):
     K = x.shape[3]
     base = (r % aff.gmod) * aff.arow
     if _one_run(x, aff):
-        return _sums_each(dy[n, 0, g, k0:k1], x[n, 0, g, k0:k1],
-                          weight[base + k0:base + k1], hi)
+        return _sums_each_blocked(dy[n, 0, g, k0:k1], x[n, 0, g, k0:k1],
+                                  weight[base + k0:base + k1], hi, rstd, block)
     s1 = 0.0
     s2 = 0.0
     s3 = 0.0
@@ -357,7 +396,7 @@ def _chunk_backward_sums(dy, x, n, g, r, m0, m1, k0, k1, aff, hi, weight):
 
 
 @njit(**CPU_JIT_STRICT)
-def _row_backward_sums(dy, x, n, g, r, geom, aff, hi, weight):
+def _row_backward_sums(dy, x, n, g, r, geom, aff, hi, weight, rstd, block):
     M, K = x.shape[1], x.shape[3]
     nch, ncb = _nchunks(geom, M, K)
     s1 = 0.0
@@ -365,7 +404,8 @@ def _row_backward_sums(dy, x, n, g, r, geom, aff, hi, weight):
     s3 = 0.0
     for c in range(nch):
         m0, m1, k0, k1 = _chunk_bounds(c, ncb, geom, M, K)
-        t1, t2, t3 = _chunk_backward_sums(dy, x, n, g, r, m0, m1, k0, k1, aff, hi, weight)
+        t1, t2, t3 = _chunk_backward_sums(dy, x, n, g, r, m0, m1, k0, k1, aff, hi, weight,
+                                          rstd, block)
         s1 += t1
         s2 += t2
         s3 += t3
@@ -512,7 +552,9 @@ def _dx_grads_4(dy, x, rows, aff, coef, bstat, weight, qw, qb, dx):
                       bstat[XHAT_SCALE, r3])
     o0, o1, o2, o3 = (bstat[XHAT_OFFSET, r0], bstat[XHAT_OFFSET, r1], bstat[XHAT_OFFSET, r2],
                       bstat[XHAT_OFFSET, r3])
-    hh0, hh1, hh2, hh3 = np.float64(h0), np.float64(h1), np.float64(h2), np.float64(h3)
+    dt = x0.dtype.type  # xhat = (x - HI) * XHAT_SCALE + XHAT_OFFSET in the input's dtype
+    t0, t1, t2, t3 = dt(s0), dt(s1), dt(s2), dt(s3)
+    p0, p1, p2, p3 = dt(o0), dt(o1), dt(o2), dt(o3)
     base = (r0 % aff.gmod) * aff.arow
     w = weight[base:base + aff.arow]
     for j in range(x0.shape[0]):
@@ -525,15 +567,11 @@ def _dx_grads_4(dy, x, rows, aff, coef, bstat, weight, qw, qb, dx):
         d1[j] = (g1[j] * wj + c1 * b1 + e1) * a1
         d2[j] = (g2[j] * wj + c2 * b2 + e2) * a2
         d3[j] = (g3[j] * wj + c3 * b3 + e3) * a3
-        y0 = np.float64(g0[j])
-        y1 = np.float64(g1[j])
-        y2 = np.float64(g2[j])
-        y3 = np.float64(g3[j])
-        qw[j] += ((y0 * ((np.float64(x0[j]) - hh0) * s0 + o0)
-                   + y1 * ((np.float64(x1[j]) - hh1) * s1 + o1))
-                  + (y2 * ((np.float64(x2[j]) - hh2) * s2 + o2)
-                     + y3 * ((np.float64(x3[j]) - hh3) * s3 + o3)))
-        qb[j] += (y0 + y1) + (y2 + y3)
+        # the four rows' dy * xhat and dy in the input's dtype, added to float64
+        y0, y1, y2, y3 = g0[j], g1[j], g2[j], g3[j]
+        qw[j] += np.float64((y0 * (c0 * t0 + p0) + y1 * (c1 * t1 + p1))
+                            + (y2 * (c2 * t2 + p2) + y3 * (c3 * t3 + p3)))
+        qb[j] += np.float64((y0 + y1) + (y2 + y3))
 
 
 @njit(**CPU_JIT_STRICT)
@@ -585,7 +623,8 @@ def _backward_block(dy, x, hi, rstd, weight, aff, rms, geom, want_grads, blk, nb
             r = (t + i) * aff.gmod + group
             if geom.fused:
                 s1, s2, s3 = _row_backward_sums(dy, x, r // G, r % G, r, geom, aff,
-                                                np.float64(hi[r]), weight)
+                                                np.float64(hi[r]), weight, rstd[r],
+                                                geom.bwd_block)
                 _store_backward(r, cnt, s1, s2, s3, np.float64(hi[r]), rstd[r], rms, coef,
                                 bstat)
         r = t * aff.gmod + group
@@ -614,7 +653,8 @@ def backward(dy, x, hi, rstd, weight, aff, rms, geom, want_grads, p, coef, bstat
             r, c = u // nch, u % nch
             m0, m1, k0, k1 = _chunk_bounds(c, ncb, geom, M, K)
             p[0, r, c], p[1, r, c], p[2, r, c] = _chunk_backward_sums(
-                dy, x, r // G, r % G, r, m0, m1, k0, k1, aff, np.float64(hi[r]), weight)
+                dy, x, r // G, r % G, r, m0, m1, k0, k1, aff, np.float64(hi[r]), weight,
+                rstd[r], geom.bwd_block)
         for r in prange(rows):
             s1, s2, s3 = _sum_chunks(p, r)
             _store_backward(r, cnt, s1, s2, s3, np.float64(hi[r]), rstd[r], rms, coef, bstat)

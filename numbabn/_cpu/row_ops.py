@@ -17,21 +17,21 @@ from .row_kernels import RowGeometry, backward, backward_cl, backward_runs, forw
 @lru_cache(maxsize=256)
 def _plan(shape4, itemsize, nread, tunables):
     _, M, _, K = shape4
-    chunk, fuse_bytes, fuse_min_tasks = tunables
+    chunk, fuse_bytes, fuse_min_tasks, bwd_block = tunables
     rows = shape4[0] * shape4[2]
     reduced = M * K
     kcols = min(K, chunk)
     mrows = max(1, chunk // kcols)
     fused = rows >= fuse_min_tasks and nread * reduced * itemsize <= fuse_bytes
     grad_rows = max(1, chunk // reduced)
-    return RowGeometry(mrows, kcols, int(fused), grad_rows)
+    return RowGeometry(mrows, kcols, int(fused), grad_rows, bwd_block)
 
 
 def plan(shape4, itemsize, nread):
     """The geometry of one ``(N, M, G, K)`` shape reading ``nread`` arrays, with
     the tunables of :mod:`numbabn._config` as they are now."""
     return _plan(tuple(shape4), itemsize, nread,
-                 (cfg.CHUNK_ELEMS, cfg.FUSE_BYTES, cfg.FUSE_MIN_TASKS))
+                 (cfg.CHUNK_ELEMS, cfg.FUSE_BYTES, cfg.FUSE_MIN_TASKS, cfg.BWD_BLOCK))
 
 
 @lru_cache(maxsize=8)
