@@ -16,8 +16,15 @@ is reported for each.  For context, the same is done for the four BatchNorm
 layers alone (forward and backward of one BatchNorm2d on a (32, 64, 56, 56)
 tensor, 4 times).
 
+``--per-call`` times one layer call instead (the per-call overhead): eval under
+``no_grad``, eval with gradients enabled, and a training forward+backward, on a
+tiny (4, 8, 4, 4) tensor and on (32, 64, 32, 32), stock against numbabn,
+interleaved, with the kernel numbabn calls (``numbabn._cpu.feature_ops`` on
+NumPy views) timed alone for the large tensor.  Each figure is the median over
+rounds of the mean over many calls; run it several times on a busy machine.
+
     PYTHONPATH=. python scripts/bench_torch_dropin.py [--rounds 7] [--steps 3]
-        [--memory-format nchw|channels_last|both]
+        [--memory-format nchw|channels_last|both] [--per-call]
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import statistics
 import time
 
 import numba
+import numpy as np
 import torch
 from torch import nn
 
@@ -127,18 +135,87 @@ def bench(fmt_name, rounds, steps):
     return med, med_bn
 
 
+def per_call(rounds):
+    """Stock vs numbabn per layer call; results checked first."""
+    import numbabn.torch._tensors as nbtt
+    from numbabn import _backend
+    from numbabn import functional as nbf
+
+    fo = _backend.CPU.feature_ops
+    for shape, reps in (((4, 8, 4, 4), 2000), ((32, 64, 32, 32), 20)):
+        c = shape[1]
+        x = torch.randn(shape)
+        dy = torch.randn(shape)
+        layers = {"stock": nn.BatchNorm2d(c), "numbabn": nbt.BatchNorm2d(c)}
+        with torch.no_grad():
+            y1, y2 = layers["stock"].eval()(x), layers["numbabn"].eval()(x)
+        assert ((y1 - y2).abs().max() <= 1e-5 * y1.abs().max()).item(), "eval outputs differ"
+        print(f"\n== per call, {shape}, float32 (median of {rounds} rounds, us) ==")
+
+        def evals(bn):
+            def run():
+                with torch.no_grad():
+                    bn.eval()(x)
+            return run
+
+        def evals_grad(bn):
+            return lambda: bn.eval()(x)
+
+        xr = x.clone().requires_grad_()
+
+        def train(bn):
+            def run():
+                bn.train()(xr).backward(dy)
+            return run
+
+        for what, make in (("eval, no_grad", evals), ("eval, grad enabled", evals_grad),
+                           ("train fwd+bwd", train)):
+            fns = {name: make(bn) for name, bn in layers.items()}
+            for fn in fns.values():
+                fn()
+            med, _ = interleave(fns, rounds, reps)
+            print(f"  {what:20s} stock {med['stock'] * 1e3:9.1f}  numbabn {med['numbabn'] * 1e3:9.1f}"
+                  f"  (+{(med['numbabn'] - med['stock']) * 1e3:.1f})")
+        if shape[0] == 32:  # the kernels alone, on NumPy views, as the layer calls them
+            xa, ya = x.numpy(), torch.empty_like(x).numpy()
+            nbf.batch_norm_train(xa)  # the functional API remembers x's layout
+            plan = nbf._plan_of(xa, 1)
+            w, b = np.ones(c, np.float32), np.zeros(c, np.float32)
+            rm, rv = np.zeros(c, np.float32), np.ones(c, np.float32)
+            dya, dxa = dy.numpy(), torch.empty_like(x).numpy()
+            mean, invstd, _ = fo.batch_norm_train(plan.view(xa), w, b, 1e-5, plan.view(ya))
+
+            def kernel_eval():
+                with _backend.CPU.guard(xa):
+                    fo.normalize(plan.view(xa), rm, rv, w, b, 1e-5, plan.view(ya))
+
+            def kernel_train():
+                with _backend.CPU.guard(xa):
+                    fo.batch_norm_train(plan.view(xa), w, b, 1e-5, plan.view(ya))
+                    fo.batch_norm_backward(plan.view(dya), plan.view(xa), mean, invstd, w,
+                                           plan.view(dxa))
+
+            nbtt.follow_torch_threads(xa.size)
+            med, _ = interleave({"eval": kernel_eval, "train": kernel_train}, rounds, reps)
+            print(f"  kernels alone: eval {med['eval'] * 1e3:.1f}, train fwd+bwd "
+                  f"{med['train'] * 1e3:.1f}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--steps", type=int, default=3, help="steps per timed block")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--memory-format", choices=["nchw", "channels_last", "both"], default="both")
+    ap.add_argument("--per-call", action="store_true", help="time single layer calls instead")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
+    torch.set_num_threads(args.threads)  # numbabn.torch's layers follow it
     print(f"torch {torch.__version__} ({torch.get_num_threads()} threads), numba "
           f"{numba.__version__} ({numba.get_num_threads()} threads); "
           f"{args.rounds} rounds x {args.steps} steps, medians")
+    if args.per_call:
+        per_call(args.rounds)
+        return
     fmts = ["nchw", "channels_last"] if args.memory_format == "both" else [args.memory_format]
     for fmt in fmts:
         bench(fmt, args.rounds, args.steps)
