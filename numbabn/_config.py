@@ -116,18 +116,19 @@ BWD_NC_ROWS = 64
 # L1: 0.055 against 0.090 ns per value for rows of 196, no gain for 676.
 SHORT_RUN = 512
 
-# NCHW-like elementwise passes over runs of at most ``PLANE_MAX_INNER`` values
-# (planes up to 16x16) run along whole samples with each feature's coefficients
-# repeated over its run (numbabn._cpu.feature_kernels.affine_planes), when that
-# table (NCOEFS rows, aligned) takes at most ``PLANE_TABLE_BYTES``: it is read
-# once per sample next to the data, so it must stay in L2.  Same bits as the
-# per-run pass, which runs short runs as scalar code.
+# NCHW-like passes over runs of at most ``PLANE_MAX_INNER`` values (planes up
+# to 16x16) take blocks of features of about ``PLANE_BLOCK_VALUES`` values a
+# sample, each feature's coefficients repeated over its run, and run along
+# every sample's segment of the block (numbabn._cpu.feature_kernels.affine_planes,
+# dx_planes): per-run loops over such short runs are scalar code.  Same bits.
+# Their backward sums (backward_planes) keep per-position accumulators for
+# blocks of at most ``PLANE_SUM_VALUES`` values, summing ``PLANE_SUM_SAMPLES``
+# samples per position in the input's dtype before adding to float64 (16: the
+# values per vector lane of a ``BWD_BLOCK`` block of the per-run sums).
 PLANE_MAX_INNER = 256
-PLANE_TABLE_BYTES = 384 << 10
-# Their backward sums run along whole samples too (feature_kernels.backward_planes):
-# a task takes features of at most ``PLANE_SUM_VALUES`` values per sample, whose
-# per-position accumulators stay in L1/L2.
-PLANE_SUM_VALUES = 2048
+PLANE_BLOCK_VALUES = 1024
+PLANE_SUM_VALUES = 1024
+PLANE_SUM_SAMPLES = 16
 
 # Group and instance norm of channels-last data whose groups hold at most
 # ``CL_MAX_RUN`` adjacent channels run per sample along the channels

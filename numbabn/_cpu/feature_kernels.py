@@ -533,52 +533,96 @@ def normalize_nchw(x, mean, spread, spread_is_var, eps, weight, bias, runs, coef
 
 
 # =========================================================================== #
-# NCHW-like elementwise passes over small planes.  A run of ``inner`` values
-# (a 4x4 .. 16x16 plane) is shorter than one step of the vectorised loop (16
-# float32 lanes, interleaved four times), so a per-run pass runs scalar code:
-# (32, 512, 4, 4) float32 eval took 250 us on one core against 55 us this way.
-# Here ``x`` is the 2-D view ``(outer, C * inner)``, each feature's coefficients
-# are repeated over its run (``coef2``), and the pass is the channel-contiguous
-# one (:func:`_nc_table`, :func:`_affine_nc`, :func:`_dx_nc`), vectorised along
-# a whole sample.  Each value's arithmetic is the per-run pass's, so the bits
-# are the same.  Used when the table stays small (``feature_ops._planes``).
+# NCHW-like passes over small planes.  A run of ``inner`` values (a 4x4 ..
+# 16x16 plane) is shorter than one step of the vectorised loop (16 float32
+# lanes, interleaved four times), so a per-run pass runs scalar code: (32, 512,
+# 4, 4) float32 eval took 270 us on one core against 70 us here.  These take
+# ``x`` as the 2-D view ``(outer, C * inner)`` and a block of ``fblock``
+# features at a time: the block's coefficients repeated over each run (a table
+# of ``fblock * inner`` values, in L1), then every sample's segment of the
+# block, vectorised along it.  Tasks are (feature block, sample block) pairs.
+# Each value's arithmetic is the per-run pass's, so the bits are the same.
 # =========================================================================== #
 @njit(**CPU_JIT_STRICT)
-def _expand_runs(coef, inner, coef2):
-    """``coef2[q, c * inner + j] = coef[q, c]``."""
-    for q in range(coef.shape[0]):
-        for c in range(coef.shape[1]):
+def _block_table(coef, q0, q1, c0, c1, inner):
+    """Rows ``[q0, q1)`` of ``coef`` for features ``[c0, c1)``, each repeated
+    over its run: ``tab[q - q0, (c - c0) * inner + j] = coef[q, c]``."""
+    tab = np.empty((q1 - q0, (c1 - c0) * inner), coef.dtype)
+    for q in range(q0, q1):
+        row = tab[q - q0]
+        for c in range(c0, c1):
             v = coef[q, c]
+            b = (c - c0) * inner
             for j in range(inner):
-                coef2[q, c * inner + j] = v
+                row[b + j] = v
+    return tab
+
+
+@njit(**CPU_JIT_STRICT)
+def _plane_task(u, nsb, outer, nfeat, fblock):
+    """Features ``[c0, c1)`` and samples ``[n0, n1)`` of task ``u``."""
+    fb, sb = u // nsb, u % nsb
+    c0 = fb * fblock
+    n0 = (sb * outer) // nsb
+    return c0, min(c0 + fblock, nfeat), n0, ((sb + 1) * outer) // nsb
 
 
 @njit(**CPU_JIT_PARALLEL)
-def affine_planes(x2, coef, inner, rows, relu, coef2, y2):
+def affine_planes(x2, coef, inner, fblock, nsb, relu, y2):
     """``y = (x - HI) * SCALE + OFFSET`` (then a ReLU with ``relu``) over the
     ``(outer, C * inner)`` views, with ``coef`` per feature."""
-    _expand_runs(coef, inner, coef2)
-    tab, k = _nc_table(coef2, x2, _contiguous(x2) and _contiguous(y2))
-    nrows = x2.shape[0]
-    rows = _elementwise_rows(rows, x2.shape[1], x2.itemsize)
-    for rb in prange(_cdiv(nrows, rows)):
-        r0 = rb * rows
-        _affine_nc(x2, r0, min(r0 + rows, nrows), coef2, tab, k, relu, y2)
+    outer = x2.shape[0]
+    nfeat = coef.shape[1]
+    zero = np.zeros(1, coef.dtype)[0]
+    for u in prange(_cdiv(nfeat, fblock) * nsb):
+        c0, c1, n0, n1 = _plane_task(u, nsb, outer, nfeat, fblock)
+        tab = _block_table(coef, HI, OFFSET + 1, c0, c1, inner)
+        hi = tab[HI]
+        s = tab[SCALE]
+        o = tab[OFFSET]
+        p0 = c0 * inner
+        w = (c1 - c0) * inner
+        for n in range(n0, n1):
+            xr = x2[n, p0:p0 + w]
+            yr = y2[n, p0:p0 + w]
+            if relu:
+                for j in range(w):
+                    v = (xr[j] - hi[j]) * s[j] + o[j]
+                    yr[j] = zero if v < zero else v  # NaN and -0.0 stay, as torch.relu
+            else:
+                for j in range(w):
+                    yr[j] = (xr[j] - hi[j]) * s[j] + o[j]
 
 
 @njit(**CPU_JIT_PARALLEL)
-def dx_planes(dy2, x2, y2, coef, inner, rows, masked, coef2, dx2):
+def dx_planes(dy2, x2, y2, coef, inner, fblock, nsb, masked, dx2):
     """The dx pass ``dx = (g + (x - HI) * XC_COEF + DY_SHIFT) * DX_SCALE`` over
     the ``(outer, C * inner)`` views (``g = dy``, or 0 where ``y <= 0`` with
     ``masked``), with ``coef`` per feature."""
-    _expand_runs(coef, inner, coef2)
-    tab, k = _nc_table(coef2, x2, _contiguous(dy2) and _contiguous(x2) and _contiguous(y2)
-                       and _contiguous(dx2))
-    nrows = x2.shape[0]
-    rows = _elementwise_rows(rows, x2.shape[1], x2.itemsize)
-    for rb in prange(_cdiv(nrows, rows)):
-        r0 = rb * rows
-        _dx_nc(dy2, x2, r0, min(r0 + rows, nrows), coef2, tab, k, y2, masked, dx2)
+    outer = x2.shape[0]
+    nfeat = coef.shape[1]
+    zero = np.zeros(1, coef.dtype)[0]
+    for u in prange(_cdiv(nfeat, fblock) * nsb):
+        c0, c1, n0, n1 = _plane_task(u, nsb, outer, nfeat, fblock)
+        tab = _block_table(coef, 0, coef.shape[0], c0, c1, inner)
+        hi = tab[HI]
+        a = tab[DX_SCALE]
+        b = tab[XC_COEF]
+        d = tab[DY_SHIFT]
+        p0 = c0 * inner
+        w = (c1 - c0) * inner
+        for n in range(n0, n1):
+            gr = dy2[n, p0:p0 + w]
+            xr = x2[n, p0:p0 + w]
+            dxr = dx2[n, p0:p0 + w]
+            if masked:
+                yr = y2[n, p0:p0 + w]
+                for j in range(w):
+                    g = gr[j] if yr[j] > zero else zero
+                    dxr[j] = (g + (xr[j] - hi[j]) * b[j] + d[j]) * a[j]
+            else:
+                for j in range(w):
+                    dxr[j] = (gr[j] + (xr[j] - hi[j]) * b[j] + d[j]) * a[j]
 
 
 @njit(**CPU_JIT_STRICT)
@@ -609,20 +653,21 @@ def _plane_sums(dy2, x2, y2, hi, scale, inner, c0, c1, nblk, masked, sums):
         dyr = dy2[n, p0:p0 + w]
         xr = x2[n, p0:p0 + w]
         yr = y2[n, p0:p0 + w]
+        # one accumulator per loop: a loop storing to one array vectorises
+        # (LLVM checks its overlap with each array read); three would not
         if masked:
             for t in range(w):
+                pa[t] += dyr[t] if yr[t] > zero else zero
+            for t in range(w):
                 g = dyr[t] if yr[t] > zero else zero
-                xc = (xr[t] - hp[t]) * sp[t]
-                pa[t] += g
-                pb[t] += g * xc
-                pe[t] += xc
+                pb[t] += g * ((xr[t] - hp[t]) * sp[t])
         else:
             for t in range(w):
-                g = dyr[t]
-                xc = (xr[t] - hp[t]) * sp[t]
-                pa[t] += g
-                pb[t] += g * xc
-                pe[t] += xc
+                pa[t] += dyr[t]
+            for t in range(w):
+                pb[t] += dyr[t] * ((xr[t] - hp[t]) * sp[t])
+        for t in range(w):
+            pe[t] += (xr[t] - hp[t]) * sp[t]
         if (n + 1) % nblk == 0 or n == outer - 1:
             for q in range(3):
                 for t in range(w):

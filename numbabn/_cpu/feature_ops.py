@@ -18,7 +18,6 @@ the shape alone, and allocates.  Every tunable is read from :mod:`numbabn._confi
 per plan and passed to the kernels as an argument.
 """
 
-import math
 from collections import namedtuple
 from functools import lru_cache
 
@@ -110,38 +109,40 @@ def _elementwise_runs(x3):
 
 
 def _planes(x3, *outs):
-    """Whether the elementwise pass over NCHW-like ``x3`` runs along whole
-    samples (:func:`feature_kernels.affine_planes`): short runs (small planes),
-    all arrays C-contiguous, and the repeated coefficient table at most
-    ``PLANE_TABLE_BYTES``.  Depends on the shape and layout only."""
-    outer, nfeat, inner = x3.shape
-    if not 1 < inner <= cfg.PLANE_MAX_INNER:
-        return False
-    if not all(a.flags.c_contiguous for a in (x3, *outs)):
-        return False
-    width = nfeat * inner
-    isz = x3.dtype.itemsize
-    width *= 64 // math.gcd(width * isz, 64)  # the aligned table of _nc_table
-    return _core.NCOEFS * width * isz <= cfg.PLANE_TABLE_BYTES
+    """Whether NCHW-like ``x3`` takes the small-plane passes
+    (:func:`feature_kernels.affine_planes`, ``dx_planes``, ``backward_planes``):
+    runs of at most ``PLANE_MAX_INNER`` values and every array C-contiguous.
+    Depends on the shape and layout only."""
+    return 1 < x3.shape[2] <= cfg.PLANE_MAX_INNER and all(
+        a.flags.c_contiguous for a in (x3, *outs))
 
 
 def _flat(a3):
     return a3.reshape(a3.shape[0], a3.shape[1] * a3.shape[2])
 
 
-def _plane_rows(x3):
-    return max(1, cfg.CHUNK_ELEMS // (x3.shape[1] * x3.shape[2]))
+def _plane_blocks(x3):
+    """Features per block and sample blocks of the small-plane passes: blocks
+    of about ``PLANE_BLOCK_VALUES`` values a sample, split by samples too when
+    there are fewer feature blocks than two per thread (results never depend on
+    the blocks)."""
+    outer, nfeat, inner = x3.shape
+    fblock = max(1, cfg.PLANE_BLOCK_VALUES // inner)
+    nfb = -(-nfeat // fblock)
+    want = 2 * num_threads()
+    nsb = 1 if nfb >= want else min(outer, -(-want // nfb))
+    return fblock, nsb
 
 
 def _affine_planes(x3, coef, relu, y3):
-    coef2 = np.empty((_core.NCOEFS, x3.shape[1] * x3.shape[2]), x3.dtype)
-    k.affine_planes(_flat(x3), coef, x3.shape[2], _plane_rows(x3), relu, coef2, _flat(y3))
+    fblock, nsb = _plane_blocks(x3)
+    k.affine_planes(_flat(x3), coef, x3.shape[2], fblock, nsb, relu, _flat(y3))
 
 
 def _dx_planes(dy3, x3, y3, coef, masked, dx3):
-    coef2 = np.empty((_core.NCOEFS, x3.shape[1] * x3.shape[2]), x3.dtype)
-    k.dx_planes(_flat(dy3), _flat(x3), _flat(y3), coef, x3.shape[2], _plane_rows(x3), masked,
-                coef2, _flat(dx3))
+    fblock, nsb = _plane_blocks(x3)
+    k.dx_planes(_flat(dy3), _flat(x3), _flat(y3), coef, x3.shape[2], fblock, nsb, masked,
+                _flat(dx3))
 
 
 def _forward(x3, weight, bias, eps, y3, relu=False):
@@ -261,7 +262,7 @@ def _backward(dy3, x3, hi, invstd, weight, dx3, y3=None):
     elif _planes(x3, dy3, y3):
         inner = x3.shape[2]
         fblock = max(1, min(cfg.PLANE_SUM_VALUES // inner, -(-nfeat // (2 * geom.threads))))
-        nblk = max(1, cfg.BWD_BLOCK // inner)
+        nblk = cfg.PLANE_SUM_SAMPLES
         k.backward_planes(_flat(dy3), _flat(x3), _flat(y3), hi, invstd, w, inner, fblock, nblk,
                           masked, write_dx, sums, coef, dwb)
         if write_dx and _planes(x3, dx3):
