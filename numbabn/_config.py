@@ -116,19 +116,15 @@ BWD_NC_ROWS = 64
 # L1: 0.055 against 0.090 ns per value for rows of 196, no gain for 676.
 SHORT_RUN = 512
 
-# NCHW-like passes over runs of at most ``PLANE_MAX_INNER`` values (planes up
-# to 16x16) take blocks of features of about ``PLANE_BLOCK_VALUES`` values a
-# sample, each feature's coefficients repeated over its run, and run along
-# every sample's segment of the block (numbabn._cpu.feature_kernels.affine_planes,
-# dx_planes): per-run loops over such short runs are scalar code.  Same bits.
-# Their backward sums (backward_planes) keep per-position accumulators for
-# blocks of at most ``PLANE_SUM_VALUES`` values, summing ``PLANE_SUM_SAMPLES``
-# samples per position in the input's dtype before adding to float64 (16: the
-# values per vector lane of a ``BWD_BLOCK`` block of the per-run sums).
-PLANE_MAX_INNER = 256
+# NCHW-like elementwise passes (eval, the training output, dx) over runs of at
+# most ``PLANE_MAX_INNER`` values (planes up to 8x8) take blocks of features of
+# about ``PLANE_BLOCK_VALUES`` values a sample, each feature's coefficients
+# repeated over its run, and run along every sample's segment of the block
+# (numbabn._cpu.feature_kernels.affine_planes, dx_planes): per-run loops over
+# such short runs are scalar code.  Same bits.  From 14x14 (196) up the per-run
+# loops were faster (2 threads, (32, 256, 14, 14) eval 148 against 162 us).
+PLANE_MAX_INNER = 64
 PLANE_BLOCK_VALUES = 1024
-PLANE_SUM_VALUES = 1024
-PLANE_SUM_SAMPLES = 16
 
 # Group and instance norm of channels-last data whose groups hold at most
 # ``CL_MAX_RUN`` adjacent channels run per sample along the channels

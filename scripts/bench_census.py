@@ -4,6 +4,7 @@ geometric means and every case below the peer.
     PYTHONPATH=. python scripts/bench_census.py [--budget 0.3] [--models resnet18,bert]
                                                 [--norms batch] [--out runs/census]
     PYTHONPATH=. python -m benchmarks.avx2 python scripts/bench_census.py --out runs/census-avx2
+    PYTHONPATH=. python scripts/bench_census.py --ranges runs/census-1 runs/census-2 runs/census-3
 
 Cases come from ``benchmarks/census.py`` (the normalization layers of standard
 networks, NCHW and channels-last, float32 and float64 where users run it).  Each
@@ -13,7 +14,9 @@ fresh outputs).  Ratios are peer time / numbabn time (> 1: numbabn faster).  The
 geometric means weigh each case once; ``--weighted`` also prints them weighted
 by how many layers use the case.  Writes ``census.md`` and ``census.json``
 under ``--out`` with the machine (CPU model, host AVX2/AVX-512 and what Numba
-compiled for).  ONNX Runtime picks its kernels from the host's CPUID and cannot
+compiled for).  ``--ranges`` reads several runs' ``census.json`` and prints each
+summary figure as a range over them (a lead is claimed only where it holds in
+every run).  ONNX Runtime picks its kernels from the host's CPUID and cannot
 be pinned to AVX2: under ``benchmarks.avx2`` only numbabn and PyTorch are
 lowered.
 """
@@ -120,8 +123,58 @@ def summary(rows, weighted=False):
     return lines
 
 
+def _group_figures(rows):
+    """Per summary group and peer: (geomean, worst, cases below 1.0x, cases)."""
+    out = {}
+    for title, (norms, ops) in GROUPS.items():
+        rs = [r for r in rows if r["norm"] in norms and r["op"] in ops]
+        for peer in ("torch", "ort"):
+            vals = [r[f"vs_{peer}"] for r in rs if r[f"vs_{peer}"]]
+            if vals:
+                out[(title, peer)] = (geomean(vals), min(vals), sum(v < 1 for v in vals), len(vals))
+    by = defaultdict(list)
+    for r in rows:
+        if r["vs_torch"]:
+            by[(r["norm"], r["op"], r["layout"])].append(r["vs_torch"])
+    for key, vals in by.items():
+        out[key] = (geomean(vals), min(vals), sum(v < 1 for v in vals), len(vals))
+    return out
+
+
+def ranges(folders):
+    """Print the summary figures of several runs as ranges (min-max over runs)."""
+    runs = [json.loads((Path(f) / "census.json").read_text()) for f in folders]
+    figs = [_group_figures(r["rows"]) for r in runs]
+    m = runs[0]["machine"]
+    print(f"# {len(runs)} runs; {m['cpu']} ({m['llvm_cpu']}), numbabn compiled for "
+          f"{m.get('numbabn_isa')}; torch {m['torch']} (ATEN_CPU_CAPABILITY="
+          f"{m['environ']['ATEN_CPU_CAPABILITY']}); ort {m.get('ort')}")
+    print("| group | peer or layout | cases | geomean x peer | worst | below 1.0x |")
+    print("|---|---|---|---|---|---|")
+    keys = [k for k in figs[0] if isinstance(k[0], str) and k[0] in GROUPS]
+    keys += sorted(k for k in figs[0] if k[0] not in GROUPS)
+    for key in keys:
+        vals = [f[key] for f in figs if key in f]
+        g = [v[0] for v in vals]
+        w = [v[1] for v in vals]
+        b = [v[2] for v in vals]
+        name = key[0] if key[0] in GROUPS else f"{key[0]} {key[1]}"
+        peer = key[1] if key[0] in GROUPS else f"torch, {key[2]}"
+        print(f"| {name} | {peer} | {vals[0][3]} | {min(g):.2f}-{max(g):.2f} | "
+              f"{min(w):.2f}-{max(w):.2f} | {min(b)}-{max(b)} |")
+    # cases below PyTorch in every run
+    below = None
+    for r in runs:
+        ids = {(x["op"], x["label"]) for x in r["rows"] if x["vs_torch"] and x["vs_torch"] < 1}
+        below = ids if below is None else below & ids
+    print(f"\n{len(below)} (case, op) pairs below PyTorch in every run")
+    return 0
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["--ranges"]:
+        return ranges(argv[1:])
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--budget", type=float, default=0.3, help="seconds of timing per case and op")
     ap.add_argument("--models", help="comma-separated substrings of model names (default: all)")

@@ -110,7 +110,7 @@ def _elementwise_runs(x3):
 
 def _planes(x3, *outs):
     """Whether NCHW-like ``x3`` takes the small-plane passes
-    (:func:`feature_kernels.affine_planes`, ``dx_planes``, ``backward_planes``):
+    (:func:`feature_kernels.affine_planes`, ``dx_planes``):
     runs of at most ``PLANE_MAX_INNER`` values and every array C-contiguous.
     Depends on the shape and layout only."""
     return 1 < x3.shape[2] <= cfg.PLANE_MAX_INNER and all(
@@ -259,22 +259,14 @@ def _backward(dy3, x3, hi, invstd, weight, dx3, y3=None):
         dx2 = _as2d(dx3) if write_dx else _no_output(dtype, 2)
         k.backward_nc(_as2d(dy3), _as2d(x3), hi, invstd, w, geom, write_dx, _as2d(y3), masked, p,
                       sums, coef, dwb, dx2)
-    elif _planes(x3, dy3, y3):
-        inner = x3.shape[2]
-        fblock = max(1, min(cfg.PLANE_SUM_VALUES // inner, -(-nfeat // (2 * geom.threads))))
-        nblk = cfg.PLANE_SUM_SAMPLES
-        k.backward_planes(_flat(dy3), _flat(x3), _flat(y3), hi, invstd, w, inner, fblock, nblk,
-                          masked, write_dx, sums, coef, dwb)
-        if write_dx and _planes(x3, dx3):
-            _dx_planes(dy3, x3, y3, coef, masked, dx3)
-        elif write_dx:
-            k.dx_nchw(dy3, x3, y3, coef, _elementwise_runs(x3), masked, dx3)
     else:
+        # (the small-plane dx pass was no faster here: this one runs while the
+        # feature's sums leave it in cache)
         p = _no_output(np.float64, 3) if geom.fused else np.empty(
             (3, nfeat, _nchunks(x3.shape, geom)))
         dx3 = dx3 if write_dx else _no_output(dtype, 3)
-        k.backward_nchw(dy3, x3, hi, invstd, w, geom, write_dx, True, y3, masked, p, sums,
-                        coef, dwb, dx3)
+        k.backward_nchw(dy3, x3, hi, invstd, w, geom, write_dx, y3, masked, p, sums, coef, dwb,
+                        dx3)
     return sums, dwb
 
 

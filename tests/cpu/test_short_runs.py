@@ -1,7 +1,9 @@
-"""The passes for short runs: NCHW-like batch norm over small planes (runs of
-at most ``PLANE_MAX_INNER`` values go along whole samples, see
-``feature_kernels.affine_planes`` and ``backward_planes``) and channels-last
-group/instance norm (per sample along the channels, ``row_kernels.forward_cl``).
+"""The passes for short runs: NCHW-like batch norm over small planes (the
+elementwise passes over runs of at most ``PLANE_MAX_INNER`` values go along
+whole samples, see ``feature_kernels.affine_planes`` and ``dx_planes``),
+channels-last group/instance norm (per sample along the channels,
+``row_kernels.forward_cl``) and NCHW group/instance norm's backward by whole
+weight runs (``row_kernels.backward_runs``).
 
 Elementwise passes must give the per-run pass's bits (the per-run pass is what
 runs with ``PLANE_MAX_INNER = 0``); sums taken in another order must match the
@@ -17,7 +19,7 @@ from numbabn import _config as cfg
 from conftest import assert_close
 
 PLANES = [((32, 64, 4, 4), np.float32), ((16, 40, 7, 7), np.float32), ((8, 24, 8, 8), np.float64),
-          ((4, 10, 3, 5), np.float32), ((130, 3, 16, 16), np.float32)]
+          ((4, 10, 3, 5), np.float32), ((130, 3, 4, 8), np.float32)]
 
 
 def _data(rng, shape, dtype, loc=0.0):
@@ -60,7 +62,7 @@ def test_plane_elementwise_passes_have_the_per_run_bits(rng, per_run, shape, dty
 
 
 @pytest.mark.parametrize("shape,dtype", PLANES)
-def test_plane_backward_matches_float64_and_any_thread_count(rng, per_run, shape, dtype):
+def test_small_plane_backward(rng, shape, dtype):
     x, dy, w, b = _data(rng, shape, dtype)
     _, mean, invstd = nb.batch_norm_train(x, w, b)
     dx, dw, db = nb.batch_norm_backward(dy, x, mean, invstd, w)
@@ -69,9 +71,6 @@ def test_plane_backward_matches_float64_and_any_thread_count(rng, per_run, shape
     assert_close(dx, rdx, dtype, scale=scale, what="dx")
     assert_close(dw, rdw, dtype, scale=np.abs(rdw).max(), what="dweight")
     assert_close(db, rdb, dtype, scale=np.abs(rdb).max(), what="dbias")
-    # the per-run path sums in another order: close, not equal
-    pdx = per_run(nb.batch_norm_backward, dy, x, mean, invstd, w)[0]
-    assert_close(pdx, dx, dtype, scale=scale, what="per-run dx")
     # the fused ReLU's masked backward and the split reduce agree with the sums above
     y = nb.batch_norm_relu_train(x, w, b)[0]
     mdx = nb.batch_norm_relu_backward(dy, y, x, mean, invstd, w)[0]
