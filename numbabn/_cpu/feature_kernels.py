@@ -625,6 +625,97 @@ def dx_planes(dy2, x2, y2, coef, inner, fblock, nsb, masked, dx2):
                     dxr[j] = (gr[j] + (xr[j] - hi[j]) * b[j] + d[j]) * a[j]
 
 
+@njit(**CPU_JIT_STRICT)
+def _plane_sums(dy2, x2, y2, hi, scale, inner, c0, c1, nblk, masked, sums):
+    """The backward sums of features [c0, c1) of the ``(outer, C * inner)``
+    views: per position (vector lanes along the sample), ``dy``, ``dy * xc``
+    and ``xc`` with ``xc = (x - hi) * scale`` summed over samples in the input's
+    dtype in blocks of ``nblk`` samples, each block added to float64 in order;
+    then each feature's positions added in order.  Same quantities as
+    :func:`_chunk_backward_sums_nchw`, summed in another fixed order."""
+    p0 = c0 * inner
+    w = (c1 - c0) * inner
+    dt = x2.dtype
+    zero = np.zeros(1, dt)[0]
+    hp = np.empty(w, dt)
+    sp = np.empty(w, dt)
+    for c in range(c0, c1):
+        for j in range(inner):
+            hp[(c - c0) * inner + j] = hi[c]
+            sp[(c - c0) * inner + j] = scale[c]
+    part = np.zeros((3, w), dt)
+    acc = np.zeros((3, w))
+    pa = part[0]
+    pb = part[1]
+    pe = part[2]
+    outer = x2.shape[0]
+    for n in range(outer):
+        dyr = dy2[n, p0:p0 + w]
+        xr = x2[n, p0:p0 + w]
+        yr = y2[n, p0:p0 + w]
+        # one accumulator per loop: a loop storing to one array vectorises
+        # (LLVM checks its overlap with each array read); three would not
+        if masked:
+            for t in range(w):
+                pa[t] += dyr[t] if yr[t] > zero else zero
+            for t in range(w):
+                g = dyr[t] if yr[t] > zero else zero
+                pb[t] += g * ((xr[t] - hp[t]) * sp[t])
+        else:
+            for t in range(w):
+                pa[t] += dyr[t]
+            for t in range(w):
+                pb[t] += dyr[t] * ((xr[t] - hp[t]) * sp[t])
+        for t in range(w):
+            pe[t] += (xr[t] - hp[t]) * sp[t]
+        if (n + 1) % nblk == 0 or n == outer - 1:
+            for q in range(3):
+                for t in range(w):
+                    acc[q, t] += np.float64(part[q, t])
+                    part[q, t] = zero
+    for c in range(c0, c1):
+        a = 0.0
+        b = 0.0
+        e = 0.0
+        for j in range((c - c0) * inner, (c - c0 + 1) * inner):
+            a += acc[0, j]
+            b += acc[1, j]
+            e += acc[2, j]
+        _unscaled_sums(c, a, b, e, scale, sums)
+
+
+@njit(**CPU_JIT_PARALLEL)
+def backward_planes(dy2, x2, y2, hi, invstd, weight, inner, fblock, nblk, masked, write_dx, sums,
+                    coef, dwb):
+    """The backward sums of NCHW-like data with small planes, by blocks of
+    ``fblock`` features, into ``sums``; with ``write_dx`` the dx coefficients
+    and (dweight, dbias) too (the dx pass is :func:`dx_planes`).  Each
+    feature's result does not depend on the blocks, hence not on threads."""
+    nfeat = hi.shape[0]
+    n = x2.shape[0] * inner
+    scale = _backward_scales(invstd)
+    for fb in prange(_cdiv(nfeat, fblock)):
+        c0 = fb * fblock
+        c1 = min(c0 + fblock, nfeat)
+        _plane_sums(dy2, x2, y2, hi, scale, inner, c0, c1, nblk, masked, sums)
+        if write_dx:
+            for c in range(c0, c1):
+                _store_backward(c, n, sums[SUM_DY, c], sums[SUM_DY_XHI, c], sums[SUM_XHI, c],
+                                np.float64(hi[c]), np.float64(invstd[c]), weight, coef, dwb)
+
+
+@njit(**CPU_JIT_PARALLEL)
+def dx_nchw(dy, x, y, coef, runs, masked, dx):
+    """The per-run dx pass with the coefficients given (``runs`` runs a task)."""
+    outer, nfeat, inner = x.shape
+    nruns = outer * nfeat
+    for b in prange(_cdiv(nruns, runs)):
+        for q in range(b * runs, min((b + 1) * runs, nruns)):
+            r = q // nfeat
+            c = q - r * nfeat
+            _dx_nchw(dy, x, c, r, r + 1, 0, inner, coef, y, masked, dx)
+
+
 @njit(**CPU_JIT_PARALLEL)
 def backward_nchw(dy, x, hi, invstd, weight, geom, write_dx, y, masked, p, sums, coef, dwb, dx):
     """The backward sums about ``hi`` into ``sums`` (rows SUM_DY, SUM_DY_XHI,

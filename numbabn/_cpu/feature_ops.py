@@ -259,9 +259,22 @@ def _backward(dy3, x3, hi, invstd, weight, dx3, y3=None):
         dx2 = _as2d(dx3) if write_dx else _no_output(dtype, 2)
         k.backward_nc(_as2d(dy3), _as2d(x3), hi, invstd, w, geom, write_dx, _as2d(y3), masked, p,
                       sums, coef, dwb, dx2)
+    elif x3.shape[2] <= cfg.PLANE_BWD_MAX_INNER and _planes(x3, dy3, y3):
+        # runs of a few values (4x4 planes): sums per position along whole
+        # samples, then the plane-wise dx pass
+        inner = x3.shape[2]
+        fblock, _ = _plane_blocks(x3)
+        fblock = max(1, min(fblock, -(-nfeat // (2 * geom.threads))))
+        k.backward_planes(_flat(dy3), _flat(x3), _flat(y3), hi, invstd, w, inner, fblock,
+                          cfg.PLANE_SUM_SAMPLES, masked, write_dx, sums, coef, dwb)
+        if write_dx:
+            if _planes(x3, dx3):
+                _dx_planes(dy3, x3, y3, coef, masked, dx3)
+            else:
+                k.dx_nchw(dy3, x3, y3, coef, _elementwise_runs(x3), masked, dx3)
     else:
-        # (the small-plane dx pass was no faster here: this one runs while the
-        # feature's sums leave it in cache)
+        # (from 7x7 up the small-plane passes were no faster here: this one
+        # writes dx while the feature's sums leave it in cache)
         p = _no_output(np.float64, 3) if geom.fused else np.empty(
             (3, nfeat, _nchunks(x3.shape, geom)))
         dx3 = dx3 if write_dx else _no_output(dtype, 3)

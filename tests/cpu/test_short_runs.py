@@ -136,3 +136,14 @@ def test_instance_norm_short_and_whole_runs(rng, layout):
     rdx, rdw, rdb = naive.instance_norm_backward(dy, x, w)
     assert_close(dx, rdx, np.float32, scale=np.abs(rdx).max(), what="dx")
     assert_close(dw, rdw, np.float32, scale=np.abs(rdw).max(), what="dweight")
+
+
+def test_small_plane_backward_into_a_strided_out(rng):
+    x, dy, w, b = _data(rng, (16, 12, 4, 4), np.float32)
+    _, mean, invstd = nb.batch_norm_train(x, w, b)
+    dx = nb.batch_norm_backward(dy, x, mean, invstd, w)[0]
+    big = np.full((16, 24, 4, 4), np.nan, np.float32)
+    out = big[:, ::2]  # not C-contiguous: the per-run dx pass
+    nb.batch_norm_backward(dy, x, mean, invstd, w, out=out)
+    assert np.array_equal(out, dx)
+    assert np.isnan(big[:, 1::2]).all()
