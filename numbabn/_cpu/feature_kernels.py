@@ -544,6 +544,33 @@ def normalize_nchw(x, mean, spread, spread_is_var, eps, weight, bias, runs, coef
 # Each value's arithmetic is the per-run pass's, so the bits are the same.
 # =========================================================================== #
 @njit(**CPU_JIT_STRICT)
+def _affine_segment(xb, yb, hi, s, o, relu, zero):
+    """``yb = (xb - hi) * s + o`` value by value (then a ReLU with ``relu``);
+    ``hi``, ``s``, ``o`` hold at least ``len(xb)`` per-value coefficients."""
+    if relu:
+        for j in range(xb.shape[0]):
+            v = (xb[j] - hi[j]) * s[j] + o[j]
+            yb[j] = zero if v < zero else v  # NaN and -0.0 stay, as torch.relu
+    else:
+        for j in range(xb.shape[0]):
+            yb[j] = (xb[j] - hi[j]) * s[j] + o[j]
+
+
+@njit(**CPU_JIT_STRICT)
+def _dx_segment(gb, xb, yb, hi, a, b, d, masked, zero, ob):
+    """``ob = (g + (xb - hi) * b + d) * a`` value by value, ``g = gb`` (0 where
+    ``yb <= 0`` with ``masked``); per-value coefficients as in
+    :func:`_affine_segment`."""
+    if masked:
+        for j in range(xb.shape[0]):
+            g = gb[j] if yb[j] > zero else zero
+            ob[j] = (g + (xb[j] - hi[j]) * b[j] + d[j]) * a[j]
+    else:
+        for j in range(xb.shape[0]):
+            ob[j] = (gb[j] + (xb[j] - hi[j]) * b[j] + d[j]) * a[j]
+
+
+@njit(**CPU_JIT_STRICT)
 def _block_table(coef, q0, q1, c0, c1, inner):
     """Rows ``[q0, q1)`` of ``coef`` for features ``[c0, c1)``, each repeated
     over its run: ``tab[q - q0, (c - c0) * inner + j] = coef[q, c]``."""
@@ -583,15 +610,7 @@ def affine_planes(x2, coef, inner, fblock, nsb, relu, y2):
         p0 = c0 * inner
         w = (c1 - c0) * inner
         for n in range(n0, n1):
-            xr = x2[n, p0:p0 + w]
-            yr = y2[n, p0:p0 + w]
-            if relu:
-                for j in range(w):
-                    v = (xr[j] - hi[j]) * s[j] + o[j]
-                    yr[j] = zero if v < zero else v  # NaN and -0.0 stay, as torch.relu
-            else:
-                for j in range(w):
-                    yr[j] = (xr[j] - hi[j]) * s[j] + o[j]
+            _affine_segment(x2[n, p0:p0 + w], y2[n, p0:p0 + w], hi, s, o, relu, zero)
 
 
 @njit(**CPU_JIT_PARALLEL)
@@ -612,17 +631,8 @@ def dx_planes(dy2, x2, y2, coef, inner, fblock, nsb, masked, dx2):
         p0 = c0 * inner
         w = (c1 - c0) * inner
         for n in range(n0, n1):
-            gr = dy2[n, p0:p0 + w]
-            xr = x2[n, p0:p0 + w]
-            dxr = dx2[n, p0:p0 + w]
-            if masked:
-                yr = y2[n, p0:p0 + w]
-                for j in range(w):
-                    g = gr[j] if yr[j] > zero else zero
-                    dxr[j] = (g + (xr[j] - hi[j]) * b[j] + d[j]) * a[j]
-            else:
-                for j in range(w):
-                    dxr[j] = (gr[j] + (xr[j] - hi[j]) * b[j] + d[j]) * a[j]
+            _dx_segment(dy2[n, p0:p0 + w], x2[n, p0:p0 + w], y2[n, p0:p0 + w], hi, a, b, d,
+                        masked, zero, dx2[n, p0:p0 + w])
 
 
 @njit(**CPU_JIT_STRICT)
@@ -861,15 +871,7 @@ def _affine_flat(xf, yf, coef, tab, k, relu, zero):
     o = tab[OFFSET]
     for b0 in range(k, n, hi.shape[0]):
         m = min(hi.shape[0], n - b0)
-        xb = xf[b0:b0 + m]
-        yb = yf[b0:b0 + m]
-        if relu:
-            for j in range(m):
-                v = (xb[j] - hi[j]) * s[j] + o[j]
-                yb[j] = zero if v < zero else v  # NaN and -0.0 stay, as torch.relu
-        else:
-            for j in range(m):
-                yb[j] = (xb[j] - hi[j]) * s[j] + o[j]
+        _affine_segment(xf[b0:b0 + m], yf[b0:b0 + m], hi, s, o, relu, zero)
 
 
 @njit(**CPU_JIT_STRICT)
@@ -885,15 +887,7 @@ def _affine_nc(x, r0, r1, coef, tab, k, relu, y):
     s = tab[SCALE]
     o = tab[OFFSET]
     for r in range(r0, r1):
-        xr = x[r]
-        yr = y[r]
-        if relu:
-            for i in range(xr.shape[0]):
-                v = (xr[i] - hi[i]) * s[i] + o[i]
-                yr[i] = zero if v < zero else v
-        else:
-            for i in range(xr.shape[0]):
-                yr[i] = (xr[i] - hi[i]) * s[i] + o[i]
+        _affine_segment(x[r], y[r], hi, s, o, relu, zero)
 
 
 @njit(**CPU_JIT)
@@ -1018,17 +1012,8 @@ def _dx_flat(dyf, xf, yf, coef, tab, k, masked, zero, dxf):
     d = tab[DY_SHIFT]
     for b0 in range(k, n, hi.shape[0]):
         m = min(hi.shape[0], n - b0)
-        gb = dyf[b0:b0 + m]
-        xb = xf[b0:b0 + m]
-        ob = dxf[b0:b0 + m]
-        if masked:
-            yb = yf[b0:b0 + m]
-            for j in range(m):
-                g = gb[j] if yb[j] > zero else zero
-                ob[j] = (g + (xb[j] - hi[j]) * b[j] + d[j]) * a[j]
-        else:
-            for j in range(m):
-                ob[j] = (gb[j] + (xb[j] - hi[j]) * b[j] + d[j]) * a[j]
+        _dx_segment(dyf[b0:b0 + m], xf[b0:b0 + m], yf[b0:b0 + m], hi, a, b, d, masked, zero,
+                    dxf[b0:b0 + m])
 
 
 @njit(**CPU_JIT_STRICT)
@@ -1044,17 +1029,7 @@ def _dx_nc(dy, x, r0, r1, coef, tab, k, y, masked, dx):
     b = tab[XC_COEF]
     d = tab[DY_SHIFT]
     for r in range(r0, r1):
-        dyr = dy[r]
-        xr = x[r]
-        dxr = dx[r]
-        if masked:
-            yr = y[r]
-            for i in range(xr.shape[0]):
-                g = dyr[i] if yr[i] > zero else zero
-                dxr[i] = (g + (xr[i] - hi[i]) * b[i] + d[i]) * a[i]
-        else:
-            for i in range(xr.shape[0]):
-                dxr[i] = (dyr[i] + (xr[i] - hi[i]) * b[i] + d[i]) * a[i]
+        _dx_segment(dy[r], x[r], y[r], hi, a, b, d, masked, zero, dx[r])
 
 
 @njit(**CPU_JIT_PARALLEL)

@@ -597,6 +597,21 @@ def _merge_grads(q, group, nblk_per_group, arow, out):
 
 
 @njit(**CPU_JIT_STRICT)
+def _grad_partials(q, i, want_grads):
+    """The zeroed float64 rows ``q[0, i]``, ``q[1, i]`` for a task's
+    parameter-gradient partials; ``q`` is a (2, 1, 1) dummy without
+    ``want_grads`` (row 0 then, never read).  (np.int64: a prange index unified
+    with an int literal would become a float.)"""
+    qi = np.int64(i) if want_grads else np.int64(0)
+    qw = q[0, qi]
+    qb = q[1, qi]
+    if want_grads:
+        qw[:] = 0.0
+        qb[:] = 0.0
+    return qw, qb
+
+
+@njit(**CPU_JIT_STRICT)
 def _backward_block(dy, x, hi, rstd, weight, aff, rms, geom, want_grads, blk, nblk_per_group,
                     coef, bstat, q, dx):
     """dx of the rows of parameter block ``blk`` (with their coefficients on the
@@ -605,14 +620,7 @@ def _backward_block(dy, x, hi, rstd, weight, aff, rms, geom, want_grads, blk, nb
     rows = N * G
     cnt = np.float64(M * K)
     group, t0, t1 = _block_rows(blk, nblk_per_group, aff, geom.grad_rows, rows)
-    # q is a (2, 1, 1) dummy without want_grads.  (np.int64: a prange index
-    # unified with an int literal would become a float.)
-    qi = np.int64(blk) if want_grads else np.int64(0)
-    qw = q[0, qi]
-    qb = q[1, qi]
-    if want_grads:
-        qw[:] = 0.0
-        qb[:] = 0.0
+    qw, qb = _grad_partials(q, blk, want_grads)
     # Rows that are one run of consecutive weights (layer and RMS norm of
     # contiguous rows) go four at a time; any others, and the last few, one by one.
     by4 = want_grads and M == 1 and aff.adiv == 1 and aff.arow == K
@@ -782,12 +790,7 @@ def backward_cl(dy, x, hi, rstd, weight, G, rms, want_grads, coef, bstat, q, gra
             dc[c] = coef[DY_SHIFT, r]
             xs[c] = bstat[XHAT_SCALE, r]
             xo[c] = bstat[XHAT_OFFSET, r]
-        qi = np.int64(n) if want_grads else np.int64(0)
-        qw = q[0, qi]
-        qb = q[1, qi]
-        if want_grads:
-            qw[:] = 0.0
-            qb[:] = 0.0
+        qw, qb = _grad_partials(q, n, want_grads)
         for m in range(M):
             gr = dy[n, m]
             xr = x[n, m]

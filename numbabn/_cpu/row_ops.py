@@ -118,8 +118,8 @@ def row_norm_backward(dy4, x4, mean, rstd, weight, aff, rms, want_grads, dx4):
     coef = np.empty((_core.NCOEFS, rows), dtype)
     bstat = np.empty((2, rows))
     grads = np.empty((2, nparams)) if want_grads else _dummy(2)
-    cl = _channels_last(aff, dy4, x4, dx4)
     runs = _whole_runs(aff, dy4, x4, dx4)
+    cl = None if runs is not None else _channels_last(aff, dy4, x4, dx4)
     if runs is not None:
         q = np.empty((2, rows, aff.arow)) if want_grads else _dummy(3)
         backward_runs(runs[0], runs[1], hi, rstd, weight, aff, bool(rms), bool(want_grads),
