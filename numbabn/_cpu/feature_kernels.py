@@ -73,6 +73,7 @@ from numba.extending import overload
 from .. import _cache, _core
 from .._config import CPU_JIT, CPU_JIT_PARALLEL, CPU_JIT_STRICT
 from .._core import (DX_SCALE, DY_SHIFT, HI, OFFSET, SCALE, SUM_DY, SUM_DY_XHI, SUM_XHI, XC_COEF)
+from .runtime import serial_kernels
 
 # The statistics core, compiled for the CPU.
 shifted_moments = njit(**CPU_JIT_STRICT)(_core.shifted_moments)
@@ -175,7 +176,8 @@ def _nc_table(coef, x, flat):
             c = k % nfeat
             while t < width:
                 m = min(nfeat - c, width - t)
-                row[t:t + m] = src[c:c + m]
+                for i in range(m):  # (a slice assignment compiles its error message)
+                    row[t + i] = src[c + i]
                 t += m
                 c = 0
         return tab, k
@@ -219,6 +221,7 @@ def _normalize_coefs(mean, spread, spread_is_var, eps, weight, bias, coef):
 def _store_backward(c, n, sdy, sdyxhi, sxhi, hi, invstd, weight, coef, dwb):
     """Coefficients of dx about the exact batch mean ``hi + sxhi / n`` (``hi``,
     the saved mean, may have been rounded to float32), and the parameter grads."""
+    n = np.float64(n)  # the count as every caller of backward_coefs passes it
     mean = hi + sxhi / n
     sum_dy_xmu = sum_dy_xmu_about(sdy, sdyxhi, hi, mean)
     coef[HI, c] = mean
@@ -481,35 +484,44 @@ def _task_chunk(u, nchunks, ncb, rows, cols, outer, inner):
 
 
 @njit(**CPU_JIT_PARALLEL)
-def forward_nchw(x, weight, bias, eps, geom, write_y, relu, p, coef, stats, y):
+def forward_nchw(x, weight, bias, eps, geom, write_y, relu, coef, stats, y):
     """Batch statistics of ``x`` into ``stats`` (rows MEAN, INVSTD, VAR, M2), and
     with ``write_y`` the normalised output into ``y`` (through a ReLU with
-    ``relu``: the fused ``batch_norm_relu_train``).  ``p`` is (2, C, chunks)
-    scratch for the two-phase path (chunk means and M2s)."""
+    ``relu``: the fused ``batch_norm_relu_train``); fused, one task per
+    feature.  (Each path is a kernel of its own, chosen by the host drivers, so
+    that a call compiles only the loops it runs.)"""
+    outer, nfeat, inner = x.shape
+    for c_ in prange(nfeat):
+        c = np.int64(c_)
+        n, mean, m2 = _feature_moments_nchw(x, c, geom.rows, geom.cols, geom.short_run)
+        _store_forward(c, n, mean, m2, eps, weight, bias, coef, stats)
+        if write_y:
+            _affine_nchw(x, c, np.int64(0), outer, np.int64(0), inner, coef, relu, y)
+
+
+@njit(**CPU_JIT_PARALLEL)
+def forward_nchw_chunks(x, weight, bias, eps, geom, write_y, relu, p, coef, stats, y):
+    """As :func:`forward_nchw`, two-phase: ``p`` is (2, C, chunks) scratch for
+    the chunk means and M2s."""
     outer, nfeat, inner = x.shape
     rows, cols, nth = geom.rows, geom.cols, geom.threads
     ncb = _cdiv(inner, cols)
     nchunks = _cdiv(outer, rows) * ncb
-    if geom.fused:
-        for c in prange(nfeat):
-            n, mean, m2 = _feature_moments_nchw(x, c, rows, cols, geom.short_run)
-            _store_forward(c, n, mean, m2, eps, weight, bias, coef, stats)
-            if write_y:
-                _affine_nchw(x, c, 0, outer, 0, inner, coef, relu, y)
-        return
     ntasks = nfeat * nchunks
     nth = min(nth, ntasks)
-    for t in prange(nth):
+    for t_ in prange(nth):
+        t = np.int64(t_)
         u0, u1 = _thread_span(t, nth, ntasks)
         for u in range(u0, u1):
             c, k, r0, r1, j0, j1 = _task_chunk(u, nchunks, ncb, rows, cols, outer, inner)
             _, p[0, c, k], p[1, c, k] = _chunk_moments_nchw(x, c, r0, r1, j0, j1,
                                                              geom.short_run)
-    for c in prange(nfeat):
+    for c in range(nfeat):  # a few values per chunk of CHUNK_ELEMS: a plain loop
         n, mean, m2 = _merge_chunk_moments_nchw(p, c, ncb, rows, cols, outer, inner)
         _store_forward(c, n, mean, m2, eps, weight, bias, coef, stats)
     if write_y:
-        for t in prange(nth):
+        for t_ in prange(nth):
+            t = np.int64(t_)
             u0, u1 = _thread_span(t, nth, ntasks)
             for u in range(u1 - 1, u0 - 1, -1):
                 c, k, r0, r1, j0, j1 = _task_chunk(u, nchunks, ncb, rows, cols, outer, inner)
@@ -525,11 +537,12 @@ def normalize_nchw(x, mean, spread, spread_is_var, eps, weight, bias, runs, coef
     outer, nfeat, inner = x.shape
     _normalize_coefs(mean, spread, spread_is_var, eps, weight, bias, coef)
     nruns = outer * nfeat
-    for b in prange(_cdiv(nruns, runs)):
+    for b_ in prange(_cdiv(nruns, runs)):
+        b = np.int64(b_)
         for q in range(b * runs, min((b + 1) * runs, nruns)):
             r = q // nfeat
             c = q - r * nfeat
-            _affine_nchw(x, c, r, r + 1, 0, inner, coef, False, y)
+            _affine_nchw(x, c, r, r + 1, np.int64(0), inner, coef, np.bool_(False), y)
 
 
 # =========================================================================== #
@@ -601,9 +614,10 @@ def affine_planes(x2, coef, inner, fblock, nsb, relu, y2):
     outer = x2.shape[0]
     nfeat = coef.shape[1]
     zero = np.zeros(1, coef.dtype)[0]
-    for u in prange(_cdiv(nfeat, fblock) * nsb):
+    for u_ in prange(_cdiv(nfeat, fblock) * nsb):
+        u = np.int64(u_)
         c0, c1, n0, n1 = _plane_task(u, nsb, outer, nfeat, fblock)
-        tab = _block_table(coef, HI, OFFSET + 1, c0, c1, inner)
+        tab = _block_table(coef, np.int64(HI), np.int64(OFFSET + 1), c0, c1, inner)
         hi = tab[HI]
         s = tab[SCALE]
         o = tab[OFFSET]
@@ -621,9 +635,10 @@ def dx_planes(dy2, x2, y2, coef, inner, fblock, nsb, masked, dx2):
     outer = x2.shape[0]
     nfeat = coef.shape[1]
     zero = np.zeros(1, coef.dtype)[0]
-    for u in prange(_cdiv(nfeat, fblock) * nsb):
+    for u_ in prange(_cdiv(nfeat, fblock) * nsb):
+        u = np.int64(u_)
         c0, c1, n0, n1 = _plane_task(u, nsb, outer, nfeat, fblock)
-        tab = _block_table(coef, 0, coef.shape[0], c0, c1, inner)
+        tab = _block_table(coef, np.int64(0), coef.shape[0], c0, c1, inner)
         hi = tab[HI]
         a = tab[DX_SCALE]
         b = tab[XC_COEF]
@@ -704,7 +719,8 @@ def backward_planes(dy2, x2, y2, hi, invstd, weight, inner, fblock, nblk, masked
     nfeat = hi.shape[0]
     n = x2.shape[0] * inner
     scale = _backward_scales(invstd)
-    for fb in prange(_cdiv(nfeat, fblock)):
+    for fb_ in prange(_cdiv(nfeat, fblock)):
+        fb = np.int64(fb_)
         c0 = fb * fblock
         c1 = min(c0 + fblock, nfeat)
         _plane_sums(dy2, x2, y2, hi, scale, inner, c0, c1, nblk, masked, sums)
@@ -719,52 +735,63 @@ def dx_nchw(dy, x, y, coef, runs, masked, dx):
     """The per-run dx pass with the coefficients given (``runs`` runs a task)."""
     outer, nfeat, inner = x.shape
     nruns = outer * nfeat
-    for b in prange(_cdiv(nruns, runs)):
+    for b_ in prange(_cdiv(nruns, runs)):
+        b = np.int64(b_)
         for q in range(b * runs, min((b + 1) * runs, nruns)):
             r = q // nfeat
             c = q - r * nfeat
-            _dx_nchw(dy, x, c, r, r + 1, 0, inner, coef, y, masked, dx)
+            _dx_nchw(dy, x, c, r, r + 1, np.int64(0), inner, coef, y, masked, dx)
 
 
 @njit(**CPU_JIT_PARALLEL)
-def backward_nchw(dy, x, hi, invstd, weight, geom, write_dx, y, masked, p, sums, coef, dwb, dx):
+def backward_nchw(dy, x, hi, invstd, weight, geom, write_dx, y, masked, sums, coef, dwb, dx):
     """The backward sums about ``hi`` into ``sums`` (rows SUM_DY, SUM_DY_XHI,
     SUM_XHI); with ``write_dx`` also dx into ``dx`` and (dweight, dbias) into
     ``dwb``.  With ``masked``, ``dy`` counts only where ``y > 0`` (the fused
-    ReLU's backward; ``y`` is ``dy`` otherwise, unread).  ``p`` is (3, C,
-    chunks) scratch for the two-phase path."""
+    ReLU's backward; ``y`` is ``dy`` otherwise, unread).  Fused: one task per
+    feature."""
+    outer, nfeat, inner = x.shape
+    n = outer * inner
+    scale = _backward_scales(invstd)
+    for c_ in prange(nfeat):
+        c = np.int64(c_)
+        a, b, e = _feature_backward_sums_nchw(dy, x, c, geom.rows, geom.cols, hi[c], scale[c],
+                                              geom.bwd_block, y, masked)
+        _unscaled_sums(c, a, b, e, scale, sums)
+        if write_dx:
+            _store_backward(c, n, sums[SUM_DY, c], sums[SUM_DY_XHI, c], sums[SUM_XHI, c],
+                            np.float64(hi[c]), np.float64(invstd[c]), weight, coef, dwb)
+            _dx_nchw(dy, x, c, np.int64(0), outer, np.int64(0), inner, coef, y, masked, dx)
+
+
+@njit(**CPU_JIT_PARALLEL)
+def backward_nchw_chunks(dy, x, hi, invstd, weight, geom, write_dx, y, masked, p, sums, coef,
+                         dwb, dx):
+    """As :func:`backward_nchw`, two-phase: ``p`` is (3, C, chunks) scratch."""
     outer, nfeat, inner = x.shape
     rows, cols, nth, block = geom.rows, geom.cols, geom.threads, geom.bwd_block
     n = outer * inner
     ncb = _cdiv(inner, cols)
     nchunks = _cdiv(outer, rows) * ncb
     scale = _backward_scales(invstd)
-    if geom.fused:
-        for c in prange(nfeat):
-            a, b, e = _feature_backward_sums_nchw(dy, x, c, rows, cols, hi[c], scale[c], block, y,
-                                                  masked)
-            _unscaled_sums(c, a, b, e, scale, sums)
-            if write_dx:
-                _store_backward(c, n, sums[SUM_DY, c], sums[SUM_DY_XHI, c], sums[SUM_XHI, c],
-                                np.float64(hi[c]), np.float64(invstd[c]), weight, coef, dwb)
-                _dx_nchw(dy, x, c, 0, outer, 0, inner, coef, y, masked, dx)
-        return
     ntasks = nfeat * nchunks
     nth = min(nth, ntasks)
-    for t in prange(nth):
+    for t_ in prange(nth):
+        t = np.int64(t_)
         u0, u1 = _thread_span(t, nth, ntasks)
         for u in range(u0, u1):
             c, k, r0, r1, j0, j1 = _task_chunk(u, nchunks, ncb, rows, cols, outer, inner)
             p[0, c, k], p[1, c, k], p[2, c, k] = _chunk_backward_sums_nchw(
                 dy, x, c, r0, r1, j0, j1, hi[c], scale[c], block, y, masked)
-    for c in prange(nfeat):
+    for c in range(nfeat):  # a few values per chunk of CHUNK_ELEMS: a plain loop
         _unscaled_sums(c, _sum_in_order(p[0, c]), _sum_in_order(p[1, c]), _sum_in_order(p[2, c]),
                        scale, sums)
         if write_dx:
             _store_backward(c, n, sums[SUM_DY, c], sums[SUM_DY_XHI, c], sums[SUM_XHI, c],
                             np.float64(hi[c]), np.float64(invstd[c]), weight, coef, dwb)
     if write_dx:
-        for t in prange(nth):
+        for t_ in prange(nth):
+            t = np.int64(t_)
             u0, u1 = _thread_span(t, nth, ntasks)
             for u in range(u1 - 1, u0 - 1, -1):
                 c, k, r0, r1, j0, j1 = _task_chunk(u, nchunks, ncb, rows, cols, outer, inner)
@@ -778,11 +805,12 @@ def backward_elemt_nchw(dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu, count, 
     outer, nfeat, inner = x.shape
     _elemt_backward_coefs(count, mean, invstd, weight, sum_dy, sum_dy_xmu, coef)
     nruns = outer * nfeat
-    for b in prange(_cdiv(nruns, runs)):
+    for b_ in prange(_cdiv(nruns, runs)):
+        b = np.int64(b_)
         for q in range(b * runs, min((b + 1) * runs, nruns)):
             r = q // nfeat
             c = q - r * nfeat
-            _dx_nchw(dy, x, c, r, r + 1, 0, inner, coef, dy, False, dx)
+            _dx_nchw(dy, x, c, r, r + 1, np.int64(0), inner, coef, dy, np.bool_(False), dx)
 
 
 # =========================================================================== #
@@ -1039,7 +1067,8 @@ def forward_nc(x, weight, bias, eps, geom, write_y, relu, p, coef, stats, y):
     rows, width = geom.rows, geom.cols
     nrb = _cdiv(nrows, rows)
     nth = min(geom.threads, nrb)
-    for t in prange(nth):
+    for t_ in prange(nth):
+        t = np.int64(t_)
         b0, b1 = _thread_span(t, nth, nrb)
         for rb in range(b0, b1):
             r0 = rb * rows
@@ -1047,7 +1076,8 @@ def forward_nc(x, weight, bias, eps, geom, write_y, relu, p, coef, stats, y):
             for c0 in range(0, nfeat, width):
                 c1 = min(c0 + width, nfeat)
                 _chunk_moments_nc(x, r0, r1, c0, c1, p[0, rb, c0:c1], p[1, rb, c0:c1])
-    for b in prange(_cdiv(nfeat, geom.merge_cols)):
+    for b_ in prange(_cdiv(nfeat, geom.merge_cols)):
+        b = np.int64(b_)
         c0 = b * geom.merge_cols
         c1 = min(c0 + geom.merge_cols, nfeat)
         _merge_moments_nc(p, nrows, rows, c0, c1, eps, weight, bias, coef, stats)
@@ -1056,7 +1086,8 @@ def forward_nc(x, weight, bias, eps, geom, write_y, relu, p, coef, stats, y):
         rows = _elementwise_rows(rows, nfeat, x.itemsize)
         nrb = _cdiv(nrows, rows)
         nth = min(geom.threads, nrb)
-        for t in prange(nth):
+        for t_ in prange(nth):
+            t = np.int64(t_)
             b0, b1 = _thread_span(t, nth, nrb)
             for rb in range(b1 - 1, b0 - 1, -1):
                 r0 = rb * rows
@@ -1070,7 +1101,8 @@ def normalize_nc(x, mean, spread, spread_is_var, eps, weight, bias, rows, coef, 
     _normalize_coefs(mean, spread, spread_is_var, eps, weight, bias, coef)
     tab, k = _nc_table(coef, x, _contiguous(x) and _contiguous(y))
     rows = _elementwise_rows(rows, nfeat, x.itemsize)
-    for rb in prange(_cdiv(nrows, rows)):
+    for rb_ in prange(_cdiv(nrows, rows)):
+        rb = np.int64(rb_)
         r0 = rb * rows
         _affine_nc(x, r0, min(r0 + rows, nrows), coef, tab, k, False, y)
 
@@ -1083,7 +1115,8 @@ def backward_nc(dy, x, hi, invstd, weight, geom, write_dx, y, masked, p, sums, c
     nrb = _cdiv(nrows, rows)
     nth = min(geom.threads, nrb)
     scale = _backward_scales(invstd)
-    for t in prange(nth):
+    for t_ in prange(nth):
+        t = np.int64(t_)
         acc = np.empty((3, width), x.dtype)
         b0, b1 = _thread_span(t, nth, nrb)
         for rb in range(b0, b1):
@@ -1093,7 +1126,8 @@ def backward_nc(dy, x, hi, invstd, weight, geom, write_dx, y, masked, p, sums, c
                 c1 = min(c0 + width, nfeat)
                 _chunk_backward_sums_nc(dy, x, r0, r1, c0, c1, hi, scale, geom, y, masked,
                                         p[0, rb, c0:c1], p[1, rb, c0:c1], p[2, rb, c0:c1], acc)
-    for b in prange(_cdiv(nfeat, geom.merge_cols)):
+    for b_ in prange(_cdiv(nfeat, geom.merge_cols)):
+        b = np.int64(b_)
         c0 = b * geom.merge_cols
         c1 = min(c0 + geom.merge_cols, nfeat)
         acc = np.zeros((3, c1 - c0))
@@ -1113,7 +1147,8 @@ def backward_nc(dy, x, hi, invstd, weight, geom, write_dx, y, masked, p, sums, c
         rows = _elementwise_rows(rows, nfeat, x.itemsize)
         nrb = _cdiv(nrows, rows)
         nth = min(geom.threads, nrb)
-        for t in prange(nth):
+        for t_ in prange(nth):
+            t = np.int64(t_)
             b0, b1 = _thread_span(t, nth, nrb)
             for rb in range(b1 - 1, b0 - 1, -1):
                 r0 = rb * rows
@@ -1127,9 +1162,13 @@ def backward_elemt_nc(dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu, count, ro
     _elemt_backward_coefs(count, mean, invstd, weight, sum_dy, sum_dy_xmu, coef)
     tab, k = _nc_table(coef, x, _contiguous(dy) and _contiguous(x) and _contiguous(dx))
     rows = _elementwise_rows(rows, nfeat, x.itemsize)
-    for rb in prange(_cdiv(nrows, rows)):
+    for rb_ in prange(_cdiv(nrows, rows)):
+        rb = np.int64(rb_)
         r0 = rb * rows
         _dx_nc(dy, x, r0, min(r0 + rows, nrows), coef, tab, k, dy, False, dx)
 
 
-_cache.check(globals())  # before any kernel above loads from the disk cache
+# The kernels for inputs of at most SERIAL_MAX_ELEMS values (runtime.is_small).
+serial = serial_kernels(globals())
+
+_cache.check({**globals(), **vars(serial)})  # before any kernel loads from the disk cache

@@ -25,8 +25,8 @@ import numpy as np
 
 from .. import _config as cfg
 from .. import _core
-from .runtime import constant, num_threads
-from . import feature_kernels as k
+from .runtime import constant, is_small, num_threads
+from . import feature_kernels
 
 Geometry = namedtuple("Geometry",
                       "rows cols threads fused by_row bwd_block merge_cols short_run")
@@ -83,6 +83,12 @@ def plan(shape3, itemsize, nread):
     return geom
 
 
+def _kernels(x3):
+    """The kernels for ``x3``: the serial twins for small inputs
+    (:func:`runtime.is_small`), else the parallel ones."""
+    return feature_kernels.serial if is_small(x3) else feature_kernels
+
+
 def _nchunks(shape3, geom):
     outer, _, inner = shape3
     if inner == 1:
@@ -135,11 +141,13 @@ def _plane_blocks(x3):
 
 
 def _affine_planes(x3, coef, relu, y3):
+    k = _kernels(x3)
     fblock, nsb = _plane_blocks(x3)
     k.affine_planes(_flat(x3), coef, x3.shape[2], fblock, nsb, relu, _flat(y3))
 
 
 def _dx_planes(dy3, x3, y3, coef, masked, dx3):
+    k = _kernels(x3)
     fblock, nsb = _plane_blocks(x3)
     k.dx_planes(_flat(dy3), _flat(x3), _flat(y3), coef, x3.shape[2], fblock, nsb, masked,
                 _flat(dx3))
@@ -149,6 +157,7 @@ def _forward(x3, weight, bias, eps, y3, relu=False):
     """Run the forward kernel; ``y3=None`` computes the statistics only; ``relu``
     passes the output through a ReLU.
     Returns the float64 ``stats`` table (rows ``_core.MEAN``, ``INVSTD``, ``VAR``, ``M2``)."""
+    k = _kernels(x3)
     nfeat, dtype = x3.shape[1], x3.dtype
     geom = plan(x3.shape, dtype.itemsize, 1)
     weight, bias = _param(weight, nfeat, dtype, 1), _param(bias, nfeat, dtype, 0)
@@ -160,11 +169,14 @@ def _forward(x3, weight, bias, eps, y3, relu=False):
         y2 = _as2d(y3) if write_y else _no_output(dtype, 2)
         k.forward_nc(_as2d(x3), weight, bias, eps, geom, write_y, relu, p, coef, stats, y2)
     else:
-        p = _no_output(np.float64, 3) if geom.fused else np.empty(
-            (2, nfeat, _nchunks(x3.shape, geom)))
         planes = write_y and _planes(x3, y3)
-        k.forward_nchw(x3, weight, bias, eps, geom, write_y and not planes, relu, p, coef, stats,
-                       y3 if write_y else _no_output(dtype, 3))
+        args = (x3, weight, bias, eps, geom, write_y and not planes, relu)
+        y3k = y3 if write_y else _no_output(dtype, 3)
+        if geom.fused:
+            k.forward_nchw(*args, coef, stats, y3k)
+        else:
+            p = np.empty((2, nfeat, _nchunks(x3.shape, geom)))
+            k.forward_nchw_chunks(*args, p, coef, stats, y3k)
         if planes:
             _affine_planes(x3, coef, relu, y3)
     return stats
@@ -210,6 +222,7 @@ def batch_moments(x3):
 
 
 def _normalize(x3, mean, spread, spread_is_var, weight, bias, eps, y3):
+    k = _kernels(x3)
     nfeat, dtype = x3.shape[1], x3.dtype
     weight, bias = _param(weight, nfeat, dtype, 1), _param(bias, nfeat, dtype, 0)
     coef = np.empty((_core.NCOEFS, nfeat), dtype)
@@ -245,6 +258,7 @@ def _backward(dy3, x3, hi, invstd, weight, dx3, y3=None):
     output of a fused ReLU, masks ``dy`` where ``y <= 0``.  Returns the
     float64 ``sums`` table (rows ``_core.SUM_DY``, ``SUM_DY_XHI``, ``SUM_XHI``,
     about ``hi``) and ``(dweight, dbias)`` rows in x's dtype."""
+    k = _kernels(x3)
     nfeat, dtype = x3.shape[1], x3.dtype
     geom = plan(x3.shape, dtype.itemsize, 2)
     w = _param(weight, nfeat, dtype, 1)
@@ -275,11 +289,13 @@ def _backward(dy3, x3, hi, invstd, weight, dx3, y3=None):
     else:
         # (from 7x7 up the small-plane passes were no faster here: this one
         # writes dx while the feature's sums leave it in cache)
-        p = _no_output(np.float64, 3) if geom.fused else np.empty(
-            (3, nfeat, _nchunks(x3.shape, geom)))
         dx3 = dx3 if write_dx else _no_output(dtype, 3)
-        k.backward_nchw(dy3, x3, hi, invstd, w, geom, write_dx, y3, masked, p, sums, coef, dwb,
-                        dx3)
+        args = (dy3, x3, hi, invstd, w, geom, write_dx, y3, masked)
+        if geom.fused:
+            k.backward_nchw(*args, sums, coef, dwb, dx3)
+        else:
+            p = np.empty((3, nfeat, _nchunks(x3.shape, geom)))
+            k.backward_nchw_chunks(*args, p, sums, coef, dwb, dx3)
     return sums, dwb
 
 
@@ -307,6 +323,7 @@ def batch_norm_backward_reduce(dy3, x3, mean, invstd):
 
 
 def batch_norm_backward_elemt(dy3, x3, mean, invstd, weight, sum_dy, sum_dy_xmu, count, dx3):
+    k = _kernels(x3)
     nfeat, dtype = x3.shape[1], x3.dtype
     w = _param(weight, nfeat, dtype, 1)
     coef = np.empty((_core.NCOEFS, nfeat), dtype)

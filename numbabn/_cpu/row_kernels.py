@@ -69,6 +69,7 @@ from .._core import (CENTER, DX_SCALE, DY_SHIFT, HI, INVSTD, OFFSET, SCALE, XC_C
 from .feature_kernels import (_block_backward_sums, _cdiv, _pow2_near, affine_coefs,
                               backward_coefs, chan_merge, invstd_of, shifted_moments,
                               store_statistics, sum_dy_xmu_about)
+from .runtime import serial_kernels
 
 RowGeometry = namedtuple("RowGeometry", "mrows kcols fused grad_rows bwd_block")
 """A row's chunks are ``mrows`` runs by ``kcols`` values of its ``(M, K)``
@@ -257,36 +258,55 @@ def _one_run_forward(x, n, g, r, aff, eps, rms, geom, write_y, weight, bias, coe
         yr[j] = ((xr[j] - hi) * s + o) * w[j] + b[j]
 
 
+# Each path is a kernel of its own (the host drivers choose), so that a call
+# compiles only the loops it runs.
 @njit(**CPU_JIT_PARALLEL)
-def forward(x, weight, bias, aff, eps, rms, geom, write_y, p, coef, stats, y):
-    """Row statistics of ``x`` into ``stats`` (rows MEAN, INVSTD, VAR, M2, CENTER)
-    and the pass coefficients into ``coef``; with ``write_y`` the normalised
-    output into ``y``.  ``p`` is (2, rows, chunks) scratch for the two-phase path."""
+def forward_one_run(x, weight, bias, aff, eps, rms, geom, write_y, coef, stats, y):
+    """The fused forward of rows that are each one run of values with
+    consecutive weights (:func:`_one_run`: layer and RMS norm of contiguous
+    rows): row statistics of ``x`` into ``stats`` (rows MEAN, INVSTD, VAR, M2,
+    CENTER) and the pass coefficients into ``coef``; with ``write_y`` the
+    normalised output into ``y``."""
+    N, M, G, K = x.shape
+    for r_ in prange(N * G):
+        r = np.int64(r_)
+        _one_run_forward(x, r // G, r % G, r, aff, eps, rms, geom, write_y, weight, bias, coef,
+                         stats, y)
+
+
+@njit(**CPU_JIT_PARALLEL)
+def forward_rows(x, weight, bias, aff, eps, rms, geom, write_y, coef, stats, y):
+    """As :func:`forward_one_run` for rows of any runs: one task per row."""
+    N, M, G, K = x.shape
+    for r_ in prange(N * G):
+        r = np.int64(r_)
+        n, g = r // G, r % G
+        cnt, mean, m2 = _row_moments(x, n, g, geom)
+        _store_forward(r, cnt, mean, m2, eps, rms, coef, stats)
+        if write_y:
+            _normalize_region(x, n, g, r, np.int64(0), M, np.int64(0), K, aff, coef, stats,
+                              weight, bias, y)
+
+
+@njit(**CPU_JIT_PARALLEL)
+def forward_chunks(x, weight, bias, aff, eps, rms, geom, write_y, p, coef, stats, y):
+    """As :func:`forward_rows`, two-phase (long rows, few rows): the chunks'
+    moments into ``p`` (2, rows, chunks) in parallel, merged per row, then the
+    elementwise pass by chunks."""
     N, M, G, K = x.shape
     rows = N * G
     nch, ncb = _nchunks(geom, M, K)
-    if geom.fused and _one_run(x, aff):
-        for r in prange(rows):
-            _one_run_forward(x, r // G, r % G, r, aff, eps, rms, geom, write_y, weight, bias,
-                             coef, stats, y)
-        return
-    if geom.fused:
-        for r in prange(rows):
-            n, g = r // G, r % G
-            cnt, mean, m2 = _row_moments(x, n, g, geom)
-            _store_forward(r, cnt, mean, m2, eps, rms, coef, stats)
-            if write_y:
-                _normalize_region(x, n, g, r, 0, M, 0, K, aff, coef, stats, weight, bias, y)
-        return
-    for u in prange(rows * nch):
+    for u_ in prange(rows * nch):
+        u = np.int64(u_)
         r, c = u // nch, u % nch
         m0, m1, k0, k1 = _chunk_bounds(c, ncb, geom, M, K)
         p[0, r, c], p[1, r, c] = _chunk_moments(x, r // G, r % G, m0, m1, k0, k1)
-    for r in prange(rows):
+    for r in range(rows):  # a few values per chunk of CHUNK_ELEMS: a plain loop
         cnt, mean, m2 = _merge_chunk_moments(p, r, geom, M, K)
         _store_forward(r, cnt, mean, m2, eps, rms, coef, stats)
     if write_y:
-        for u in prange(rows * nch):
+        for u_ in prange(rows * nch):
+            u = np.int64(u_)
             r, c = u // nch, u % nch
             m0, m1, k0, k1 = _chunk_bounds(c, ncb, geom, M, K)
             _normalize_region(x, r // G, r % G, r, m0, m1, k0, k1, aff, coef, stats, weight,
@@ -504,7 +524,7 @@ def _dx_row(dy, x, n, g, r, aff, coef, bstat, weight, want_grads, qw, qb, dx):
         xr = x[n, m, g]
         dyr = dy[n, m, g]
         dxr = dx[n, m, g]
-        k = 0
+        k = np.int64(0)  # (a literal 0 would compile _weight_run once more)
         while k < K:
             e, j = _weight_run(m, k, K, K, aff)
             if aff.adiv == 1:
@@ -645,32 +665,47 @@ def _backward_block(dy, x, hi, rstd, weight, aff, rms, geom, want_grads, blk, nb
 
 
 @njit(**CPU_JIT_PARALLEL)
-def backward(dy, x, hi, rstd, weight, aff, rms, geom, want_grads, p, coef, bstat, q, grads, dx):
-    """dx into ``dx``; with ``want_grads`` the float64 ``(dweight, dbias)`` per
-    affine index into ``grads`` (2, gmod * arow).  ``hi``: the saved row means in
-    x's dtype (zeros for RMSNorm); ``rstd``: float64.  ``p`` is (3, rows, chunks)
-    scratch for the two-phase path, ``q`` (2, blocks, arow) the blocks' partials."""
+def backward_sums(dy, x, hi, rstd, weight, aff, rms, geom, p, coef, bstat):
+    """The first phase of the two-phase backward (long rows, or few rows): the
+    chunks' sums into ``p`` (3, rows, chunks) in parallel, added per row in
+    chunk order, and each row's dx coefficients into ``coef`` and ``bstat``;
+    :func:`backward` then writes dx.  (The per-row step is a plain loop: its
+    work is a few values per chunk of ``CHUNK_ELEMS``.)"""
     N, M, G, K = x.shape
     rows = N * G
     cnt = np.float64(M * K)
     nch, ncb = _nchunks(geom, M, K)
+    for u_ in prange(rows * nch):
+        u = np.int64(u_)
+        r, c = u // nch, u % nch
+        m0, m1, k0, k1 = _chunk_bounds(c, ncb, geom, M, K)
+        p[0, r, c], p[1, r, c], p[2, r, c] = _chunk_backward_sums(
+            dy, x, r // G, r % G, r, m0, m1, k0, k1, aff, np.float64(hi[r]), weight,
+            rstd[r], geom.bwd_block)
+    for r in range(rows):
+        s1, s2, s3 = _sum_chunks(p, r)
+        _store_backward(r, cnt, s1, s2, s3, np.float64(hi[r]), rstd[r], rms, coef, bstat)
+
+
+@njit(**CPU_JIT_PARALLEL)
+def backward(dy, x, hi, rstd, weight, aff, rms, geom, want_grads, coef, bstat, q, grads, dx):
+    """dx into ``dx``; with ``want_grads`` the float64 ``(dweight, dbias)`` per
+    affine index into ``grads`` (2, gmod * arow).  ``hi``: the saved row means in
+    x's dtype (zeros for RMSNorm); ``rstd``: float64.  On the fused path each
+    task also takes its rows' sums; otherwise :func:`backward_sums` has left
+    the coefficients in ``coef`` and ``bstat``.  ``q`` (2, blocks, arow) holds
+    the blocks' partials, merged in block order by a plain loop (a few values
+    per block of ``grad_rows`` rows)."""
+    N, M, G, K = x.shape
+    rows = N * G
     nblk_per_group = _cdiv(rows // aff.gmod, geom.grad_rows)
     nblk = aff.gmod * nblk_per_group
-    if not geom.fused:
-        for u in prange(rows * nch):
-            r, c = u // nch, u % nch
-            m0, m1, k0, k1 = _chunk_bounds(c, ncb, geom, M, K)
-            p[0, r, c], p[1, r, c], p[2, r, c] = _chunk_backward_sums(
-                dy, x, r // G, r % G, r, m0, m1, k0, k1, aff, np.float64(hi[r]), weight,
-                rstd[r], geom.bwd_block)
-        for r in prange(rows):
-            s1, s2, s3 = _sum_chunks(p, r)
-            _store_backward(r, cnt, s1, s2, s3, np.float64(hi[r]), rstd[r], rms, coef, bstat)
-    for blk in prange(nblk):
+    for blk_ in prange(nblk):
+        blk = np.int64(blk_)
         _backward_block(dy, x, hi, rstd, weight, aff, rms, geom, want_grads, blk,
                         nblk_per_group, coef, bstat, q, dx)
     if want_grads:
-        for group in prange(aff.gmod):
+        for group in range(aff.gmod):
             _merge_grads(q, group, nblk_per_group, aff.arow, grads)
 
 
@@ -712,7 +747,8 @@ def forward_cl(x, weight, bias, G, eps, rms, write_y, coef, stats, y):
     views; rows ``r = n * G + g``."""
     N, M, C = x.shape
     K = C // G
-    for n in prange(N):
+    for n_ in prange(N):
+        n = np.int64(n_)
         s0 = np.empty(C)
         s1 = np.empty(C)
         s2 = np.empty(C)
@@ -750,7 +786,8 @@ def backward_cl(dy, x, hi, rstd, weight, G, rms, want_grads, coef, bstat, q, gra
     N, M, C = x.shape
     K = C // G
     cnt = np.float64(M * K)
-    for n in prange(N):
+    for n_ in prange(N):
+        n = np.int64(n_)
         hic = np.empty(C)
         for c in range(C):
             hic[c] = np.float64(hi[n * G + c // K])
@@ -803,10 +840,12 @@ def backward_cl(dy, x, hi, rstd, weight, G, rms, want_grads, coef, bstat, q, gra
                     qw[c] += gj * ((np.float64(xr[c]) - np.float64(hc[c])) * xs[c] + xo[c])
                     qb[c] += gj
     if want_grads:
-        for c in prange(C):
+        # a plain loop: N * C values against the data's M * N * C
+        for c in range(C):
             grads[0, c] = 0.0
             grads[1, c] = 0.0
-            for n in range(N):
+        for n in range(N):
+            for c in range(C):
                 grads[0, c] += q[0, n, c]
                 grads[1, c] += q[1, n, c]
 
@@ -830,7 +869,8 @@ def backward_runs(dy, x, hi, rstd, weight, aff, rms, want_grads, block, coef, bs
     rows = N * G
     arow, adiv, gmod = aff.arow, aff.adiv, aff.gmod
     cnt = np.float64(K)
-    for r in prange(rows):
+    for r_ in prange(rows):
+        r = np.int64(r_)
         n, g = r // G, r % G
         hr = hi[r]
         sc = x.dtype.type(_pow2_near(rstd[r]))
@@ -876,7 +916,7 @@ def backward_runs(dy, x, hi, rstd, weight, aff, rms, want_grads, block, coef, bs
                 q[0, r, j] = xs * (pb[j] + shift * pa[j]) + xo * pa[j]
                 q[1, r, j] = pa[j]
     if want_grads:
-        for p in prange(gmod * arow):
+        for p in range(gmod * arow):  # a plain loop: arow values a row against its K
             g, j = p // arow, p % arow
             tw = 0.0
             tb = 0.0
@@ -887,4 +927,7 @@ def backward_runs(dy, x, hi, rstd, weight, aff, rms, want_grads, block, coef, bs
             grads[1, p] = tb
 
 
-_cache.check(globals())  # before any kernel above loads from the disk cache
+# The kernels for inputs of at most SERIAL_MAX_ELEMS values (runtime.is_small).
+serial = serial_kernels(globals())
+
+_cache.check({**globals(), **vars(serial)})  # before any kernel loads from the disk cache

@@ -9,9 +9,10 @@ import numpy as np
 
 from .. import _config as cfg
 from .. import _core
-from .runtime import constant
+from .runtime import constant, is_small
 from .._core import INVSTD, MEAN, NROWSTATS, VAR
-from .row_kernels import RowGeometry, backward, backward_cl, backward_runs, forward, forward_cl
+from . import row_kernels
+from .row_kernels import RowGeometry
 
 
 @lru_cache(maxsize=256)
@@ -37,6 +38,12 @@ def plan(shape4, itemsize, nread):
 @lru_cache(maxsize=8)
 def _dummy(ndim, dtype=np.float64):
     return np.empty((1,) * ndim, dtype)
+
+
+def _kernels(x4):
+    """The kernels for ``x4``: the serial twins for small inputs
+    (:func:`runtime.is_small`), else the parallel ones."""
+    return row_kernels.serial if is_small(x4) else row_kernels
 
 
 def _nparams(aff):
@@ -81,6 +88,7 @@ def row_norm_train(x4, weight, bias, aff, eps, rms, y4):
     dtype = x4.dtype
     rows = N * G
     geom = plan(x4.shape, dtype.itemsize, 1)
+    k = _kernels(x4)
     nparams = _nparams(aff)
     weight = constant(nparams, dtype, 1) if weight is None else weight
     bias = constant(nparams, dtype, 0) if bias is None else bias
@@ -88,10 +96,16 @@ def row_norm_train(x4, weight, bias, aff, eps, rms, y4):
     stats = np.empty((NROWSTATS, rows))
     cl = _channels_last(aff, x4, y4)
     if cl is not None:
-        forward_cl(cl[0], weight, bias, G, float(eps), bool(rms), True, coef, stats, cl[1])
+        k.forward_cl(cl[0], weight, bias, G, float(eps), bool(rms), True, coef, stats, cl[1])
     else:
-        p = _dummy(3) if geom.fused else np.empty((2, rows, _nchunks_host(geom, M, K)))
-        forward(x4, weight, bias, aff, float(eps), bool(rms), geom, True, p, coef, stats, y4)
+        args = (x4, weight, bias, aff, float(eps), bool(rms), geom, True)
+        if not geom.fused:
+            p = np.empty((2, rows, _nchunks_host(geom, M, K)))
+            k.forward_chunks(*args, p, coef, stats, y4)
+        elif M == 1 and aff.adiv == 1 and aff.arow == K:  # row_kernels._one_run
+            k.forward_one_run(*args, coef, stats, y4)
+        else:
+            k.forward_rows(*args, coef, stats, y4)
     with np.errstate(over="ignore"):
         return stats[MEAN].astype(dtype), stats[INVSTD].astype(dtype), stats[VAR]
 
@@ -111,6 +125,7 @@ def row_norm_backward(dy4, x4, mean, rstd, weight, aff, rms, want_grads, dx4):
     dtype = x4.dtype
     rows = N * G
     geom = plan(x4.shape, dtype.itemsize, 2)
+    k = _kernels(x4)
     nparams = _nparams(aff)
     weight = constant(nparams, dtype, 1) if weight is None else weight
     hi = np.zeros(rows, dtype) if mean is None else mean.astype(dtype, copy=False)
@@ -122,18 +137,20 @@ def row_norm_backward(dy4, x4, mean, rstd, weight, aff, rms, want_grads, dx4):
     cl = None if runs is not None else _channels_last(aff, dy4, x4, dx4)
     if runs is not None:
         q = np.empty((2, rows, aff.arow)) if want_grads else _dummy(3)
-        backward_runs(runs[0], runs[1], hi, rstd, weight, aff, bool(rms), bool(want_grads),
+        k.backward_runs(runs[0], runs[1], hi, rstd, weight, aff, bool(rms), bool(want_grads),
                       cfg.BWD_BLOCK, coef, bstat, q, grads, runs[2])
     elif cl is not None:
         q = np.empty((2, N, G * K)) if want_grads else _dummy(3)
-        backward_cl(cl[0], cl[1], hi, rstd, weight, G, bool(rms), bool(want_grads), coef, bstat,
+        k.backward_cl(cl[0], cl[1], hi, rstd, weight, G, bool(rms), bool(want_grads), coef, bstat,
                     q, grads, cl[2])
     else:
-        p = _dummy(3) if geom.fused else np.empty((3, rows, _nchunks_host(geom, M, K)))
+        if not geom.fused:
+            p = np.empty((3, rows, _nchunks_host(geom, M, K)))
+            k.backward_sums(dy4, x4, hi, rstd, weight, aff, bool(rms), geom, p, coef, bstat)
         nblk = aff.gmod * -(-(rows // aff.gmod) // geom.grad_rows)
         q = np.empty((2, nblk, aff.arow)) if want_grads else _dummy(3)
-        backward(dy4, x4, hi, rstd, weight, aff, bool(rms), geom, bool(want_grads), p, coef,
-                 bstat, q, grads, dx4)
+        k.backward(dy4, x4, hi, rstd, weight, aff, bool(rms), geom, bool(want_grads), coef, bstat,
+                   q, grads, dx4)
     if not want_grads:
         return None, None
     with np.errstate(over="ignore"):

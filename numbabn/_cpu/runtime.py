@@ -7,15 +7,18 @@ Concurrent calls are safe whatever Numba threading layer is in use.
 Numba's ``omp`` and ``tbb`` layers accept parallel kernels launched from several
 Python threads at once; the ``workqueue`` fallback (used where neither OpenMP nor
 TBB is available) does not, and can abort the process.  Kernel launches go
-through :func:`kernel_guard`, which serialises them only under ``workqueue``
-and runs small inputs on the calling thread alone.
+through :func:`kernel_guard`, which serialises them only under ``workqueue``.
+Small inputs run the serial twins of the kernels (:func:`serial_kernels`) on
+the calling thread alone.
 Numba prefers ``omp`` then ``tbb`` by default (``NUMBA_THREADING_LAYER``).
 """
 
 import contextlib
 import os
 import threading
+import types
 from functools import lru_cache
+from types import SimpleNamespace
 
 import numba
 import numpy as np
@@ -54,45 +57,54 @@ def num_threads():
 
 
 def kernel_guard(x=None):
-    """Held around every CPU kernel launch.
-
-    Serialises launches under ``workqueue`` (or while the layer is unknown), and
-    runs inputs of at most ``SERIAL_MAX_ELEMS`` elements on the calling thread
-    alone: waking the pool costs more than such a call (milliseconds when the
-    other core is busy).  Results do not change, since the reduction partition
-    never depends on the thread count.
+    """Held around every CPU kernel launch: serialises launches under
+    ``workqueue`` (or while the layer is unknown); a shared no-op context under
+    ``omp``/``tbb``.  (Small inputs need nothing here: they run the serial twins,
+    see :func:`serial_kernels`.)
 
     A plain function returning a context manager, not a generator: on every
-    call of the public API, a large input under ``omp``/``tbb`` gets a shared
-    no-op context (about 0.1 us instead of 2 us for a generator-based one).
+    call of the public API it costs about 0.1 us instead of 2 us.
     """
-    lock = _lock_if_needed()
-    if x is None or x.size > _config.SERIAL_MAX_ELEMS:
-        return lock
-    return _serial(lock)
+    return _lock_if_needed()
 
 
-class _serial:
-    """``lock`` held, Numba's thread count 1 for this thread, restored after."""
+def is_small(x):
+    """Whether ``x`` runs on the calling thread alone (the serial twins):
+    at most ``SERIAL_MAX_ELEMS`` values, where waking the pool costs more than
+    the work (milliseconds when the other core is busy)."""
+    return x.size <= _config.SERIAL_MAX_ELEMS
 
-    __slots__ = ("lock", "previous")
 
-    def __init__(self, lock):
-        self.lock = lock
+def serial_kernels(namespace):
+    """The kernels of a kernel module for small inputs, by name: each Numba
+    dispatcher of ``namespace``, with every ``parallel=True`` one replaced by its
+    serial twin (the same Python function compiled without ``parallel``, where
+    ``prange`` is ``range``).
 
-    def __enter__(self):
-        self.lock.__enter__()
-        get, set_ = _thread_functions()
-        self.previous = get()
-        set_(1)
-        return self
-
-    def __exit__(self, *exc):
-        try:
-            _thread_functions()[1](self.previous)
-        finally:
-            self.lock.__exit__(*exc)
-        return False
+    A first call on a small input then compiles no parallel loop (Numba
+    outlines each ``prange`` into a function of its own and optimises and
+    emits it separately: about 0.7 s of LLVM work each), and a call runs no
+    thread-pool code.  A twin runs the same callees, compiled once for both, in
+    the same order; the reduction partition never depends on the threads, so a
+    result is the same whichever twin computes it
+    (tests/cpu/test_concurrency.py).  The twin is named ``<name>_serial``: Numba
+    names its on-disk cache entries after the function, not its flags, so the
+    two must not share a name.
+    """
+    options = {k: v for k, v in _config.CPU_JIT_PARALLEL.items() if k != "parallel"}
+    out = {}
+    for name, obj in namespace.items():
+        if not hasattr(obj, "py_func"):
+            continue
+        if obj.targetoptions.get("parallel") and obj.py_func.__module__ == namespace["__name__"]:
+            f = obj.py_func
+            twin = types.FunctionType(f.__code__, f.__globals__, f.__name__ + "_serial",
+                                      f.__defaults__, f.__closure__)
+            twin.__qualname__ = f.__qualname__ + "_serial"
+            twin.__doc__ = f.__doc__
+            obj = numba.njit(**options)(twin)
+        out[name] = obj
+    return SimpleNamespace(**out)
 
 
 def _lock_if_needed():

@@ -104,17 +104,14 @@ def test_geometry_follows_the_tunables_and_thread_count(monkeypatch):
     assert ops.plan(shape3, 4, 1).threads == threads_now
 
 
-def test_guard_reads_the_serial_threshold_per_call(monkeypatch):
-    nb.batch_stats(np.ones((4, 2)))  # the threading layer is known from here on
+def test_the_serial_threshold_is_read_per_call(monkeypatch):
+    from numbabn._cpu import feature_kernels
+
     x = np.ones((8, 3))
-    threads_now = numba.get_num_threads()
     monkeypatch.setattr(_config, "SERIAL_MAX_ELEMS", 0)
-    with threads.kernel_guard(x):
-        assert numba.get_num_threads() == threads_now
+    assert not threads.is_small(x) and ops._kernels(x) is feature_kernels
     monkeypatch.setattr(_config, "SERIAL_MAX_ELEMS", 100)
-    with threads.kernel_guard(x):
-        assert numba.get_num_threads() == 1
-    assert numba.get_num_threads() == threads_now
+    assert threads.is_small(x) and ops._kernels(x) is feature_kernels.serial
 
 
 def test_float32_statistics_overflow_to_inf_without_a_warning(rng):
