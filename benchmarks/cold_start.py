@@ -89,14 +89,12 @@ rm = np.zeros(C, dtype); rv = np.ones(C, dtype)
 def _row_stats(v):  # mean and 1/std over rows of v (N, ...) -> float64
     v = v.reshape(v.shape[0], -1)
     return v.mean(axis=1), 1 / np.sqrt(v.var(axis=1) + 1e-5)
-rmean, rrstd = _row_stats(x64)
-rmean, rrstd = rmean.astype(dtype), rrstd.astype(dtype)
+# the saved statistics in the shapes the *_train functions return them
 N = shape[0]
-g = x64.reshape(N * 4, -1)
-gmean, grstd = (a.astype(dtype) for a in _row_stats(g))
-i = x64.reshape(N * C, -1)
-imean, irstd = (a.astype(dtype) for a in _row_stats(i))
-qrstd = (1 / np.sqrt((x64 ** 2).mean(axis=-1) + 1e-6)).astype(dtype)
+rmean, rrstd = (a.astype(dtype).reshape(N, 1, 1, 1) for a in _row_stats(x64))
+gmean, grstd = (a.astype(dtype).reshape(N, 4) for a in _row_stats(x64.reshape(N * 4, -1)))
+imean, irstd = (a.astype(dtype).reshape(N, C) for a in _row_stats(x64.reshape(N * C, -1)))
+qrstd = (1 / np.sqrt((x64 ** 2).mean(axis=-1, keepdims=True) + 1e-6)).astype(dtype)
 if layout == "nhwc":  # the same logical NCHW array in channels-last memory
     x = np.ascontiguousarray(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
     dy = np.ascontiguousarray(dy.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)

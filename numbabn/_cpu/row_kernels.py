@@ -433,6 +433,27 @@ def _row_backward_sums(dy, x, n, g, r, geom, aff, hi, weight, rstd, block):
 
 
 @njit(**CPU_JIT_STRICT)
+def _one_run_sums(dy, x, n, g, r, geom, aff, hi, weight, rstd, block):
+    """:func:`_row_backward_sums` of a row that is one run (:func:`_one_run`):
+    the same chunks, sums and order, without the runs' bookkeeping."""
+    K = x.shape[3]
+    base = (r % aff.gmod) * aff.arow
+    xr = x[n, 0, g]
+    dyr = dy[n, 0, g]
+    w = weight[base:base + K]
+    s1 = 0.0
+    s2 = 0.0
+    s3 = 0.0
+    for k0 in range(0, K, geom.kcols):
+        k1 = min(k0 + geom.kcols, K)
+        t1, t2, t3 = _sums_each_blocked(dyr[k0:k1], xr[k0:k1], w[k0:k1], hi, rstd, block)
+        s1 += t1
+        s2 += t2
+        s3 += t3
+    return s1, s2, s3
+
+
+@njit(**CPU_JIT_STRICT)
 def _sum_chunks(p, r):
     s1 = 0.0
     s2 = 0.0
@@ -498,6 +519,25 @@ def _grads_run(dyr, xr, hi, xs, xo):
 
 
 @njit(**CPU_JIT_STRICT)
+def _dx_one_run(dy, x, n, g, r, aff, coef, bstat, weight, want_grads, qw, qb, dx):
+    """:func:`_dx_row` of a row that is one run of consecutive weights (:func:`_one_run`)."""
+    K = x.shape[3]
+    hi = coef[HI, r]
+    a = coef[DX_SCALE, r]
+    b = coef[XC_COEF, r]
+    d = coef[DY_SHIFT, r]
+    base = (r % aff.gmod) * aff.arow
+    xr = x[n, 0, g]
+    dyr = dy[n, 0, g]
+    dxr = dx[n, 0, g]
+    w = weight[base:base + K]
+    for j in range(K):
+        dxr[j] = (dyr[j] * w[j] + (xr[j] - hi) * b + d) * a
+    if want_grads:
+        _grads_each(dyr, xr, np.float64(hi), bstat[XHAT_SCALE, r], bstat[XHAT_OFFSET, r], qw, qb)
+
+
+@njit(**CPU_JIT_STRICT)
 def _dx_row(dy, x, n, g, r, aff, coef, bstat, weight, want_grads, qw, qb, dx):
     """dx of a whole row, and its parameter-gradient terms added to ``qw``/``qb``
     (indexed within the row's affine group)."""
@@ -511,14 +551,7 @@ def _dx_row(dy, x, n, g, r, aff, coef, bstat, weight, want_grads, qw, qb, dx):
     xo = bstat[XHAT_OFFSET, r]
     base = (r % aff.gmod) * aff.arow
     if _one_run(x, aff):
-        xr = x[n, 0, g]
-        dyr = dy[n, 0, g]
-        dxr = dx[n, 0, g]
-        w = weight[base:base + K]
-        for j in range(K):
-            dxr[j] = (dyr[j] * w[j] + (xr[j] - hi) * b + d) * a
-        if want_grads:
-            _grads_each(dyr, xr, hi64, xs, xo, qw, qb)
+        _dx_one_run(dy, x, n, g, r, aff, coef, bstat, weight, want_grads, qw, qb, dx)
         return
     for m in range(M):
         xr = x[n, m, g]
@@ -662,6 +695,50 @@ def _backward_block(dy, x, hi, rstd, weight, aff, rms, geom, want_grads, blk, nb
         else:
             _dx_row(dy, x, r // G, r % G, r, aff, coef, bstat, weight, want_grads, qw, qb, dx)
         t += nrows
+
+
+@njit(**CPU_JIT_STRICT)
+def _one_run_block(dy, x, hi, rstd, weight, aff, rms, geom, want_grads, blk, nblk_per_group,
+                   coef, bstat, q, dx):
+    """:func:`_backward_block` on the fused path for rows that are one run each
+    (:func:`_one_run`): the same sums, coefficients and dx, four rows at a
+    time with ``want_grads``."""
+    N, M, G, K = x.shape
+    cnt = np.float64(K)
+    group, t0, t1 = _block_rows(blk, nblk_per_group, aff, geom.grad_rows, N * G)
+    qw, qb = _grad_partials(q, blk, want_grads)
+    t = t0
+    while t < t1:
+        nrows = 4 if want_grads and t + 4 <= t1 else 1
+        for i in range(nrows):
+            r = (t + i) * aff.gmod + group
+            s1, s2, s3 = _one_run_sums(dy, x, r // G, r % G, r, geom, aff, np.float64(hi[r]),
+                                       weight, rstd[r], geom.bwd_block)
+            _store_backward(r, cnt, s1, s2, s3, np.float64(hi[r]), rstd[r], rms, coef, bstat)
+        r = t * aff.gmod + group
+        if nrows == 4:
+            _dx_grads_4(dy, x, (r, r + aff.gmod, r + 2 * aff.gmod, r + 3 * aff.gmod), aff,
+                        coef, bstat, weight, qw, qb, dx)
+        else:
+            _dx_one_run(dy, x, r // G, r % G, r, aff, coef, bstat, weight, want_grads, qw, qb,
+                        dx)
+        t += nrows
+
+
+@njit(**CPU_JIT_PARALLEL)
+def backward_one_run(dy, x, hi, rstd, weight, aff, rms, geom, want_grads, coef, bstat, q, grads,
+                     dx):
+    """:func:`backward` on the fused path for rows that are one run each (layer
+    and RMS norm of contiguous rows)."""
+    N, M, G, K = x.shape
+    nblk_per_group = _cdiv(N * G // aff.gmod, geom.grad_rows)
+    for blk_ in prange(aff.gmod * nblk_per_group):
+        blk = np.int64(blk_)
+        _one_run_block(dy, x, hi, rstd, weight, aff, rms, geom, want_grads, blk, nblk_per_group,
+                       coef, bstat, q, dx)
+    if want_grads:
+        for group in range(aff.gmod):
+            _merge_grads(q, group, nblk_per_group, aff.arow, grads)
 
 
 @njit(**CPU_JIT_PARALLEL)

@@ -46,6 +46,12 @@ def _kernels(x4):
     return row_kernels.serial if is_small(x4) else row_kernels
 
 
+def _one_run(aff, M, K):
+    """Whether each row is one run of values with consecutive weights (layer
+    and RMS norm of contiguous rows): :func:`row_kernels._one_run`."""
+    return M == 1 and aff.adiv == 1 and aff.arow == K
+
+
 def _nparams(aff):
     return aff.gmod * aff.arow
 
@@ -102,7 +108,7 @@ def row_norm_train(x4, weight, bias, aff, eps, rms, y4):
         if not geom.fused:
             p = np.empty((2, rows, _nchunks_host(geom, M, K)))
             k.forward_chunks(*args, p, coef, stats, y4)
-        elif M == 1 and aff.adiv == 1 and aff.arow == K:  # row_kernels._one_run
+        elif _one_run(aff, M, K):
             k.forward_one_run(*args, coef, stats, y4)
         else:
             k.forward_rows(*args, coef, stats, y4)
@@ -144,13 +150,17 @@ def row_norm_backward(dy4, x4, mean, rstd, weight, aff, rms, want_grads, dx4):
         k.backward_cl(cl[0], cl[1], hi, rstd, weight, G, bool(rms), bool(want_grads), coef, bstat,
                     q, grads, cl[2])
     else:
-        if not geom.fused:
-            p = np.empty((3, rows, _nchunks_host(geom, M, K)))
-            k.backward_sums(dy4, x4, hi, rstd, weight, aff, bool(rms), geom, p, coef, bstat)
         nblk = aff.gmod * -(-(rows // aff.gmod) // geom.grad_rows)
         q = np.empty((2, nblk, aff.arow)) if want_grads else _dummy(3)
-        k.backward(dy4, x4, hi, rstd, weight, aff, bool(rms), geom, bool(want_grads), coef, bstat,
-                   q, grads, dx4)
+        args = (dy4, x4, hi, rstd, weight, aff, bool(rms), geom, bool(want_grads), coef, bstat, q,
+                grads, dx4)
+        if geom.fused and _one_run(aff, M, K):
+            k.backward_one_run(*args)
+        else:
+            if not geom.fused:
+                p = np.empty((3, rows, _nchunks_host(geom, M, K)))
+                k.backward_sums(dy4, x4, hi, rstd, weight, aff, bool(rms), geom, p, coef, bstat)
+            k.backward(*args)
     if not want_grads:
         return None, None
     with np.errstate(over="ignore"):

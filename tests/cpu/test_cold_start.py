@@ -73,15 +73,16 @@ def test_a_first_call_compiles_each_kernel_once_and_only_its_path(tmp_path, size
     if size == "small":
         # at most SERIAL_MAX_ELEMS values: the serial twins, no parallel loop
         assert parallel == set()
-        assert {"forward_nchw_serial", "backward_nchw_serial",
-                "forward_one_run_serial"} <= set(short)
+        assert {"forward_nchw_serial", "backward_nchw_serial", "forward_one_run_serial",
+                "backward_one_run_serial"} <= set(short)
     else:
         assert parallel == {"forward_nchw", "backward_nchw", "normalize_nchw",
-                            "forward_one_run", "backward"}
+                            "forward_one_run", "backward_one_run"}
     # only the path the call runs: the fused forward, not the two-phase one,
     # and layer norm's one-run rows, not the general row loops
     assert not any(n.startswith(("forward_nchw_chunks", "backward_nchw_chunks", "forward_rows",
-                                 "forward_chunks", "backward_sums", "_normalize_region"))
+                                 "forward_chunks", "backward_sums", "_normalize_region",
+                                 "_backward_block", "_row_backward_sums", "_dx_row"))
                    for n in short), short
     # and a later process loads every kernel, serial twins included, from the disk cache
     again = run_json(SCRIPT, size, env=env)
