@@ -96,7 +96,8 @@ CHUNK_ELEMS = 32768
 # rows of a block of ``width = min(C, NC_COLS)`` columns.  The chunk's float64
 # sums (2 x 256 x 8 bytes) and four rows of x stay in L1: 256 columns ran the
 # statistics of (4096, 512) and (256, 1024) float32 1.5-2x faster than 2048.
-# Partial sums are merged per block of ``NC_MERGE_COLS`` columns, in parallel.
+# Partial sums are merged per block of ``NC_MERGE_COLS`` columns, by a plain loop
+# (a few values per chunk: a parallel loop cost more to compile than it saved).
 NC_COLS = 256
 NC_MERGE_COLS = 64
 
