@@ -1,5 +1,6 @@
 """The ``numbabn-mnist`` command: train one model in this process, or, with
-``--distributed``, on every process of an MPI job (:mod:`numbabn.mnist.distributed`)."""
+``--distributed``, on every process of an MPI job (:mod:`numbabn.mnist.distributed`);
+with ``--warmup``, only compile the kernels into Numba's on-disk cache."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import sys
 from .._cpu.runtime import prefer_passive_waiting
 from .._extras import MissingExtraError
 from . import options
+from .models import MODELS
 from .train import Trainer
 
 
@@ -42,6 +44,8 @@ def main(argv=None):
     """Entry point of ``numbabn-mnist`` (through :func:`cli`); returns the exit
     status (130 after Ctrl-C)."""
     args = options.build_parser().parse_args(argv)
+    if args.warmup:
+        return warmup_main(args)
     if args.distributed:  # the logic lives in numbabn.mnist.distributed
         from .distributed import main as distributed_main
 
@@ -62,6 +66,41 @@ def main(argv=None):
         return 130
     print(f"test accuracy {metrics['test_accuracy']:.4f}; metrics, curves and checkpoint in {trainer.out_dir}")
     return 0
+
+
+def warmup_main(args):
+    """``numbabn-mnist --warmup``: compile (or load from the cache) every kernel
+    a run with these options would need, for ``--model`` or both models, printing
+    each group's time; trains nothing and writes no output folder.  Returns the
+    exit status."""
+    try:
+        if args.distributed or args.resume:
+            raise ValueError("--warmup compiles the one-process trainer's kernels and exits; "
+                             "leave out --distributed and --resume.")
+        options.require_train_extra(progress=not args.no_progress)
+        models = [args.model] if args.model else sorted(MODELS)
+        configs = [options.config_from_args(args, model) for model in models]
+        options.check_device(args.device)
+        from .data import load_mnist
+
+        data = load_mnist(data_dir=args.data_dir)
+        for config in configs:
+            trainer = Trainer(config, data, out_dir=None, progress=not args.no_progress)
+            train_sizes, eval_sizes = trainer.warm_batch_sizes()
+            print(f"{config.model}: a training step on batches of {_sizes(train_sizes)} and an "
+                  f"evaluation on batches of {_sizes(eval_sizes)}")
+            trainer.warm_up()
+    except (ValueError, RuntimeError, OSError, MissingExtraError) as e:
+        print(f"numbabn-mnist: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted: what compiled so far stays in the cache.", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _sizes(sizes):
+    return " and ".join(str(s) for s in sizes)
 
 
 def _setup(args):

@@ -218,7 +218,7 @@ class DistributedTrainer(T.Trainer):
         shifts = np.random.default_rng([cfg.seed, epoch, 1])
         for layer in self._dropouts:
             layer.rng = np.random.default_rng([cfg.seed, epoch, 2, self.rank])
-        self._announce_compilation()
+        self._compile_if_cold(ahead=False)
         if self.progress:
             tqdm = require("tqdm", "The trainer's progress bar", otherwise="pass progress=False").tqdm
             bar = tqdm(batches, desc=f"epoch {epoch + 1}/{n_epochs} ({_processes(self.size)})",
@@ -226,6 +226,7 @@ class DistributedTrainer(T.Trainer):
         else:
             bar = T._NoProgress(batches)
         self.step_losses = []
+        step_accuracies = []
         loss_sum, correct, seen = 0.0, 0, 0
         start = time.perf_counter()
         for i, idx in enumerate(bar):
@@ -242,6 +243,7 @@ class DistributedTrainer(T.Trainer):
             batch_loss, batch_correct = self._reducer(self.model.grads, [local_loss, local_correct])
             self.optimizer.step(self.model.grads)
             self.step_losses.append(batch_loss / len(idx))
+            step_accuracies.append(round(batch_correct) / len(idx))
             loss_sum += batch_loss
             correct += int(round(batch_correct))
             seen += len(idx)
@@ -251,7 +253,7 @@ class DistributedTrainer(T.Trainer):
         bar.close()
         return {"lr": self.optimizer.lr, "train_loss": loss_sum / seen, "train_accuracy": correct / seen,
                 "epoch_seconds": seconds, "images_per_second": seen / seconds,
-                "step_losses": list(self.step_losses)}
+                "step_losses": list(self.step_losses), "step_accuracies": step_accuracies}
 
     def evaluate(self):
         """Test loss and accuracy, each rank evaluating a contiguous shard."""

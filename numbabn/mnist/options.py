@@ -15,7 +15,8 @@ from .train import TrainConfig
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="numbabn-mnist", description="Train a small network on MNIST with numbabn's layers.")
-    parser.add_argument("--model", choices=sorted(MODELS), default="cnn")
+    parser.add_argument("--model", choices=sorted(MODELS),
+                        help="default: cnn (with --warmup: both models)")
     parser.add_argument("--no-bn", action="store_true", help="leave out the batch-norm layers")
     parser.add_argument("--norm", choices=["batch", "renorm"], default="batch",
                         help="batch norm, or batch renormalization for small batches")
@@ -38,14 +39,22 @@ def build_parser():
     parser.add_argument("--out", metavar="DIR", help="output folder (default: runs/mnist-<model>)")
     parser.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.npz")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--warmup", action="store_true",
+                        help="only compile the kernels this run would need (training and evaluation; "
+                             "both models unless --model is given) into Numba's on-disk cache, print "
+                             "each group's time, and exit: no training, no output folder (for container "
+                             "images and CI caches)")
     parser.add_argument("--distributed", action="store_true",
                         help="data-parallel training on every process of an MPI job: "
                              "mpiexec -n N numbabn-mnist --distributed (needs the 'mpi' extra)")
     return parser
 
 
-def config_from_args(args):
-    spec = MODELS[args.model]
+def config_from_args(args, model=None):
+    """The :class:`TrainConfig` of ``args``, for ``model`` if given, else for
+    ``args.model`` (``cnn`` when that is not set)."""
+    model = model or args.model or "cnn"
+    spec = MODELS[model]
     if args.epochs < 1 or (args.batch_size is not None and args.batch_size < 2) \
             or (args.limit_train is not None and args.limit_train < 2):
         raise ValueError("--epochs must be >= 1, --batch-size and --limit-train >= 2.")
@@ -54,7 +63,7 @@ def config_from_args(args):
     if args.lr_decay is not None and not 0.0 < args.lr_decay <= 1.0:
         raise ValueError(f"--lr-decay must be in (0, 1]; got {args.lr_decay}.")
     return TrainConfig(
-        model=args.model, batch_norm=not args.no_bn,
+        model=model, batch_norm=not args.no_bn,
         batch_size=args.batch_size or spec.batch_size,
         lr=args.lr if args.lr is not None else spec.lr,
         optimizer=args.optimizer or spec.optimizer,

@@ -7,11 +7,16 @@ MNIST comes with numbabn (see :func:`numbabn.mnist.data.find_mnist`); ``--data-d
 reads another copy.  The progress bar (tqdm) and the curves (matplotlib) need
 the ``train`` extra: ``pip install 'numbabn[train]'``.
 
+On the first run, when Numba's on-disk cache lacks the run's kernels, the
+trainer compiles them before the first batch, one kind of layer at a time with
+a progress bar (:meth:`Trainer.warm_up`); ``numbabn-mnist --warmup`` does only
+that, to fill the cache ahead of time.
+
 Each epoch shows a progress bar, evaluates on the test set, and writes to
 ``--out``: ``metrics.json`` (final ``test_accuracy`` and a per-epoch
-``history``), ``curves.png`` (loss and accuracy against epoch) and
-``checkpoint.npz`` (atomic; everything needed to continue with ``--resume``
-and reach bitwise the same weights as an uninterrupted run).
+``history``), ``curves.png`` (loss and accuracy against epoch, per step and
+per epoch) and ``checkpoint.npz`` (atomic; everything needed to continue with
+``--resume`` and reach bitwise the same weights as an uninterrupted run).
 """
 
 from __future__ import annotations
@@ -30,11 +35,13 @@ from ..kit.losses import cross_entropy
 from ..kit.optim import SGD, Adam
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .models import MODELS, NORMS, build_model
+from .warmup import warm_up
 
 EVAL_BATCH = 500
 
-#: Said once, before the first batch, when Numba's on-disk cache lacks the run's kernels.
-COMPILE_MESSAGE = "compiling kernels (first run only, about a minute)..."
+#: Said once, before the warm-up that compiles the kernels, when Numba's
+#: on-disk cache lacks the run's kernels.
+COMPILE_MESSAGE = "compiling kernels (first run only: Numba keeps them on disk for later runs)..."
 
 
 @dataclass(frozen=True)
@@ -93,6 +100,14 @@ def epoch_batches(n_images, batch_size, seed, epoch):
     return [b for b in batches if b.size >= 2]
 
 
+def batch_sizes(n, batch_size, smallest):
+    """The distinct sizes, largest first, of ``n`` items cut in order into
+    batches of ``batch_size`` (the last one shorter), leaving out sizes below
+    ``smallest`` (:func:`epoch_batches` drops a last batch of one)."""
+    sizes = {min(n, batch_size), n % batch_size if n > batch_size else 0}
+    return sorted((s for s in sizes if s >= smallest), reverse=True)
+
+
 def random_shifts(images, max_shift, rng):
     """Each ``(1, H, W)`` image moved by its own random offset in
     ``[-max_shift, max_shift]`` pixels along each axis, zero filled (data
@@ -135,8 +150,9 @@ class Trainer:
     progress : bool, default True
         Show a tqdm progress bar per epoch (needs the ``train`` extra).
     log : callable, default print
-        Receives one summary line per epoch, and :data:`COMPILE_MESSAGE` before
-        the first batch when the kernels are not in Numba's cache yet.
+        Receives one summary line per epoch; and when the kernels are not in
+        Numba's cache yet, :data:`COMPILE_MESSAGE` and the lines of
+        :meth:`warm_up` before the first batch.
 
     Constructing a trainer changes no environment variables (the
     ``numbabn-mnist`` command sets its own in :func:`cli`).
@@ -200,8 +216,8 @@ class Trainer:
         self.optimizer.lr = self.config.epoch_lr(epoch)
         shifts = np.random.default_rng([self.config.seed, epoch, 1])
         loss_sum, correct, seen = 0.0, 0, 0
-        step_losses = []
-        self._announce_compilation()
+        step_losses, step_accuracies = [], []
+        self._compile_if_cold()
         if self.progress:
             tqdm = require("tqdm", "The trainer's progress bar", otherwise="pass progress=False").tqdm
             bar = tqdm(batches, desc=f"epoch {epoch + 1}/{n_epochs}", unit="batch", leave=False)
@@ -216,9 +232,11 @@ class Trainer:
             loss, dlogits = cross_entropy(logits, y)
             self.model.backward(dlogits, input_grad=False)  # the images need no gradient
             self.optimizer.step(self.model.grads)
+            batch_correct = int(np.sum(logits.argmax(axis=1) == y))
             loss_sum += loss * len(y)
             step_losses.append(float(loss))
-            correct += int(np.sum(logits.argmax(axis=1) == y))
+            step_accuracies.append(batch_correct / len(y))
+            correct += batch_correct
             seen += len(y)
             if i % 10 == 0 or i == len(batches) - 1:
                 bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.4f}", refresh=False)
@@ -226,14 +244,53 @@ class Trainer:
         bar.close()
         return {"lr": self.optimizer.lr, "train_loss": loss_sum / seen, "train_accuracy": correct / seen,
                 "epoch_seconds": seconds, "images_per_second": seen / seconds,
-                "step_losses": step_losses}
+                "step_losses": step_losses, "step_accuracies": step_accuracies}
 
-    def _announce_compilation(self):
-        """Log :data:`COMPILE_MESSAGE` once, before the first batch, on a cold cache."""
+    def _compile_if_cold(self, ahead=True):
+        """Once, before the first batch: on a cold cache, log :data:`COMPILE_MESSAGE`
+        and compile the kernels with :meth:`warm_up` (``ahead=False``: the
+        message alone, for the distributed trainer, whose synchronised batch
+        norms would talk to the other processes)."""
         if not self._compile_checked:
             self._compile_checked = True
             if not kernels_cached(kernel_sources(self.config)):
                 self.log(COMPILE_MESSAGE)
+                if ahead:
+                    self.warm_up()
+
+    def warm_batch_sizes(self):
+        """The distinct sizes of the run's training batches (a full batch, and a
+        last smaller one) and of its evaluation batches, each largest first."""
+        return (batch_sizes(len(self.train_y), self.config.batch_size, smallest=2),
+                batch_sizes(len(self.test_y), EVAL_BATCH, smallest=1))
+
+    def warm_up(self, progress=None):
+        """Compile (or load from Numba's cache) every kernel this run needs:
+        a training step and an evaluation, layer by layer, at each of
+        :meth:`warm_batch_sizes`, on copies of the model and optimizer (see
+        :func:`numbabn.mnist.warmup.warm_up`).  Leaves the model, optimizer and
+        generators as they were, so the run's results are the same bits.
+
+        Parameters
+        ----------
+        progress : bool, optional
+            A progress bar with a step per group; default: the trainer's ``progress``.
+
+        Returns
+        -------
+        numbabn.mnist.warmup.WarmupTimes
+        """
+        train_sizes, eval_sizes = self.warm_batch_sizes()
+        shifts = np.random.default_rng(0)  # a generator of its own: the run's streams are untouched
+        train_batches = []
+        for size in train_sizes:
+            x = self.train_x[:size].copy()  # layers may write in place: never into the data set
+            if self.config.shift:
+                x = random_shifts(x, self.config.shift, shifts)
+            train_batches.append((x, self.train_y[:size]))
+        eval_batches = [(self.test_x[:size].copy(), self.test_y[:size]) for size in eval_sizes]
+        return warm_up(self.model, self.optimizer, train_batches, eval_batches,
+                       progress=self.progress if progress is None else progress, log=self.log)
 
     def run(self, epochs):
         """Train until ``epochs`` epochs are done (continuing from :attr:`epochs_done`)."""
@@ -341,11 +398,25 @@ def smoothed(values, span):
     return out
 
 
+def _per_step(history, key):
+    """The per-step values ``key`` of every epoch, at x = fractional epoch
+    (step ``i`` of ``n`` in epoch ``e`` at ``e - 1 + (i + 1) / n``), and the
+    most steps of an epoch."""
+    xs, ys, per_epoch = [], [], 0
+    for h in history:
+        values = h.get(key) or []  # absent in checkpoints of older runs
+        xs += [h["epoch"] - 1 + (i + 1) / len(values) for i in range(len(values))]
+        ys += values
+        per_epoch = max(per_epoch, len(values))
+    return xs, ys, per_epoch
+
+
 def plot_curves(history, path, title=""):
     """Loss and accuracy against epoch, as a PNG (needs matplotlib, from the
-    ``train`` extra): the per-step training loss (faint) and its moving average
-    (span a tenth of an epoch), the per-epoch train and test losses, and the
-    per-epoch accuracies."""
+    ``train`` extra).  Each panel has the per-step training figure (faint) and
+    its moving average (span a tenth of an epoch), the per-epoch training
+    figure (dots) and the per-epoch test figure (squares, dashed), on an axis
+    from epoch 0, so a one-epoch run shows its curves and where its epoch ended."""
     matplotlib = require("matplotlib", "The trainer's loss and accuracy curves")
 
     matplotlib.use("Agg")
@@ -353,27 +424,20 @@ def plot_curves(history, path, title=""):
 
     epochs = [h["epoch"] for h in history]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
-    steps_x, steps_y, per_epoch = [], [], 0
-    for h in history:
-        losses = h.get("step_losses") or []  # absent in checkpoints of older runs
-        steps_x += [h["epoch"] - 1 + (i + 1) / len(losses) for i in range(len(losses))]
-        steps_y += losses
-        per_epoch = max(per_epoch, len(losses))
-    if steps_y:
-        ax_loss.plot(steps_x, steps_y, "-", color="C0", alpha=0.25, linewidth=0.8,
-                     label="train, per step")
-        ax_loss.plot(steps_x, smoothed(steps_y, per_epoch // 10), "-", color="C0",
-                     label="train, moving average")
-    ax_loss.plot(epochs, [h["train_loss"] for h in history], "o", color="C0", label="train, epoch")
-    ax_loss.plot(epochs, [h["test_loss"] for h in history], "s--", color="C1", label="test")
-    for split, style in (("train", "o-"), ("test", "s--")):
-        ax_acc.plot(epochs, [h[f"{split}_accuracy"] for h in history], style, label=split)
-    ax_loss.set(xlabel="epoch", ylabel="cross-entropy loss", title="loss")
-    ax_acc.set(xlabel="epoch", ylabel="accuracy", title="accuracy")
-    for ax in (ax_loss, ax_acc):
+    for ax, metric, step_key, name in ((ax_loss, "loss", "step_losses", "cross-entropy loss"),
+                                       (ax_acc, "accuracy", "step_accuracies", "accuracy")):
+        steps_x, steps_y, per_epoch = _per_step(history, step_key)
+        if steps_y:
+            ax.plot(steps_x, steps_y, "-", color="C0", alpha=0.25, linewidth=0.8, label="train, per step")
+            ax.plot(steps_x, smoothed(steps_y, per_epoch // 10), "-", color="C0", label="train, moving average")
+        ax.plot(epochs, [h[f"train_{metric}"] for h in history], "o", color="C0", label="train, epoch")
+        ax.plot(epochs, [h[f"test_{metric}"] for h in history], "s--", color="C1", label="test, epoch")
+        ax.set(xlabel="epoch", ylabel=name, title=metric)
+        ax.set_xlim(0, max(epochs, default=1) + 0.05)
         ax.grid(alpha=0.3)
-        ax.legend()
-        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.legend(fontsize="small")
+        if len(epochs) > 2:  # whole epochs; fewer get fractional ticks
+            ax.xaxis.get_major_locator().set_params(integer=True)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

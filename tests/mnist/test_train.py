@@ -1,10 +1,14 @@
 """The trainer: real-data smoke run, bitwise resume, Ctrl-C, damaged checkpoints, the
-environment, the missing ``train`` extra and the first-run compile message."""
+environment, the missing ``train`` extra, the first-run compile message and warm-up
+(``--warmup``), and the curves."""
 
+import contextlib
 import hashlib
 import json
 import os
+import subprocess
 import sys
+import textwrap
 import types
 from pathlib import Path
 
@@ -17,6 +21,9 @@ from numbabn.mnist.checkpoint import CheckpointError, load_checkpoint, save_chec
 from numbabn.mnist import cli as cli_module
 from numbabn.mnist.cli import main
 from numbabn.mnist.train import COMPILE_MESSAGE, TrainConfig, Trainer
+from numbabn.mnist.warmup import OTHER, kernel_groups
+
+REPO = Path(__file__).resolve().parents[2]
 
 FIX = "pip install 'numbabn[train]'"
 
@@ -363,7 +370,8 @@ def test_trainer_without_the_train_extra_names_the_fix(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("cached", [False, True], ids=["cold", "warm"])
-def test_compile_message_once_before_the_first_batch_on_a_cold_cache(tmp_path, monkeypatch, cached):
+def test_compile_message_and_warm_up_once_before_the_first_batch_on_a_cold_cache(tmp_path, monkeypatch,
+                                                                                  cached):
     events = []
     monkeypatch.setattr(train_module, "kernels_cached", lambda sources: cached)
     real_forward = train_module.cross_entropy
@@ -377,10 +385,12 @@ def test_compile_message_once_before_the_first_batch_on_a_cold_cache(tmp_path, m
                       progress=False, log=lambda line: events.append(line))
     trainer.run(2)
     messages = [e for e in events if e == COMPILE_MESSAGE]
+    warm_up_lines = [e for e in events if e.startswith("kernels ready in")]
     if cached:
-        assert messages == []
+        assert messages == [] and warm_up_lines == []
     else:
         assert messages == [COMPILE_MESSAGE] and events[0] == COMPILE_MESSAGE
+        assert len(warm_up_lines) == 1 and events.index(warm_up_lines[0]) < events.index("batch")
 
 
 def test_kernels_cached_looks_for_fresh_numba_index_files(tmp_path, monkeypatch):
@@ -444,19 +454,23 @@ def test_renorm_option_builds_batch_renorm_layers_and_trains(tmp_path, model):
         train_module.build_model(model, np.random.default_rng(0), norm="layer")
 
 
-def test_each_epoch_records_its_per_step_losses(tmp_path):
+def test_each_epoch_records_its_per_step_losses_and_accuracies(tmp_path):
     # 45 images in batches of 10: four full batches and one of 5.
     trainer = Trainer(TrainConfig(model="mlp", batch_size=10, limit_train=45), synthetic_data(n_train=45),
                       str(tmp_path), progress=False, log=lambda s: None)
     trainer.run(2)
+    sizes = [10, 10, 10, 10, 5]
     for record in trainer.history:
-        steps = record["step_losses"]
+        steps, accuracies = record["step_losses"], record["step_accuracies"]
         assert len(steps) == 5 and all(np.isfinite(steps))
-        sizes = [10, 10, 10, 10, 5]
         assert np.isclose(np.average(steps, weights=sizes), record["train_loss"], rtol=1e-12)
+        correct = np.multiply(accuracies, sizes)  # whole images right in each batch
+        np.testing.assert_allclose(correct, np.round(correct), atol=1e-9)
+        assert np.isclose(np.average(accuracies, weights=sizes), record["train_accuracy"], rtol=1e-12)
     assert trainer.history[0]["step_losses"] != trainer.history[1]["step_losses"]
     saved = json.loads((tmp_path / "metrics.json").read_text())["history"]
-    assert [h["step_losses"] for h in saved] == [h["step_losses"] for h in trainer.history]
+    for key in ("step_losses", "step_accuracies"):
+        assert [h[key] for h in saved] == [h[key] for h in trainer.history]
 
 
 def test_smoothed_is_the_exponential_moving_average():
@@ -472,13 +486,190 @@ def test_smoothed_is_the_exponential_moving_average():
     assert train_module.smoothed([], 5) == []
 
 
-def test_curves_plot_per_step_losses_and_older_histories(tmp_path):
-    pytest.importorskip("matplotlib")
-    epoch = {"train_loss": 1.0, "test_loss": 0.9, "train_accuracy": 0.6, "test_accuracy": 0.7}
-    with_steps = [dict(epoch, epoch=1, step_losses=[2.3, 1.5, 1.1, 0.9]),
-                  dict(epoch, epoch=2, step_losses=[0.8, 0.7, 0.6, 0.6])]
-    without = [dict(epoch, epoch=1), dict(epoch, epoch=2)]  # a checkpoint of an older run
-    for name, history in (("a.png", with_steps), ("b.png", without)):
-        path = tmp_path / name
+def _plotted(history, path):
+    """The lines of each panel of ``plot_curves``' figure, by label: (x, y); and
+    the panel's ``xlim``."""
+    from matplotlib.figure import Figure
+
+    panels = []
+    real_savefig = Figure.savefig
+
+    def keep(fig, *args, **kwargs):
+        panels.extend({line.get_label(): (list(line.get_xdata()), list(line.get_ydata()))
+                       for line in ax.get_lines()} | {"xlim": ax.get_xlim()} for ax in fig.axes)
+        return real_savefig(fig, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Figure, "savefig", keep)
         train_module.plot_curves(history, str(path))
-        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    return panels
+
+
+def test_curves_plot_per_step_figures_and_per_epoch_tests_even_for_one_epoch(tmp_path):
+    pytest.importorskip("matplotlib")
+    one_epoch = [{"epoch": 1, "train_loss": 1.4, "test_loss": 0.9, "train_accuracy": 0.6, "test_accuracy": 0.7,
+                  "step_losses": [2.3, 1.5, 1.1, 0.9], "step_accuracies": [0.2, 0.5, 0.7, 0.8]}]
+    loss, accuracy = _plotted(one_epoch, tmp_path / "one.png")
+    for panel, steps, test in ((loss, [2.3, 1.5, 1.1, 0.9], 0.9), (accuracy, [0.2, 0.5, 0.7, 0.8], 0.7)):
+        assert panel["train, per step"] == ([0.25, 0.5, 0.75, 1.0], steps)  # a curve, not a lonely point
+        assert panel["train, moving average"][0] == [0.25, 0.5, 0.75, 1.0]
+        assert panel["test, epoch"] == ([1], [test])
+        assert panel["xlim"][0] == 0  # the axis starts at epoch 0
+
+    two_epochs = [dict(one_epoch[0]), dict(one_epoch[0], epoch=2, test_loss=0.5)]
+    loss, _ = _plotted(two_epochs, tmp_path / "two.png")
+    assert loss["test, epoch"] == ([1, 2], [0.9, 0.5])
+    assert len(loss["train, moving average"][0]) == 8
+
+    older = [{k: v for k, v in h.items() if not k.startswith("step_")} for h in two_epochs]
+    loss, accuracy = _plotted(older, tmp_path / "older.png")  # a checkpoint of an older run
+    assert "train, per step" not in loss and accuracy["test, epoch"] == ([1, 2], [0.7, 0.7])
+
+
+# --- the warm-up ----------------------------------------------------------------------
+
+
+def test_batch_sizes_of_a_run():
+    assert train_module.batch_sizes(45, 10, smallest=2) == [10, 5]
+    assert train_module.batch_sizes(41, 10, smallest=2) == [10]  # a last batch of one is dropped
+    assert train_module.batch_sizes(8, 10, smallest=2) == [8]
+    assert train_module.batch_sizes(60000, 128, smallest=2) == [128, 96]
+    assert train_module.batch_sizes(10001, 500, smallest=1) == [500, 1]
+    assert train_module.batch_sizes(10000, 500, smallest=1) == [500]
+    for n, size in ((45, 10), (41, 10), (8, 10), (130, 60)):
+        real = {len(b) for b in train_module.epoch_batches(n, size, seed=0, epoch=0)}
+        assert set(train_module.batch_sizes(n, size, smallest=2)) == real
+
+
+def test_warm_up_leaves_the_run_bitwise_unchanged(tmp_path, monkeypatch):
+    # The cnn draws dropout masks from the model's generator and shifts the images;
+    # 40 images in batches of 16 give a last batch of 8, so the walk has two sizes.
+    config = TrainConfig(model="cnn", batch_size=16)
+    data = synthetic_data()
+    lines = []
+    warmed = Trainer(config, data, str(tmp_path / "warm"), progress=False, log=lines.append)
+    rng_state = warmed.rng.bit_generator.state
+    state = _final_state(warmed)
+    monkeypatch.setattr(train_module, "kernels_cached", lambda sources: False)
+    warmed._compile_if_cold()
+    assert warmed.rng.bit_generator.state == rng_state
+    for key, value in _final_state(warmed).items():
+        np.testing.assert_array_equal(value, state[key], err_msg=key)
+    assert warmed.warm_batch_sizes() == ([16, 8], [30])
+    groups = kernel_groups(warmed.model, warmed.optimizer)
+    assert {"Conv2d forward", "BatchNorm2d train", "BatchNorm2d backward", "BatchNorm2d eval",
+            "Dropout forward", "Conv2d backward", "Adam step"} <= set(groups)
+    # The message, a line per group ("  <group>   <seconds> s"), the other sizes, the total.
+    assert lines[0] == COMPILE_MESSAGE and lines[-1].startswith("kernels ready in")
+    assert sorted(" ".join(line.split()[:-2]) for line in lines[1:-2]) == sorted(groups)
+    assert " ".join(lines[-2].split()[:-2]) == OTHER
+    warmed.run(2)
+
+    monkeypatch.setattr(train_module, "kernels_cached", lambda sources: True)
+    plain = Trainer(config, data, str(tmp_path / "plain"), progress=False, log=lambda s: None)
+    plain.run(2)
+    _assert_same_run(warmed, plain)
+
+
+def test_warm_up_progress_bar_steps_once_per_group_naming_it(tmp_path, monkeypatch):
+    calls = []
+
+    class FakeBar:  # tqdm's calls as a list (a real bar skips frames within 0.1 s)
+        def __init__(self, total, **kwargs):
+            calls.append(("total", total))
+
+        def set_description_str(self, text):
+            calls.append(("desc", text))
+
+        def update(self, n):
+            calls.append(("update", n))
+
+        def close(self):
+            calls.append(("close",))
+
+        @staticmethod
+        @contextlib.contextmanager
+        def external_write_mode():
+            calls.append(("write",))
+            yield
+
+    monkeypatch.setitem(sys.modules, "tqdm", types.SimpleNamespace(tqdm=FakeBar))
+    lines = []
+    trainer = Trainer(TrainConfig(model="mlp", batch_size=10), synthetic_data(), str(tmp_path),
+                      progress=True, log=lines.append)
+    times = trainer.warm_up()
+    groups = kernel_groups(trainer.model, trainer.optimizer)
+    assert list(times.groups) == groups
+    assert times.total >= sum(times.groups.values()) + times.other
+    assert calls[0] == ("total", len(groups)) and calls[-1] == ("close",)
+    assert calls.count(("update", 1)) == len(groups) == calls.count(("write",))
+    # One line per group, each as the bar steps, after the bar named the group.
+    reported = [" ".join(line.split()[:-2]) for line in lines[:len(groups)]]
+    assert sorted(reported) == sorted(groups)
+    steps = [i for i, c in enumerate(calls) if c[0] == "update"]
+    for group, step in zip(reported, steps):
+        assert ("desc", f"compiling {group}") in calls[:step]
+    assert lines[-1].startswith("kernels ready in")
+
+
+def test_warmup_command_warms_both_models_and_writes_nothing(tmp_path, monkeypatch, fake_data_module, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["--warmup", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    # 40 synthetic training images (one batch of each model's size) and 30 test images.
+    for model in ("cnn", "mlp"):
+        assert f"{model}: a training step on batches of 40 and an evaluation on batches of 30" in out
+    assert out.count("kernels ready in") == 2 and "Conv2d backward" in out and "SGD step" in out
+    assert list(tmp_path.iterdir()) == []  # no run folder, no checkpoint, no curves
+    assert main(["--warmup", "--resume"]) == 2
+    assert "leave out --distributed and --resume" in capsys.readouterr().err
+
+
+# Counts Numba's real compilations (cache misses) while running the command.
+_COUNT_COMPILES = textwrap.dedent("""
+    import sys
+    from numba.core import event
+
+    compiled = []
+
+    class Count(event.Listener):
+        def on_start(self, ev):
+            compiled.append(ev.data["dispatcher"].py_func.__qualname__)
+
+        def on_end(self, ev):
+            pass
+
+    event.register("numba:compile", Count())
+    from numbabn.mnist.cli import main
+
+    status = main(sys.argv[1:])
+    print("numba compiled", len(compiled), sorted(set(compiled)))
+    sys.exit(status)
+""")
+
+
+@pytest.mark.slow  # compiles the mlp's kernels into an empty cache
+def test_warmup_command_fills_the_cache_and_the_run_compiles_nothing(tmp_path):
+    work = tmp_path / "work"
+    work.mkdir()
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "numba-cache"),
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    options = ["--model", "mlp", "--limit-train", "100", "--no-progress"]
+
+    def command(*args):
+        return subprocess.run([sys.executable, "-c", _COUNT_COMPILES, *options, *args], cwd=work, env=env,
+                              capture_output=True, text=True, timeout=600)
+
+    warmup = command("--warmup")
+    assert warmup.returncode == 0, warmup.stderr
+    assert "mlp: a training step on batches of 60 and 40" in warmup.stdout
+    assert "BatchNorm1d backward" in warmup.stdout and "kernels ready in" in warmup.stdout
+    assert int(warmup.stdout.split("numba compiled ")[1].split()[0]) > 0
+    assert list(work.iterdir()) == []  # no run folder
+
+    run = command("--epochs", "1", "--out", str(tmp_path / "run"))
+    assert run.returncode == 0, run.stderr
+    assert "numba compiled 0 []" in run.stdout
+    assert COMPILE_MESSAGE not in run.stdout  # the cache check sees it warm, too
+    assert (tmp_path / "run" / "metrics.json").exists()
