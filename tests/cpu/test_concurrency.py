@@ -86,9 +86,11 @@ def _twin_cases(rng):
 
     cases = []
     for dtype in (np.float32, np.float64):
-        for name, shape, axis in [("nchw", (6, 5, 7, 8), 1), ("planes", (6, 5, 4, 4), 1),
-                                  ("nhwc", (6, 7, 8, 5), -1), ("dense", (40, 5), 1),
-                                  ("two-phase", (2, 3, 300), 1)]:
+        layouts = [("nchw", (6, 8, 7, 8), 1), ("nhwc", (6, 7, 8, 5), -1)]
+        if dtype == np.float32:  # (float64 runs the same code on these)
+            layouts += [("planes", (6, 5, 4, 4), 1), ("dense", (40, 5), 1),
+                        ("two-phase", (2, 3, 300), 1)]
+        for name, shape, axis in layouts:
             x = arr(shape, dtype)
             C = shape[axis]
             w, b = arr(C, dtype), arr(C, dtype)
@@ -120,7 +122,8 @@ def _twin_cases(rng):
                 out += [y, m, r, *nb.group_norm_backward(dy, xin, m, r, 4)]
             return [o for o in out if o is not None]
 
-        cases.append((f"family-{np.dtype(dtype).name}", family))
+        if dtype == np.float32:
+            cases.append((f"family-{np.dtype(dtype).name}", family))
     return cases
 
 
