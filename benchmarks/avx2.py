@@ -1,6 +1,6 @@
 """Run a command as on an AVX2 CPU without AVX-512, on any x86 host.
 
-    PYTHONPATH=. python -m benchmarks.avx2 python scripts/bench_train.py --blas
+    PYTHONPATH=. python -m benchmarks.avx2 python scripts/bench_train.py --both-paths
 
 Numba compiles for ``NUMBA_CPU_NAME=haswell`` *and* ``NUMBA_CPU_FEATURES``: the
 host's features with every AVX-512 (and AMX, AVX10) feature turned off.  The

@@ -170,7 +170,8 @@ IM2COL_CHUNK_BYTES = 128 << 20
 
 # Conv2d's direct convolutions (numbabn.kit._kernels.tiles.conv_forward and its
 # gradients): float32, stride 1, output channels (for the input gradient, input
-# channels) a multiple of 16, on a CPU with AVX-512.  They sum register tiles of
+# channels) a multiple of the tile width (16 floats with AVX-512F, 8 with AVX2
+# and FMA: numbabn.kit._kernels.tiles.tile_lanes).  They sum register tiles of
 # the output straight from the images, with no im2col buffer: the cnn's second
 # convolution ran 3x faster than im2col + OpenBLAS (one core: forward 11 vs 34
 # ms, weight gradient 12 vs 27, input gradient 13 vs 35 with col2im).  False
@@ -189,7 +190,7 @@ CONV_WGRAD_IMAGES = 8
 # one chain, 2-6x OpenBLAS's error against float64; chained, at most its error.
 TILE_CHAIN = 128
 
-# Linear layers (float32, in_features a multiple of 16, a CPU with AVX-512) whose
+# Linear layers (float32, in_features a multiple of the tile width) whose
 # GEMMs take at least this many multiply-adds run on the same register tiles
 # (numbabn.kit._kernels.tiles.linear_*): the cnn's Linear(9216, 128) at batch 128,
 # one core, forward 1.6 vs 2.6 ms, input gradient 1.3 vs 2.6, weight gradient 1.5

@@ -13,12 +13,30 @@ alternate between the two so that load from other processes on the machine hits
 both alike; the best and the median round are reported, in images per second.
 
     PYTHONPATH=. python scripts/bench_train.py --steps 20 --rounds 5
+    PYTHONPATH=. python -m benchmarks.avx2 python scripts/bench_train.py --steps 20 --rounds 5
+
+The second line times AVX2 code on any x86 host: numbabn compiled for Haswell
+with AVX-512 off (its own kernel cache), PyTorch and OpenBLAS pinned to AVX2.
+``--both-paths`` adds numbabn on the path of convolutions and linear layers the
+host does not choose (``numbabn-blas``: im2col + BLAS where the register tiles
+run).  ``--threads N`` sets every thread pool of the rounds (Numba, OpenBLAS,
+OpenMP, PyTorch); with ``--threads 1 --clock thread`` each round times its
+thread's CPU time, which other jobs on a busy machine disturb less than wall time.
 
 ``--profile`` times each layer's forward and backward, the loss and the
 optimizer instead (median ms over the steps, each framework in its own process
 as above), side by side.  PyTorch's layers are timed one by one, each on a
 detached input (its in-place ReLUs made out-of-place for that), so its figures
 leave out autograd's bookkeeping between layers.
+
+``--compile`` measures the cold compile instead: a fresh process with an empty
+``NUMBA_CACHE_DIR`` runs two training steps, timing each layer's forward and
+backward, the loss and the optimizer; a layer's first step less its second is
+its compile time (seconds, wall and the calling thread's CPU), summed for the
+layer kit (every layer but batch norm, the loss, Adam) and for batch norm.
+
+    PYTHONPATH=. python scripts/bench_train.py --compile
+    PYTHONPATH=. python -m benchmarks.avx2 python scripts/bench_train.py --compile
 """
 
 from __future__ import annotations
@@ -29,6 +47,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import numba
@@ -77,11 +96,14 @@ def torch_step(net):
     return step
 
 
-def time_steps(step, batches):
-    t0 = time.perf_counter()
+CLOCKS = {"wall": time.perf_counter, "thread": time.thread_time}
+
+
+def time_steps(step, batches, clock=time.perf_counter):
+    t0 = clock()
     for x, y in batches:
         step(x, y)
-    return time.perf_counter() - t0
+    return clock() - t0
 
 
 def make_batches(batch_size, steps):
@@ -90,7 +112,7 @@ def make_batches(batch_size, steps):
              rng.integers(0, 10, batch_size).astype(np.int64)) for _ in range(steps)]
 
 
-def worker(name, batch_size, steps):
+def worker(name, batch_size, steps, clock=time.perf_counter):
     """One timed round of ``name`` in this process: three warm-up steps
     (compilation, first allocations), then ``steps`` steps; returns images per second."""
     batches = make_batches(batch_size, steps)
@@ -105,7 +127,7 @@ def worker(name, batch_size, steps):
     _force_path(name)
     for x, y in batches[:3]:
         step(x, y)
-    return steps * batch_size / time_steps(step, batches)
+    return steps * batch_size / time_steps(step, batches, clock)
 
 
 def _force_path(name):
@@ -121,10 +143,9 @@ def _force_path(name):
         tiles.DIRECT_CONV_CPU = True
 
 
-def profile_numbabn(model, opt, batches):
+def profile_numbabn(model, opt, batches, clock=time.perf_counter):
     """Per-layer times of numbabn's steps: {name: [seconds per step]}."""
     times = {}
-    clock = time.perf_counter
 
     def timed(name, f, *args, **kwargs):
         t0 = clock()
@@ -146,7 +167,7 @@ def profile_numbabn(model, opt, batches):
     return times
 
 
-def profile_pytorch(net, batches):
+def profile_pytorch(net, batches, clock=time.perf_counter):
     """Per-layer times of PyTorch's steps, each layer on a detached input."""
     import torch
     for m in net:
@@ -155,7 +176,6 @@ def profile_pytorch(net, batches):
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
     loss_fn = torch.nn.CrossEntropyLoss()
     times = {}
-    clock = time.perf_counter
 
     def record(name, t0):
         times.setdefault(name, []).append(clock() - t0)
@@ -189,24 +209,71 @@ def profile_pytorch(net, batches):
     return times
 
 
-def profile_worker(name, batch_size, steps):
+def profile_worker(name, batch_size, steps, clock=time.perf_counter):
     """Median ms per layer of ``steps`` steps after three warm-up steps: {layer: ms}."""
     batches = make_batches(batch_size, steps + 3)
     model = mnist_cnn(np.random.default_rng(1))
     if name == "pytorch":
         import torch
         torch.set_num_threads(numba.config.NUMBA_NUM_THREADS)
-        times = profile_pytorch(torch_model_like(model), batches)
+        times = profile_pytorch(torch_model_like(model), batches, clock)
     else:
         prefer_passive_waiting()
         _force_path(name)
-        times = profile_numbabn(model, Adam(model.params, lr=1e-3), batches)
+        times = profile_numbabn(model, Adam(model.params, lr=1e-3), batches, clock)
     return {k: 1e3 * statistics.median(v[3:]) for k, v in times.items()}
+
+
+def compile_worker(batch_size):
+    """Seconds of each layer's first step beyond its second, wall and CPU (this
+    process must start with an empty kernel cache): {"wall": {...}, "cpu": {...}}."""
+    model = mnist_cnn(np.random.default_rng(1))
+    prefer_passive_waiting()
+    both = lambda: np.array([time.perf_counter(), time.thread_time()])  # noqa: E731
+    times = profile_numbabn(model, Adam(model.params, lr=1e-3), make_batches(batch_size, 2), both)
+    return {kind: {k: float(v[0][i] - v[1][i]) for k, v in times.items()}
+            for i, kind in enumerate(("wall", "cpu"))}
+
+
+def print_compile(args):
+    """Cold compile seconds of the step's kernels, by layer, in a process with an
+    empty ``NUMBA_CACHE_DIR`` (the trainer's settings)."""
+    from numbabn.mnist.cli import QUIET_THREAD_POOLS
+    with tempfile.TemporaryDirectory(prefix="numbabn-cold-") as cache:
+        env = {**QUIET_THREAD_POOLS, **os.environ, "NUMBA_CACHE_DIR": cache}
+        cmd = [sys.executable, os.path.abspath(__file__), "--worker", "numbabn", "--compile",
+               "--batch-size", str(args.batch_size)]
+        t0 = time.perf_counter()
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+        total = time.perf_counter() - t0
+    if done.returncode != 0:
+        raise SystemExit(f"compile round failed:\n{done.stderr}")
+    result = json.loads(done.stdout.splitlines()[-1])
+    wall, cpu = result["wall"], result["cpu"]
+    print(f"cold compile of the cnn step (empty NUMBA_CACHE_DIR, LLVM target "
+          f"{numba.config.CPU_NAME or 'host'}): seconds of each first step beyond the second")
+    print(f"{'':24s}{'wall':>8s}{'cpu':>8s}")
+    for key in wall:
+        if wall[key] > 0.05:
+            print(f"{key:24s}{wall[key]:8.2f}{cpu[key]:8.2f}")
+    is_bn = lambda k: "BatchNorm" in k  # noqa: E731
+    for label, keep in (("layer kit", lambda k: not is_bn(k)), ("batch norm", is_bn)):
+        print(f"{label:24s}{sum(v for k, v in wall.items() if keep(k)):8.2f}"
+              f"{sum(v for k, v in cpu.items() if keep(k)):8.2f}")
+    print(f"{'process in all':24s}{total:8.2f}")
+
+
+def _other_path():
+    """The path of convolutions and linear layers that this host does not choose."""
+    from numbabn.kit._kernels import tiles
+    return "numbabn-blas" if tiles.DIRECT_CONV_CPU else "numbabn-tiles"
 
 
 def print_profile(args):
     """Per-layer medians of each framework's rounds (alternating, one process each)."""
-    names = ["pytorch", "numbabn"] if not args.no_torch else ["numbabn"]
+    names = ["numbabn"] + ([_other_path()] if args.both_paths else [])
+    if not args.no_torch:
+        names.insert(0, "pytorch")
     rounds = {name: [] for name in names}
     for _ in range(args.rounds):
         for name in names:
@@ -215,11 +282,11 @@ def print_profile(args):
     order = sorted({k for r in results.values() for k in r},
                    key=lambda k: (int(k.split()[0]) if k[0].isdigit() else 99, k.endswith("bwd"), k))
     print(f"cnn training step, batch {args.batch_size}: ms per layer, median over {args.steps} steps "
-          f"then over {args.rounds} rounds, {numba.config.NUMBA_NUM_THREADS} threads")
-    print(f"{'':24s}" + "".join(f"{name:>10s}" for name in names))
+          f"then over {args.rounds} rounds, {_threads(args)} threads, {args.clock} clock")
+    print(f"{'':24s}" + "".join(f"{name:>14s}" for name in names))
     for key in order:
-        print(f"{key:24s}" + "".join(f"{results[n].get(key, float('nan')):10.2f}" for n in names))
-    print(f"{'sum':24s}" + "".join(f"{sum(results[n].values()):10.1f}" for n in names))
+        print(f"{key:24s}" + "".join(f"{results[n].get(key, float('nan')):14.2f}" for n in names))
+    print(f"{'sum':24s}" + "".join(f"{sum(results[n].values()):14.1f}" for n in names))
 
 
 def check_same_model(batch_size):
@@ -238,10 +305,12 @@ def check_same_model(batch_size):
 
 def run_round(name, args, profile=False):
     env = dict(os.environ)
+    if args.threads:
+        env.update({k: str(args.threads) for k in THREAD_VARIABLES})
     if name.startswith("numbabn"):
         from numbabn.mnist.cli import QUIET_THREAD_POOLS
         env = {**QUIET_THREAD_POOLS, **env}
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", name,
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, "--clock", args.clock,
            "--batch-size", str(args.batch_size), "--steps", str(args.steps)]
     if profile:
         cmd.append("--profile")
@@ -253,14 +322,30 @@ def run_round(name, args, profile=False):
     return float(done.stdout.split()[-1])
 
 
+# Every thread pool of a round: Numba's, OpenBLAS's, OpenMP's (PyTorch's follows Numba's).
+THREAD_VARIABLES = ("NUMBA_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")
+
+
+def _threads(args):
+    return args.threads or numba.config.NUMBA_NUM_THREADS
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--steps", type=int, default=20, help="training steps per round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--no-torch", action="store_true", help="time numbabn only")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="threads of every pool in the rounds (Numba, OpenBLAS, OpenMP, PyTorch); "
+                             "default: Numba's default")
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                        help="'thread': the calling thread's CPU time, which other jobs on a busy "
+                             "machine disturb less than wall time (needs --threads 1)")
     parser.add_argument("--profile", action="store_true",
                         help="time each layer's forward and backward, the loss and the optimizer")
+    parser.add_argument("--compile", action="store_true",
+                        help="cold compile seconds of numbabn's step, by layer (empty kernel cache)")
     parser.add_argument("--both-paths", action="store_true",
                         help="also time numbabn on the path of convolutions and linear layers the "
                              "host does not choose: im2col + BLAS (numbabn-blas) where the register "
@@ -268,19 +353,26 @@ def main(argv=None):
     parser.add_argument("--worker", choices=["numbabn", "numbabn-blas", "numbabn-tiles", "pytorch"],
                         help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.clock == "thread" and args.threads != 1 and not args.worker:
+        parser.error("--clock thread times the calling thread only: use it with --threads 1")
+    clock = CLOCKS[args.clock]
     if args.worker:
-        if args.profile:
-            print(json.dumps(profile_worker(args.worker, args.batch_size, args.steps)))
+        if args.compile:
+            print(json.dumps(compile_worker(args.batch_size)))
+        elif args.profile:
+            print(json.dumps(profile_worker(args.worker, args.batch_size, args.steps, clock)))
         else:
-            print(worker(args.worker, args.batch_size, args.steps))
+            print(worker(args.worker, args.batch_size, args.steps, clock))
         return
     if args.profile:
         print_profile(args)
         return
+    if args.compile:
+        print_compile(args)
+        return
 
     from numbabn.kit._kernels import tiles
-    other = "numbabn-blas" if tiles.DIRECT_CONV_CPU else "numbabn-tiles"
-    names = ["numbabn"] + ([other] if args.both_paths else [])
+    names = ["numbabn"] + ([_other_path()] if args.both_paths else [])
     if not args.no_torch:
         check_same_model(args.batch_size)
         names.insert(0, "pytorch")
@@ -288,17 +380,16 @@ def main(argv=None):
     for _ in range(args.rounds):
         for name in names:
             rates[name].append(run_round(name, args))
-    threads = numba.config.NUMBA_NUM_THREADS
     print(f"cnn training step, batch {args.batch_size}, {args.steps} steps x {args.rounds} rounds "
-          f"(one process each), {threads} threads")
+          f"(one process each), {_threads(args)} threads, {args.clock} clock")
     from benchmarks.cases import machine
     info = machine()
     print(f"{info['cpu']} (LLVM target {info['llvm_cpu']}, NUMBA_CPU_FEATURES="
           f"{'host' if info['numba_cpu_features'] is None else 'set'}), register tiles: "
-          f"{'on' if info['register_tiles'] else 'off'}")
-    print(f"{'':13s} {'best img/s':>11s} {'median img/s':>13s}")
+          f"{f'{tiles.LANES} lanes' if info['register_tiles'] else 'off'}")
+    print(f"{'':13s} {'best img/s':>11s} {'median img/s':>13s}   rounds")
     for name, r in rates.items():
-        print(f"{name:13s} {max(r):11.0f} {statistics.median(r):13.0f}")
+        print(f"{name:13s} {max(r):11.0f} {statistics.median(r):13.0f}   {' '.join(f'{v:.0f}' for v in r)}")
     if "pytorch" in rates:
         print(f"numbabn / pytorch (median): {statistics.median(rates['numbabn']) / statistics.median(rates['pytorch']):.2f}")
 

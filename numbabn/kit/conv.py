@@ -6,11 +6,13 @@ GEMM's natural output, BatchNorm2d reads it with its channels-contiguous kernels
 elementwise layers keep the layout, and the next Conv2d gets its channels-last
 input without a copy.
 
-Float32 stride-1 convolutions with output channels in multiples of 16 run as
-direct convolutions on a CPU with AVX-512 (see :mod:`numbabn.kit._kernels.tiles`
-and ``_config.CONV_DIRECT``): the forward, the weight gradient and (when the
-input channels are a multiple of 16 too) the input gradient sum register tiles
-straight from the images, with no column buffer.
+Float32 stride-1 convolutions with output channels in multiples of the tiles'
+vector width run as direct convolutions on a CPU with AVX-512 (16 floats) or
+AVX2 and FMA (8 floats), the width being the one Numba compiles for (see
+:mod:`numbabn.kit._kernels.tiles` and ``_config.CONV_DIRECT``): the forward,
+the weight gradient and (when the input channels are a multiple of the width
+too) the input gradient sum register tiles straight from the images, with no
+column buffer.
 
 Other convolutions use im2col and one BLAS GEMM.  The batch is processed in
 chunks of at most ``IM2COL_CHUNK_BYTES`` of columns.  In training mode, when the

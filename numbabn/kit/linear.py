@@ -1,8 +1,9 @@
 """``Linear``: ``y = x @ weight.T + bias`` with PyTorch's parameter shapes.
 
-Float32 layers with ``in_features`` a multiple of 16 and at least
-``_config.LINEAR_DIRECT_MIN_MACS`` multiply-adds per GEMM run on the register
-tiles of :mod:`numbabn.kit._kernels` on a CPU with AVX-512; others call BLAS.
+Float32 layers with ``in_features`` a multiple of the tiles' vector width and
+at least ``_config.LINEAR_DIRECT_MIN_MACS`` multiply-adds per GEMM run on the
+register tiles of :mod:`numbabn.kit._kernels.tiles` on a CPU with AVX-512 or
+AVX2 and FMA (16 or 8 floats a vector, as Numba compiles); others call BLAS.
 """
 
 from __future__ import annotations

@@ -88,10 +88,9 @@ def test_linear_forward_matches_matmul(rng):
                                rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.skipif(not conv_kernels.DIRECT_CONV_CPU, reason="the register tiles need AVX-512")
 @pytest.mark.parametrize("n,fan_in,fan_out,bias", [(33, 2064, 70, True), (8, 512, 1, False),
-                                                  (128, 9216, 128, True)])
-def test_linear_direct_matches_float64(rng, monkeypatch, n, fan_in, fan_out, bias):
+                                                  (128, 9216, 128, True), (5, 40, 9, True)])
+def test_linear_direct_matches_float64(rng, monkeypatch, tile_kernels, n, fan_in, fan_out, bias):
     """The tiles (float32, K blocks of LINEAR_K_BLOCK) against the float64 layer;
     bits that do not depend on the thread count; small layers keep BLAS."""
     import numba
@@ -101,6 +100,7 @@ def test_linear_direct_matches_float64(rng, monkeypatch, n, fan_in, fan_out, bia
     layer = Linear(fan_in, fan_out, bias=bias, rng=rng)
     assert layer._direct(n) == (n * fan_in * fan_out >= _config.LINEAR_DIRECT_MIN_MACS)
     monkeypatch.setattr(_config, "LINEAR_DIRECT_MIN_MACS", 1)
+    assert layer._direct(n) == (fan_in % tile_kernels.LANES == 0)   # 40: AVX2's tiles only
     ref = Linear(fan_in, fan_out, bias=bias, dtype=F64)
     ref.load_state_dict(layer.state_dict())
     x = rng.standard_normal((n, fan_in)).astype(np.float32)
@@ -183,26 +183,25 @@ def test_conv2d_reused_column_buffer_gives_fresh_results(rng):
     np.testing.assert_array_equal(conv.grads["weight"], fresh.grads["weight"])
 
 
-needs_direct_conv = pytest.mark.skipif(not conv_kernels.DIRECT_CONV_CPU,
-                                       reason="direct convolutions need a CPU with AVX-512")
-
 DIRECT_CASES = [  # cin, cout, kernel, padding, (h, w), bias: float32 stride-1 direct convolutions
     (32, 64, 3, 0, (9, 8), True),      # the cnn's second convolution, smaller images
     (1, 32, 3, 0, (8, 9), True),       # the first (input gradient through GEMM and col2im)
     (16, 48, (3, 2), (1, 0), (7, 13), False),   # 3 vectors of 16 outputs, padding, no bias
-    (16, 16, 1, 0, (3, 31), True),     # rows of 31 pixels: tiles of 8, 8, 8 and 7
+    (16, 16, 1, 0, (3, 31), True),     # rows of 31 pixels: tiles across rows, the last one short
     (48, 128, (2, 5), (1, 2), (5, 6), True),    # two blocks of 64 outputs, padded input gradient
     (16, 32, 2, 3, (4, 4), True),      # padding >= kernel: input gradient through GEMM
+    (8, 24, 3, 1, (6, 11), True),      # multiples of 8 only: direct with AVX2's tiles, else im2col
+    (24, 8, (1, 3), (0, 1), (5, 26), False),   # AVX2: 1-vector tiles; rows of 26 pixels
 ]
 
 
-@needs_direct_conv
 @pytest.mark.parametrize("cin,cout,k,p,hw,bias", DIRECT_CASES)
-def test_conv2d_direct_matches_float64(rng, cin, cout, k, p, hw, bias):
+def test_conv2d_direct_matches_float64(rng, tile_kernels, cin, cout, k, p, hw, bias):
     """The direct kernels (float32) against the float64 im2col layer with the same
-    weights: output, input gradient and both parameter gradients."""
+    weights (output, input gradient and both parameter gradients) and the output
+    against plain NumPy loops."""
     conv = Conv2d(cin, cout, k, padding=p, bias=bias, rng=rng)
-    assert conv._direct()
+    assert conv._direct() == (cout % tile_kernels.LANES == 0)
     ref = Conv2d(cin, cout, k, padding=p, bias=bias, dtype=F64)
     ref.load_state_dict(conv.state_dict())
     x = rng.standard_normal((11, cin) + hw).astype(np.float32)
@@ -210,14 +209,25 @@ def test_conv2d_direct_matches_float64(rng, cin, cout, k, p, hw, bias):
     dy = rng.standard_normal(y.shape).astype(np.float32)
     dx = conv.backward(dy)
     y_ref, dx_ref = ref.forward(x.astype(F64)), ref.backward(dy.astype(F64))
-    for got, want in [(y, y_ref), (dx, dx_ref)] + [(conv.grads[k], ref.grads[k]) for k in ref.grads]:
+    y_naive = naive_conv2d(x.astype(F64), ref.weight, ref.bias, (1, 1), conv.padding)
+    for got, want in ([(y, y_ref), (y, y_naive), (dx, dx_ref)]
+                      + [(conv.grads[k], ref.grads[k]) for k in ref.grads]):
         assert got.dtype == np.float32 and got.shape == want.shape
         np.testing.assert_allclose(got, want, rtol=0, atol=2e-6 * np.abs(want).max())
     assert conv.backward(dy, input_grad=False) is None
 
 
-@needs_direct_conv
-def test_conv2d_direct_bits_do_not_depend_on_threads_or_task_count(rng):
+def _direct_conv_bits(kernels, x, w, b, dy, pad, tasks, block_images):
+    """Forward, input gradient and weight gradient of the direct kernels."""
+    y, dx, dw = np.empty(dy.shape, np.float32), np.empty_like(x), np.empty_like(w)
+    w_flip = np.ascontiguousarray(w[::-1, ::-1].transpose(0, 1, 3, 2))
+    kernels.conv_forward(x, w, b, True, pad, pad, 128, y, tasks)
+    kernels.conv_input_grad(dy, w_flip, pad, pad, 128, dx, tasks)
+    kernels.conv_weight_grad(x, dy, pad, pad, block_images, 128, dw)
+    return y, dx, dw
+
+
+def test_conv2d_direct_bits_do_not_depend_on_threads_or_task_count(rng, tile_kernels):
     """Tasks and threads share the images only: every output value (and the weight
     gradient's fixed blocks of images) is summed in the same order."""
     import numba
@@ -226,18 +236,37 @@ def test_conv2d_direct_bits_do_not_depend_on_threads_or_task_count(rng):
     w = rng.standard_normal((3, 3, 32, 64)).astype(np.float32)
     b = rng.standard_normal(64).astype(np.float32)
     dy = rng.standard_normal((9, 6, 7, 64)).astype(np.float32)
-    w_flip = np.ascontiguousarray(w[::-1, ::-1].transpose(0, 1, 3, 2))
     runs = []
     previous = numba.get_num_threads()
     for threads, tasks in [(1, 1), (numba.config.NUMBA_NUM_THREADS, 4)]:
         numba.set_num_threads(threads)
-        y = np.empty((9, 6, 7, 64), np.float32)
-        dx, dw = np.empty_like(x), np.empty_like(w)
-        conv_kernels.conv_forward(x, w, b, True, 1, 1, 128, y, tasks)
-        conv_kernels.conv_input_grad(dy, w_flip, 1, 1, 128, dx, tasks)
-        conv_kernels.conv_weight_grad(x, dy, 1, 1, 2, 128, dw)
-        runs.append((y, dx, dw))
+        runs.append(_direct_conv_bits(tile_kernels, x, w, b, dy, 1, tasks, 2))
     numba.set_num_threads(previous)
+    for a, b in zip(*runs):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.skipif(not conv_kernels.DIRECT_CONV_CPU,
+                    reason="the register tiles need AVX2 and FMA or AVX-512")
+def test_tile_widths_give_the_same_bits(rng):
+    """AVX2's tiles (8 floats, 6 x 2 vectors) and AVX-512's (16 floats, 6 x 4,
+    13 x 2, 8 x 1) sum every value in the same order, repeated rows of partial
+    tiles included: the same bits for the convolutions and the linear gradients
+    (the linear forward's lanes are added in trees of another size)."""
+    kernels = [conv_kernels.with_lanes(lanes) for lanes in (8, 16)]
+    x = rng.standard_normal((5, 7, 26, 32)).astype(np.float32)    # rows of 26 and 28 pixels
+    w = rng.standard_normal((3, 3, 32, 32)).astype(np.float32)
+    b = rng.standard_normal(32).astype(np.float32)
+    dy = rng.standard_normal((5, 7, 26, 32)).astype(np.float32)
+    runs = [_direct_conv_bits(k, x, w, b, dy, 1, 2, 2) for k in kernels]
+    xl = rng.standard_normal((13, 272)).astype(np.float32)
+    wl = rng.standard_normal((19, 272)).astype(np.float32)
+    dyl = rng.standard_normal((13, 19)).astype(np.float32)
+    for k, run in zip(kernels, runs):
+        dxl, dwl = np.empty_like(xl), np.empty_like(wl)
+        k.linear_input_grad(dyl, wl, 128, dxl)
+        k.linear_weight_grad(dyl, xl, 128, dwl)
+        run += (dxl, dwl)
     for a, b in zip(*runs):
         np.testing.assert_array_equal(a, b)
 
@@ -252,8 +281,9 @@ def test_conv2d_direct_switch_falls_back_to_im2col(rng, monkeypatch):
     monkeypatch.undo()
     assert not Conv2d(16, 32, 3, dtype=F64)._direct()
     assert not Conv2d(16, 32, 3, stride=2)._direct()
-    assert not Conv2d(16, 24, 3)._direct()
-    assert not Conv2d(8, 32, 3)._direct_input_grad()
+    assert not Conv2d(16, 20, 3)._direct()
+    assert not Conv2d(4, 32, 3)._direct_input_grad()
+    assert Conv2d(8, 24, 3)._direct() == (conv_kernels.DIRECT_CONV_CPU and conv_kernels.LANES == 8)
 
 
 @pytest.mark.parametrize("k,s,p", [(2, 2, 0), (3, 2, 1), (3, 1, 0)])

@@ -101,6 +101,12 @@ def dropout_forward(x, s_hi, s_lo, inc_hi, inc_lo, buffered, first_u32, threshol
     nt = max(1, min(ntasks, q))
     low = np.uint64(0xFFFFFFFF)
     eight = np.uint64(8)
+    # The mask value from a table indexed by the comparison, not `scale if ... else 0`:
+    # LLVM compiles a float select to a branch where there are no AVX-512 mask
+    # registers, and a random mask mispredicts it (AVX2 code: 5.6 against 3.1 ms
+    # for 1.2M values, one core).
+    pick = np.empty(2, x.dtype)
+    pick[0], pick[1] = zero, scale
     for task in prange(nt):  # the masks, in C order
         j0, j1 = task * q // nt, (task + 1) * q // nt
         hi, lo = _pcg_advance(s_hi, s_lo, inc_hi, inc_lo, j0)
@@ -108,9 +114,9 @@ def dropout_forward(x, s_hi, s_lo, inc_hi, inc_lo, buffered, first_u32, threshol
             hi, lo = _muladd128(hi, lo, _PCG_MULT_HI, _PCG_MULT_LO, inc_hi, inc_lo)
             out = _pcg_output(hi, lo)
             i = offset + 2 * j
-            kf[i] = scale if ((out & low) >> eight) >= threshold else zero
+            kf[i] = pick[np.intp(((out & low) >> eight) >= threshold)]
             if i + 1 < n:
-                kf[i + 1] = scale if (out >> np.uint64(40)) >= threshold else zero
+                kf[i + 1] = pick[np.intp((out >> np.uint64(40)) >= threshold)]
     for ab in prange(n0 * n1):  # y = x * mask
         a, b = ab // n1, ab % n1
         for c in range(n2):

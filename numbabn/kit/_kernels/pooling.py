@@ -30,12 +30,18 @@ def max_pool(x, k_h, k_w, stride_h, stride_w, pad_h, pad_w, y, argmax):
                         w = ow * stride_w - pad_w + j
                         if w < 0 or w >= width:
                             continue
+                        f = np.int32(h * width + w)
                         for c in range(chans):
+                            # The test as bitwise operations on booleans, both stores
+                            # unconditional: with `or` and a conditional store, AVX2 code
+                            # took 5.5 ms for the cnn's pool on one core, 3.2 this way
+                            # (AVX-512 code 1.9-2.0 either way).
                             v = x[n, h, w, c]
                             best = y[n, oh, ow, c]
-                            if v > best or (v != v and best == best) or argmax[n, oh, ow, c] < 0:
-                                y[n, oh, ow, c] = v
-                                argmax[n, oh, ow, c] = h * width + w
+                            first = argmax[n, oh, ow, c]
+                            take = (v > best) | ((v != v) & (best == best)) | (first < 0)
+                            y[n, oh, ow, c] = v if take else best
+                            argmax[n, oh, ow, c] = f if take else first
 
 
 @njit(**CPU_JIT_PARALLEL)
@@ -70,7 +76,7 @@ def max_pool_backward_tiled(dy, argmax, k_h, k_w, dx):
                     for c in range(chans):
                         dx[n, h, w, c] = zero
                     continue
-                f = h * width + w
+                f = np.int32(h * width + w)  # argmax's type: a 32-bit compare vectorises plainly
                 for c in range(chans):  # + 0: -0.0 gives 0.0, as zero + dy does
                     dx[n, h, w, c] = dy[n, oh, ow, c] + zero if argmax[n, oh, ow, c] == f else zero
 

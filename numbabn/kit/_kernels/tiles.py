@@ -7,9 +7,11 @@ written by one thread only, summed in an order fixed by the shape, so results do
 not depend on the number of threads.
 
 Direct convolutions (float32, stride 1, channel counts that are multiples of
-16) run on register tiles of 16-float vectors, :func:`_tile`: up to 24
-accumulators of ``R`` output rows by ``NV`` vectors of output channels, each
-``R x 16 NV`` tile summed over its whole reduction in registers.  The reduction
+``LANES``) run on register tiles, :func:`_tile`: accumulators of ``R`` output
+rows by ``NV`` vectors of output channels, each ``R x LANES NV`` tile summed
+over its whole reduction in registers.  The vector width is the one Numba
+compiles for (:func:`tile_lanes`): 16 floats and up to 26 of AVX-512's 32
+registers, or 8 floats and 12 of AVX2's 16.  The reduction
 of a forward tile reads its input rows straight from the image (the ``KW * C``
 values of one kernel row are contiguous channels-last), so there is no im2col
 buffer; the input gradient is the forward of the zero-padded output gradient
@@ -18,11 +20,16 @@ rows over an image's output pixels.  Linear layers use the same tiles for their
 gradients and dot-product tiles (:func:`_dot_tile`) for the forward.
 """
 
+import functools
+import sys
+from types import FunctionType, SimpleNamespace
+
 import llvmlite.binding as _llvm
 import numba
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
+from numba.core.registry import CPUDispatcher as Dispatcher
 from numba.extending import intrinsic
 
 from ... import _cache, _numba_private
@@ -32,18 +39,19 @@ from ..._config import CPU_JIT_PARALLEL, CPU_JIT_STRICT
 @njit(**CPU_JIT_PARALLEL)
 def linear_forward(x, weight, bias, has_bias, k_block, y, nblocks):
     """``y = x @ weight.T (+ bias)`` for ``x (N, K)``, ``weight (O, K)``, ``K`` a
-    multiple of 16: dot-product tiles of up to 4 rows of ``x`` by 6 of ``weight``
-    over blocks of ``k_block`` columns (the tile's rows stay in L1), each block's
-    sum added to ``y`` in block order.  ``nblocks`` tasks share the rows of ``x``
-    (timing only: the bits do not depend on it)."""
+    multiple of LANES: dot-product tiles of a few rows of ``x`` by a few of
+    ``weight`` (:func:`_dot_rows`) over blocks of ``k_block`` columns (the tile's
+    rows stay in L1), each block's sum added to ``y`` in block order.  ``nblocks``
+    tasks share the rows of ``x`` (timing only: the bits do not depend on it)."""
     n, k = x.shape
     o = weight.shape[0]
     xf, wf, yf = x.reshape(-1), weight.reshape(-1), y.reshape(-1)
     nt = max(1, min(n, nblocks))
-    to = (o + 5) // 6
+    max_a, max_b = _dot_rows()
+    to = (o + max_b - 1) // max_b
     for task in prange(nt):
         n0, n1 = task * n // nt, (task + 1) * n // nt
-        tn = (n1 - n0 + 3) // 4
+        tn = (n1 - n0 + max_a - 1) // max_a
         for k0 in range(0, k, k_block):
             mode = 1 if k0 > 0 else (2 if has_bias else 0)
             for j in range(to):
@@ -51,60 +59,71 @@ def linear_forward(x, weight, bias, has_bias, k_block, y, nblocks):
                 for i in range(tn):
                     r0 = n0 + i * (n1 - n0) // tn
                     r1 = n0 + (i + 1) * (n1 - n0) // tn
-                    _dot_tile(xf, r0 * k + k0, k, wf, o0 * k + k0, k, min(k_block, k - k0),
-                              yf, r0 * o + o0, o, mode, bias, o0, r1 - r0, o1 - o0, 4, 6)
+                    _dot(xf, r0 * k + k0, k, wf, o0 * k + k0, k, min(k_block, k - k0),
+                         yf, r0 * o + o0, o, mode, bias, o0, r1 - r0, o1 - o0)
 
 
 @njit(**CPU_JIT_PARALLEL)
 def linear_input_grad(dy, weight, chain, dx):
     """``dx = dy @ weight`` for ``dy (N, O)``, ``weight (O, K)``, ``K`` a multiple of
-    16: register tiles of rows of ``dy`` by vectors of ``K``, summed over ``O`` in order."""
+    LANES: register tiles of rows of ``dy`` by vectors of ``K``, summed over ``O`` in
+    order.  Each block of columns of ``weight`` is first copied into a contiguous
+    panel: its rows lie ``K`` floats apart, a multiple of 4 KiB for the cnn's 9216,
+    so read in place they would all fall in one set of the L1 cache."""
     n, o = dy.shape
     k = weight.shape[1]
     nv = _vectors(k)
     vw = LANES * nv
     ntile = (n + _max_rows(nv) - 1) // _max_rows(nv)
     row_off = _strided(_max_rows(nv), o)
-    dyf, wf, dxf = dy.reshape(-1), weight.reshape(-1), dx.reshape(-1)
+    dyf, dxf = dy.reshape(-1), dx.reshape(-1)
     for kb in prange(k // vw):
+        panel = np.ascontiguousarray(weight[:, kb * vw:(kb + 1) * vw]).reshape(-1)
         for t in range(ntile):
             r0 = t * n // ntile
             _tile_nv(nv, (t + 1) * n // ntile - r0, dyf, r0 * o, row_off, 1, 0, o, 1,
-                     wf, kb * vw, 0, k, dxf, r0 * k + kb * vw, k, 0, wf, 0, chain)
+                     panel, 0, 0, vw, dxf, r0 * k + kb * vw, k, 0, panel, 0, chain)
 
 
 @njit(**CPU_JIT_PARALLEL)
 def linear_weight_grad(dy, x, chain, dweight):
-    """``dweight = dy.T @ x`` for ``dy (N, O)``, ``x (N, K)``, ``K`` a multiple of 16:
-    register tiles of columns of ``dy`` by vectors of ``K``, summed over ``N`` in order."""
+    """``dweight = dy.T @ x`` for ``dy (N, O)``, ``x (N, K)``, ``K`` a multiple of LANES:
+    register tiles of columns of ``dy`` by vectors of ``K``, summed over ``N`` in
+    order; ``dy.T`` and panels of ``x`` copied contiguous first (as
+    :func:`linear_input_grad`)."""
     n, o = dy.shape
     k = x.shape[1]
     nv = _vectors(k)
     vw = LANES * nv
     ntile = (o + _max_rows(nv) - 1) // _max_rows(nv)
-    row_off = _strided(_max_rows(nv), 1)
-    dyf, xf, dwf = dy.reshape(-1), x.reshape(-1), dweight.reshape(-1)
+    row_off = _strided(_max_rows(nv), n)
+    dyf = np.ascontiguousarray(dy.T).reshape(-1)
+    dwf = dweight.reshape(-1)
     for kb in prange(k // vw):
+        panel = np.ascontiguousarray(x[:, kb * vw:(kb + 1) * vw]).reshape(-1)
         for t in range(ntile):
             r0 = t * o // ntile
-            _tile_nv(nv, (t + 1) * o // ntile - r0, dyf, r0, row_off, 1, 0, n, o,
-                     xf, kb * vw, 0, k, dwf, r0 * k + kb * vw, k, 0, xf, 0, chain)
+            _tile_nv(nv, (t + 1) * o // ntile - r0, dyf, r0 * n, row_off, 1, 0, n, 1,
+                     panel, 0, 0, vw, dwf, r0 * k + kb * vw, k, 0, panel, 0, chain)
 
 
 # =========================================================================== #
-# Direct convolution on register tiles
+# Register tiles: the vector width Numba compiles for
 # =========================================================================== #
 
-LANES = 16
-"""Floats per vector of the register tiles (one AVX-512 register)."""
-
-# LLVM CPU names whose default features include AVX-512F (used only when the
-# feature string Numba compiles with does not mention avx512f either way).
+# LLVM CPU names whose default features include AVX-512F, and those with AVX2 and
+# FMA (used only when the feature string Numba compiles with does not name the
+# feature either way).
 AVX512_CPU_NAMES = frozenset({
     "knl", "knm", "skylake-avx512", "skx", "cascadelake", "cooperlake", "cannonlake",
     "icelake-client", "icelake-server", "tigerlake", "rocketlake", "sapphirerapids",
     "emeraldrapids", "graniterapids", "graniterapids-d", "diamondrapids", "znver4",
     "znver5", "x86-64-v4",
+})
+AVX2_CPU_NAMES = AVX512_CPU_NAMES | frozenset({
+    "haswell", "broadwell", "skylake", "alderlake", "raptorlake", "meteorlake", "arrowlake",
+    "arrowlake-s", "lunarlake", "pantherlake", "gracemont", "sierraforest", "grandridge",
+    "clearwaterforest", "znver1", "znver2", "znver3", "bdver4", "x86-64-v3",
 })
 
 
@@ -114,15 +133,24 @@ def enabled_features(features: str) -> frozenset:
     return frozenset(t.strip()[1:] for t in features.split(",") if t.strip().startswith("+"))
 
 
-def tiles_fit(cpu_name: str, features: str) -> bool:
-    """Whether code compiled for ``cpu_name`` with LLVM feature string ``features``
-    has AVX-512F: 24 accumulators of 16 floats then take 24 of its 32 vector
-    registers.  Without it (AVX2: 16 registers of 8 floats) the tiles would be
-    split into halves and spill, and Conv2d and Linear keep im2col and BLAS."""
+def tile_lanes(cpu_name: str, features: str) -> int:
+    """Floats per vector of the register tiles for code compiled for ``cpu_name``
+    with the LLVM feature string ``features``: 16 with AVX-512F (32 registers
+    of 16 floats), 8 with AVX2 and FMA (16 registers of 8 floats), 0 without
+    (no fused multiply-add in hardware: Conv2d and Linear keep im2col and BLAS).
+    A feature the string names, ``+`` or ``-``, decides; one it does not name
+    comes from the CPU name."""
     named = {t.strip().lstrip("+-") for t in features.split(",")}
-    if "avx512f" in named:
-        return "avx512f" in enabled_features(features)
-    return cpu_name in AVX512_CPU_NAMES
+    enabled = enabled_features(features)
+
+    def has(feature, names):
+        return feature in enabled if feature in named else cpu_name in names
+
+    if has("avx512f", AVX512_CPU_NAMES):
+        return 16
+    if has("avx2", AVX2_CPU_NAMES) and has("fma", AVX2_CPU_NAMES):
+        return 8
+    return 0
 
 
 def _compile_target():
@@ -137,48 +165,61 @@ def _compile_target():
 
 _cg = _numba_private.cgutils()  # None on an untested Numba: the tiles are then off
 
-DIRECT_CONV_CPU = tiles_fit(*_compile_target()) and _cg is not None
-"""Whether Conv2d and Linear may use the register tiles here: the code Numba
-emits has AVX-512F, and the Numba is one whose IR helpers the tiles were
-checked with (see :mod:`numbabn._numba_private`)."""
+_TARGET_LANES = tile_lanes(*_compile_target())
 
-_VEC = ir.VectorType(ir.FloatType(), LANES)
+LANES = _TARGET_LANES or 8
+"""Floats per vector of the register tiles, from the features Numba compiles
+for (:func:`tile_lanes`).  Compiled into the kernels; :func:`with_lanes` builds
+them for the other width."""
+
+DIRECT_CONV_CPU = _TARGET_LANES > 0 and _cg is not None
+"""Whether Conv2d and Linear may use the register tiles here: the code Numba
+emits has AVX-512F or AVX2 with FMA, and the Numba is one whose IR helpers the
+tiles were checked with (see :mod:`numbabn._numba_private`)."""
+
 _I64 = ir.IntType(64)
+
+
+def _literals(*args):
+    if not all(isinstance(a, types.IntegerLiteral) for a in args):
+        raise _numba_private.RequireLiteralValue("register tiles: shapes and lanes must be literal integers")
+    return [a.literal_value for a in args]
 
 
 @intrinsic
 def _tile(typingctx, a, a_base, row_off, nseg, a_seg, seg_len, a_k, b, b_base, b_seg, b_k,
-          c, c_base, c_row, mode, init, init_base, chain, rows, rmax, nv):
-    """One register tile: for ``r < rows`` and ``v < nv``, with
-    ``c_rv = c[c_base + r*c_row + 16v : +16]``::
+          c, c_base, c_row, mode, init, init_base, chain, rows, rmax, nv, lanes):
+    """One register tile: for ``r < rows`` and ``v < nv``, with ``L = lanes`` and
+    ``c_rv = c[c_base + r*c_row + L v : +L]``::
 
-        c_rv = (0 | c_rv | init[init_base + 16v : +16])        # mode 0 | 1 | 2
+        c_rv = (0 | c_rv | init[init_base + L v : +L])        # mode 0 | 1 | 2
         for each group of g = max(1, chain // seg_len) segments s (in order):
             acc = 0
             for s in group, k < seg_len:
-                acc = fma(a[a_base + row_off[r] + s*a_seg + k*a_k], b[b_base + s*b_seg + k*b_k + 16v : +16], acc)
+                acc = fma(a[a_base + row_off[r] + s*a_seg + k*a_k], b[b_base + s*b_seg + k*b_k + L v : +L], acc)
             c_rv = c_rv + acc
 
     ``a``, ``b``, ``c``, ``init``: 1-D float32 arrays; ``row_off``: int64, ``rows``
-    entries used.  ``rmax`` and ``nv`` are literals; ``rows`` (1 to ``rmax``)
-    selects one of ``rmax`` loops compiled with their accumulators in registers.
-    Each group's sum is one chain of fused multiply-adds in ``(s, k)`` order,
-    added to the running total in group order: float32 chains of about ``chain``
-    products (whole segments), not ``nseg * seg_len``, as a GEMM blocked along
-    its reduction (the input gradient's 576 products are 3 chains, the weight
-    gradient's 4608 per block of images are 48).
+    entries used.  ``rmax``, ``nv`` and ``lanes`` are literals: one loop of
+    ``rmax x nv`` accumulators of ``lanes`` floats is compiled, and a tile of
+    ``rows < rmax`` rows repeats its last row (the same sums, stored to the same
+    place), so no other row count costs compile time.  Each group's sum is one
+    chain of fused multiply-adds in ``(s, k)`` order, added to the running total
+    in group order: float32 chains of about ``chain`` products (whole segments),
+    not ``nseg * seg_len``, as a GEMM blocked along its reduction (the input
+    gradient's 576 products are 3 chains, the weight gradient's 4608 per block of
+    images are 48).  The sums do not depend on ``lanes``.
     """
-    if not (isinstance(rmax, types.IntegerLiteral) and isinstance(nv, types.IntegerLiteral)):
-        raise _numba_private.RequireLiteralValue("_tile: rmax and nv must be literal integers")
-    n_rmax, n_nv = rmax.literal_value, nv.literal_value
+    n_rows, n_nv, n_lanes = _literals(rmax, nv, lanes)
     u = types.unliteral
     sig = types.void(a, u(a_base), row_off, u(nseg), u(a_seg), u(seg_len), u(a_k), b, u(b_base),
                      u(b_seg), u(b_k), c, u(c_base), u(c_row), u(mode), init, u(init_base),
-                     u(chain), u(rows), rmax, nv)
+                     u(chain), u(rows), rmax, nv, lanes)
+    vec = ir.VectorType(ir.FloatType(), n_lanes)
 
     def codegen(context, builder, sig, args):
         (a, a_base, row_off, nseg, a_seg, seg_len, a_k, b, b_base, b_seg, b_k,
-         c, c_base, c_row, mode, init, init_base, _, rows, _, _) = args
+         c, c_base, c_row, mode, init, init_base, _, rows, _, _, _) = args
         i64 = [context.cast(builder, v, t, types.int64) for v, t in
                ((a_base, sig.args[1]), (nseg, sig.args[3]), (a_seg, sig.args[4]),
                 (seg_len, sig.args[5]), (a_k, sig.args[6]), (b_base, sig.args[8]),
@@ -199,8 +240,8 @@ def _tile(typingctx, a, a_base, row_off, nseg, a_seg, seg_len, a_k, b, b_base, b
         C = context.make_array(sig.args[11])(context, builder, c).data
         INIT = context.make_array(sig.args[15])(context, builder, init).data
         fma = _cg.get_or_insert_function(
-            builder.module, ir.FunctionType(_VEC, [_VEC] * 3), f"llvm.fma.v{LANES}f32")
-        vptr = _VEC.as_pointer()
+            builder.module, ir.FunctionType(vec, [vec] * 3), f"llvm.fma.v{n_lanes}f32")
+        vptr = vec.as_pointer()
 
         def vload(base, offset):
             return builder.load(builder.bitcast(builder.gep(base, [offset]), vptr), align=4)
@@ -208,68 +249,65 @@ def _tile(typingctx, a, a_base, row_off, nseg, a_seg, seg_len, a_k, b, b_base, b
         def vstore(value, base, offset):
             builder.store(value, builder.bitcast(builder.gep(base, [offset]), vptr), align=4)
 
-        accs = [[_cg.alloca_once(builder, _VEC) for _ in range(n_nv)] for _ in range(n_rmax)]
-        end = builder.append_basic_block("tile.end")
-        switch = builder.switch(rows, end)
-        for nr in range(1, n_rmax + 1):
-            block = builder.append_basic_block(f"tile.rows{nr}")
-            switch.add_case(ir.Constant(_I64, nr), block)
-            builder.position_at_end(block)
-            row_base = [builder.add(a_base, builder.load(builder.gep(RO, [const(r)])))
-                        for r in range(nr)]
-            c_off = [[builder.add(c_base, builder.add(builder.mul(c_row, const(r)), const(LANES * v)))
-                      for v in range(n_nv)] for r in range(nr)]
-            # c holds the running total: its start value, then + each segment's sum.
-            with builder.if_else(builder.icmp_signed("==", mode, const(2))) as (from_init, other):
-                with from_init:
-                    for v in range(n_nv):
-                        start = vload(INIT, builder.add(init_base, const(LANES * v)))
-                        for r in range(nr):
-                            vstore(start, C, c_off[r][v])
-                with other:
-                    with builder.if_then(builder.icmp_signed("==", mode, const(0))):
-                        for r in range(nr):
-                            for v in range(n_nv):
-                                vstore(ir.Constant(_VEC, None), C, c_off[r][v])
-            ngroup = builder.sdiv(builder.add(nseg, builder.sub(group, const(1))), group)
-            with _cg.for_range(builder, ngroup) as grp:
-                for r in range(nr):
-                    for v in range(n_nv):
-                        builder.store(ir.Constant(_VEC, None), accs[r][v])
-                s0 = builder.mul(grp.index, group)
-                s1 = builder.select(builder.icmp_signed("<", builder.add(s0, group), nseg),
-                                    builder.add(s0, group), nseg)
-                with _cg.for_range_slice(builder, s0, s1, const(1)) as (seg, _):
-                    a_s = builder.mul(seg, a_seg)
-                    b_s = builder.add(b_base, builder.mul(seg, b_seg))
-                    with _cg.for_range(builder, seg_len) as kk:
-                        a_off = builder.add(a_s, builder.mul(kk.index, a_k))
-                        b_off = builder.add(b_s, builder.mul(kk.index, b_k))
-                        bv = [vload(B, builder.add(b_off, const(LANES * v))) for v in range(n_nv)]
-                        for r in range(nr):
-                            x = builder.load(builder.gep(A, [builder.add(row_base[r], a_off)]))
-                            xv = builder.insert_element(ir.Constant(_VEC, ir.Undefined), x,
-                                                        ir.Constant(ir.IntType(32), 0))
-                            xv = builder.shuffle_vector(
-                                xv, ir.Constant(_VEC, ir.Undefined),
-                                ir.Constant(ir.VectorType(ir.IntType(32), LANES), None))
-                            for v in range(n_nv):
-                                acc = builder.load(accs[r][v])
-                                builder.store(builder.call(fma, [xv, bv[v], acc]), accs[r][v])
-                for r in range(nr):
-                    for v in range(n_nv):
-                        total = builder.fadd(vload(C, c_off[r][v]), builder.load(accs[r][v]))
-                        vstore(total, C, c_off[r][v])
-            builder.branch(end)
-        builder.position_at_end(end)
+        accs = [[_cg.alloca_once(builder, vec) for _ in range(n_nv)] for _ in range(n_rows)]
+        # Rows past `rows` repeat the last one.
+        last = builder.sub(rows, const(1))
+        row = [builder.select(builder.icmp_signed(">", rows, const(r)), const(r), last)
+               for r in range(n_rows)]
+        row_base = [builder.add(a_base, builder.load(builder.gep(RO, [row[r]]))) for r in range(n_rows)]
+        c_off = [[builder.add(c_base, builder.add(builder.mul(c_row, row[r]), const(n_lanes * v)))
+                  for v in range(n_nv)] for r in range(n_rows)]
+        # c holds the running total: its start value, then + each group's sum.
+        with builder.if_else(builder.icmp_signed("==", mode, const(2))) as (from_init, other):
+            with from_init:
+                for v in range(n_nv):
+                    start = vload(INIT, builder.add(init_base, const(n_lanes * v)))
+                    for r in range(n_rows):
+                        vstore(start, C, c_off[r][v])
+            with other:
+                with builder.if_then(builder.icmp_signed("==", mode, const(0))):
+                    for r in range(n_rows):
+                        for v in range(n_nv):
+                            vstore(ir.Constant(vec, None), C, c_off[r][v])
+        ngroup = builder.sdiv(builder.add(nseg, builder.sub(group, const(1))), group)
+        with _cg.for_range(builder, ngroup) as grp:
+            for r in range(n_rows):
+                for v in range(n_nv):
+                    builder.store(ir.Constant(vec, None), accs[r][v])
+            s0 = builder.mul(grp.index, group)
+            s1 = builder.select(builder.icmp_signed("<", builder.add(s0, group), nseg),
+                                builder.add(s0, group), nseg)
+            with _cg.for_range_slice(builder, s0, s1, const(1)) as (seg, _):
+                a_s = builder.mul(seg, a_seg)
+                b_s = builder.add(b_base, builder.mul(seg, b_seg))
+                with _cg.for_range(builder, seg_len) as kk:
+                    a_off = builder.add(a_s, builder.mul(kk.index, a_k))
+                    b_off = builder.add(b_s, builder.mul(kk.index, b_k))
+                    bv = [vload(B, builder.add(b_off, const(n_lanes * v))) for v in range(n_nv)]
+                    for r in range(n_rows):
+                        x = builder.load(builder.gep(A, [builder.add(row_base[r], a_off)]))
+                        xv = builder.insert_element(ir.Constant(vec, ir.Undefined), x,
+                                                    ir.Constant(ir.IntType(32), 0))
+                        xv = builder.shuffle_vector(
+                            xv, ir.Constant(vec, ir.Undefined),
+                            ir.Constant(ir.VectorType(ir.IntType(32), n_lanes), None))
+                        for v in range(n_nv):
+                            acc = builder.load(accs[r][v])
+                            builder.store(builder.call(fma, [xv, bv[v], acc]), accs[r][v])
+            # Every total before any store: a repeated row stores its row's value again.
+            totals = [[builder.fadd(vload(C, c_off[r][v]), builder.load(accs[r][v]))
+                       for v in range(n_nv)] for r in range(n_rows)]
+            for r in range(n_rows):
+                for v in range(n_nv):
+                    vstore(totals[r][v], C, c_off[r][v])
         return context.get_dummy_value()
 
     return sig, codegen
 
 
-def _hsum(builder, v):
-    """The 16 lanes of ``v`` added as a fixed tree (halves, quarters, ...)."""
-    width = LANES
+def _hsum(builder, v, lanes):
+    """The ``lanes`` lanes of ``v`` added as a fixed tree (halves, quarters, ...)."""
+    width = lanes
     while width > 1:
         width //= 2
         lo = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(ir.IntType(32), width),
@@ -282,23 +320,23 @@ def _hsum(builder, v):
 
 @intrinsic
 def _dot_tile(typingctx, a, a_base, a_row, b, b_base, b_row, length, c, c_base, c_row,
-              mode, init, init_base, rows_a, rows_b, max_a, max_b):
+              mode, init, init_base, rows_a, rows_b, max_a, max_b, lanes):
     """Dot products of ``rows_a`` rows of ``a`` with ``rows_b`` rows of ``b``::
 
         c[c_base + i*c_row + j] = (0 | c[...] | init[init_base + j])      # mode 0 | 1 | 2
                                   + sum_k a[a_base + i*a_row + k] * b[b_base + j*b_row + k]
 
-    over ``k < length`` (a multiple of 16): each product in lane ``k % 16`` of a
-    vector accumulator (fused multiply-adds in ``k`` order), the lanes then added
-    as a fixed tree.  ``max_a``, ``max_b``: literals (``rows_a * rows_b``
-    accumulators at most ``max_a * max_b``).
+    over ``k < length`` (a multiple of ``lanes``): each product in lane ``k % lanes``
+    of a vector accumulator (fused multiply-adds in ``k`` order), the lanes then
+    added as a fixed tree.  ``max_a``, ``max_b``, ``lanes``: literals; one loop of
+    ``max_a x max_b`` accumulators is compiled, and a smaller tile repeats its
+    last row of ``a`` or ``b`` (the same sums, stored to the same place).
     """
-    if not (isinstance(max_a, types.IntegerLiteral) and isinstance(max_b, types.IntegerLiteral)):
-        raise _numba_private.RequireLiteralValue("_dot_tile: max_a and max_b must be literal integers")
-    n_a, n_b = max_a.literal_value, max_b.literal_value
+    n_a, n_b, n_lanes = _literals(max_a, max_b, lanes)
     u = types.unliteral
     sig = types.void(a, u(a_base), u(a_row), b, u(b_base), u(b_row), u(length), c, u(c_base),
-                     u(c_row), u(mode), init, u(init_base), u(rows_a), u(rows_b), max_a, max_b)
+                     u(c_row), u(mode), init, u(init_base), u(rows_a), u(rows_b), max_a, max_b, lanes)
+    vec = ir.VectorType(ir.FloatType(), n_lanes)
 
     def codegen(context, builder, sig, args):
         ints = [context.cast(builder, args[i], sig.args[i], types.int64)
@@ -309,53 +347,66 @@ def _dot_tile(typingctx, a, a_base, a_row, b, b_base, b_row, length, c, c_base, 
         C = context.make_array(sig.args[7])(context, builder, args[7]).data
         INIT = context.make_array(sig.args[11])(context, builder, args[11]).data
         fma = _cg.get_or_insert_function(
-            builder.module, ir.FunctionType(_VEC, [_VEC] * 3), f"llvm.fma.v{LANES}f32")
-        vptr = _VEC.as_pointer()
+            builder.module, ir.FunctionType(vec, [vec] * 3), f"llvm.fma.v{n_lanes}f32")
+        vptr = vec.as_pointer()
         const = lambda v: ir.Constant(_I64, v)  # noqa: E731
-        accs = [[_cg.alloca_once(builder, _VEC) for _ in range(n_b)] for _ in range(n_a)]
-        end = builder.append_basic_block("dot.end")
-        switch = builder.switch(builder.add(builder.mul(rows_a, const(n_b + 1)), rows_b), end)
-        for na in range(1, n_a + 1):
-            for nb in range(1, n_b + 1):
-                block = builder.append_basic_block(f"dot.{na}x{nb}")
-                switch.add_case(const(na * (n_b + 1) + nb), block)
-                builder.position_at_end(block)
-                a_rows = [builder.add(a_base, builder.mul(a_row, const(i))) for i in range(na)]
-                b_rows = [builder.add(b_base, builder.mul(b_row, const(j))) for j in range(nb)]
-                for i in range(na):
-                    for j in range(nb):
-                        builder.store(ir.Constant(_VEC, None), accs[i][j])
-                with _cg.for_range_slice(builder, const(0), length, const(LANES)) as (k, _):
-                    av = [builder.load(builder.bitcast(builder.gep(A, [builder.add(r, k)]), vptr), align=4)
-                          for r in a_rows]
-                    bv = [builder.load(builder.bitcast(builder.gep(B, [builder.add(r, k)]), vptr), align=4)
-                          for r in b_rows]
-                    for i in range(na):
-                        for j in range(nb):
-                            builder.store(builder.call(fma, [av[i], bv[j], builder.load(accs[i][j])]),
-                                          accs[i][j])
-                for i in range(na):
-                    for j in range(nb):
-                        total = _hsum(builder, builder.load(accs[i][j]))
-                        where = builder.gep(C, [builder.add(c_base, builder.add(builder.mul(c_row, const(i)),
-                                                                               const(j)))])
-                        old = builder.load(where)
-                        bias = builder.load(builder.gep(INIT, [builder.add(init_base, const(j))]))
-                        start = builder.select(builder.icmp_signed("==", mode, const(1)), old,
-                                               builder.select(builder.icmp_signed("==", mode, const(2)),
-                                                              bias, ir.Constant(ir.FloatType(), 0.0)))
-                        builder.store(builder.fadd(start, total), where)
-                builder.branch(end)
-        builder.position_at_end(end)
+
+        def clamp(count, n):  # rows past `count` repeat the last one
+            last = builder.sub(count, const(1))
+            return [builder.select(builder.icmp_signed(">", count, const(i)), const(i), last)
+                    for i in range(n)]
+
+        ia, jb = clamp(rows_a, n_a), clamp(rows_b, n_b)
+        accs = [[_cg.alloca_once(builder, vec) for _ in range(n_b)] for _ in range(n_a)]
+        a_rows = [builder.add(a_base, builder.mul(a_row, i)) for i in ia]
+        b_rows = [builder.add(b_base, builder.mul(b_row, j)) for j in jb]
+        for i in range(n_a):
+            for j in range(n_b):
+                builder.store(ir.Constant(vec, None), accs[i][j])
+        with _cg.for_range_slice(builder, const(0), length, const(n_lanes)) as (k, _):
+            av = [builder.load(builder.bitcast(builder.gep(A, [builder.add(r, k)]), vptr), align=4)
+                  for r in a_rows]
+            bv = [builder.load(builder.bitcast(builder.gep(B, [builder.add(r, k)]), vptr), align=4)
+                  for r in b_rows]
+            for i in range(n_a):
+                for j in range(n_b):
+                    builder.store(builder.call(fma, [av[i], bv[j], builder.load(accs[i][j])]),
+                                  accs[i][j])
+        # Every result before any store: a repeated row stores its row's value again.
+        results = []
+        for i in range(n_a):
+            for j in range(n_b):
+                total = _hsum(builder, builder.load(accs[i][j]), n_lanes)
+                where = builder.gep(C, [builder.add(c_base, builder.add(builder.mul(c_row, ia[i]), jb[j]))])
+                old = builder.load(where)
+                bias = builder.load(builder.gep(INIT, [builder.add(init_base, jb[j])]))
+                start = builder.select(builder.icmp_signed("==", mode, const(1)), old,
+                                       builder.select(builder.icmp_signed("==", mode, const(2)),
+                                                      bias, ir.Constant(ir.FloatType(), 0.0)))
+                results.append((builder.fadd(start, total), where))
+        for value, where in results:
+            builder.store(value, where)
         return context.get_dummy_value()
 
     return sig, codegen
 
 
+# Tile shapes, rows x vectors.  Only the shapes of LANES are compiled in: the
+# branches on the constant LANES below are pruned by Numba.
+#   16 lanes (AVX-512, 32 registers): 6 x 4 (24 accumulators), 13 x 2 (26), 8 x 1
+#     (a tile of 1-vector rows is bound by its loads, one per product: 8 rows run
+#     as fast as 16, with half the code);
+#   8 lanes (AVX2, 16 registers): 6 x 2 (12 accumulators, the 2 vectors of b and
+#     a broadcast value of a: 15 registers, the shape of BLIS's Haswell SGEMM
+#     micro-kernel), 8 x 1;
+#   dot-product tiles (Linear's forward), rows of a x rows of b: 4 x 6; 4 x 3
+#     (12 accumulators, 3 vectors of b and one of a at a time).
+
+
 @njit(**CPU_JIT_STRICT)
 def _vectors(channels):
-    """Vectors per tile row for ``channels`` output channels (a multiple of 16)."""
-    if channels % (4 * LANES) == 0:
+    """Vectors per tile row for ``channels`` output channels (a multiple of LANES)."""
+    if LANES == 16 and channels % 64 == 0:
         return 4
     if channels % (2 * LANES) == 0:
         return 2
@@ -364,24 +415,46 @@ def _vectors(channels):
 
 @njit(**CPU_JIT_STRICT)
 def _max_rows(nv):
-    """Rows per tile: 24 accumulators for 4 vectors a row, 26 for 2, 8 for 1 (a
-    tile of 1-vector rows is bound by its loads, one per product: 8 rows run as
-    fast as 16, with half the code)."""
-    return 6 if nv == 4 else (13 if nv == 2 else 8)
+    """Rows per tile of ``nv`` vectors a row."""
+    if nv == 1:
+        return 8
+    if LANES == 16:
+        return 6 if nv == 4 else 13
+    return 6
 
 
 @njit(**CPU_JIT_STRICT)
 def _tile_nv(nv, rows, a, a_base, row_off, nseg, a_seg, seg_len, a_k, b, b_base, b_seg, b_k,
              c, c_base, c_row, mode, init, init_base, chain):
-    if nv == 4:
+    if LANES == 16 and nv == 4:
         _tile(a, a_base, row_off, nseg, a_seg, seg_len, a_k, b, b_base, b_seg, b_k,
-              c, c_base, c_row, mode, init, init_base, chain, rows, 6, 4)
-    elif nv == 2:
+              c, c_base, c_row, mode, init, init_base, chain, rows, 6, 4, LANES)
+    elif LANES == 16 and nv == 2:
         _tile(a, a_base, row_off, nseg, a_seg, seg_len, a_k, b, b_base, b_seg, b_k,
-              c, c_base, c_row, mode, init, init_base, chain, rows, 13, 2)
+              c, c_base, c_row, mode, init, init_base, chain, rows, 13, 2, LANES)
+    elif LANES == 8 and nv == 2:
+        _tile(a, a_base, row_off, nseg, a_seg, seg_len, a_k, b, b_base, b_seg, b_k,
+              c, c_base, c_row, mode, init, init_base, chain, rows, 6, 2, LANES)
     else:
         _tile(a, a_base, row_off, nseg, a_seg, seg_len, a_k, b, b_base, b_seg, b_k,
-              c, c_base, c_row, mode, init, init_base, chain, rows, 8, 1)
+              c, c_base, c_row, mode, init, init_base, chain, rows, 8, 1, LANES)
+
+
+@njit(**CPU_JIT_STRICT)
+def _dot_rows():
+    """Rows of ``a`` and of ``b`` per dot-product tile."""
+    return (4, 6) if LANES == 16 else (4, 3)
+
+
+@njit(**CPU_JIT_STRICT)
+def _dot(a, a_base, a_row, b, b_base, b_row, length, c, c_base, c_row, mode, init, init_base,
+         rows_a, rows_b):
+    if LANES == 16:
+        _dot_tile(a, a_base, a_row, b, b_base, b_row, length, c, c_base, c_row, mode, init,
+                  init_base, rows_a, rows_b, 4, 6, LANES)
+    else:
+        _dot_tile(a, a_base, a_row, b, b_base, b_row, length, c, c_base, c_row, mode, init,
+                  init_base, rows_a, rows_b, 4, 3, LANES)
 
 
 @njit(**CPU_JIT_STRICT)
@@ -403,14 +476,25 @@ def _pad_into(image, pad_h, pad_w, scratch):
                 scratch[pad_h + h, pad_w + w, c] = image[h, w, c]
 
 
+@njit(**CPU_JIT_STRICT)
+def _pixel_offsets(p0, rows, width, pitch, step, out):
+    """``out[r] = (h * pitch + w) * step`` for the pixels ``p0 + r = h * width + w``
+    (``r < rows``): where a tile's pixels, taken in raster order across rows of
+    ``width``, start in an image of rows of ``pitch`` pixels of ``step`` values."""
+    for r in range(rows):
+        h, w = divmod(p0 + r, width)
+        out[r] = (h * pitch + w) * step
+
+
 @njit(**CPU_JIT_PARALLEL)
 def conv_forward(x, weight, bias, has_bias, pad_h, pad_w, chain, y, nblocks):
     """Stride-1 correlation ``y[n, oh, ow, :] = bias + sum_{i, j, c} xpad[n, oh+i, ow+j, c]
     * weight[i, j, c, :]`` (``xpad``: ``x`` zero-padded by ``pad_h, pad_w``).
 
     ``x (N, H, W, C)``, ``weight (KH, KW, C, CO)``, ``y (N, OH, OW, CO)``: float32,
-    C-contiguous; ``CO`` a multiple of 16.  Each output row of pixels is cut into
-    balanced tiles of at most :func:`_max_rows` pixels; each value is summed over
+    C-contiguous; ``CO`` a multiple of LANES.  An image's output pixels, in raster
+    order across its rows, are cut into tiles of :func:`_max_rows` pixels (the last
+    one shorter), so no row width leaves tiles part empty; each value is summed over
     ``(i, j, c)`` in that order, starting from the bias.  The images are shared
     among ``nblocks`` tasks (one per thread; timing only, the bits do not change).
     """
@@ -421,14 +505,15 @@ def conv_forward(x, weight, bias, has_bias, pad_h, pad_w, chain, y, nblocks):
     p_h, p_w = height + 2 * pad_h, width + 2 * pad_w
     nv = _vectors(c_out)
     vw = LANES * nv
-    ntile = (out_w + _max_rows(nv) - 1) // _max_rows(nv)
+    rmax = _max_rows(nv)
+    npix = out_h * out_w
     wf = weight.reshape(-1)
     yf = y.reshape(-1)
-    row_off = _strided(_max_rows(nv), chans)
     mode = 2 if has_bias else 0
     nblk = max(1, min(n_img, nblocks))
     for blk in prange(nblk):
         scratch = np.zeros((p_h, p_w, chans) if padded else (0, 0, 0), np.float32)
+        row_off = np.empty(rmax, np.int64)
         for n in range(blk * n_img // nblk, (blk + 1) * n_img // nblk):
             if padded:
                 _pad_into(x[n], pad_h, pad_w, scratch)
@@ -437,15 +522,13 @@ def conv_forward(x, weight, bias, has_bias, pad_h, pad_w, chain, y, nblocks):
             else:
                 src = x.reshape(-1)
                 base = n * height * width * chans
-            for oh in range(out_h):
-                for t in range(ntile):
-                    ow0 = t * out_w // ntile
-                    rows = (t + 1) * out_w // ntile - ow0
-                    for cb in range(0, c_out, vw):
-                        _tile_nv(nv, rows, src, base + (oh * p_w + ow0) * chans, row_off,
-                                 k_h, p_w * chans, k_w * chans, 1, wf, cb, k_w * chans * c_out, c_out,
-                                 yf, ((n * out_h + oh) * out_w + ow0) * c_out + cb, c_out,
-                                 mode, bias, cb, chain)
+            for p0 in range(0, npix, rmax):
+                rows = min(rmax, npix - p0)
+                _pixel_offsets(p0, rows, out_w, p_w, chans, row_off)
+                for cb in range(0, c_out, vw):
+                    _tile_nv(nv, rows, src, base, row_off,
+                             k_h, p_w * chans, k_w * chans, 1, wf, cb, k_w * chans * c_out, c_out,
+                             yf, (n * npix + p0) * c_out + cb, c_out, mode, bias, cb, chain)
 
 
 @njit(**CPU_JIT_PARALLEL)
@@ -453,9 +536,12 @@ def conv_input_grad(dy, weight_flip, pad_h, pad_w, chain, dx, nblocks):
     """Input gradient of :func:`conv_forward`: the stride-1 correlation of ``dy``
     zero-padded by ``KH - 1 - pad_h, KW - 1 - pad_w`` with ``weight_flip (KH, KW, CO, C)``,
     ``weight_flip[i, j, o, c] = weight[KH-1-i, KW-1-j, c, o]``; ``dx (N, H, W, C)``
-    is overwritten, ``C`` a multiple of 16; ``nblocks`` as :func:`conv_forward`.
+    is overwritten, ``C`` a multiple of LANES; ``nblocks`` as :func:`conv_forward`.
     Kernel rows that fall on the padding rows above and below ``dy`` are skipped
-    (their products are zeros), not the padding columns."""
+    (their products are zeros), not the padding columns: the rows of ``dx`` whose
+    kernel rows all meet ``dy`` are tiled as one run of pixels in raster order (as
+    :func:`conv_forward`), the others (the top and bottom ``KH - 1 - pad_h``) row
+    by row."""
     n_img, out_h, out_w, c_out = dy.shape
     k_h, k_w, _, chans = weight_flip.shape
     _, height, width, _ = dx.shape
@@ -463,36 +549,42 @@ def conv_input_grad(dy, weight_flip, pad_h, pad_w, chain, dx, nblocks):
     p_w = out_w + 2 * q_w
     nv = _vectors(chans)
     vw = LANES * nv
-    ntile = (width + _max_rows(nv) - 1) // _max_rows(nv)
+    rmax = _max_rows(nv)
+    # Rows h in [band0, band1) meet dy with every kernel row.
+    band0 = min(height, q_h)
+    band1 = max(band0, min(height, out_h + q_h - k_h + 1))
     wf = weight_flip.reshape(-1)
     dxf = dx.reshape(-1)
-    row_off = _strided(_max_rows(nv), c_out)
     nblk = max(1, min(n_img, nblocks))
     for blk in prange(nblk):
         scratch = np.zeros((out_h + 2 * q_h, p_w, c_out), np.float32)
         src = scratch.reshape(-1)
+        row_off = np.empty(rmax, np.int64)
         for n in range(blk * n_img // nblk, (blk + 1) * n_img // nblk):
             _pad_into(dy[n], q_h, q_w, scratch)
-            for h in range(height):
+            h = 0
+            while h < height:
+                h_end = band1 if band0 <= h < band1 else h + 1
                 # Kernel rows i that meet dy, not its zero padding: padded row h + i
                 # is dy's row h + i - q_h.
                 i0 = max(0, q_h - h)
                 i1 = min(k_h, out_h + q_h - h)
-                for t in range(ntile):
-                    w0 = t * width // ntile
-                    rows = (t + 1) * width // ntile - w0
+                for p0 in range(h * width, h_end * width, rmax):
+                    rows = min(rmax, h_end * width - p0)
+                    _pixel_offsets(p0, rows, width, p_w, c_out, row_off)
                     for cb in range(0, chans, vw):
-                        _tile_nv(nv, rows, src, ((h + i0) * p_w + w0) * c_out, row_off,
+                        _tile_nv(nv, rows, src, i0 * p_w * c_out, row_off,
                                  max(0, i1 - i0), p_w * c_out, k_w * c_out, 1,
                                  wf, i0 * k_w * c_out * chans + cb, k_w * c_out * chans, chans,
-                                 dxf, ((n * height + h) * width + w0) * chans + cb, chans,
+                                 dxf, (n * height * width + p0) * chans + cb, chans,
                                  0, wf, 0, chain)
+                h = h_end
 
 
 @njit(**CPU_JIT_PARALLEL)
 def conv_weight_grad(x, dy, pad_h, pad_w, block_images, chain, dweight):
     """Weight gradient of :func:`conv_forward`: ``dweight[i, j, c, :] = sum_{n, oh, ow}
-    xpad[n, oh+i, ow+j, c] * dy[n, oh, ow, :]`` (overwritten), ``CO`` a multiple of 16.
+    xpad[n, oh+i, ow+j, c] * dy[n, oh, ow, :]`` (overwritten), ``CO`` a multiple of LANES.
 
     Images are summed in blocks of ``block_images`` (float32 partial sums, each
     over the block's images in order, pixels in row-major order), and the block
@@ -506,8 +598,8 @@ def conv_weight_grad(x, dy, pad_h, pad_w, block_images, chain, dweight):
     p_h, p_w = height + 2 * pad_h, width + 2 * pad_w
     nv = _vectors(c_out)
     vw = LANES * nv
+    rmax = _max_rows(nv)
     nrows = k_h * k_w * chans
-    ntile = (nrows + _max_rows(nv) - 1) // _max_rows(nv)
     row_off = np.empty(nrows, np.int64)
     for i in range(k_h):
         for j in range(k_w):
@@ -528,14 +620,11 @@ def conv_weight_grad(x, dy, pad_h, pad_w, block_images, chain, dweight):
             else:
                 src = x.reshape(-1)
                 base = n * height * width * chans
-            for t in range(ntile):
-                r0 = t * nrows // ntile
-                rows = (t + 1) * nrows // ntile - r0
+            for r0 in range(0, nrows, rmax):
                 for cb in range(0, c_out, vw):
-                    _tile_nv(nv, rows, src, base, row_off[r0:], out_h, p_w * chans, out_w, chans,
-                             dyf, n * out_h * out_w * c_out + cb, out_w * c_out, c_out,
-                             pf, (blk * nrows + r0) * c_out + cb, c_out,
-                             1 if n > n0 else 0, pf, 0, chain)
+                    _tile_nv(nv, min(rmax, nrows - r0), src, base, row_off[r0:], out_h, p_w * chans,
+                             out_w, chans, dyf, n * out_h * out_w * c_out + cb, out_w * c_out, c_out,
+                             pf, (blk * nrows + r0) * c_out + cb, c_out, 1 if n > n0 else 0, pf, 0, chain)
     dwf = dweight.reshape(nrows, c_out)
     for r in prange(nrows):
         _sum_blocks(partial, r, dwf[r])
@@ -549,6 +638,30 @@ def _sum_blocks(partial, r, out):
         for blk in range(partial.shape[0]):
             total += partial[blk, r, o]
         out[o] = total
+
+
+@functools.cache
+def with_lanes(lanes: int):
+    """The kernels of this module for vectors of ``lanes`` floats (8 or 16): the
+    module itself for ``LANES``, else a namespace of its kernels compiled for the
+    other width (cached on disk under their own names, ``conv_forward_lanes8``).
+    For tests and benchmarks of the other instruction set's tiles: AVX2's run on
+    an AVX-512 host; AVX-512's on an AVX2 host split each vector in two.  The
+    convolutions and the linear gradients give the same bits at either width;
+    the linear forward's dot products add their lanes in another tree."""
+    if lanes not in (8, 16):
+        raise ValueError(f"with_lanes: lanes must be 8 (AVX2) or 16 (AVX-512), got {lanes!r}")
+    if lanes == LANES:
+        return sys.modules[__name__]
+    namespace = dict(globals(), LANES=lanes, DIRECT_CONV_CPU=_cg is not None)
+    for name, obj in globals().items():
+        if isinstance(obj, Dispatcher):
+            f = obj.py_func
+            copy = FunctionType(f.__code__, namespace, f.__name__, f.__defaults__, f.__closure__)
+            copy.__qualname__ = f"{f.__qualname__}_lanes{lanes}"  # its own cache index
+            options = {k: v for k, v in obj.targetoptions.items() if k != "nopython"}
+            namespace[name] = njit(cache=True, **options)(copy)
+    return SimpleNamespace(**namespace)
 
 
 _cache.check(globals())  # before any kernel above loads from the disk cache
