@@ -18,18 +18,33 @@ tensor, 4 times).
 
 ``--per-call`` times one layer call instead (the per-call overhead): eval under
 ``no_grad``, eval with gradients enabled, and a training forward+backward, on a
-tiny (4, 8, 4, 4) tensor and on (32, 64, 32, 32), stock against numbabn,
-interleaved, with the kernel numbabn calls (``numbabn._cpu.feature_ops`` on
-NumPy views) timed alone for the large tensor.  Each figure is the median over
-rounds of the mean over many calls; run it several times on a busy machine.
+tiny (4, 8, 4, 4) tensor and on (32, 64, 32, 32), interleaved: stock, numbabn's
+layer as it dispatches (the table of ``numbabn.torch._dispatch``, which sends
+the tiny tensor to ATen) and numbabn's layer forced onto numbabn's kernels
+(``_dispatch.force("numbabn")``), with the kernels numbabn calls
+(``numbabn._cpu.feature_ops`` on NumPy views) timed alone for the large tensor.
+Each figure is the best and the median over rounds of the mean over many
+calls, in CPU time of the calling thread (``--clock cpu``, the default: steadier
+on a busy machine, though a VM's stolen time still lands in it, hence the best;
+it does not count other threads, so use it with ``--threads 1``) or wall time
+(``--clock wall``).
+
+``--crossover`` times numbabn's route against stock on small and mid-size
+inputs (NCHW and channels-last, training forward+backward and eval): the
+measurement behind the first row of the dispatch table.
 
     PYTHONPATH=. python scripts/bench_torch_dropin.py [--rounds 7] [--steps 3]
-        [--memory-format nchw|channels_last|both] [--per-call]
+        [--memory-format nchw|channels_last|both]
+    PYTHONPATH=. python scripts/bench_torch_dropin.py --per-call --threads 1 [--clock cpu|wall]
+    PYTHONPATH=. python scripts/bench_torch_dropin.py --crossover --threads 1
+
+Whole networks (ResNet-18, MobileNetV2): ``scripts/bench_torch_models.py``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import statistics
 import time
@@ -40,6 +55,7 @@ import torch
 from torch import nn
 
 import numbabn.torch as nbt
+from numbabn.torch import _dispatch
 
 BATCH, CHANNELS, SIZE, BLOCKS, CLASSES = 32, 64, 56, 4, 10
 
@@ -80,21 +96,29 @@ def bn_alone(cls, fmt):
     return run
 
 
+CLOCK = [time.perf_counter]  # --clock: wall time, or time.thread_time
+
+
 def timed(fn, reps):
     time.sleep(0.01)  # let the other framework's OpenMP pool go quiet
-    t0 = time.perf_counter()
+    clock = CLOCK[0]
+    t0 = clock()
     for _ in range(reps):
         fn()
-    return (time.perf_counter() - t0) / reps * 1e3
+    return (clock() - t0) / reps * 1e3
 
 
-def interleave(fns, rounds, reps):
-    """Median ms per call of each fn, rounds alternating the order."""
+def interleave(fns, rounds, reps, routes=None):
+    """Median ms per call of each fn, rounds alternating the order; ``routes``
+    maps a name to the dispatch route forced while it runs."""
     times = {name: [] for name in fns}
     names = list(fns)
+    routes = routes or {}
     for r in range(rounds):
         for name in (names if r % 2 == 0 else names[::-1]):
-            times[name].append(timed(fns[name], reps))
+            route = routes.get(name)
+            with _dispatch.force(route) if route else contextlib.nullcontext():
+                times[name].append(timed(fns[name], reps))
     return {name: statistics.median(v) for name, v in times.items()}, times
 
 
@@ -137,20 +161,24 @@ def bench(fmt_name, rounds, steps):
 
 def per_call(rounds):
     """Stock vs numbabn per layer call; results checked first."""
-    import numbabn.torch._tensors as nbtt
     from numbabn import _backend
     from numbabn import functional as nbf
 
     fo = _backend.CPU.feature_ops
+    routes = {"forced": _dispatch.NUMBABN}
     for shape, reps in (((4, 8, 4, 4), 2000), ((32, 64, 32, 32), 20)):
         c = shape[1]
         x = torch.randn(shape)
         dy = torch.randn(shape)
-        layers = {"stock": nn.BatchNorm2d(c), "numbabn": nbt.BatchNorm2d(c)}
-        with torch.no_grad():
-            y1, y2 = layers["stock"].eval()(x), layers["numbabn"].eval()(x)
+        layers = {"stock": nn.BatchNorm2d(c), "table": nbt.BatchNorm2d(c),
+                  "forced": nbt.BatchNorm2d(c)}
+        with torch.no_grad(), _dispatch.force(_dispatch.NUMBABN):
+            y1, y2 = layers["stock"].eval()(x), layers["forced"].eval()(x)
         assert ((y1 - y2).abs().max() <= 1e-5 * y1.abs().max()).item(), "eval outputs differ"
-        print(f"\n== per call, {shape}, float32 (median of {rounds} rounds, us) ==")
+        print(f"\n== per call, {shape}, float32 (best/median of {rounds} rounds, us; table: "
+              f"the dispatch table's route, forced: numbabn's kernels) ==")
+        for op in ("train", "backward", "eval"):
+            print(f"  route of {op}: {nbt._tensors.route_of(x, op)}")
 
         def evals(bn):
             def run():
@@ -164,41 +192,102 @@ def per_call(rounds):
         xr = x.clone().requires_grad_()
 
         def train(bn):
-            def run():
+            def run():  # gradients reset: no accumulation into .grad (an add of x's size)
+                xr.grad = bn.weight.grad = bn.bias.grad = None
                 bn.train()(xr).backward(dy)
             return run
 
+        layer = {}
         for what, make in (("eval, no_grad", evals), ("eval, grad enabled", evals_grad),
                            ("train fwd+bwd", train)):
             fns = {name: make(bn) for name, bn in layers.items()}
-            for fn in fns.values():
-                fn()
-            med, _ = interleave(fns, rounds, reps)
-            print(f"  {what:20s} stock {med['stock'] * 1e3:9.1f}  numbabn {med['numbabn'] * 1e3:9.1f}"
-                  f"  (+{(med['numbabn'] - med['stock']) * 1e3:.1f})")
-        if shape[0] == 32:  # the kernels alone, on NumPy views, as the layer calls them
-            xa, ya = x.numpy(), torch.empty_like(x).numpy()
+            for name, fn in fns.items():
+                with _dispatch.force(routes.get(name)):
+                    fn()
+            med, times = interleave(fns, rounds, reps, routes)
+            best = {name: min(v) for name, v in times.items()}
+            layer[what] = best["forced"]
+            print(f"  {what:20s} " + "  ".join(
+                f"{name} {best[name] * 1e3:7.1f}/{med[name] * 1e3:7.1f}" + (
+                    "" if name == "stock" else
+                    f" (+{(best[name] - best['stock']) * 1e3:.1f}/"
+                    f"+{(med[name] - med['stock']) * 1e3:.1f})") for name in fns))
+        if shape[0] == 32:
+            # the kernels alone, on NumPy views, as the layer calls them: into
+            # fresh outputs from numbabn's allocator (the layer's, from 4 MiB)
+            import numbabn.torch._tensors as nbtt
+
+            xa = x.numpy()
             nbf.batch_norm_train(xa)  # the functional API remembers x's layout
             plan = nbf._plan_of(xa, 1)
             w, b = np.ones(c, np.float32), np.zeros(c, np.float32)
             rm, rv = np.zeros(c, np.float32), np.ones(c, np.float32)
-            dya, dxa = dy.numpy(), torch.empty_like(x).numpy()
-            mean, invstd, _ = fo.batch_norm_train(plan.view(xa), w, b, 1e-5, plan.view(ya))
+            dya = dy.numpy()
+            mean, invstd, _ = fo.batch_norm_train(plan.view(xa), w, b, 1e-5,
+                                                  plan.view(np.empty_like(xa)))
 
             def kernel_eval():
+                y3, _ = plan.empty(xa.dtype)
                 with _backend.CPU.guard(xa):
-                    fo.normalize(plan.view(xa), rm, rv, w, b, 1e-5, plan.view(ya))
+                    fo.normalize(plan.view(xa), rm, rv, w, b, 1e-5, y3)
 
             def kernel_train():
+                y3, _ = plan.empty(xa.dtype)
+                dx3, _ = plan.empty(xa.dtype)
                 with _backend.CPU.guard(xa):
-                    fo.batch_norm_train(plan.view(xa), w, b, 1e-5, plan.view(ya))
-                    fo.batch_norm_backward(plan.view(dya), plan.view(xa), mean, invstd, w,
-                                           plan.view(dxa))
+                    _, _, var = fo.batch_norm_train(plan.view(xa), w, b, 1e-5, y3)
+                    fo.update_running_stats(rm, rv, mean, var, xa.size // c, 0.1)
+                    fo.batch_norm_backward(plan.view(dya), plan.view(xa), mean, invstd, w, dx3)
 
             nbtt.follow_torch_threads(xa.size)
-            med, _ = interleave({"eval": kernel_eval, "train": kernel_train}, rounds, reps)
-            print(f"  kernels alone: eval {med['eval'] * 1e3:.1f}, train fwd+bwd "
-                  f"{med['train'] * 1e3:.1f}")
+            _, times = interleave({"eval": kernel_eval, "train": kernel_train}, rounds, reps)
+            best = {name: min(v) for name, v in times.items()}
+            print(f"  kernels alone (best): eval {best['eval'] * 1e3:.1f} (forced layer/kernel "
+                  f"{layer['eval, no_grad'] / best['eval']:.2f}), train fwd+bwd with the running "
+                  f"statistics {best['train'] * 1e3:.1f} (forced layer/kernel "
+                  f"{layer['train fwd+bwd'] / best['train']:.2f})")
+
+
+CROSSOVER_SHAPES = ((4, 8, 4, 4), (8, 16, 8, 8), (16, 32, 8, 8), (32, 32, 8, 8), (32, 64, 8, 8),
+                    (16, 32, 16, 16), (32, 64, 16, 16), (32, 16, 32, 32))
+
+
+def crossover(rounds):
+    """numbabn's route (forced) against stock, per layer call, on small and
+    mid-size inputs: where the first row of the dispatch table comes from."""
+    print(f"\n== numbabn's route vs stock per layer call (best of {rounds} rounds, us; x: "
+          f"stock's time over numbabn's) ==")
+    for fmt_name, fmt in (("NCHW", torch.contiguous_format), ("NHWC", torch.channels_last)):
+        for shape in CROSSOVER_SHAPES:
+            c = shape[1]
+            x = torch.randn(shape).contiguous(memory_format=fmt)
+            dy = torch.randn(shape).contiguous(memory_format=fmt)
+            xr = x.clone().requires_grad_()
+            reps = max(10, int(2000 / (1 + x.numel() / 8192)))
+            row = []
+            for what in ("eval", "train"):
+                def make(bn, what=what):
+                    if what == "eval":
+                        bn.eval()
+
+                        def run():
+                            with torch.no_grad():
+                                bn(x)
+                        return run
+                    bn.train()
+                    return lambda: bn(xr).backward(dy)
+
+                fns = {"stock": make(nn.BatchNorm2d(c)), "numbabn": make(nbt.BatchNorm2d(c))}
+                routes = {"numbabn": _dispatch.NUMBABN}
+                for name, fn in fns.items():
+                    with _dispatch.force(routes.get(name)):
+                        fn()
+                _, times = interleave(fns, rounds, reps, routes)
+                best = {name: min(v) for name, v in times.items()}
+                row.append(f"{what} stock {best['stock'] * 1e3:8.1f} numbabn "
+                           f"{best['numbabn'] * 1e3:8.1f} ({best['stock'] / best['numbabn']:.2f}x)")
+            print(f"  {fmt_name} {str(shape):18s} {x.numel():7d} values  " + "   ".join(row),
+                  flush=True)
 
 
 def main():
@@ -208,13 +297,24 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--memory-format", choices=["nchw", "channels_last", "both"], default="both")
     ap.add_argument("--per-call", action="store_true", help="time single layer calls instead")
+    ap.add_argument("--crossover", action="store_true",
+                    help="numbabn's route vs stock on small and mid-size inputs")
+    ap.add_argument("--clock", choices=["cpu", "wall"], default=None,
+                    help="thread CPU time (default for --per-call and --crossover) or wall time")
     args = ap.parse_args()
+    clock = args.clock or ("cpu" if args.per_call or args.crossover else "wall")
+    CLOCK[0] = time.thread_time if clock == "cpu" else time.perf_counter
     torch.set_num_threads(args.threads)  # numbabn.torch's layers follow it
+    numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
     print(f"torch {torch.__version__} ({torch.get_num_threads()} threads), numba "
           f"{numba.__version__} ({numba.get_num_threads()} threads); "
           f"{args.rounds} rounds x {args.steps} steps, medians")
+    print(f"clock: {clock}")
     if args.per_call:
         per_call(args.rounds)
+        return
+    if args.crossover:
+        crossover(args.rounds)
         return
     fmts = ["nchw", "channels_last"] if args.memory_format == "both" else [args.memory_format]
     for fmt in fmts:

@@ -14,7 +14,10 @@ see :mod:`numbabn.torch._ops`):
   ``grad``), forward-mode AD and tensor subclasses run stock PyTorch;
 - CPU float32/float64 tensors go to the CPU kernels without a copy (any
   strides, channels-last included), with Numba's thread count following
-  ``torch.get_num_threads()``; CUDA tensors on device 0 and the default stream
+  ``torch.get_num_threads()``, except the shapes where the shape census found
+  ATen's kernels faster: those run ATen's, by a fixed table of shape, layout
+  and dtype (:mod:`numbabn.torch._dispatch`; the same route, and the same bits,
+  on every call of a shape); CUDA tensors on device 0 and the default stream
   go to numbabn's GPU kernels through ``__cuda_array_interface__`` (not tested on
   a GPU yet);
 - everything else (float16/bfloat16, an empty batch, one value per channel in

@@ -5,11 +5,19 @@ Three ways a call can go:
 - **graph** (``torch.compile``, ``torch.export``, FX symbolic tracing, fake
   tensors): the custom ops ``torch.ops.numbabn.*`` are recorded, one node per
   call (:mod:`numbabn.torch._ops`);
-- **eager**: the ops' implementations are called directly, through a small
-  ``torch.autograd.Function`` when a gradient is needed.  Same kernels, same
-  results; it skips the dispatcher's round trip into Python (about 11 us per
-  call) and ``custom_op``'s autograd wrapper (about 30 us for a forward and a
-  backward), which would cost more than the whole layer on small tensors;
+- **eager**: on CPU tensors whose outputs share the input's strides (dense
+  ones: contiguous, channels-last), the ops' implementations are called
+  directly, through a small ``torch.autograd.Function`` when a gradient is
+  needed, with what depends only on the input's shape, strides and dtype
+  decided once per :class:`numbabn.torch._tensors.Case` (checks, 3-D view,
+  route).  Same kernels, same results; it skips the dispatcher's round trip
+  into Python (about 11 us per call) and ``custom_op``'s autograd wrapper
+  (about 30 us for a forward and a backward), which would cost more than the
+  whole layer on small tensors.  Other eager calls numbabn takes (CUDA
+  tensors, sliced inputs) run the custom ops;
+- **ATen**, by shape: where the shape census found ATen's kernel faster, the
+  call (or only its backward) runs ATen's, by the table of
+  :mod:`numbabn.torch._dispatch`, in eager mode and inside the ops alike;
 - **stock** (``F.batch_norm``): whatever numbabn does not compute exactly as
   PyTorch (see :func:`numbabn.torch._tensors.numbabn_runs`: half precision, an
   empty batch, ...), and TorchScript tracing, functorch transforms (``vmap``,
@@ -55,35 +63,50 @@ def _mode(x):
     return _GRAPH if isinstance(x, _FAKE[0]) else _STOCK
 
 
+def _c_apply(fn_class):
+    """``fn_class.apply`` without ``Function.apply``'s Python preamble (binding
+    default arguments, unwrapping functorch's dead wrappers: about 3 us), which
+    this package's Functions need not: they have no defaults and run only where
+    no functorch transform is active (:func:`_mode`)."""
+    return super(torch.autograd.function._SingleLevelFunction, fn_class).apply
+
+
 class _TrainFn(torch.autograd.Function):
-    """The eager training forward (running statistics updated when ``stats``
+    """The eager CPU training forward (running statistics updated when ``stats``
     is given) and its backward: the bodies of ``numbabn::batch_norm_train``,
-    ``update_running_stats`` and ``batch_norm_backward``."""
+    ``update_running_stats`` and ``batch_norm_backward`` on a :class:`_t.Case`."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, eps, relu, stats):
-        y, mean, invstd = _train(x, weight, bias, eps, relu, stats)
+    def forward(ctx, x, weight, bias, eps, relu, case, vectors, stats):
+        y, mean, invstd = _train(case, x, vectors, eps, relu, stats)
         ctx.save_for_backward(x, weight, y if relu else None)
-        ctx.stats = (mean, invstd)
+        ctx.state = (case, mean, invstd, vectors[0])
         return y
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, dy):
-        x, weight, y = ctx.saved_tensors
-        mean, invstd = ctx.stats
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        dx, dweight, dbias = _t.backward_train(dy, x, mean, invstd, weight, y, need_x)
-        return (dx, _t.tensor(dweight, x) if need_w else None,
-                _t.tensor(dbias, x) if need_b else None, None, None, None)
+        if torch.is_grad_enabled():  # create_graph=True: refuse a second derivative
+            return _train_backward_once(ctx, dy)
+        return _train_backward(ctx, dy)
 
 
-def _train(x, weight, bias, eps, relu, stats):
-    y, mean, invstd, var = _t.forward_train(x, weight, bias, eps, relu)
+def _train_backward(ctx, dy):
+    x, weight, y = ctx.saved_tensors
+    case, mean, invstd, wa = ctx.state
+    dx, dweight, dbias = _t.backward_train_cpu(case, dy, x, mean, invstd, weight, wa, y,
+                                               ctx.needs_input_grad[:3])
+    return dx, dweight, dbias, None, None, None, None, None
+
+
+_train_backward_once = once_differentiable(_train_backward)
+_train_apply = _c_apply(_TrainFn)
+
+
+def _train(case, x, vectors, eps, relu, stats):
+    y, mean, invstd, var = _t.train_cpu(case, x, vectors[0], vectors[1], eps, relu)
     if stats is not None:
         running_mean, running_var, factor = stats
-        _t.update_running_stats(running_mean, running_var, mean, var, x.numel() // x.shape[1],
-                                factor)
+        _t.update_running_stats(running_mean, running_var, mean, var, case.count, factor)
     return y, mean, invstd
 
 
@@ -92,8 +115,8 @@ class _EvalFn(torch.autograd.Function):
     ``numbabn::batch_norm_eval`` and ``batch_norm_eval_backward``."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, eps, relu):
-        y = _t.forward_eval(x, weight, bias, running_mean, running_var, eps, relu)
+    def forward(ctx, x, weight, bias, running_mean, running_var, eps, relu, case, vectors):
+        y = _t.eval_cpu(case, x, *vectors, eps, relu)
         ctx.save_for_backward(x, weight, running_mean, running_var, y if relu else None)
         ctx.eps = eps
         return y
@@ -104,13 +127,36 @@ class _EvalFn(torch.autograd.Function):
         x, weight, running_mean, running_var, y = ctx.saved_tensors
         dx, dweight, dbias = _t.backward_eval(dy, x, weight, running_mean, running_var, ctx.eps, y,
                                               ctx.needs_input_grad[:3])
-        return dx, dweight, dbias, None, None, None, None
+        return dx, dweight, dbias, None, None, None, None, None, None
+
+
+_eval_apply = _c_apply(_EvalFn)
 
 
 def _needs_grad(x, weight, bias):
     return torch.is_grad_enabled() and (
         x.requires_grad or (weight is not None and weight.requires_grad)
         or (bias is not None and bias.requires_grad))
+
+
+def _eager_cpu(case, running_mean, running_var, weight, bias, training, momentum, eps):
+    """The vectors' NumPy views when numbabn takes this eager CPU call (what
+    :func:`_t.numbabn_runs` checks, with the input's part decided once per
+    case), else None."""
+    if not case.ok or (training and not case.trainable):
+        return None
+    if (running_mean is None) != (running_var is None) or \
+            (running_mean is None and not training):
+        return None
+    if not isinstance(eps, (float, int)) or not (0.0 < eps < _INF):
+        return None
+    if training and running_mean is not None and momentum is not None and not (
+            isinstance(momentum, (float, int)) and 0.0 <= momentum <= 1.0):
+        return None
+    return _t.cpu_vectors(case, weight, bias, running_mean, running_var)
+
+
+_INF = float("inf")
 
 
 def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
@@ -151,28 +197,74 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     ...                              training=True, relu=True)
     """
     mode = _mode(input)
-    if mode == _GRAPH:
+    if mode == _EAGER:
+        case = _t.cpu_case(input)
+        if case is not None and case.plan is not None:
+            vectors = _eager_cpu(case, running_mean, running_var, weight, bias, training,
+                                 momentum, eps)
+            if vectors is not None:
+                return _eager(case, vectors, input, running_mean, running_var, weight, bias,
+                              training, momentum, float(eps), relu, num_batches_tracked)
+        elif _t.numbabn_runs(input, weight, bias, running_mean, running_var, training, momentum,
+                             eps):
+            return _eager_general(input, running_mean, running_var, weight, bias, training,
+                                  momentum, float(eps), relu, num_batches_tracked)
+    elif mode == _GRAPH:
         graph_ok = isinstance(input, torch.fx.Proxy) or _t.numbabn_runs(
             input, weight, bias, running_mean, running_var, training, momentum, eps,
             exact_types=False)
         if graph_ok:
             return _graph(input, running_mean, running_var, weight, bias, training, momentum, eps,
                           relu, num_batches_tracked)
-    elif mode == _EAGER and _t.numbabn_runs(input, weight, bias, running_mean, running_var,
-                                            training, momentum, eps):
-        momentum = _count_batch(num_batches_tracked, momentum)
-        if training:
-            stats = None if running_mean is None else (running_mean, running_var, momentum)
-            if _needs_grad(input, weight, bias):
-                return _TrainFn.apply(input, weight, bias, float(eps), relu, stats)
-            return _train(input, weight, bias, float(eps), relu, stats)[0]
-        if _needs_grad(input, weight, bias):
-            return _EvalFn.apply(input, weight, bias, running_mean, running_var, float(eps), relu)
-        return _t.forward_eval(input, weight, bias, running_mean, running_var, float(eps), relu)
+    return _stock(input, running_mean, running_var, weight, bias, training, momentum, eps, relu,
+                  num_batches_tracked)
+
+
+def _stock(input, running_mean, running_var, weight, bias, training, momentum, eps, relu,
+           num_batches_tracked):
+    """PyTorch's batch norm, as ``_BatchNorm.forward`` calls it."""
     momentum = _count_batch(num_batches_tracked, momentum)
     y = torch.nn.functional.batch_norm(input, running_mean, running_var, weight, bias, training,
                                        momentum, eps)
     return torch.relu(y) if relu else y
+
+
+def _eager(case, vectors, x, running_mean, running_var, weight, bias, training, momentum, eps,
+           relu, num_batches_tracked):
+    """An eager CPU call numbabn takes, by the case's route."""
+    if training:
+        if case.aten_train:
+            return _stock(x, running_mean, running_var, weight, bias, True, momentum, eps, relu,
+                          num_batches_tracked)
+        momentum = _count_batch(num_batches_tracked, momentum)
+        stats = None if running_mean is None or momentum <= 0 else (
+            running_mean, running_var, momentum)
+        if _needs_grad(x, weight, bias):
+            return _train_apply(x, weight, bias, eps, relu, case, vectors, stats)
+        return _train(case, x, vectors, eps, relu, stats)[0]
+    if case.aten_eval:
+        return _stock(x, running_mean, running_var, weight, bias, False, momentum, eps, relu,
+                      num_batches_tracked)
+    if num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
+    if _needs_grad(x, weight, bias):
+        return _eval_apply(x, weight, bias, running_mean, running_var, eps, relu, case, vectors)
+    return _t.eval_cpu(case, x, *vectors, eps, relu)
+
+
+def _eager_general(x, running_mean, running_var, weight, bias, training, momentum, eps, relu,
+                   num_batches_tracked):
+    """Any other eager call numbabn takes (a CUDA tensor; a CPU one whose
+    outputs do not share its strides): the custom ops, with their autograd
+    formulas."""
+    momentum = _count_batch(num_batches_tracked, momentum)
+    if training:
+        y, mean, _, var = torch.ops.numbabn.batch_norm_train(x, weight, bias, eps, relu)
+        if running_mean is not None and momentum > 0:
+            _t.update_running_stats(running_mean, running_var, mean, var,
+                                    x.numel() // x.shape[1], momentum)
+        return y
+    return torch.ops.numbabn.batch_norm_eval(x, weight, bias, running_mean, running_var, eps, relu)
 
 
 def _count_batch(num_batches_tracked, momentum):

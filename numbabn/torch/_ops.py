@@ -22,7 +22,9 @@ and FX record them as single nodes, and with an autograd formula:
 
 Inputs numbabn does not take (see :func:`numbabn.torch._tensors.numbabn_runs`:
 half precision, an empty batch, ...) run ATen's batch norm inside the ops, so a
-graph recorded without knowing dtypes (FX's symbolic tracing) runs anything.
+graph recorded without knowing dtypes (FX's symbolic tracing) runs anything;
+so do the shapes that :mod:`numbabn.torch._dispatch` routes to ATen (the same
+table as eager calls).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import torch
 from torch import Tensor
 
 from . import _tensors as _t
+from ._dispatch import NUMBABN as _NUMBABN
 
 _NS = "numbabn"
 
@@ -48,10 +51,11 @@ def _strided_like(t, like):
 @torch.library.custom_op(f"{_NS}::batch_norm_train", mutates_args=())
 def batch_norm_train(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
                      relu: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    if _t.numbabn_runs(x, weight, bias, None, None, True, None, eps, exact_types=False):
+    runs = _t.numbabn_runs(x, weight, bias, None, None, True, None, eps, exact_types=False)
+    if runs and _t.route_of(x, "train") == _NUMBABN:
         y, mean, invstd, var = _t.forward_train(x, weight, bias, eps, relu)
         return y, _t.tensor(mean, x), _t.tensor(invstd, x), _t.tensor(var, x)
-    # ATen's kernels (half precision, an empty batch, ...)
+    # ATen's kernels (by the dispatch table; half precision, an empty batch, ...)
     nfeat = x.shape[1]
     if x.numel() == 0:
         y = torch.nn.functional.batch_norm(x, None, None, weight, bias, True, 0.0, eps)
@@ -59,7 +63,9 @@ def batch_norm_train(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]
     else:
         y, mean, invstd = torch.ops.aten.native_batch_norm(x, weight, bias, None, None, True, 0.0, eps)
         dims = [d for d in range(x.dim()) if d != 1]
-        var = torch.var(x.double(), dim=dims, correction=0)
+        # the biased variance for update_running_stats (ATen's variance of x;
+        # of x in float64 for half precision)
+        var = torch.var(x if runs else x.double(), dim=dims, correction=0).double()
     if relu:
         y = torch.relu(y)
     return _strided_like(y, _t.output_like(x)), mean, invstd, var
@@ -79,7 +85,8 @@ def batch_norm_backward(dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, wei
     nfeat = x.shape[1]
     need_x = bool(output_mask[0])
     if _t.numbabn_runs(x, weight, None, None, None, True, None, 1.0, exact_types=False) \
-            and dy.dtype == x.dtype and mean.dtype == x.dtype and invstd.dtype == x.dtype:
+            and dy.dtype == x.dtype and mean.dtype == x.dtype and invstd.dtype == x.dtype \
+            and _t.route_of(x, "backward") == _NUMBABN:
         dx, dweight, dbias = _t.backward_train(dy, x, _t.arr(mean), _t.arr(invstd), weight, y, need_x)
         dweight, dbias = _t.tensor(dweight, x), _t.tensor(dbias, x)
     elif x.numel() == 0:
@@ -148,7 +155,7 @@ def _(running_mean, running_var, num_batches_tracked, mean, var, count, momentum
 def batch_norm_eval(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], running_mean: Tensor,
                     running_var: Tensor, eps: float, relu: bool) -> Tensor:
     if _t.numbabn_runs(x, weight, bias, running_mean, running_var, False, None, eps,
-                       exact_types=False):
+                       exact_types=False) and _t.route_of(x, "eval") == _NUMBABN:
         return _t.forward_eval(x, weight, bias, running_mean, running_var, eps, relu)
     y = torch.nn.functional.batch_norm(x, running_mean, running_var, weight, bias, False, 0.0, eps)
     if relu:
@@ -168,7 +175,8 @@ def batch_norm_eval_backward(dy: Tensor, x: Tensor, weight: Optional[Tensor], ru
     nfeat = x.shape[1]
     need = tuple(bool(m) for m in output_mask)
     if _t.numbabn_runs(x, weight, None, running_mean, running_var, False, None, eps,
-                       exact_types=False) and dy.dtype == x.dtype:
+                       exact_types=False) and dy.dtype == x.dtype \
+            and _t.route_of(x, "eval") == _NUMBABN:
         dx, dweight, dbias = _t.backward_eval(dy, x, weight, running_mean, running_var, eps, y, need)
     elif x.numel() == 0:
         dx, dweight, dbias = torch.zeros_like(x), None, None

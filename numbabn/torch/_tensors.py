@@ -2,14 +2,17 @@
 
 These functions are the bodies of the custom ops (:mod:`numbabn.torch._ops`)
 and of the eager path (:mod:`numbabn.torch._functional`); they assume
-arguments that :func:`numbabn_runs` accepted and check nothing else.
+arguments that :func:`numbabn_runs` (or a :class:`Case`) accepted and check
+nothing else.
 
 - CPU tensors are read and written through ``tensor.numpy()`` views, no copy.
-  When the input, the output (and the gradients) share strides and the
-  functional API already knows the input's layout, the backend's kernels are
-  called directly (what :mod:`numbabn.functional`'s fast path does, plus
-  writing into a tensor PyTorch allocated); anything else goes through the
-  public functions with ``out=``.
+  What depends only on an input's shape, strides and dtype is decided once and
+  kept in a :class:`Case` (:func:`cpu_case`): the checks on the input, its
+  ``(outer, C, inner)`` view, whether the outputs share its strides, which
+  allocator they come from, and its route (:mod:`numbabn.torch._dispatch`).
+  When the input, the output (and the gradients) share strides, the backend's
+  host drivers are called directly on the views; anything else goes through
+  the public functions with ``out=``.
 - CUDA tensors go to the public functions through ``__cuda_array_interface__``.
 
 Outputs have the strides ATen's CPU batch norm gives (see :func:`output_like`),
@@ -26,14 +29,20 @@ import numpy as np
 import torch
 
 import numbabn as _nb
-from numbabn import _backend, _config
+from numbabn import _backend, _config, _layout
 from numbabn import functional as _F
+
+from . import _dispatch
 
 FLOAT_DTYPES = (torch.float32, torch.float64)
 _TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
 _CPU = _backend.CPU
+_FO = _CPU.feature_ops
 _MAX_THREADS = numba.config.NUMBA_NUM_THREADS
 _GPU_OK = []  # cached answer of _gpu_available()
+_STRIDED = torch.strided
+_NATIVE_BACKWARD = torch.ops.aten.native_batch_norm_backward.default
+_THRESHOLD_BACKWARD = torch.ops.aten.threshold_backward.default
 
 
 # --------------------------------------------------------------------------- what may run
@@ -232,24 +241,150 @@ def follow_torch_threads(size):
             numba.set_num_threads(want)
 
 
+# --------------------------------------------------------------------------- cases
+
+class Case:
+    """What every call on one CPU input needs and only its shape, strides and
+    dtype decide, made by :func:`cpu_case` on the first call:
+
+    - ``ok``: numbabn takes it (float32/float64, at least 2-D, not empty);
+      ``trainable``: more than one value per feature (training needs it);
+    - ``plan``: numbabn's ``(outer, C, inner)`` view of it
+      (:class:`numbabn._layout.HostPlan`), when its outputs share its strides
+      (``torch.empty_like`` gives ATen's output strides: a dense input);
+      None otherwise (those calls take the public functions with ``out=``);
+    - ``own_out``: outputs (and input gradients) of at least
+      ``OWN_OUTPUT_BYTES`` come from numbabn's allocator
+      (:func:`numbabn._layout.empty`, through the plan) as NumPy arrays that
+      PyTorch wraps, when those have x's strides: NumPy advises huge pages for
+      them (and numbabn pools the largest), which PyTorch's allocator does not;
+      the kernels write 4 KiB pages much more slowly (NCHW (32, 64, 32, 32) eval:
+      about 1.4x);
+    - ``np_dtype``, ``vshape``: what a per-feature vector must be;
+    - ``aten_train``, ``aten_backward``, ``aten_eval``: its route
+      (:func:`numbabn.torch._dispatch.routes`).
+    """
+
+    __slots__ = ("ok", "trainable", "plan", "own_out", "np_dtype", "vshape", "count",
+                 "aten_train", "aten_backward", "aten_eval")
+
+    def __init__(self, x):
+        self.ok = (x.dtype in FLOAT_DTYPES and x.dim() >= 2 and x.numel() > 0)
+        self.plan = None
+        self.own_out = False
+        self.aten_train = self.aten_backward = self.aten_eval = False
+        self.trainable = False
+        self.count = 0
+        if not self.ok:
+            return
+        xa = arr(x)
+        layout = _layout.plan_layout(xa, 1)
+        shape3 = layout.shape3
+        self.np_dtype = xa.dtype
+        self.vshape = (shape3[1],)
+        self.count = shape3[0] * shape3[2]
+        self.trainable = self.count >= 2
+        stride = x.stride()
+        if output_like(x).stride() == stride and torch.empty_like(x).stride() == stride:
+            self.plan = _layout.host_plan(xa, layout)
+        if self.plan is not None and xa.nbytes >= OWN_OUTPUT_BYTES:
+            self.own_out = torch.from_numpy(self.plan.empty(xa.dtype)[1]).stride() == stride
+        self.aten_train, self.aten_backward, self.aten_eval = _dispatch.routes(shape3, xa.dtype)
+
+
+# From this size NumPy advises huge pages for an array (its HUGEPAGE_THRESHOLD)
+OWN_OUTPUT_BYTES = 1 << 22
+
+
+def _fresh(case, x):
+    """A fresh output (or input gradient) for ``x`` of this case, as a tensor
+    and as the kernels' 3-D view: from numbabn's allocator when the case says
+    so, else PyTorch's."""
+    plan = case.plan
+    if case.own_out:
+        y3, y = plan.empty(case.np_dtype)
+        return torch.from_numpy(y), y3
+    y = torch.empty_like(x)
+    return y, plan.view(y.numpy())
+
+
+_CASES = {}  # (shape, strides, dtype) -> Case
+_MAX_CASES = 1024
+_dispatch._listeners.append(_CASES.clear)  # dispatch.force() changes the routes
+
+
+def cpu_case(x):
+    """The :class:`Case` of a strided CPU tensor ``x``; None for others."""
+    if x.layout is not _STRIDED or not x.is_cpu:
+        return None
+    key = (x.shape, x.stride(), x.dtype)
+    case = _CASES.get(key)
+    if case is None:
+        case = Case(x)
+        if len(_CASES) >= _MAX_CASES:
+            _CASES.clear()
+        _CASES[key] = case
+    return case
+
+
+def cpu_vectors(case, weight, bias, running_mean, running_var):
+    """NumPy views of the per-feature vectors when each is None or a plain
+    tensor of the input's dtype and shape ``(C,)`` on the CPU; else None."""
+    out = []
+    for t in (weight, bias, running_mean, running_var):
+        if t is None:
+            out.append(None)
+            continue
+        a = vec(t)
+        if type(a) is not np.ndarray or a.dtype != case.np_dtype or a.shape != case.vshape \
+                or type(t) not in _TENSOR_TYPES:
+            return None
+        out.append(a)
+    return out
+
+
+def _np(t):
+    """A NumPy view of a CPU tensor (detached)."""
+    return t.detach().numpy() if t.requires_grad else t.numpy()
+
+
+def route_of(x, op):
+    """``"aten"`` or ``"numbabn"``: the route a CPU call of ``op`` (``"train"``,
+    ``"backward"`` or ``"eval"``) on ``x`` takes (see
+    :mod:`numbabn.torch._dispatch`)."""
+    case = cpu_case(x)
+    aten = case is not None and case.ok and getattr(case, "aten_" + op)
+    return _dispatch.ATEN if aten else _dispatch.NUMBABN
+
+
 # --------------------------------------------------------------------------- forward
+
+def train_cpu(case, x, wa, ba, eps, relu):
+    """:func:`forward_train` of a CPU ``x`` whose case has a plan, with the
+    vectors' NumPy views: ``y`` (a tensor) and ``mean``, ``invstd``, ``var``
+    (arrays)."""
+    y, y3 = _fresh(case, x)
+    xa = _np(x)
+    follow_torch_threads(xa.size)
+    with _CPU.guard(xa):
+        mean, invstd, var = _FO.batch_norm_train(case.plan.view(xa), wa, ba, eps, y3, relu)
+    return y, mean, invstd, var
+
 
 def forward_train(x, weight, bias, eps, relu):
     """Normalise with x's batch statistics (then a ReLU with ``relu``).
     Returns ``y`` (a tensor) and numbabn's ``mean``, ``invstd`` (x's dtype) and
     biased ``var`` (float64), as arrays."""
+    case = cpu_case(x)
+    if case is not None and case.plan is not None:
+        vectors = cpu_vectors(case, weight, bias, None, None)
+        if vectors is not None:
+            return train_cpu(case, x, vectors[0], vectors[1], eps, relu)
     y = output_like(x)
     xa, ya, wa, ba = arr(x), arr(y), vec(weight), vec(bias)
-    plan = _fast_plan(xa, ya)
-    if plan is not None:
+    if xa.__class__ is np.ndarray:
         follow_torch_threads(xa.size)
-        with _CPU.guard(xa):
-            mean, invstd, var = _CPU.feature_ops.batch_norm_train(
-                plan.view(xa), wa, ba, eps, plan.view(ya), relu)
-    else:
-        if xa.__class__ is np.ndarray:
-            follow_torch_threads(xa.size)
-        _, mean, invstd, var = _F._batch_norm_train(xa, wa, ba, eps, 1, ya, relu)
+    _, mean, invstd, var = _F._batch_norm_train(xa, wa, ba, eps, 1, ya, relu)
     return y, mean, invstd, var
 
 
@@ -262,28 +397,39 @@ def update_running_stats(running_mean, running_var, mean, var, count, momentum):
     mean = arr(mean) if isinstance(mean, torch.Tensor) else mean
     var = arr(var) if isinstance(var, torch.Tensor) else var
     if type(rm) is np.ndarray and count >= 2:
-        _CPU.feature_ops.update_running_stats(rm, rv, mean, var, count, momentum)
+        _FO.update_running_stats(rm, rv, mean, var, count, momentum)
     else:
         _nb.update_running_stats(rm, rv, mean, var, count, momentum)
     # written through NumPy/CAI views: tell autograd, as add_/mul_ would
-    torch.autograd.graph.increment_version(running_mean)
-    torch.autograd.graph.increment_version(running_var)
+    torch._C._increment_version((running_mean, running_var))
+
+
+def eval_cpu(case, x, wa, ba, rma, rva, eps, relu):
+    """:func:`forward_eval` of a CPU ``x`` whose case has a plan, with the
+    vectors' NumPy views."""
+    y, y3 = _fresh(case, x)
+    xa = _np(x)
+    follow_torch_threads(xa.size)
+    with _CPU.guard(xa):
+        _FO.normalize(case.plan.view(xa), rma, rva, wa, ba, eps, y3)
+    if relu:
+        torch.relu_(y)
+    return y
 
 
 def forward_eval(x, weight, bias, running_mean, running_var, eps, relu):
     """Normalise with the running statistics (then a ReLU with ``relu``); returns y."""
+    case = cpu_case(x)
+    if case is not None and case.plan is not None:
+        vectors = cpu_vectors(case, weight, bias, running_mean, running_var)
+        if vectors is not None:
+            return eval_cpu(case, x, *vectors, eps, relu)
     y = output_like(x)
     xa, ya = arr(x), arr(y)
     wa, ba, rm, rv = vec(weight), vec(bias), vec(running_mean), vec(running_var)
-    plan = _fast_plan(xa, ya)
-    if plan is not None:
+    if xa.__class__ is np.ndarray:
         follow_torch_threads(xa.size)
-        with _CPU.guard(xa):
-            _CPU.feature_ops.normalize(plan.view(xa), rm, rv, wa, ba, eps, plan.view(ya))
-    else:
-        if xa.__class__ is np.ndarray:
-            follow_torch_threads(xa.size)
-        _nb.normalize(xa, rm, rv, wa, ba, eps, out=ya)
+    _nb.normalize(xa, rm, rv, wa, ba, eps, out=ya)
     if relu:
         torch.relu_(y)
     return y
@@ -291,12 +437,52 @@ def forward_eval(x, weight, bias, running_mean, running_var, eps, relu):
 
 # --------------------------------------------------------------------------- backward
 
+def backward_train_aten(dy, x, mean, invstd, weight, y, need):
+    """Gradients of :func:`forward_train` by ATen's ``native_batch_norm_backward``
+    with numbabn's saved ``mean`` and ``invstd`` (arrays or tensors) (the route
+    of :mod:`numbabn.torch._dispatch`).  ``need``: which of ``(dx, dweight,
+    dbias)``; returns tensors (None where not needed)."""
+    if y is not None:
+        dy = _THRESHOLD_BACKWARD(dy, y, 0)
+    if not isinstance(mean, torch.Tensor):
+        mean, invstd = torch.from_numpy(mean), torch.from_numpy(invstd)
+    need_x, need_w, need_b = need
+    need_w = need_w and weight is not None
+    dx, dweight, dbias = _NATIVE_BACKWARD(dy, x, weight, None, None, mean, invstd, True, 0.0,
+                                          [need_x, need_w, need_b])
+    return dx if need_x else None, dweight if need_w else None, dbias if need_b else None
+
+
+def backward_train_cpu(case, dy, x, mean, invstd, weight, wa, y, need):
+    """Gradients of :func:`train_cpu` (``mean``, ``invstd`` as it returned
+    them; ``y`` its output when it applied a ReLU; ``wa`` the weight's
+    view), by the case's route.  Returns tensors (None where not needed)."""
+    if case.aten_backward:
+        return backward_train_aten(dy, x, mean, invstd, weight, y, need)
+    stride = x.stride()
+    if dy.stride() != stride or dy.dtype != x.dtype or type(dy) not in _TENSOR_TYPES \
+            or not dy.is_cpu:
+        dx, dweight, dbias = backward_train(dy, x, mean, invstd, weight, y, need[0])
+    else:
+        dx, dx3 = _fresh(case, x)
+        xa, plan = _np(x), case.plan
+        follow_torch_threads(xa.size)
+        with _CPU.guard(xa):
+            dweight, dbias = _FO.batch_norm_backward(
+                plan.view(_np(dy)), plan.view(xa), mean, invstd, wa, dx3,
+                None if y is None else plan.view(_np(y)))
+    return (dx if need[0] else None,
+            torch.from_numpy(dweight) if need[1] and dweight is not None else None,
+            torch.from_numpy(dbias) if need[2] and dbias is not None else None)
+
+
 def backward_train(dy, x, mean, invstd, weight, y, need_dx):
     """Gradients of :func:`forward_train` (``y``: its output, when it applied a
-    ReLU; its mask applies to ``dy``).  ``mean``, ``invstd``: as it returned
-    them.  Returns ``dx`` (None unless ``need_dx``) and ``dweight``, ``dbias``
-    (arrays, None without ``weight``).  The kernels write ``dx`` in the pass
-    that finishes ``dweight`` and ``dbias``, so it is computed either way."""
+    ReLU; its mask applies to ``dy``) by numbabn's kernels.  ``mean``,
+    ``invstd``: as it returned them.  Returns ``dx`` (None unless ``need_dx``)
+    and ``dweight``, ``dbias`` (arrays, None without ``weight``).  The kernels
+    write ``dx`` in the pass that finishes ``dweight`` and ``dbias``, so it is
+    computed either way."""
     dx = grad_input_like(x, dy)
     dya, xa, wa = arr(dy), arr(x), vec(weight)
     ya, dxa = arr(y), arr(dx)
@@ -304,7 +490,7 @@ def backward_train(dy, x, mean, invstd, weight, y, need_dx):
     if plan is not None:
         follow_torch_threads(xa.size)
         with _CPU.guard(xa):
-            dweight, dbias = _CPU.feature_ops.batch_norm_backward(
+            dweight, dbias = _FO.batch_norm_backward(
                 plan.view(dya), plan.view(xa), mean, invstd, wa, plan.view(dxa),
                 None if ya is None else plan.view(ya))
         return dx if need_dx else None, dweight, dbias

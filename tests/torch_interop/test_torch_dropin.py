@@ -40,6 +40,17 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _numbabn_route():
+    """These tests check numbabn's kernels against stock PyTorch: every call
+    takes numbabn's route (the per-shape table sends some small test shapes to
+    ATen; tests/torch_interop/test_torch_dispatch.py checks the table)."""
+    from numbabn.torch import _dispatch
+
+    with _dispatch.force("numbabn"):
+        yield
+
+
 @pytest.fixture
 def calls(monkeypatch):
     """Counts of the CPU backend's operations run through numbabn.torch (the
@@ -274,6 +285,31 @@ def test_memory_format_and_strides_as_stock(calls, layout, training):
     assert_rel(dx1, dx2, what="dx")
     assert_same_state(mine, stock)
     assert calls.get("batch_norm_train", 0) + calls.get("normalize", 0) >= 1
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+def test_large_outputs_from_numbabns_allocator_as_stock(calls, fmt):
+    """From 4 MiB, outputs and input gradients are NumPy arrays from numbabn's
+    allocator wrapped as tensors (huge-page advice): same strides and values as
+    stock, and usable as any tensor (in-place ops, autograd)."""
+    from numbabn.torch._tensors import OWN_OUTPUT_BYTES, cpu_case
+
+    x = torch.randn(16, 64, 32, 32).contiguous(memory_format=fmt)
+    assert x.numel() * 4 >= OWN_OUTPUT_BYTES and cpu_case(x).own_out
+    g = torch.randn(x.shape).contiguous(memory_format=fmt)
+    mine, stock = pair(nbt.BatchNorm2d, nn.BatchNorm2d, c=64)
+    y1, dx1 = step(mine, x, g)
+    y2, dx2 = step(stock, x, g)
+    assert (y1.stride(), dx1.stride()) == (y2.stride(), dx2.stride())
+    assert_rel(y1, y2, what="y")
+    assert_rel(dx1, dx2, what="dx")
+    assert_same_state(mine, stock)
+    with torch.no_grad():
+        e1, e2 = mine.eval()(x), stock.eval()(x)
+    assert e1.stride() == e2.stride()
+    assert_rel(e1.relu_(), e2.relu_(), what="eval")
+    assert calls["batch_norm_train"] == 1 and calls["batch_norm_backward"] == 1
+    assert calls["normalize"] == 1
 
 
 @pytest.mark.parametrize("training", [True, False])

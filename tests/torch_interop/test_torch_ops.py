@@ -20,6 +20,17 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _numbabn_route():
+    """These tests check numbabn's kernels against stock PyTorch: every call
+    takes numbabn's route (the per-shape table sends some small test shapes to
+    ATen; tests/torch_interop/test_torch_dispatch.py checks the table)."""
+    from numbabn.torch import _dispatch
+
+    with _dispatch.force("numbabn"):
+        yield
+
+
 def close(a, ref, rel, what=""):
     a, ref = a.detach().double(), ref.detach().double()
     assert a.shape == ref.shape, what
