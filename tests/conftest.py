@@ -104,3 +104,13 @@ def rng(request):
     # A fresh, reproducible stream per test (seeded by the test's name).
     seed = zlib.crc32(request.node.nodeid.encode())
     return np.random.default_rng(seed)
+
+
+@pytest.fixture
+def numbabn_route():
+    """numbabn.torch: every call takes numbabn's kernels, whatever the per-shape
+    table (numbabn/torch/_dispatch.py) would choose."""
+    from numbabn.torch import _dispatch
+
+    with _dispatch.force("numbabn"):
+        yield

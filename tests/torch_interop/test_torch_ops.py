@@ -20,15 +20,10 @@ def _seed():
     torch.manual_seed(0)
 
 
-@pytest.fixture(autouse=True)
-def _numbabn_route():
-    """These tests check numbabn's kernels against stock PyTorch: every call
-    takes numbabn's route (the per-shape table sends some small test shapes to
-    ATen; tests/torch_interop/test_torch_dispatch.py checks the table)."""
-    from numbabn.torch import _dispatch
-
-    with _dispatch.force("numbabn"):
-        yield
+# These tests check numbabn's kernels against stock PyTorch: every call takes
+# numbabn's route (tests/conftest.py; the per-shape table sends some small test shapes
+# to ATen, and tests/torch_interop/test_torch_dispatch.py checks the table).
+pytestmark = pytest.mark.usefixtures("numbabn_route")
 
 
 def close(a, ref, rel, what=""):
