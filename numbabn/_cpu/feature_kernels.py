@@ -798,21 +798,6 @@ def backward_nchw_chunks(dy, x, hi, invstd, weight, geom, write_dx, y, masked, p
                 _dx_nchw(dy, x, c, r0, r1, j0, j1, coef, y, masked, dx)
 
 
-@njit(**CPU_JIT_PARALLEL)
-def backward_elemt_nchw(dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu, count, runs, coef, dx):
-    """The dx pass with the sums given (taken about ``mean``, over ``count``
-    values: the whole batch, which may span several processes)."""
-    outer, nfeat, inner = x.shape
-    _elemt_backward_coefs(count, mean, invstd, weight, sum_dy, sum_dy_xmu, coef)
-    nruns = outer * nfeat
-    for b_ in prange(_cdiv(nruns, runs)):
-        b = np.int64(b_)
-        for q in range(b * runs, min((b + 1) * runs, nruns)):
-            r = q // nfeat
-            c = q - r * nfeat
-            _dx_nchw(dy, x, c, r, r + 1, np.int64(0), inner, coef, dy, np.bool_(False), dx)
-
-
 # =========================================================================== #
 # Channel-contiguous family: x is (rows, C), always two-phase.  A chunk is
 # ``rows`` rows of a block of at most ``cols`` columns; partials are per
@@ -1155,7 +1140,10 @@ def backward_nc(dy, x, hi, invstd, weight, geom, write_dx, y, masked, p, sums, c
 
 @njit(**CPU_JIT_PARALLEL)
 def backward_elemt_nc(dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu, count, rows, coef, dx):
-    """As :func:`backward_elemt_nchw` for (rows, C) data."""
+    """The dx pass with the sums given (taken about ``mean``, over ``count``
+    values: the whole batch, which may span several processes), for (rows, C)
+    data.  (NCHW-like data: :func:`_elemt_backward_coefs`, then
+    :func:`dx_nchw` or :func:`dx_planes`.)"""
     nrows, nfeat = x.shape
     _elemt_backward_coefs(count, mean, invstd, weight, sum_dy, sum_dy_xmu, coef)
     tab, k = _nc_table(coef, x, _contiguous(dy) and _contiguous(x) and _contiguous(dx))

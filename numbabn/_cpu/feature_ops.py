@@ -331,12 +331,13 @@ def batch_norm_backward_elemt(dy3, x3, mean, invstd, weight, sum_dy, sum_dy_xmu,
     if x3.shape[2] == 1:
         k.backward_elemt_nc(_as2d(dy3), _as2d(x3), mean, invstd, w, sum_dy, sum_dy_xmu,
                             float(count), runs, coef, _as2d(dx3))
-    elif _planes(x3, dy3, dx3):
-        k._elemt_backward_coefs(float(count), mean, invstd, w, sum_dy, sum_dy_xmu, coef)
+        return
+    # the per-run or small-plane dx pass of the backward, with these coefficients
+    k._elemt_backward_coefs(float(count), mean, invstd, w, sum_dy, sum_dy_xmu, coef)
+    if _planes(x3, dy3, dx3):
         _dx_planes(dy3, x3, dy3, coef, False, dx3)
     else:
-        k.backward_elemt_nchw(dy3, x3, mean, invstd, w, sum_dy, sum_dy_xmu, float(count), runs,
-                              coef, dx3)
+        k.dx_nchw(dy3, x3, dy3, coef, runs, False, dx3)
 
 
 def _f64(v):
