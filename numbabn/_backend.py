@@ -12,18 +12,20 @@ import contextlib
 from collections import namedtuple
 
 from ._cpu import feature_ops as _cpu_feature_ops
+from ._cpu import half as _cpu_half
 from ._cpu import layout as _cpu_layout
 from ._cpu import row_ops as _cpu_row_ops
 from ._cpu.runtime import kernel_guard
 
-Backend = namedtuple("Backend", "name feature_ops row_ops layout guard")
+Backend = namedtuple("Backend", "name feature_ops row_ops layout guard half")
 """One backend's twin modules: ``feature_ops``, batch norm's per-feature
 operations (:mod:`numbabn._cpu.feature_ops`); ``row_ops``, the family's per-row
 operations (:mod:`numbabn._cpu.row_ops`); ``layout``, the views of that
 backend's arrays (:mod:`numbabn._cpu.layout`); ``guard(x)``, a context manager
-held around kernel launches on input ``x`` (:func:`numbabn._cpu.runtime.kernel_guard`)."""
+held around kernel launches on input ``x`` (:func:`numbabn._cpu.runtime.kernel_guard`);
+``half``, float16/bfloat16 to and from float32 (:mod:`numbabn._cpu.half`)."""
 
-CPU = Backend("cpu", _cpu_feature_ops, _cpu_row_ops, _cpu_layout, kernel_guard)
+CPU = Backend("cpu", _cpu_feature_ops, _cpu_row_ops, _cpu_layout, kernel_guard, _cpu_half)
 _GPU = []
 
 
@@ -39,9 +41,9 @@ def is_device_array(a) -> bool:
 
 def gpu() -> Backend:
     if not _GPU:
-        from ._gpu import feature_ops, layout, row_ops
+        from ._gpu import feature_ops, half, layout, row_ops
 
-        _GPU.append(Backend("gpu", feature_ops, row_ops, layout, contextlib.nullcontext))
+        _GPU.append(Backend("gpu", feature_ops, row_ops, layout, contextlib.nullcontext, half))
     return _GPU[0]
 
 

@@ -15,14 +15,15 @@ import numpy as np
 from ._backend import is_device_array
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
-ACCEPTED_DTYPES = "float32 or float64 (native byte order)"
+# Half types are taken by the public functions through numbabn._half.
+ACCEPTED_DTYPES = "float32, float64, float16 or bfloat16 (native byte order)"
 
 
-def dtype_message(name, dtype, to="float32") -> str:
-    """The one message for a dtype that is not float32/float64 (integers, bool,
-    complex, float16, ml_dtypes' float8 types, non-native byte order): what is
+def dtype_message(name, dtype, to="float32", accepted=ACCEPTED_DTYPES) -> str:
+    """The one message for a dtype that is not accepted (integers, bool,
+    complex, ml_dtypes' float8 types, non-native byte order): what is
     accepted, what was given, and the fix."""
-    return (f"{name} must have dtype {ACCEPTED_DTYPES}; got {dtype}. "
+    return (f"{name} must have dtype {accepted}; got {dtype}. "
             f"Convert it with {name}.astype(np.{to}).")
 
 

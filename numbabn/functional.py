@@ -17,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import _backend, _core, _layout
+from ._half import half_aware
 from . import _validate as v
 
 __all__ = [
@@ -122,6 +123,7 @@ def _output(be, x, layout, out=None, inputs=None):
     return _layout.output_3d(be.layout, x, layout, out, inputs)
 
 
+@half_aware(results=("f32", "f32"))
 def batch_stats(x, axis=1):
     """Per-feature mean and biased variance of ``x``.
 
@@ -154,6 +156,7 @@ def batch_stats(x, axis=1):
         return be.feature_ops.batch_stats(_view(be, x, layout))
 
 
+@half_aware(params=("mean", "var", "weight", "bias"))
 def normalize(x, mean, var, weight=None, bias=None, eps=1e-5, axis=1, out=None):
     """``(x - mean) / sqrt(var + eps) * weight + bias``, broadcast along ``axis``.
 
@@ -236,6 +239,7 @@ def batch_norm_train(x, weight=None, bias=None, eps=1e-5, axis=1, out=None):
     return y, mean, invstd
 
 
+@half_aware(params=("weight", "bias"), results=("x", "f32", "f32", "f32"))
 def _batch_norm_train(x, weight, bias, eps, axis, out, relu=False):
     """:func:`batch_norm_train` that also returns the biased batch variance in
     float64 (for the layers' running statistics; no round trip through invstd);
@@ -328,6 +332,8 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, axis=1, out=None):
     return _batch_norm_backward(dy, x, mean, invstd, weight, axis, out, None)
 
 
+@half_aware(tensors=("dy", "y"), params=("mean", "invstd", "weight"),
+            results=("x", "weight", "weight"))
 def _batch_norm_backward(dy, x, mean, invstd, weight, axis, out, y):
     """:func:`batch_norm_backward`; with ``y`` (a fused ReLU's output) ``dy``
     counts only where ``y > 0``."""
@@ -362,6 +368,8 @@ def _batch_norm_backward(dy, x, mean, invstd, weight, axis, out, y):
     return dx, dweight, dbias
 
 
+@half_aware(x="running_mean", stats=("mean", "var"),
+            inplace=("running_mean", "running_var"), results=())
 def update_running_stats(running_mean, running_var, mean, var, count, momentum=0.1):
     """Update running statistics in place, as PyTorch does.
 
@@ -395,6 +403,7 @@ def update_running_stats(running_mean, running_var, mean, var, count, momentum=0
         be.feature_ops.update_running_stats(running_mean, running_var, mean, var, count, momentum)
 
 
+@half_aware(params=("weight", "bias"), inplace=("running_mean", "running_var"))
 def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=False,
                momentum=0.1, eps=1e-5, axis=1):
     """One-call batch norm with ``torch.nn.functional.batch_norm`` semantics.
@@ -486,6 +495,7 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
 # statistics merged across processes (numbabn.distributed) or any other way.
 # Partials are float64; see the README's "Split primitives" section.
 # --------------------------------------------------------------------------- #
+@half_aware(results=("f32", "f32", "f32"))
 def batch_moments(x, axis=1):
     """Per-feature moments of ``x``, mergeable with :func:`merge_moments`.
 
@@ -566,6 +576,7 @@ def merge_moments(counts, means, m2s):
     return int(sum(counts)), np.array(mean, dtype=np.float64), np.array(m2, dtype=np.float64)
 
 
+@half_aware(params=("weight", "bias"), stats=("mean", "invstd"))
 def batch_norm_elemt(x, mean, invstd, weight=None, bias=None, axis=1, out=None):
     """``(x - mean) * invstd * weight + bias``, broadcast along ``axis``.
 
@@ -608,6 +619,7 @@ def batch_norm_elemt(x, mean, invstd, weight=None, bias=None, axis=1, out=None):
     return y
 
 
+@half_aware(tensors=("dy",), stats=("mean", "invstd"), results=("f32", "f32"))
 def batch_norm_backward_reduce(dy, x, mean, invstd, axis=1):
     """The reduction half of the backward: per-feature float64 sums.
 
@@ -645,6 +657,8 @@ def batch_norm_backward_reduce(dy, x, mean, invstd, axis=1):
             _view(be, dy, layout), _view(be, x, layout), mean, invstd)
 
 
+@half_aware(tensors=("dy",), params=("weight",),
+            stats=("mean", "invstd", "sum_dy", "sum_dy_xmu"))
 def batch_norm_backward_elemt(dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu, count, axis=1,
                               out=None):
     """The elementwise half of the backward: dx from the (merged) sums.

@@ -47,6 +47,7 @@ import numpy as np
 from . import _backend, _layout
 from . import _validate as v
 from ._core import Affine
+from ._half import half_aware
 
 __all__ = [
     "layer_norm",
@@ -302,6 +303,7 @@ def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5):
     return layer_norm_train(x, normalized_shape, weight, bias, eps)[0]
 
 
+@half_aware(params=("weight", "bias"), results=("x", "f32", "f32"))
 def layer_norm_train(x, normalized_shape, weight=None, bias=None, eps=1e-5):
     """:func:`layer_norm` that also returns what the backward needs.
 
@@ -331,6 +333,8 @@ def layer_norm_train(x, normalized_shape, weight=None, bias=None, eps=1e-5):
     return y, _kept(be, mean, plan, k), _kept(be, rstd, plan, k)
 
 
+@half_aware(tensors=("dy",), params=("weight",), stats=("mean", "rstd"),
+            results=("x", "weight", "weight"))
 def layer_norm_backward(dy, x, mean, rstd, normalized_shape, weight=None, param_grads=True):
     """Gradients of :func:`layer_norm_train`.
 
@@ -396,6 +400,7 @@ def rms_norm(x, normalized_shape, weight=None, eps=None):
     return rms_norm_train(x, normalized_shape, weight, eps)[0]
 
 
+@half_aware(params=("weight",), results=("x", "f32"))
 def rms_norm_train(x, normalized_shape, weight=None, eps=None):
     """:func:`rms_norm` that also returns ``rstd`` (shape ``(*, 1, ..., 1)``,
     ``x.dtype``), ``1 / sqrt(mean(x**2) + eps)`` per row.
@@ -417,6 +422,8 @@ def rms_norm_train(x, normalized_shape, weight=None, eps=None):
     return y, _kept(be, rstd, plan, len(shape))
 
 
+@half_aware(tensors=("dy",), params=("weight",), stats=("rstd",),
+            results=("x", "weight"))
 def rms_norm_backward(dy, x, rstd, normalized_shape, weight=None, param_grads=True):
     """Gradients of :func:`rms_norm_train`: ``(dx, dweight)`` (``dweight`` is
     ``sum(dy * x * rstd)`` over the rows, None without ``param_grads``)."""
@@ -487,6 +494,7 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5):
     return group_norm_train(x, num_groups, weight, bias, eps)[0]
 
 
+@half_aware(params=("weight", "bias"), results=("x", "f32", "f32"))
 def group_norm_train(x, num_groups, weight=None, bias=None, eps=1e-5):
     """:func:`group_norm` that also returns ``mean`` and ``rstd`` of shape
     ``(N, num_groups)`` and ``x.dtype`` (as ``torch.native_group_norm``).
@@ -506,6 +514,8 @@ def group_norm_train(x, num_groups, weight=None, bias=None, eps=1e-5):
     return y, mean, rstd
 
 
+@half_aware(tensors=("dy",), params=("weight",), stats=("mean", "rstd"),
+            results=("x", "weight", "weight"))
 def group_norm_backward(dy, x, mean, rstd, num_groups, weight=None, param_grads=True):
     """Gradients of :func:`group_norm_train`: ``(dx, dweight, dbias)``, the
     parameter gradients of shape ``(C,)`` (None without ``param_grads``)."""
@@ -522,6 +532,7 @@ def group_norm_backward(dy, x, mean, rstd, num_groups, weight=None, param_grads=
     return _group_backward(be, dy, x, groups, mean, rstd, weight, param_grads)
 
 
+@half_aware(params=("weight", "bias"), results=("x", "f32", "f32"))
 def instance_norm_train(x, weight=None, bias=None, eps=1e-5):
     """Instance norm with the input's statistics: ``(y, mean, rstd)``, the
     statistics of shape ``(N, C)`` and ``x.dtype``.
@@ -541,6 +552,8 @@ def instance_norm_train(x, weight=None, bias=None, eps=1e-5):
     return y, mean, rstd
 
 
+@half_aware(tensors=("dy",), params=("weight",), stats=("mean", "rstd"),
+            results=("x", "weight", "weight"))
 def instance_norm_backward(dy, x, mean, rstd, weight=None, param_grads=True):
     """Gradients of :func:`instance_norm_train`: ``(dx, dweight, dbias)``."""
     be, (x, dy, mean, rstd, weight) = _backend.select(
@@ -555,6 +568,7 @@ def instance_norm_backward(dy, x, mean, rstd, weight=None, param_grads=True):
     return _group_backward(be, dy, x, x.shape[1], mean, rstd, weight, param_grads)
 
 
+@half_aware(params=("weight", "bias"), inplace=("running_mean", "running_var"))
 def instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
                   use_input_stats=True, momentum=0.1, eps=1e-5):
     """``torch.nn.functional.instance_norm``: normalise each (sample, channel).
@@ -596,6 +610,8 @@ def instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None
     return _instance_update(be, x, running_mean, running_var, weight, bias, momentum, eps)[0]
 
 
+@half_aware(params=("weight", "bias"), inplace=("running_mean", "running_var"),
+            results=("x", "f32", "f32"))
 def _instance_norm_train(x, running_mean, running_var, weight, bias, momentum, eps):
     """:func:`instance_norm_train` that also updates the running statistics
     (or None) as :func:`instance_norm` does: for the layers."""

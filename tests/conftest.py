@@ -95,6 +95,42 @@ def relayout(values, layout):
     raise ValueError(layout)
 
 
+# --------------------------------------------------------------------------- #
+# Half types: the dtypes (bfloat16 skipped without ml_dtypes) and their ulps
+# --------------------------------------------------------------------------- #
+def _half_dtypes():
+    params = [pytest.param(np.dtype(np.float16), id="float16")]
+    try:
+        import ml_dtypes
+    except ImportError:
+        return params + [pytest.param(None, id="bfloat16",
+                                      marks=pytest.mark.skip(reason="ml_dtypes not installed"))]
+    return params + [pytest.param(np.dtype(ml_dtypes.bfloat16), id="bfloat16")]
+
+
+HALF = _half_dtypes()
+MANTISSA = {"float16": 10, "bfloat16": 7}
+
+
+def ulp(dtype, value):
+    """The spacing of ``dtype`` at ``value`` (normal range)."""
+    value = max(float(value), 1e-30)
+    return 2.0 ** (np.floor(np.log2(value)) - MANTISSA[dtype.name])
+
+
+def assert_ulps(actual, ref, dtype, ulps, what=""):
+    assert actual.dtype == dtype, f"{what}: dtype {actual.dtype}, expected {dtype}"
+    a = actual.astype(np.float64)
+    ref = np.asarray(ref, np.float64)
+    assert a.shape == ref.shape
+    finite = np.isfinite(ref)
+    assert np.array_equal(np.isnan(a), np.isnan(ref)), f"{what}: NaN where the reference has none"
+    top = np.abs(ref[finite]).max() if finite.any() else 0.0
+    err = np.abs(a[finite] - ref[finite]).max() if finite.any() else 0.0
+    bound = ulps * ulp(dtype, top)
+    assert err <= bound, f"{what}: max error {err:.3g} > {ulps} ulps of max|y| {top:.3g} ({bound:.3g})"
+
+
 def vector(rng, n, dtype, lo=-1.0, hi=1.0):
     return rng.uniform(lo, hi, n).astype(dtype)
 

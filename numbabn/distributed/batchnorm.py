@@ -237,6 +237,9 @@ class SyncBatchNorm(_BatchNorm):
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
                  track_running_stats=True, comm=None, dtype=np.float32):
+        # Float32 and float64 only: the synchronised functions check their
+        # arguments inside one collective, and half types are not taken there.
+        _check.float_dtype(dtype)
         super().__init__(num_features, eps=eps, momentum=momentum, affine=affine,
                          track_running_stats=track_running_stats, dtype=dtype)
         self.comm = comm

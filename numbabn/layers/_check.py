@@ -11,6 +11,8 @@ import numbers
 
 import numpy as np
 
+from .._extras import require
+from .._half import kind_of
 from .._validate import FLOAT_DTYPES, describe, dtype_message
 
 
@@ -48,23 +50,38 @@ def probability(value, name) -> float:
     return float(value)
 
 
-def float_dtype(dtype) -> np.dtype:
-    """A layer's ``dtype=``: float32 or float64 as NumPy spells it (``np.float32``,
-    ``"float64"``, a ``np.dtype``) or as PyTorch does (``torch.float32``); ``None``
-    is float32, PyTorch's default dtype.  Anything else (integers, complex, float16,
-    float8, non-native byte order) raises ``TypeError``."""
+# What the layer kit's own layers (Linear, Conv2d, activations) take.
+FLOAT_ONLY = "float32 or float64 (native byte order)"
+WITH_HALF = "float32, float64, float16 or bfloat16 (native byte order)"
+
+
+def is_layer_dtype(dt, half=True) -> bool:
+    """float32, float64, or (with ``half``) float16 or ml_dtypes.bfloat16."""
+    return dt in FLOAT_DTYPES or half and kind_of(dt) is not None
+
+
+def float_dtype(dtype, half=False) -> np.dtype:
+    """A layer's ``dtype=``: float32, float64, float16 or bfloat16 as NumPy spells
+    it (``np.float32``, ``"float64"``, ``ml_dtypes.bfloat16``, ``"bfloat16"``, a
+    ``np.dtype``) or as PyTorch does (``torch.bfloat16``); ``None`` is float32,
+    PyTorch's default dtype.  The half types only with ``half`` (the
+    normalization layers); anything else (integers, complex, float8, non-native
+    byte order) raises ``TypeError``.  Half layers keep their parameters and
+    running statistics in that type (``module.to(torch.bfloat16)``)."""
     if dtype is None:
         return FLOAT_DTYPES[0]
     if type(dtype).__module__ == "torch":  # torch.float32 -> "float32", without importing torch
         dtype = str(dtype).rpartition(".")[2]
+    if isinstance(dtype, str) and dtype == "bfloat16":
+        dtype = require("ml_dtypes", "A bfloat16 layer", extra="half").bfloat16
     try:
         dt = np.dtype(dtype)
-    except TypeError:  # not a dtype at all (or ml_dtypes' name, not imported)
+    except TypeError:  # not a dtype at all
         dt = None
-    if dt is None or dt not in FLOAT_DTYPES:  # (None in FLOAT_DTYPES: np.dtype(None) is float64)
-        raise TypeError(f"dtype must be float32 or float64 (native byte order), as NumPy "
-                        f"(np.float32) or PyTorch (torch.float32) spells it, or None (float32); "
-                        f"got {repr(dtype) if dt is None else dt}.")
+    if dt is None or not is_layer_dtype(dt, half):  # (np.dtype(None) is float64)
+        raise TypeError(f"dtype must be {WITH_HALF if half else FLOAT_ONLY}, as NumPy "
+                        f"(np.float32) or PyTorch (torch.float32) spells it, "
+                        f"or None (float32); got {repr(dtype) if dt is None else dt}.")
     return dt
 
 
@@ -92,7 +109,7 @@ def rng(value):
     raise TypeError(f"rng must be a numpy.random.Generator, an int seed or None; got {describe(value)}.")
 
 
-def layer_input(x, layer, dtype, shape, allow_empty_batch=False, allow_empty=False):
+def layer_input(x, layer, dtype, shape, allow_empty_batch=False, allow_empty=False, half=False):
     """Check a forward input against a shape pattern.
 
     Each entry of ``shape`` is an int (that exact size) or ``None`` (any size);
@@ -105,8 +122,9 @@ def layer_input(x, layer, dtype, shape, allow_empty_batch=False, allow_empty=Fal
             f"{layer} expects a numpy.ndarray of shape {expected} and dtype {dtype}; "
             f"got {describe(x)}. Wrap it with np.asarray(x, dtype=np.{dtype})."
         )
-    if x.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{layer}: {dtype_message('x', x.dtype, dtype)}")
+    if not is_layer_dtype(x.dtype, half):
+        accepted = WITH_HALF if half else FLOAT_ONLY
+        raise TypeError(f"{layer}: {dtype_message('x', x.dtype, dtype, accepted)}")
     if x.dtype != dtype:
         raise TypeError(
             f"{layer} expects dtype {dtype} (the dtype of its parameters); got {x.dtype}. "
@@ -133,7 +151,7 @@ def float_input(x, layer, ndim=None):
     if not isinstance(x, np.ndarray):
         raise TypeError(f"{layer} expects a float32 or float64 numpy.ndarray; got {describe(x)}.")
     if x.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{layer}: {dtype_message('x', x.dtype)}")
+        raise TypeError(f"{layer}: {dtype_message('x', x.dtype, accepted=FLOAT_ONLY)}")
     if (ndim is not None and x.ndim != ndim) or x.size == 0:
         want = f"{ndim} dimensions" if ndim is not None else "at least one value"
         raise ValueError(f"{layer} expects a non-empty input with {want}; got shape {tuple(x.shape)}.")

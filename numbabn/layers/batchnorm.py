@@ -33,7 +33,7 @@ class _BatchNorm(Layer):
         if device not in (None, "cpu"):
             raise ValueError(f"numbabn layers run on the CPU: device must be None or 'cpu'; "
                              f"got {device!r}.")
-        self.dtype = _check.float_dtype(dtype)
+        self.dtype = _check.float_dtype(dtype, half=True)
         self.has_bias = _check.flag(bias, "bias")
         self.virtual_batch_size = (None if virtual_batch_size is None else
                                    _check.positive_int(virtual_batch_size, "virtual_batch_size"))
@@ -63,7 +63,7 @@ class _BatchNorm(Layer):
         name = type(self).__name__
         ndim = getattr(x, "ndim", None)
         shape = next((s for s in self._patterns() if len(s) == ndim), self._patterns()[0])
-        _check.layer_input(x, name, self.dtype, shape, allow_empty_batch=True)
+        _check.layer_input(x, name, self.dtype, shape, allow_empty_batch=True, half=True)
 
     def _patterns(self):
         return [(None, self.num_features) + (None,) * (n - 2) for n in self._ndims]
@@ -181,8 +181,9 @@ class _BatchNorm(Layer):
             return dx, None, None
         axes = tuple(a for a in range(x.ndim) if a != 1)
         xhat = F.normalize(x, self.running_mean, self.running_var, None, None, self.eps)
-        dweight = np.sum(dy * xhat, axis=axes, dtype=np.float64).astype(self.dtype)
-        dbias = np.sum(dy, axis=axes, dtype=np.float64).astype(self.dtype)
+        dy64 = dy.astype(np.float64)  # half types have no fast NumPy arithmetic
+        dweight = np.sum(dy64 * xhat.astype(np.float64), axis=axes).astype(self.dtype)
+        dbias = np.sum(dy64, axis=axes).astype(self.dtype)
         return dx, dweight, dbias
 
     def extra_repr(self):

@@ -51,7 +51,8 @@ class _RowNorm(Layer):
         axis may be empty."""
         ndim = getattr(x, "ndim", None)
         shape = next((s for s in patterns if len(s) == ndim), patterns[0])
-        _check.layer_input(x, type(self).__name__, self.dtype, shape, allow_empty=True)
+        _check.layer_input(x, type(self).__name__, self.dtype, shape, allow_empty=True,
+                           half=True)
 
     def _check_dy(self, dy):
         _check.grad_output(dy, type(self).__name__, self._y_shape, self.dtype)
@@ -98,7 +99,7 @@ class LayerNorm(_RowNorm):
         self.elementwise_affine = _check.flag(elementwise_affine, "elementwise_affine")
         self.has_bias = _check.flag(bias, "bias")
         _check.device(device, type(self).__name__)
-        self.dtype = _check.float_dtype(dtype)
+        self.dtype = _check.float_dtype(dtype, half=True)
         self.weight = self.bias = None
         if self.elementwise_affine:
             self._make_params(self.normalized_shape, True, self.has_bias)
@@ -160,7 +161,7 @@ class RMSNorm(_RowNorm):
         self.eps = None if eps is None else _validate.check_eps(eps)
         self.elementwise_affine = _check.flag(elementwise_affine, "elementwise_affine")
         _check.device(device, type(self).__name__)
-        self.dtype = _check.float_dtype(dtype)
+        self.dtype = _check.float_dtype(dtype, half=True)
         self.weight = None
         if self.elementwise_affine:
             self._make_params(self.normalized_shape, True, False)
@@ -226,7 +227,7 @@ class GroupNorm(_RowNorm):
         self.affine = _check.flag(affine, "affine")
         self.has_bias = _check.flag(bias, "bias")
         _check.device(device, type(self).__name__)
-        self.dtype = _check.float_dtype(dtype)
+        self.dtype = _check.float_dtype(dtype, half=True)
         self.weight = self.bias = None
         if self.affine:
             self._make_params((self.num_channels,), True, self.has_bias)
@@ -267,7 +268,7 @@ class _InstanceNorm(_RowNorm):
         self.track_running_stats = _check.flag(track_running_stats, "track_running_stats")
         self.has_bias = _check.flag(bias, "bias")
         _check.device(device, type(self).__name__)
-        self.dtype = _check.float_dtype(dtype)
+        self.dtype = _check.float_dtype(dtype, half=True)
         c = self.num_features
         self.weight = self.bias = None
         if self.affine:

@@ -67,17 +67,25 @@ class _BatchRenorm(_BatchNorm):
         b = np.zeros_like(mean) if self.bias is None else self.bias.astype(np.float64)
         # y = (x - mean) * (invstd * r) * w + (d * w + b)
         invstd = 1.0 / sigma_b
-        y = F.batch_norm_elemt(x, mean, invstd * r, w.astype(self.dtype),
-                               (d * w + b).astype(self.dtype), axis=1, out=out)
+        coef = self._coef_dtype()
+        y = F.batch_norm_elemt(x, mean, invstd * r, w.astype(coef), (d * w + b).astype(coef),
+                               axis=1, out=out)
         self._corrections = (r, d)
         return y, mean.astype(self.dtype), invstd.astype(self.dtype), var
+
+    def _coef_dtype(self):
+        """The dtype of the corrected weight and bias passed to the kernels: the
+        layer's, or float32 for a half layer (no rounding of ``weight * r`` to
+        8 or 11 bits)."""
+        return self.dtype if self.dtype.itemsize > 2 else np.dtype(np.float32)
 
     def _train_backward(self, dy, x, y, mean, invstd, out):
         # r and d are constants: dx is batch norm's with weight * r, and
         # dweight = sum(dy * (xhat * r + d)) = r * sum(dy * xhat) + d * sum(dy).
         r, d = self._corrections
         w = np.ones(self.num_features) if self.weight is None else self.weight.astype(np.float64)
-        dx, dxhat_sum, dbias = F.batch_norm_backward(dy, x, mean, invstd, (w * r).astype(self.dtype),
+        dx, dxhat_sum, dbias = F.batch_norm_backward(dy, x, mean, invstd,
+                                                     (w * r).astype(self._coef_dtype()),
                                                      axis=1, out=out)
         return dx, r * dxhat_sum + d * dbias, dbias
 

@@ -1,5 +1,5 @@
-"""Dtypes other than float32/float64 (integers, bool, complex, float16, non-native
-byte order, ml_dtypes' float8 types when installed) are refused by every public
+"""Dtypes other than float32/float64/float16/bfloat16 (integers, bool, complex,
+non-native byte order, ml_dtypes' float8 types when installed) are refused by every public
 function and layer with one TypeError naming the accepted dtypes and the one
 given, before anything is computed or written."""
 
@@ -23,8 +23,11 @@ def _float8_params():
 
 
 BAD = [pytest.param(np.dtype(d), id=str(np.dtype(d))) for d in
-       [np.int8, np.int64, np.uint8, np.bool_, np.complex64, np.complex128, np.float16]]
-BAD += [pytest.param(np.dtype(">f4"), id="float32-big-endian")] + _float8_params()
+       [np.int8, np.int64, np.uint8, np.bool_, np.complex64, np.complex128, np.int16]]
+BAD += [pytest.param(np.dtype(">f4"), id="float32-big-endian"),
+        pytest.param(np.dtype(">f2"), id="float16-big-endian")] + _float8_params()
+ACCEPTED = "float32, float64, float16 or bfloat16 (native byte order)"
+ACCEPTED_RE = r"float32, float64, float16 or bfloat16 \(native byte order\)"
 
 
 def _arrays(rng):
@@ -99,7 +102,7 @@ def test_every_public_function_is_covered():
     assert sorted(CALLS) == sorted(numbabn.__all__)
 
 
-def _assert_refused(call, a, dtype, accepted="float32 or float64"):
+def _assert_refused(call, a, dtype, accepted=ACCEPTED):
     """``call(a)`` raises one TypeError naming ``accepted`` and ``dtype``; no array changed."""
     saved = {k: v.copy() for k, v in a.items()}
     with pytest.raises(TypeError) as info:
@@ -119,7 +122,7 @@ def test_public_functions_refuse_other_dtypes(rng, name, dtype):
         pytest.skip("merge_moments takes array_like real numbers and converts them to float64")
     a = _arrays(rng)
     a["x"] = a["x"].astype(dtype)
-    accepted = "float64" if name == "merge_moments" else "float32 or float64 (native byte order)"
+    accepted = "float64" if name == "merge_moments" else ACCEPTED
     _assert_refused(CALLS[name], a, dtype, accepted)
 
 
@@ -157,11 +160,11 @@ def test_layers_refuse_other_dtypes(rng, name, dtype):
         p[...] = rng.standard_normal(p.shape)
     before = layer.state_dict()
     x = rng.standard_normal(shape).astype(dtype)
-    with pytest.raises(TypeError, match=rf"float32 or float64 .*got {str(dtype)}\."):
+    with pytest.raises(TypeError, match=rf"{ACCEPTED_RE}.*got {str(dtype)}\."):
         layer.forward(x)
     for key, value in layer.state_dict().items():
         np.testing.assert_array_equal(value, before[key], err_msg=key)
-    with pytest.raises(TypeError, match=rf"dtype must be float32 or float64 .*got {str(dtype)}"):
+    with pytest.raises(TypeError, match=rf"dtype must be {ACCEPTED_RE}.*got {str(dtype)}"):
         getattr(L, name)(*args, dtype=dtype)
 
 
@@ -170,7 +173,7 @@ GPU_CALLS = ["batch_stats", "batch_norm_train", "batch_norm", "update_running_st
 
 
 @pytest.mark.parametrize("dtype", [np.dtype(d) for d in (np.int32, np.bool_, np.complex64,
-                                                         np.float16)], ids=str)
+                                                         np.int16)], ids=str)
 @pytest.mark.parametrize("name", GPU_CALLS)
 def test_gpu_twins_refuse_other_dtypes(rng, name, dtype):
     """Device arrays go through the same checks (on the CUDA simulator by default)."""
@@ -181,7 +184,7 @@ def test_gpu_twins_refuse_other_dtypes(rng, name, dtype):
     a["x"] = a["x"].astype(dtype)
     host = {k: v.copy() for k, v in a.items()}
     dev = {k: cuda.to_device(v) for k, v in a.items()}
-    with pytest.raises(TypeError, match=rf"float32 or float64 \(native byte order\); got {dtype}"):
+    with pytest.raises(TypeError, match=rf"{ACCEPTED_RE}; got {dtype}"):
         CALLS[name](dev)
     for k, v in dev.items():
         np.testing.assert_array_equal(v.copy_to_host(), host[k], err_msg=f"{k} was modified")

@@ -62,7 +62,7 @@ def _readonly(a):
 CASES = [
     ("x-list", X_FUNCS, lambda a: dict(x=a["x"].tolist()), TypeError, "x"),
     ("x-int", X_FUNCS, lambda a: dict(x=a["x"].astype(np.int64)), TypeError, "x"),
-    ("x-float16", X_FUNCS, lambda a: dict(x=a["x"].astype(np.float16)), TypeError, "float16"),
+    ("x-int16", X_FUNCS, lambda a: dict(x=a["x"].astype(np.int16)), TypeError, "int16"),
     ("x-bigendian", X_FUNCS, lambda a: dict(x=a["x"].astype(">f4")), TypeError, "x"),
     ("x-0d", X_FUNCS, lambda a: dict(x=np.array(1.0, np.float32)), ValueError, "dimensions"),
     ("x-python-float", X_FUNCS, lambda a: dict(x=1.0), TypeError, "x"),

@@ -202,8 +202,9 @@ def test_device_and_dtype_arguments():
         cls = getattr(L, name)
         with pytest.raises(ValueError, match="device must be None or 'cpu'; got 'cuda'"):
             cls(*_sizes(name), device="cuda")
-        with pytest.raises(TypeError, match=r"float32 or float64 .*got float16"):
-            cls(*_sizes(name), dtype=torch.float16)
+        with pytest.raises(TypeError, match=r"float32, float64, float16 or bfloat16 .*got int32"):
+            cls(*_sizes(name), dtype=torch.int32)
+        assert cls(*_sizes(name), dtype=torch.float16).dtype == np.float16
     # numbabn's old order put dtype where PyTorch has device: a clear error, not a silent mix-up
     with pytest.raises(TypeError, match="pass dtype= by keyword"):
         L.LayerNorm(3, 1e-5, True, True, np.float64)

@@ -1,0 +1,179 @@
+"""Half-precision inputs (float16, and ``ml_dtypes.bfloat16``) for every public function.
+
+A function decorated with :func:`half_aware` takes ``x`` (and its companions
+``dy``/``y``) in a half type: they are widened to float32 by the backend's
+``half`` twin (:mod:`numbabn._cpu.half`, :mod:`numbabn._gpu.half`), the
+float32 function runs (statistics and sums accumulate in float64 and the
+elementwise passes in float32, as for a float32 input), and its outputs are
+rounded back to nearest even: tensors like ``x`` in ``x``'s dtype, per-feature
+gradients in the dtype of the parameter they belong to, saved statistics
+(``mean``, ``invstd``, ``rstd``...) in float32, the convention of PyTorch and
+cuDNN for mixed precision.
+
+Per-feature arguments (weight, bias, mean, invstd, running statistics...) may
+be float32 or ``x``'s half type; running statistics in a half type are updated
+in place in that type.  Anything else is refused with a ``TypeError`` before
+anything is converted or written.
+
+A float32 or float64 call pays one dtype test (``dtype.itemsize == 2``) here
+and goes on as before.  ``ml_dtypes`` is not imported by numbabn: a bfloat16
+array is recognised by its dtype's name, and only someone holding one can pass
+it.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+
+import numpy as np
+
+from . import _backend
+from . import _validate as v
+
+FLOAT16 = np.dtype(np.float16)
+F32 = np.dtype(np.float32)
+F64 = np.dtype(np.float64)
+# Kinds, as numbabn._cpu.half and numbabn._gpu.half number them.
+BFLOAT16_KIND, FLOAT16_KIND = 0, 1
+
+
+def kind_of(dtype):
+    """``BFLOAT16_KIND``, ``FLOAT16_KIND``, or ``None`` for any other dtype."""
+    if dtype.itemsize != 2:
+        return None
+    if dtype == FLOAT16 and dtype.isnative:
+        return FLOAT16_KIND
+    if dtype.name == "bfloat16" and dtype.type.__module__.startswith("ml_dtypes"):
+        return BFLOAT16_KIND
+    return None
+
+
+def is_half(a) -> bool:
+    dtype = getattr(a, "dtype", None)
+    return isinstance(dtype, np.dtype) and kind_of(dtype) is not None
+
+
+def widen(be, a, kind):
+    """``a`` (a half array of backend ``be``) as a new float32 array of its memory order."""
+    return be.half.widen_array(a, kind)
+
+
+def narrow(be, r, dtype, kind, out=None):
+    """``r`` (float32) rounded to the half ``dtype``, into ``out`` when given."""
+    return be.half.narrow_array(r, dtype, kind, out)
+
+
+# --------------------------------------------------------------------------- #
+# The decorator
+# --------------------------------------------------------------------------- #
+def _accepted(dtype):
+    return f"float32 or {dtype} (the dtype of x)"
+
+
+def half_aware(x="x", tensors=(), params=(), stats=(), inplace=(), results=("x",), out="out"):
+    """Let ``fn`` take a half-precision ``x``.
+
+    ``tensors``: other arguments shaped like ``x`` (``dy``, ``y``), in ``x``'s
+    dtype.  ``params``: per-feature arguments, float32 or ``x``'s dtype.  ``stats``:
+    per-feature statistics or sums, float32, float64 or ``x``'s dtype.
+    ``inplace``: per-feature arguments written in place (running statistics),
+    float32 or ``x``'s dtype.  ``results``: what each returned value is: ``"x"``
+    (rounded to ``x``'s dtype, into ``out`` when given), ``"f32"`` (kept), or
+    the name of a parameter (rounded to its dtype when it is a half type).  A
+    function returning one value has ``results=("x",)`` and returns it bare.
+    """
+
+    def decorate(fn):
+        sig = inspect.signature(fn)
+        names = list(sig.parameters)
+        pos = names.index(x)
+        has_out = out in names
+
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            a = args[pos] if len(args) > pos else kwargs.get(x)
+            dtype = getattr(a, "dtype", None)
+            if getattr(dtype, "itemsize", 0) != 2 or not isinstance(dtype, np.dtype):
+                return fn(*args, **kwargs)
+            kind = kind_of(dtype)
+            if kind is None:  # another 2-byte type (int16, non-native float16): fn refuses it
+                return fn(*args, **kwargs)
+            return _call(fn, sig, x, tensors, params, stats, inplace, results,
+                         out if has_out else None, dtype, kind, args, kwargs)
+
+        wrapper.__wrapped_half__ = fn
+        return wrapper
+
+    return decorate
+
+
+def _check_dtype(value, name, allowed, message):
+    dtype = getattr(value, "dtype", None)
+    if not isinstance(dtype, np.dtype):  # None, or not an array: fn says what it expects
+        return
+    if dtype not in allowed:
+        raise TypeError(f"{name} must have dtype {message}; got {dtype}.")
+
+
+def _call(fn, sig, x, tensors, params, stats, inplace, results, out, dtype, kind, args, kwargs):
+    bound = sig.bind(*args, **kwargs)
+    arguments = bound.arguments
+    # Every check before any conversion or write.
+    for name in tensors:
+        _check_dtype(arguments.get(name), name, (dtype,), f"{dtype}, the dtype of x")
+    for name in (*params, *inplace):
+        _check_dtype(arguments.get(name), name, (F32, dtype), _accepted(dtype))
+    for name in stats:
+        _check_dtype(arguments.get(name), name, (F32, F64, dtype),
+                     f"float32, float64 or {dtype} (the dtype of x)")
+    target = arguments.get(out) if out else None
+    if target is not None:
+        _check_dtype(target, out, (dtype,), f"{dtype}, the dtype of x")
+        if tuple(getattr(target, "shape", ())) != tuple(arguments[x].shape):
+            raise ValueError(f"{out} must have the shape of x {tuple(arguments[x].shape)}; "
+                             f"got {v.describe(target)}.")
+        if isinstance(target, np.ndarray) and not target.flags.writeable:
+            raise ValueError(f"{out} must be writeable; got a read-only array.")
+    names = list(dict.fromkeys([x, *tensors, *params, *stats, *inplace]))
+    present = {n: arguments[n] for n in names if arguments.get(n) is not None}
+    be, placed = _backend.select(present)
+    placed = dict(zip(present, placed))
+    if kind == BFLOAT16_KIND and be is not _backend.CPU:
+        raise TypeError("bfloat16 device arrays are not supported: numba.cuda has no bfloat16 "
+                        "array type; pass float16 or float32 device arrays.")
+
+    converted = dict(arguments)
+    for name, value in placed.items():
+        if name in (x, *tensors) or value.dtype == dtype:
+            converted[name] = widen(be, value, kind)
+    if out:
+        converted[out] = None
+    result = fn(**converted)  # every signature here is plain keywords
+    if result is None:
+        _write_back(be, inplace, placed, converted, dtype, kind)
+        return None
+    single = len(results) == 1 and not isinstance(result, tuple)
+    values = (result,) if single else tuple(result)
+    final = []
+    for what, value in zip(results, values):
+        if value is None or what == "f32":
+            final.append(value)
+        elif what == "x":
+            final.append(narrow(be, value, dtype, kind, out=target))
+        else:
+            param = arguments.get(what)
+            if param is not None and param.dtype == dtype:
+                value = narrow(be, value, dtype, kind)
+            final.append(value)
+    final.extend(values[len(results):])
+    _write_back(be, inplace, placed, converted, dtype, kind)
+    return final[0] if single else tuple(final)
+
+
+def _write_back(be, inplace, placed, converted, dtype, kind):
+    """Round the float32 copies of half running statistics back into them."""
+    for name in inplace:
+        value = placed.get(name)
+        if value is not None and value.dtype == dtype:
+            narrow(be, converted[name], dtype, kind, out=value)
