@@ -31,22 +31,10 @@ import numpy as np
 from . import _backend
 from . import _validate as v
 
-FLOAT16 = np.dtype(np.float16)
 F32 = np.dtype(np.float32)
 F64 = np.dtype(np.float64)
-# Kinds, as numbabn._cpu.half and numbabn._gpu.half number them.
-BFLOAT16_KIND, FLOAT16_KIND = 0, 1
-
-
-def kind_of(dtype):
-    """``BFLOAT16_KIND``, ``FLOAT16_KIND``, or ``None`` for any other dtype."""
-    if dtype.itemsize != 2:
-        return None
-    if dtype == FLOAT16 and dtype.isnative:
-        return FLOAT16_KIND
-    if dtype.name == "bfloat16" and dtype.type.__module__.startswith("ml_dtypes"):
-        return BFLOAT16_KIND
-    return None
+BFLOAT16_KIND, FLOAT16_KIND = v.BFLOAT16_KIND, v.FLOAT16_KIND
+kind_of = v.half_kind
 
 
 def is_half(a) -> bool:
@@ -71,7 +59,8 @@ def _accepted(dtype):
     return f"float32 or {dtype} (the dtype of x)"
 
 
-def half_aware(x="x", tensors=(), params=(), stats=(), inplace=(), results=("x",), out="out"):
+def half_aware(x="x", tensors=(), params=(), stats=(), inplace=(), results=("x",), out="out",
+               native=False):
     """Let ``fn`` take a half-precision ``x``.
 
     ``tensors``: other arguments shaped like ``x`` (``dy``, ``y``), in ``x``'s
@@ -82,6 +71,10 @@ def half_aware(x="x", tensors=(), params=(), stats=(), inplace=(), results=("x",
     (rounded to ``x``'s dtype, into ``out`` when given), ``"f32"`` (kept), or
     the name of a parameter (rounded to its dtype when it is a half type).  A
     function returning one value has ``results=("x",)`` and returns it bare.
+
+    ``native``: on the CPU, ``fn`` takes the half ``x`` (and ``out``) itself,
+    its kernels reading and writing the half values directly (half the bytes
+    of float32); only half per-feature arguments are widened for it.
     """
 
     def decorate(fn):
@@ -100,7 +93,7 @@ def half_aware(x="x", tensors=(), params=(), stats=(), inplace=(), results=("x",
             if kind is None:  # another 2-byte type (int16, non-native float16): fn refuses it
                 return fn(*args, **kwargs)
             return _call(fn, sig, x, tensors, params, stats, inplace, results,
-                         out if has_out else None, dtype, kind, args, kwargs)
+                         out if has_out else None, native, dtype, kind, args, kwargs)
 
         wrapper.__wrapped_half__ = fn
         return wrapper
@@ -116,7 +109,8 @@ def _check_dtype(value, name, allowed, message):
         raise TypeError(f"{name} must have dtype {message}; got {dtype}.")
 
 
-def _call(fn, sig, x, tensors, params, stats, inplace, results, out, dtype, kind, args, kwargs):
+def _call(fn, sig, x, tensors, params, stats, inplace, results, out, native, dtype, kind, args,
+          kwargs):
     bound = sig.bind(*args, **kwargs)
     arguments = bound.arguments
     # Every check before any conversion or write.
@@ -143,11 +137,15 @@ def _call(fn, sig, x, tensors, params, stats, inplace, results, out, dtype, kind
         raise TypeError("bfloat16 device arrays are not supported: numba.cuda has no bfloat16 "
                         "array type; pass float16 or float32 device arrays.")
 
+    direct = native and be is _backend.CPU
     converted = dict(arguments)
     for name, value in placed.items():
-        if name in (x, *tensors) or value.dtype == dtype:
+        if name in (x, *tensors):
+            if not direct:
+                converted[name] = widen(be, value, kind)
+        elif value.dtype == dtype:
             converted[name] = widen(be, value, kind)
-    if out:
+    if out and not direct:
         converted[out] = None
     result = fn(**converted)  # every signature here is plain keywords
     if result is None:
@@ -160,7 +158,7 @@ def _call(fn, sig, x, tensors, params, stats, inplace, results, out, dtype, kind
         if value is None or what == "f32":
             final.append(value)
         elif what == "x":
-            final.append(narrow(be, value, dtype, kind, out=target))
+            final.append(value if direct else narrow(be, value, dtype, kind, out=target))
         else:
             param = arguments.get(what)
             if param is not None and param.dtype == dtype:

@@ -27,6 +27,26 @@ def dtype_message(name, dtype, to="float32", accepted=ACCEPTED_DTYPES) -> str:
             f"Convert it with {name}.astype(np.{to}).")
 
 
+# Half types, numbered as numbabn._cpu.half and numbabn._gpu.half number them.
+BFLOAT16_KIND, FLOAT16_KIND = 0, 1
+
+
+def half_kind(dtype):
+    """``BFLOAT16_KIND``, ``FLOAT16_KIND``, or ``None`` for any other dtype.
+    ``ml_dtypes`` is not imported: its bfloat16 is recognised by name and module."""
+    if dtype.itemsize != 2:
+        return None
+    if dtype == np.float16 and dtype.isnative:
+        return FLOAT16_KIND
+    if dtype.name == "bfloat16" and dtype.type.__module__.startswith("ml_dtypes"):
+        return BFLOAT16_KIND
+    return None
+
+
+def _is_half(dtype):
+    return half_kind(dtype) is not None
+
+
 def check_float_dtype(a, name):
     """``a`` (an array) must be float32 or float64 (see :func:`dtype_message`)."""
     if a.dtype not in FLOAT_DTYPES:
@@ -50,7 +70,13 @@ def is_writeable(a) -> bool:
     return a.flags.writeable if isinstance(a, np.ndarray) else True
 
 
-def check_input(x, name="x", allow_empty_batch=False):
+def compute_dtype(dtype):
+    """The dtype of per-feature arguments and results for input ``dtype``:
+    itself, or float32 for a half type (float16, bfloat16)."""
+    return FLOAT_DTYPES[0] if dtype.itemsize == 2 else dtype
+
+
+def check_input(x, name="x", allow_empty_batch=False, half=False):
     """``x`` must be a float32/float64 ndarray with ndim >= 2 and no empty axis
     (with ``allow_empty_batch``, only the feature axis must be non-empty: the
     caller checks that)."""
@@ -59,7 +85,8 @@ def check_input(x, name="x", allow_empty_batch=False):
             f"{name} must be a numpy.ndarray of float32 or float64; got {describe(x)}. "
             f"Wrap it with np.asarray({name}, dtype=np.float32)."
         )
-    check_float_dtype(x, name)
+    if not (half and _is_half(x.dtype)):
+        check_float_dtype(x, name)
     if x.ndim < 2:
         raise ValueError(
             f"{name} must have at least 2 dimensions (batch and features, e.g. (N, C)); "

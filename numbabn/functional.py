@@ -37,12 +37,13 @@ __all__ = [
 ]
 
 
-def _prepare(x, axis, allow_empty_batch=False, **arrays):
+def _prepare(x, axis, allow_empty_batch=False, half=False, **arrays):
     """Pick the backend from where ``x`` lives (the other arrays must live there
     too), validate ``x`` and ``axis``; return ``(backend, layout, x, *arrays)``
-    with device arrays as numba device arrays."""
+    with device arrays as numba device arrays.  ``half``: ``x`` may be a half
+    type (the functions whose CPU kernels read it directly, see numbabn._half)."""
     be, (x, *rest) = _backend.select(dict(x=x, **arrays))
-    v.check_input(x, allow_empty_batch=allow_empty_batch)
+    v.check_input(x, allow_empty_batch=allow_empty_batch, half=half)
     axis_in, axis = axis, v.check_axis(axis, x.ndim)
     if x.shape[axis] == 0:
         raise ValueError(f"x must have at least one feature, but its feature axis {axis} is "
@@ -156,7 +157,7 @@ def batch_stats(x, axis=1):
         return be.feature_ops.batch_stats(_view(be, x, layout))
 
 
-@half_aware(params=("mean", "var", "weight", "bias"))
+@half_aware(params=("mean", "var", "weight", "bias"), native=True)
 def normalize(x, mean, var, weight=None, bias=None, eps=1e-5, axis=1, out=None):
     """``(x - mean) / sqrt(var + eps) * weight + bias``, broadcast along ``axis``.
 
@@ -193,11 +194,12 @@ def normalize(x, mean, var, weight=None, bias=None, eps=1e-5, axis=1, out=None):
                 _CPU.feature_ops.normalize(plan.view(x), mean, var, weight, bias, eps, y3)
             return y
     be, layout, x, mean, var, weight, bias, out = _prepare(
-        x, axis, allow_empty_batch=True, mean=mean, var=var, weight=weight, bias=bias, out=out)
-    nfeat = layout.shape3[1]
-    v.check_vector(mean, "mean", nfeat, x.dtype)
-    v.check_vector(var, "var", nfeat, x.dtype)
-    _check_affine(weight, bias, nfeat, x.dtype)
+        x, axis, allow_empty_batch=True, half=True, mean=mean, var=var, weight=weight, bias=bias,
+        out=out)
+    nfeat, cdt = layout.shape3[1], v.compute_dtype(x.dtype)
+    v.check_vector(mean, "mean", nfeat, cdt)
+    v.check_vector(var, "var", nfeat, cdt)
+    _check_affine(weight, bias, nfeat, cdt)
     eps = v.check_eps(eps)
     y3, y, finish = _output(be, x, layout, out)
     if layout.count:
@@ -239,7 +241,7 @@ def batch_norm_train(x, weight=None, bias=None, eps=1e-5, axis=1, out=None):
     return y, mean, invstd
 
 
-@half_aware(params=("weight", "bias"), results=("x", "f32", "f32", "f32"))
+@half_aware(params=("weight", "bias"), results=("x", "f32", "f32", "f32"), native=True)
 def _batch_norm_train(x, weight, bias, eps, axis, out, relu=False):
     """:func:`batch_norm_train` that also returns the biased batch variance in
     float64 (for the layers' running statistics; no round trip through invstd);
@@ -253,9 +255,10 @@ def _batch_norm_train(x, weight, bias, eps, axis, out, relu=False):
             mean, invstd, var = _CPU.feature_ops.batch_norm_train(plan.view(x), weight, bias, eps, y3,
                                                           relu)
         return y, mean, invstd, var
-    be, layout, x, weight, bias, out = _prepare(x, axis, weight=weight, bias=bias, out=out)
+    be, layout, x, weight, bias, out = _prepare(x, axis, half=True, weight=weight, bias=bias,
+                                                out=out)
     nfeat = layout.shape3[1]
-    _check_affine(weight, bias, nfeat, x.dtype)
+    _check_affine(weight, bias, nfeat, v.compute_dtype(x.dtype))
     eps = v.check_eps(eps)
     v.check_training_count(layout.count, x.shape, axis)
     y3, y, finish = _output(be, x, layout, out)
@@ -403,7 +406,7 @@ def update_running_stats(running_mean, running_var, mean, var, count, momentum=0
         be.feature_ops.update_running_stats(running_mean, running_var, mean, var, count, momentum)
 
 
-@half_aware(params=("weight", "bias"), inplace=("running_mean", "running_var"))
+@half_aware(params=("weight", "bias"), inplace=("running_mean", "running_var"), native=True)
 def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=False,
                momentum=0.1, eps=1e-5, axis=1):
     """One-call batch norm with ``torch.nn.functional.batch_norm`` semantics.
@@ -456,21 +459,21 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
                                               momentum)
             return y
     be, layout, x, running_mean, running_var, weight, bias = _prepare(
-        x, axis, allow_empty_batch=True, running_mean=running_mean, running_var=running_var,
-        weight=weight, bias=bias)
-    nfeat = layout.shape3[1]
+        x, axis, allow_empty_batch=True, half=True, running_mean=running_mean,
+        running_var=running_var, weight=weight, bias=bias)
+    nfeat, cdt = layout.shape3[1], v.compute_dtype(x.dtype)
     training = v.check_bool(training, "training")
     v.check_running_pair(running_mean, running_var)
     has_running = running_mean is not None
     if has_running:
-        v.check_vector(running_mean, "running_mean", nfeat, x.dtype, writeable=training)
-        v.check_vector(running_var, "running_var", nfeat, x.dtype, writeable=training)
+        v.check_vector(running_mean, "running_mean", nfeat, cdt, writeable=training)
+        v.check_vector(running_var, "running_var", nfeat, cdt, writeable=training)
     elif not training:
         raise ValueError(
             "eval mode (training=False) normalises with running_mean and running_var, "
             "but they are None; pass them, or use training=True."
         )
-    _check_affine(weight, bias, nfeat, x.dtype)
+    _check_affine(weight, bias, nfeat, cdt)
     momentum = v.check_momentum(momentum)
     eps = v.check_eps(eps)
     if training and layout.count:
@@ -576,7 +579,7 @@ def merge_moments(counts, means, m2s):
     return int(sum(counts)), np.array(mean, dtype=np.float64), np.array(m2, dtype=np.float64)
 
 
-@half_aware(params=("weight", "bias"), stats=("mean", "invstd"))
+@half_aware(params=("weight", "bias"), stats=("mean", "invstd"), native=True)
 def batch_norm_elemt(x, mean, invstd, weight=None, bias=None, axis=1, out=None):
     """``(x - mean) * invstd * weight + bias``, broadcast along ``axis``.
 
@@ -604,12 +607,12 @@ def batch_norm_elemt(x, mean, invstd, weight=None, bias=None, axis=1, out=None):
     >>> y = numbabn.batch_norm_elemt(x, m, 1 / np.sqrt(m2 / count + 1e-5))
     """
     be, layout, x, mean, invstd, weight, bias, out = _prepare(
-        x, axis, allow_empty_batch=True, mean=mean, invstd=invstd, weight=weight, bias=bias,
-        out=out)
-    nfeat = layout.shape3[1]
-    v.check_stat(mean, "mean", nfeat, x.dtype)
-    v.check_stat(invstd, "invstd", nfeat, x.dtype)
-    _check_affine(weight, bias, nfeat, x.dtype)
+        x, axis, allow_empty_batch=True, half=True, mean=mean, invstd=invstd, weight=weight,
+        bias=bias, out=out)
+    nfeat, cdt = layout.shape3[1], v.compute_dtype(x.dtype)
+    v.check_stat(mean, "mean", nfeat, cdt)
+    v.check_stat(invstd, "invstd", nfeat, cdt)
+    _check_affine(weight, bias, nfeat, cdt)
     y3, y, finish = _output(be, x, layout, out)
     if layout.count:
         with be.guard(x):

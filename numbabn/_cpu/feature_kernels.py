@@ -73,6 +73,7 @@ from numba.extending import overload
 from .. import _cache, _core
 from .._config import CPU_JIT, CPU_JIT_PARALLEL, CPU_JIT_STRICT
 from .._core import (DX_SCALE, DY_SHIFT, HI, OFFSET, SCALE, SUM_DY, SUM_DY_XHI, SUM_XHI, XC_COEF)
+from .half import stored, value_of
 from .runtime import serial_kernels
 
 # The statistics core, compiled for the CPU.
@@ -294,17 +295,17 @@ def _chunk_sums_nchw(x, c, r0, r1, j0, j1, shift, short_run):
             x2 = x[r + 2, c, j0:j1]
             x3 = x[r + 3, c, j0:j1]
             for j in range(j1 - j0):
-                d0 = np.float64(x0[j]) - shift
-                d1 = np.float64(x1[j]) - shift
-                d2 = np.float64(x2[j]) - shift
-                d3 = np.float64(x3[j]) - shift
+                d0 = np.float64(value_of(x0[j])) - shift
+                d1 = np.float64(value_of(x1[j])) - shift
+                d2 = np.float64(value_of(x2[j])) - shift
+                d3 = np.float64(value_of(x3[j])) - shift
                 s1 += (d0 + d1) + (d2 + d3)
                 s2 += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
             r += 4
     for r in range(r, r1):
         xr = x[r, c, j0:j1]
         for j in range(j1 - j0):
-            d = np.float64(xr[j]) - shift
+            d = np.float64(value_of(xr[j])) - shift
             s1 += d
             s2 += d * d
     return s1, s2
@@ -314,7 +315,7 @@ def _chunk_sums_nchw(x, c, r0, r1, j0, j1, shift, short_run):
 def _chunk_moments_nchw(x, c, r0, r1, j0, j1, short_run):
     """``(count, mean, M2)`` of one chunk, about its first value."""
     n = (r1 - r0) * (j1 - j0)
-    shift = np.float64(x[r0, c, j0])
+    shift = np.float64(value_of(x[r0, c, j0]))
     s1, s2 = _chunk_sums_nchw(x, c, r0, r1, j0, j1, shift, short_run)
     mean, m2 = shifted_moments(n, shift, s1, s2)
     return n, mean, m2
@@ -376,11 +377,11 @@ def _affine_nchw(x, c, r0, r1, j0, j1, coef, relu, y):
         yr = y[r, c, j0:j1]
         if relu:
             for j in range(j1 - j0):
-                v = (xr[j] - hi) * s + o
-                yr[j] = zero if v < zero else v  # NaN and -0.0 stay, as torch.relu
+                v = (value_of(xr[j]) - hi) * s + o
+                yr[j] = stored(zero if v < zero else v, yr)  # NaN, -0.0 stay, as torch.relu
         else:
             for j in range(j1 - j0):
-                yr[j] = (xr[j] - hi) * s + o
+                yr[j] = stored((value_of(xr[j]) - hi) * s + o, yr)
 
 
 def _block_backward_sums_kernel(masked):
@@ -562,11 +563,11 @@ def _affine_segment(xb, yb, hi, s, o, relu, zero):
     ``hi``, ``s``, ``o`` hold at least ``len(xb)`` per-value coefficients."""
     if relu:
         for j in range(xb.shape[0]):
-            v = (xb[j] - hi[j]) * s[j] + o[j]
-            yb[j] = zero if v < zero else v  # NaN and -0.0 stay, as torch.relu
+            v = (value_of(xb[j]) - hi[j]) * s[j] + o[j]
+            yb[j] = stored(zero if v < zero else v, yb)  # NaN, -0.0 stay, as torch.relu
     else:
         for j in range(xb.shape[0]):
-            yb[j] = (xb[j] - hi[j]) * s[j] + o[j]
+            yb[j] = stored((value_of(xb[j]) - hi[j]) * s[j] + o[j], yb)
 
 
 @njit(**CPU_JIT_STRICT)

@@ -27,6 +27,7 @@ from .. import _config as cfg
 from .. import _core
 from .runtime import constant, is_small, num_threads
 from . import feature_kernels
+from . import half
 
 Geometry = namedtuple("Geometry",
                       "rows cols threads fused by_row bwd_block merge_cols short_run")
@@ -153,13 +154,39 @@ def _dx_planes(dy3, x3, y3, coef, masked, dx3):
                 _flat(dx3))
 
 
+def _through_float32(op, x3, y3, *args):
+    """``op(x32, *args, y32)`` on float32 copies of half ``x3`` and ``y3``, then
+    ``y32`` rounded into ``y3``: the channel-contiguous half inputs (the
+    kernels' aligned coefficient tables assume the input's item size)."""
+    kind = half.kind_of_array(x3)
+    x32 = half.widen_array(x3, kind)
+    y32 = None if y3 is None else np.empty(x32.shape, np.float32)
+    result = op(x32, *args, y32)
+    if y3 is not None:
+        half.narrow_array(y32, y3.dtype, kind, out=y3)
+    return result
+
+
+def compute_dtype(dtype):
+    """The dtype of the coefficients and per-feature results for input ``dtype``:
+    itself, or float32 for a half type."""
+    return _F32 if dtype.itemsize == 2 else dtype
+
+
+_F32 = np.dtype(np.float32)
+
+
 def _forward(x3, weight, bias, eps, y3, relu=False):
     """Run the forward kernel; ``y3=None`` computes the statistics only; ``relu``
     passes the output through a ReLU.
-    Returns the float64 ``stats`` table (rows ``_core.MEAN``, ``INVSTD``, ``VAR``, ``M2``)."""
+    Returns the float64 ``stats`` table (rows ``_core.MEAN``, ``INVSTD``, ``VAR``, ``M2``).
+    Half inputs (NCHW-like) run the same kernels on their bits (``half.bits_view``)."""
+    if x3.dtype.itemsize == 2 and x3.shape[2] == 1:
+        return _through_float32(lambda x, y: _forward(x, weight, bias, eps, y, relu), x3, y3)
     k = _kernels(x3)
-    nfeat, dtype = x3.shape[1], x3.dtype
-    geom = plan(x3.shape, dtype.itemsize, 1)
+    nfeat, dtype = x3.shape[1], compute_dtype(x3.dtype)
+    geom = plan(x3.shape, x3.dtype.itemsize, 1)
+    x3, y3 = half.bits_view(x3), None if y3 is None else half.bits_view(y3)
     weight, bias = _param(weight, nfeat, dtype, 1), _param(bias, nfeat, dtype, 0)
     coef = np.empty((_core.NCOEFS, nfeat), dtype)
     stats = np.empty((_core.NSTATS, nfeat))
@@ -222,8 +249,12 @@ def batch_moments(x3):
 
 
 def _normalize(x3, mean, spread, spread_is_var, weight, bias, eps, y3):
+    if x3.dtype.itemsize == 2 and x3.shape[2] == 1:
+        return _through_float32(
+            lambda x, y: _normalize(x, mean, spread, spread_is_var, weight, bias, eps, y), x3, y3)
     k = _kernels(x3)
-    nfeat, dtype = x3.shape[1], x3.dtype
+    nfeat, dtype = x3.shape[1], compute_dtype(x3.dtype)
+    x3, y3 = half.bits_view(x3), half.bits_view(y3)
     weight, bias = _param(weight, nfeat, dtype, 1), _param(bias, nfeat, dtype, 0)
     coef = np.empty((_core.NCOEFS, nfeat), dtype)
     runs = _elementwise_runs(x3)
@@ -249,7 +280,8 @@ def batch_norm_train(x3, weight, bias, eps, y3, relu=False):
     """Normalise with batch statistics (then a ReLU with ``relu``); return
     ``(mean, invstd)`` in x's dtype and the biased ``var`` in float64."""
     stats = _forward(x3, weight, bias, eps, y3, relu)
-    return (*_cast(x3.dtype, stats, _core.MEAN, _core.INVSTD, eps < _EPS_NO_OVERFLOW),
+    return (*_cast(compute_dtype(x3.dtype), stats, _core.MEAN, _core.INVSTD,
+                   eps < _EPS_NO_OVERFLOW),
             stats[_core.VAR])
 
 

@@ -21,7 +21,7 @@ host (:mod:`numbabn._half`) gives them flat views of dense arrays.
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
 from .. import _cache
 from .._config import CPU_JIT_STRICT
@@ -51,26 +51,33 @@ HAS_F16C = _host_has_f16c()
 @intrinsic
 def _f16_fpext(typingctx, bits):
     """The float32 value of float16 bits (LLVM ``fpext half -> float``)."""
-    if bits != types.uint16:
+    if bits not in (types.uint16, types.int16):
         return None
 
     def codegen(context, builder, sig, args):
         return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
 
-    return types.float32(types.uint16), codegen
+    return types.float32(bits), codegen
 
 
-@intrinsic
-def _f16_fptrunc(typingctx, value):
-    """The float16 bits of a float32 value (LLVM ``fptrunc float -> half``,
-    round to nearest even)."""
-    if value != types.float32:
-        return None
+def _fptrunc(result):
+    @intrinsic
+    def fptrunc(typingctx, value):
+        if value != types.float32:
+            return None
 
-    def codegen(context, builder, sig, args):
-        return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
+        def codegen(context, builder, sig, args):
+            return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
 
-    return types.uint16(types.float32), codegen
+        return result(types.float32), codegen
+    return fptrunc
+
+
+# The float16 bits of a float32 value (LLVM ``fptrunc float -> half``, round
+# to nearest even), as uint16 (the flat conversions) or int16 (the kernels'
+# float16 arrays, see value_of).
+_f16_fptrunc = _fptrunc(types.uint16)
+_f16_fptrunc_i16 = _fptrunc(types.int16)
 
 
 @intrinsic
@@ -83,6 +90,18 @@ def _bits_of(typingctx, value):
         return builder.bitcast(args[0], ir.IntType(32))
 
     return types.uint32(types.float32), codegen
+
+
+@intrinsic
+def _float_of(typingctx, bits):
+    """The float32 value of uint32 bits."""
+    if bits != types.uint32:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return types.float32(types.uint32), codegen
 
 
 @njit(**_JIT)
@@ -181,6 +200,63 @@ def narrow(src, dst, kind, f16c, chunk):
     for t_ in prange((n + chunk - 1) // chunk):
         t = np.int64(t_)
         _narrow_range(src, dst, t * chunk, min(n, (t + 1) * chunk), kind, f16c)
+
+
+# =========================================================================== #
+# Half values inside the batch-norm kernels.  A half array reaches a kernel as
+# a view of its bits with a dtype that says which type they hold: bfloat16 as
+# uint16, float16 as int16 (:func:`bits_view`).  A kernel reads an element
+# with ``value_of(a[i])`` (its float32 value; a float32 or float64 element as
+# it is) and writes with ``a[i] = stored(v, a)`` (``v`` rounded to ``a``'s
+# half type, nearest even; for a float array ``v`` itself), so one kernel
+# source serves every dtype and float32/float64 code is unchanged.
+# =========================================================================== #
+def kind_of_array(a):
+    """``FLOAT16`` or ``BFLOAT16`` for a half array."""
+    return FLOAT16 if a.dtype == np.float16 else BFLOAT16
+
+
+def bits_view(a):
+    """``a`` (float16 or bfloat16, any strides) as the kernels take it:
+    bfloat16 bits as uint16, float16 bits as int16; other arrays as they are."""
+    if a.dtype.itemsize != 2:
+        return a
+    return a.view(np.int16 if a.dtype == np.float16 else np.uint16)
+
+
+def value_of(v):
+    """The float value of an array element (see :func:`bits_view`)."""
+
+
+def stored(v, a):
+    """Float ``v`` as an element of array ``a`` (see :func:`bits_view`)."""
+
+
+@overload(value_of, jit_options=_JIT, inline="always")
+def _value_of_impl(v):
+    if isinstance(v, types.Float):
+        return lambda v: v
+    if v == types.uint16:  # bfloat16: the upper half of a float32
+        return lambda v: _float_of(np.uint32(np.uint32(v) << np.uint32(16)))
+    if v == types.int16:  # float16
+        if HAS_F16C:
+            return lambda v: _f16_fpext(v)
+        return lambda v: _float_of(_f16_to_f32_bits(np.uint16(v)))
+    return None
+
+
+@overload(stored, jit_options=_JIT, inline="always")
+def _stored_impl(v, a):
+    dtype = a.dtype
+    if isinstance(dtype, types.Float):
+        return lambda v, a: v
+    if dtype == types.uint16:
+        return lambda v, a: _bf16_of_bits(_bits_of(np.float32(v)))
+    if dtype == types.int16:
+        if HAS_F16C:
+            return lambda v, a: _f16_fptrunc_i16(np.float32(v))
+        return lambda v, a: np.int16(_f32_to_f16_bits(_bits_of(np.float32(v))))
+    return None
 
 
 # The kernels for inputs of at most SERIAL_MAX_ELEMS values (runtime.is_small).

@@ -257,3 +257,39 @@ def test_gpu_twin_agrees_with_the_cpu_on_float16(rng):
     assert_ulps(dx, naive.batch_norm_backward(dy, x, w)[0], np.dtype(np.float16), 4, "gpu dx")
     y2 = numbabn.layer_norm(cuda.to_device(x), (4, 5)).copy_to_host()
     assert_ulps(y2, naive.layer_norm(x, (4, 5))[0], np.dtype(np.float16), 2, "gpu layer_norm")
+
+
+def _rounded(a32, dtype):
+    with np.errstate(all="ignore"):
+        return a32.astype(dtype)
+
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("shape,axis,layout", [
+    ((8, 6, 9, 9), 1, "c"),            # small planes (the plane passes)
+    ((4, 3, 40, 40), 1, "c"),          # long runs, fused per feature
+    ((2, 2, 300, 300), 1, "c"),        # few features: two-phase chunks
+    ((6, 5, 7, 3), 1, "stepped"),      # strided runs
+    ((6, 7, 5, 3), -1, "c"),           # channel-contiguous: through float32
+], ids=str)
+def test_half_kernels_give_the_float32_kernels_bits_rounded(rng, dtype, shape, axis, layout):
+    """The kernels that read half values directly (forward, normalize) compute
+    in float32 exactly as the float32 kernels do on the widened values."""
+    x = half_array(rng, shape, dtype, layout, loc=2, axis=axis)
+    c = shape[axis]
+    w, b = rng.uniform(0.5, 2, c).astype(F32), rng.standard_normal(c).astype(F32)
+    x32 = x.astype(F32)
+    for relu in (False, True):
+        train = numbabn.batch_norm_relu_train if relu else numbabn.batch_norm_train
+        y, mean, invstd = train(x, w, b, axis=axis)
+        y32, mean32, invstd32 = train(x32, w, b, axis=axis)
+        np.testing.assert_array_equal(y.view(np.uint16), _rounded(y32, dtype).view(np.uint16))
+        np.testing.assert_array_equal(mean, mean32)
+        np.testing.assert_array_equal(invstd, invstd32)
+    var = (1 / invstd.astype(np.float64) ** 2).astype(F32)
+    y = numbabn.normalize(x, mean, var, w, b, axis=axis)
+    y32 = numbabn.normalize(x32, mean, var, w, b, axis=axis)
+    np.testing.assert_array_equal(y.view(np.uint16), _rounded(y32, dtype).view(np.uint16))
+    y = numbabn.batch_norm_elemt(x, mean, invstd, w, b, axis=axis)
+    y32 = numbabn.batch_norm_elemt(x32, mean, invstd, w, b, axis=axis)
+    np.testing.assert_array_equal(y.view(np.uint16), _rounded(y32, dtype).view(np.uint16))
