@@ -59,9 +59,12 @@ def batch_norm_train(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]
     nfeat = x.shape[1]
     if x.numel() == 0:
         y = torch.nn.functional.batch_norm(x, None, None, weight, bias, True, 0.0, eps)
-        mean, invstd, var = x.new_zeros(nfeat), x.new_zeros(nfeat), x.new_zeros(nfeat, dtype=torch.float64)
+        sdt = _t.stat_dtype(x.dtype)
+        mean, invstd = x.new_zeros(nfeat, dtype=sdt), x.new_zeros(nfeat, dtype=sdt)
+        var = x.new_zeros(nfeat, dtype=torch.float64)
     else:
         y, mean, invstd = torch.ops.aten.native_batch_norm(x, weight, bias, None, None, True, 0.0, eps)
+        mean, invstd = mean.to(_t.stat_dtype(x.dtype)), invstd.to(_t.stat_dtype(x.dtype))
         dims = [d for d in range(x.dim()) if d != 1]
         # the biased variance for update_running_stats (ATen's variance of x;
         # of x in float64 for half precision)
@@ -74,7 +77,8 @@ def batch_norm_train(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]
 @batch_norm_train.register_fake
 def _(x, weight, bias, eps, relu):
     nfeat = x.shape[1]
-    return (_t.output_like(x), x.new_empty(nfeat), x.new_empty(nfeat),
+    sdt = _t.stat_dtype(x.dtype)
+    return (_t.output_like(x), x.new_empty(nfeat, dtype=sdt), x.new_empty(nfeat, dtype=sdt),
             x.new_empty(nfeat, dtype=torch.float64))
 
 
@@ -85,7 +89,7 @@ def batch_norm_backward(dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, wei
     nfeat = x.shape[1]
     need_x = bool(output_mask[0])
     if _t.numbabn_runs(x, weight, None, None, None, True, None, 1.0, exact_types=False) \
-            and dy.dtype == x.dtype and mean.dtype == x.dtype and invstd.dtype == x.dtype \
+            and dy.dtype == x.dtype and mean.dtype == invstd.dtype == _t.stat_dtype(x.dtype) \
             and _t.route_of(x, "backward") == _NUMBABN:
         dx, dweight, dbias = _t.backward_train(dy, x, _t.arr(mean), _t.arr(invstd), weight, y, need_x)
         dweight, dbias = _t.tensor(dweight, x), _t.tensor(dbias, x)
@@ -95,20 +99,24 @@ def batch_norm_backward(dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, wei
     else:
         if y is not None:
             dy = torch.ops.aten.threshold_backward(dy, y, 0)
+        if weight is None or weight.dtype == x.dtype:  # ATen's saved statistics: x's dtype
+            mean, invstd = mean.to(x.dtype), invstd.to(x.dtype)
         dx, dweight, dbias = torch.ops.aten.native_batch_norm_backward(
             dy, x, weight, None, None, mean, invstd, True, 0.0, [need_x, True, True])
         if need_x:
             dx = _strided_like(dx, _t.grad_input_like(x, dy))
+    pdt = x.dtype if weight is None else weight.dtype
     return (x.new_empty(0) if dx is None else dx,
-            x.new_zeros(nfeat) if dweight is None else dweight,
-            x.new_zeros(nfeat) if dbias is None else dbias)
+            x.new_zeros(nfeat, dtype=pdt) if dweight is None else dweight,
+            x.new_zeros(nfeat, dtype=pdt) if dbias is None else dbias)
 
 
 @batch_norm_backward.register_fake
 def _(dy, x, mean, invstd, weight, y, output_mask):
     nfeat = x.shape[1]
     dx = _t.grad_input_like(x, dy) if output_mask[0] else x.new_empty(0)
-    return dx, x.new_empty(nfeat), x.new_empty(nfeat)
+    pdt = x.dtype if weight is None else weight.dtype  # float32 weights of a half x
+    return dx, x.new_empty(nfeat, dtype=pdt), x.new_empty(nfeat, dtype=pdt)
 
 
 def _train_setup(ctx, inputs, output):
@@ -187,16 +195,18 @@ def batch_norm_eval_backward(dy: Tensor, x: Tensor, weight: Optional[Tensor], ru
             dy, x, weight, running_mean, running_var, None, None, False, eps, list(need))
         if need[0]:
             dx = _strided_like(dx, _t.grad_input_like(x, dy))
+    pdt = x.dtype if weight is None else weight.dtype
     return (x.new_empty(0) if dx is None or not need[0] else dx,
-            x.new_zeros(nfeat) if dweight is None else dweight,
-            x.new_zeros(nfeat) if dbias is None else dbias)
+            x.new_zeros(nfeat, dtype=pdt) if dweight is None else dweight,
+            x.new_zeros(nfeat, dtype=pdt) if dbias is None else dbias)
 
 
 @batch_norm_eval_backward.register_fake
 def _(dy, x, weight, running_mean, running_var, eps, y, output_mask):
     nfeat = x.shape[1]
     dx = _t.grad_input_like(x, dy) if output_mask[0] else x.new_empty(0)
-    return dx, x.new_empty(nfeat), x.new_empty(nfeat)
+    pdt = x.dtype if weight is None else weight.dtype
+    return dx, x.new_empty(nfeat, dtype=pdt), x.new_empty(nfeat, dtype=pdt)
 
 
 def _eval_setup(ctx, inputs, output):

@@ -35,6 +35,8 @@ from numbabn import functional as _F
 from . import _dispatch
 
 FLOAT_DTYPES = (torch.float32, torch.float64)
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+TAKEN_DTYPES = FLOAT_DTYPES + HALF_DTYPES
 _TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
 _CPU = _backend.CPU
 _FO = _CPU.feature_ops
@@ -64,26 +66,31 @@ def _gpu_available() -> bool:
 def numbabn_runs(x, weight, bias, running_mean, running_var, training, momentum, eps,
                  exact_types=True) -> bool:
     """Whether numbabn computes this call exactly as ``F.batch_norm`` would:
-    float32/float64 strided tensors on the CPU (or on CUDA device 0 and the
-    default stream, when numba.cuda can run there), a non-empty batch (with
+    float32/float64/float16/bfloat16 strided tensors on the CPU (or float32,
+    float64 and float16 on CUDA device 0 and the default stream, when numba.cuda
+    can run there; bfloat16 needs ml_dtypes), a non-empty batch (with
     more than one value per feature in training), parameters and buffers of
-    x's dtype, device and shape ``(C,)``, a positive finite eps and, when the
+    x's dtype (or float32 for a half x: mixed precision), device and shape ``(C,)``, a positive finite eps and, when the
     running statistics are updated, a momentum in [0, 1] (None: the cumulative
     average).  ``exact_types``: plain tensors and Parameters only (no
     subclasses); graph tracing passes its fake tensors with False."""
-    if x.dtype not in FLOAT_DTYPES or x.layout != torch.strided or x.dim() < 2:
+    if x.dtype not in TAKEN_DTYPES or x.layout != torch.strided or x.dim() < 2:
         return False
     if exact_types and type(x) not in _TENSOR_TYPES:
         return False
     device = x.device
-    if device.type != "cpu" and not _cuda_ok(device):
+    if device.type != "cpu" and (not _cuda_ok(device) or x.dtype == torch.bfloat16):
+        return False
+    half = x.dtype in HALF_DTYPES
+    if x.dtype == torch.bfloat16 and not _ml_dtypes():
         return False
     n = x.numel()
     if n == 0:
         return False
     nfeat = x.shape[1]
     for t in (weight, bias, running_mean, running_var):
-        if t is not None and (t.dtype != x.dtype or t.device != device or t.shape != (nfeat,)
+        if t is not None and (t.dtype != x.dtype and not (half and t.dtype == torch.float32)
+                              or t.device != device or t.shape != (nfeat,)
                               or (exact_types and type(t) not in _TENSOR_TYPES)):
             return False
     if (running_mean is None) != (running_var is None):
@@ -99,6 +106,26 @@ def numbabn_runs(x, weight, bias, running_mean, running_var, training, momentum,
     elif running_mean is None:
         return False
     return True
+
+
+def _ml_dtypes():
+    """ml_dtypes' module (NumPy's bfloat16), or None when it is not installed."""
+    if not _ML:
+        try:
+            import ml_dtypes
+        except ImportError:
+            ml_dtypes = None
+        _ML.append(ml_dtypes)
+    return _ML[0]
+
+
+_ML = []
+
+
+def stat_dtype(dtype):
+    """The dtype of the saved ``mean`` and ``invstd`` for input ``dtype``:
+    float32 for half inputs (numbabn's statistics are float32 there), else itself."""
+    return torch.float32 if dtype in HALF_DTYPES else dtype
 
 
 def _cuda_ok(device) -> bool:
@@ -181,7 +208,11 @@ def arr(t):
         return None
     if t.requires_grad:
         t = t.detach()
-    return t.numpy() if t.device.type == "cpu" else t
+    if t.device.type != "cpu":
+        return t
+    if t.dtype == torch.bfloat16:  # NumPy has no bfloat16: ml_dtypes' over the same bits
+        return t.view(torch.int16).numpy().view(_ml_dtypes().bfloat16)
+    return t.numpy()
 
 
 _VECTORS = {}  # id(tensor) -> (weak reference, data pointer, shape, NumPy view)
@@ -213,6 +244,8 @@ def tensor(a, like):
     if a is None:
         return None
     if isinstance(a, np.ndarray):
+        if a.dtype.name == "bfloat16":
+            return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
         return torch.from_numpy(a)
     return torch.as_tensor(a, device=like.device)
 
@@ -269,7 +302,7 @@ class Case:
                  "aten_train", "aten_backward", "aten_eval")
 
     def __init__(self, x):
-        self.ok = (x.dtype in FLOAT_DTYPES and x.dim() >= 2 and x.numel() > 0)
+        self.ok = (x.dtype in TAKEN_DTYPES and x.dim() >= 2 and x.numel() > 0)
         self.plan = None
         self.own_out = False
         self.aten_train = self.aten_backward = self.aten_eval = False
@@ -285,7 +318,9 @@ class Case:
         self.count = shape3[0] * shape3[2]
         self.trainable = self.count >= 2
         stride = x.stride()
-        if output_like(x).stride() == stride and torch.empty_like(x).stride() == stride:
+        # Half inputs take the public functions (numbabn._half): no plan.
+        if x.dtype in FLOAT_DTYPES and output_like(x).stride() == stride and \
+                torch.empty_like(x).stride() == stride:
             self.plan = _layout.host_plan(xa, layout)
         if self.plan is not None and xa.nbytes >= OWN_OUTPUT_BYTES:
             self.own_out = torch.from_numpy(self.plan.empty(xa.dtype)[1]).stride() == stride
@@ -396,7 +431,7 @@ def update_running_stats(running_mean, running_var, mean, var, count, momentum):
     rm, rv = vec(running_mean), vec(running_var)
     mean = arr(mean) if isinstance(mean, torch.Tensor) else mean
     var = arr(var) if isinstance(var, torch.Tensor) else var
-    if type(rm) is np.ndarray and count >= 2:
+    if type(rm) is np.ndarray and count >= 2 and rm.dtype.itemsize > 2:
         _FO.update_running_stats(rm, rv, mean, var, count, momentum)
     else:
         _nb.update_running_stats(rm, rv, mean, var, count, momentum)
@@ -519,10 +554,11 @@ def backward_eval(dy, x, weight, running_mean, running_var, eps, y, need):
         invstd = torch.rsqrt(running_var.detach().double() + eps)
         sum_dy, sum_dy_xmu = _nb.batch_norm_backward_reduce(
             arr(dy), arr(x), arr(running_mean), arr(invstd))
+        pdtype = x.dtype if weight is None else weight.dtype
         if need_w:
-            dweight = (tensor(sum_dy_xmu, x) * invstd).to(x.dtype)
+            dweight = (tensor(sum_dy_xmu, x) * invstd).to(pdtype)
         if need_b:
-            dbias = tensor(sum_dy, x).to(x.dtype)
+            dbias = tensor(sum_dy, x).to(pdtype)
     if need_x:
         dx = grad_input_like(x, dy)
         zeros = torch.zeros_like(running_mean)

@@ -3,6 +3,7 @@ cleanly when torch is not installed)."""
 
 import copy
 import inspect
+import math
 import os
 import subprocess
 import sys
@@ -378,14 +379,46 @@ def test_empty_batch_as_stock(calls, training):
     assert calls == {}
 
 
+HALF_ULP = {torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}
+
+
+def _half_ulps(a, ref, dtype):
+    """max |a - ref| in half ulps of max |ref| (ref float64)."""
+    top = ref.abs().max().item()
+    return (a.double() - ref).abs().max().item() / (HALF_ULP[dtype] * 2.0 ** math.floor(math.log2(top)))
+
+
+@pytest.mark.parametrize("params", ["half", "float32"])
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_precision_runs_stock(calls, dtype):
+def test_half_precision_runs_numbabn(calls, dtype, fmt, params):
+    """Half models (``module.to(torch.bfloat16)``, or half inputs with float32
+    parameters: mixed precision) run numbabn's kernels: y within 2 half ulps
+    and dx within 4 of batch norm in float64 on the same values, saved
+    statistics float32, gradients in the parameters' dtype, PyTorch's strides."""
+    if dtype == torch.bfloat16:
+        pytest.importorskip("ml_dtypes")
+    pdtype = dtype if params == "half" else torch.float32
     mine, stock = pair(nbt.BatchNorm2d, nn.BatchNorm2d)
-    mine.to(dtype), stock.to(dtype)
-    x = torch.randn(4, 5, 3, 3).to(dtype)
-    assert torch.equal(mine(x), stock(x))
-    assert_same_state(mine, stock, rel=0)
-    assert calls == {}
+    mine.to(pdtype), stock.to(pdtype)
+    x = (torch.randn(8, 5, 6, 6) + 3).to(dtype).to(memory_format=fmt)
+    g = torch.randn(x.shape).to(dtype).to(memory_format=fmt)
+    ref = copy.deepcopy(stock).double()
+    y, dx = step(mine, x, g)
+    assert calls.get("batch_norm_train") == 1 and y.dtype == dtype
+    assert y.stride() == stock(x).stride()
+    xd = x.double().requires_grad_()
+    ref.train()
+    yd = ref(xd)
+    yd.backward(g.double())
+    assert _half_ulps(y, yd.detach(), dtype) <= 2
+    assert _half_ulps(dx, xd.grad, dtype) <= 4
+    assert mine.weight.grad.dtype == pdtype and mine.running_mean.dtype == pdtype
+    assert_rel(mine.weight.grad.double(), ref.weight.grad, 2 * HALF_ULP[dtype])
+    assert_rel(mine.running_mean.double(), ref.running_mean, 2 * HALF_ULP[dtype])
+    mine.eval()
+    ref.eval()
+    assert _half_ulps(mine(x), ref(x.double()).detach(), dtype) <= 2
 
 
 def test_errors_are_pytorchs():

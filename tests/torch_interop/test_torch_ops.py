@@ -165,7 +165,7 @@ def test_fx_symbolic_trace_records_the_ops():
     gm_eval = torch.fx.symbolic_trace(nbt.replace_batchnorm(copy.deepcopy(stock)))
     assert "numbabn.batch_norm_eval" in gm_eval.code
     close(gm_eval(x), stock(x), 1e-5)
-    # a graph recorded without dtypes runs anything: half precision takes ATen's kernels
+    # a graph recorded without dtypes runs anything: half precision too
     half = copy.deepcopy(stock).half()
     close(gm_eval.half()(x.half()), half(x.half()), 1e-2)
 
@@ -190,6 +190,46 @@ def _compile_check(backend):
 
 def test_compile_fullgraph_aot_eager():
     _compile_check("aot_eager")
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """How often numbabn's CPU forward kernels ran (training and eval)."""
+    from numbabn._cpu import feature_ops
+    counts = {"train": 0, "eval": 0}
+    for name, key in (("batch_norm_train", "train"), ("normalize", "eval")):
+        fn = getattr(feature_ops, name)
+
+        def counted(*args, _fn=fn, _key=key, **kwargs):
+            counts[_key] += 1
+            return _fn(*args, **kwargs)
+        monkeypatch.setattr(feature_ops, name, counted)
+    return counts
+
+
+def test_half_models_compile_and_autocast_on_numbabn(kernel_calls):
+    """A bfloat16 model compiles in one graph and runs numbabn's kernels; under
+    ``torch.autocast("cpu", torch.bfloat16)`` the convolution hands a bfloat16
+    input to float32 batch-norm parameters (mixed precision), as in stock."""
+    pytest.importorskip("ml_dtypes")
+    stock = net().to(torch.bfloat16)
+    mine = nbt.replace_batchnorm(copy.deepcopy(stock))
+    compiled = torch.compile(mine, backend="aot_eager", fullgraph=True)
+    x = torch.randn(6, 3, 5, 5, dtype=torch.bfloat16)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y1, y2 = compiled(x1), stock(x2)
+    assert y1.dtype == torch.bfloat16 and kernel_calls["train"] == 2
+    close(y1, y2, 0.1, "y")  # 8-bit outputs of two different roundings through 5 layers
+    y1.float().pow(2).sum().backward(), y2.float().pow(2).sum().backward()
+    close(x1.grad, x2.grad, 0.1, "dx")
+    stock32 = net()
+    mine32 = nbt.replace_batchnorm(copy.deepcopy(stock32))
+    x = torch.randn(6, 3, 5, 5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y1, y2 = mine32(x), stock32(x)
+    assert kernel_calls["train"] == 4 and y1.dtype == y2.dtype
+    close(y1, y2, 0.05, "autocast y")
+    same_state(mine32, stock32, 1e-2)
 
 
 @pytest.mark.slow  # inductor generates and builds C++
