@@ -159,28 +159,30 @@ def _bf16_of_bits(u):
 
 
 @njit(**_JIT)
-def _widen_range(src, dst, i0, i1, kind, f16c):
+def _widen_range(src, dst, kind, f16c):
+    # 0-based loops over slices: a loop from a non-zero start keeps Numba's
+    # negative-index wraparound and does not vectorise
     if kind == BFLOAT16:
-        for i in range(i0, i1):
+        for i in range(src.shape[0]):
             dst[i] = np.uint32(src[i]) << np.uint32(16)
     elif f16c:
-        for i in range(i0, i1):
+        for i in range(src.shape[0]):
             dst[i] = _bits_of(_f16_fpext(src[i]))
     else:
-        for i in range(i0, i1):
+        for i in range(src.shape[0]):
             dst[i] = _f16_to_f32_bits(src[i])
 
 
 @njit(**_JIT)
-def _narrow_range(src, dst, i0, i1, kind, f16c):
+def _narrow_range(src, dst, kind, f16c):
     if kind == BFLOAT16:
-        for i in range(i0, i1):
+        for i in range(src.shape[0]):
             dst[i] = _bf16_of_bits(_bits_of(src[i]))
     elif f16c:
-        for i in range(i0, i1):
+        for i in range(src.shape[0]):
             dst[i] = _f16_fptrunc(src[i])
     else:
-        for i in range(i0, i1):
+        for i in range(src.shape[0]):
             dst[i] = _f32_to_f16_bits(_bits_of(src[i]))
 
 
@@ -190,7 +192,8 @@ def widen(src, dst, kind, f16c, chunk):
     n = src.shape[0]
     for t_ in prange((n + chunk - 1) // chunk):
         t = np.int64(t_)
-        _widen_range(src, dst, t * chunk, min(n, (t + 1) * chunk), kind, f16c)
+        i0, i1 = t * chunk, min(n, (t + 1) * chunk)
+        _widen_range(src[i0:i1], dst[i0:i1], kind, f16c)
 
 
 @njit(**_JIT_PARALLEL)
@@ -199,7 +202,8 @@ def narrow(src, dst, kind, f16c, chunk):
     n = src.shape[0]
     for t_ in prange((n + chunk - 1) // chunk):
         t = np.int64(t_)
-        _narrow_range(src, dst, t * chunk, min(n, (t + 1) * chunk), kind, f16c)
+        i0, i1 = t * chunk, min(n, (t + 1) * chunk)
+        _narrow_range(src[i0:i1], dst[i0:i1], kind, f16c)
 
 
 # =========================================================================== #
