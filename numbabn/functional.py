@@ -337,7 +337,7 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, axis=1, out=None):
 
 
 @half_aware(tensors=("dy", "y"), params=("mean", "invstd", "weight"),
-            results=("x", "weight", "weight"))
+            results=("x", "weight", "weight"), native=True)
 def _batch_norm_backward(dy, x, mean, invstd, weight, axis, out, y):
     """:func:`batch_norm_backward`; with ``y`` (a fused ReLU's output) ``dy``
     counts only where ``y > 0``."""
@@ -353,15 +353,15 @@ def _batch_norm_backward(dy, x, mean, invstd, weight, axis, out, y):
                     None if y is None else plan.view(y))
             return dx, dweight, dbias
     be, layout, x, dy, mean, invstd, weight, y, out = _prepare(
-        x, axis, dy=dy, mean=mean, invstd=invstd, weight=weight, y=y, out=out)
+        x, axis, half=True, dy=dy, mean=mean, invstd=invstd, weight=weight, y=y, out=out)
     v.check_same_as(dy, "dy", x)
     if y is not None:
         v.check_same_as(y, "y", x)
-    nfeat = layout.shape3[1]
-    v.check_vector(mean, "mean", nfeat, x.dtype)
-    v.check_vector(invstd, "invstd", nfeat, x.dtype)
+    nfeat, cdt = layout.shape3[1], v.compute_dtype(x.dtype)
+    v.check_vector(mean, "mean", nfeat, cdt)
+    v.check_vector(invstd, "invstd", nfeat, cdt)
     if weight is not None:
-        v.check_vector(weight, "weight", nfeat, x.dtype)
+        v.check_vector(weight, "weight", nfeat, cdt)
     dx3, dx, finish = _output(be, x, layout, out, inputs=(x, dy) if y is None else (x, dy, y))
     with be.guard(x):
         dweight, dbias = be.feature_ops.batch_norm_backward(

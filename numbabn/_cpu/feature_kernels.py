@@ -398,10 +398,10 @@ def _block_backward_sums_kernel(masked):
         zero = m - m
         for j in range(dyr.shape[0]):
             if masked:
-                g = dyr[j] if yr[j] > zero else zero
+                g = value_of(dyr[j]) if value_of(yr[j]) > zero else zero
             else:
-                g = dyr[j]
-            xc = (xr[j] - m) * s
+                g = value_of(dyr[j])
+            xc = (value_of(xr[j]) - m) * s
             a += g
             b += g * xc
             e += xc
@@ -468,11 +468,11 @@ def _dx_nchw(dy, x, c, r0, r1, j0, j1, coef, y, masked, dx):
         if masked:
             yr = y[r, c, j0:j1]
             for j in range(j1 - j0):
-                g = dyr[j] if yr[j] > zero else zero
-                dxr[j] = (g + (xr[j] - hi) * b + d) * a
+                g = value_of(dyr[j]) if value_of(yr[j]) > zero else zero
+                dxr[j] = stored((g + (value_of(xr[j]) - hi) * b + d) * a, dxr)
         else:
             for j in range(j1 - j0):
-                dxr[j] = (dyr[j] + (xr[j] - hi) * b + d) * a
+                dxr[j] = stored((value_of(dyr[j]) + (value_of(xr[j]) - hi) * b + d) * a, dxr)
 
 
 @njit(**CPU_JIT_STRICT)
@@ -577,11 +577,11 @@ def _dx_segment(gb, xb, yb, hi, a, b, d, masked, zero, ob):
     :func:`_affine_segment`."""
     if masked:
         for j in range(xb.shape[0]):
-            g = gb[j] if yb[j] > zero else zero
-            ob[j] = (g + (xb[j] - hi[j]) * b[j] + d[j]) * a[j]
+            g = value_of(gb[j]) if value_of(yb[j]) > zero else zero
+            ob[j] = stored((g + (value_of(xb[j]) - hi[j]) * b[j] + d[j]) * a[j], ob)
     else:
         for j in range(xb.shape[0]):
-            ob[j] = (gb[j] + (xb[j] - hi[j]) * b[j] + d[j]) * a[j]
+            ob[j] = stored((value_of(gb[j]) + (value_of(xb[j]) - hi[j]) * b[j] + d[j]) * a[j], ob)
 
 
 @njit(**CPU_JIT_STRICT)
@@ -661,7 +661,7 @@ def _plane_sums(dy2, x2, y2, hi, scale, inner, c0, c1, nblk, masked, sums):
     :func:`_chunk_backward_sums_nchw`, summed in another fixed order."""
     p0 = c0 * inner
     w = (c1 - c0) * inner
-    dt = x2.dtype
+    dt = hi.dtype  # the input's, or float32 for half inputs
     zero = np.zeros(1, dt)[0]
     hp = np.empty(w, dt)
     sp = np.empty(w, dt)
@@ -683,17 +683,17 @@ def _plane_sums(dy2, x2, y2, hi, scale, inner, c0, c1, nblk, masked, sums):
         # (LLVM checks its overlap with each array read); three would not
         if masked:
             for t in range(w):
-                pa[t] += dyr[t] if yr[t] > zero else zero
+                pa[t] += value_of(dyr[t]) if value_of(yr[t]) > zero else zero
             for t in range(w):
-                g = dyr[t] if yr[t] > zero else zero
-                pb[t] += g * ((xr[t] - hp[t]) * sp[t])
+                g = value_of(dyr[t]) if value_of(yr[t]) > zero else zero
+                pb[t] += g * ((value_of(xr[t]) - hp[t]) * sp[t])
         else:
             for t in range(w):
-                pa[t] += dyr[t]
+                pa[t] += value_of(dyr[t])
             for t in range(w):
-                pb[t] += dyr[t] * ((xr[t] - hp[t]) * sp[t])
+                pb[t] += value_of(dyr[t]) * ((value_of(xr[t]) - hp[t]) * sp[t])
         for t in range(w):
-            pe[t] += (xr[t] - hp[t]) * sp[t]
+            pe[t] += (value_of(xr[t]) - hp[t]) * sp[t]
         if (n + 1) % nblk == 0 or n == outer - 1:
             for q in range(3):
                 for t in range(w):

@@ -289,10 +289,22 @@ def _backward(dy3, x3, hi, invstd, weight, dx3, y3=None):
     """Run the backward kernel; ``dx3=None`` computes the sums only; ``y3``, the
     output of a fused ReLU, masks ``dy`` where ``y <= 0``.  Returns the
     float64 ``sums`` table (rows ``_core.SUM_DY``, ``SUM_DY_XHI``, ``SUM_XHI``,
-    about ``hi``) and ``(dweight, dbias)`` rows in x's dtype."""
+    about ``hi``) and ``(dweight, dbias)`` rows in x's dtype (float32 for half
+    inputs, whose NCHW-like kernels read and write half values directly)."""
+    if x3.dtype.itemsize == 2 and x3.shape[2] == 1:
+        kind = half.kind_of_array(x3)
+        widen = lambda a: None if a is None else half.widen_array(a, kind)  # noqa: E731
+        dx32 = None if dx3 is None else np.empty(x3.shape, np.float32)
+        result = _backward(widen(dy3), widen(x3), hi, invstd, weight, dx32, widen(y3))
+        if dx3 is not None:
+            half.narrow_array(dx32, dx3.dtype, kind, out=dx3)
+        return result
     k = _kernels(x3)
-    nfeat, dtype = x3.shape[1], x3.dtype
-    geom = plan(x3.shape, dtype.itemsize, 2)
+    nfeat, dtype = x3.shape[1], compute_dtype(x3.dtype)
+    geom = plan(x3.shape, x3.dtype.itemsize, 2)
+    dy3, x3 = half.bits_view(dy3), half.bits_view(x3)
+    dx3 = None if dx3 is None else half.bits_view(dx3)
+    y3 = None if y3 is None else half.bits_view(y3)
     w = _param(weight, nfeat, dtype, 1)
     coef = np.empty((_core.NCOEFS, nfeat), dtype)
     sums = np.empty((_core.NSUMS, nfeat))

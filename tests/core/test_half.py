@@ -273,12 +273,15 @@ def _rounded(a32, dtype):
     ((6, 7, 5, 3), -1, "c"),           # channel-contiguous: through float32
 ], ids=str)
 def test_half_kernels_give_the_float32_kernels_bits_rounded(rng, dtype, shape, axis, layout):
-    """The kernels that read half values directly (forward, normalize) compute
-    in float32 exactly as the float32 kernels do on the widened values."""
+    """The kernels that read half values directly (forward, normalize,
+    backward) compute in float32 exactly as the float32 kernels do on the
+    widened values."""
     x = half_array(rng, shape, dtype, layout, loc=2, axis=axis)
     c = shape[axis]
     w, b = rng.uniform(0.5, 2, c).astype(F32), rng.standard_normal(c).astype(F32)
-    x32 = x.astype(F32)
+    x32 = relayout(x.astype(F32), layout)  # the same layout: the same kernel paths
+    dy = half_array(rng, shape, dtype, layout, axis=axis)
+    dy32 = relayout(dy.astype(F32), layout)
     for relu in (False, True):
         train = numbabn.batch_norm_relu_train if relu else numbabn.batch_norm_train
         y, mean, invstd = train(x, w, b, axis=axis)
@@ -286,6 +289,16 @@ def test_half_kernels_give_the_float32_kernels_bits_rounded(rng, dtype, shape, a
         np.testing.assert_array_equal(y.view(np.uint16), _rounded(y32, dtype).view(np.uint16))
         np.testing.assert_array_equal(mean, mean32)
         np.testing.assert_array_equal(invstd, invstd32)
+        if relu:  # the mask from the half output
+            dx, dw, db = numbabn.batch_norm_relu_backward(dy, y, x, mean, invstd, w, axis=axis)
+            dx32, dw32, db32 = numbabn.batch_norm_relu_backward(
+                dy32, relayout(y.astype(F32), layout), x32, mean, invstd, w, axis=axis)
+        else:
+            dx, dw, db = numbabn.batch_norm_backward(dy, x, mean, invstd, w, axis=axis)
+            dx32, dw32, db32 = numbabn.batch_norm_backward(dy32, x32, mean, invstd, w, axis=axis)
+        np.testing.assert_array_equal(dx.view(np.uint16), _rounded(dx32, dtype).view(np.uint16))
+        np.testing.assert_array_equal(dw, dw32)
+        np.testing.assert_array_equal(db, db32)
     var = (1 / invstd.astype(np.float64) ** 2).astype(F32)
     y = numbabn.normalize(x, mean, var, w, b, axis=axis)
     y32 = numbabn.normalize(x32, mean, var, w, b, axis=axis)
