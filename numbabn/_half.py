@@ -55,10 +55,6 @@ def narrow(be, r, dtype, kind, out=None):
 # --------------------------------------------------------------------------- #
 # The decorator
 # --------------------------------------------------------------------------- #
-def _accepted(dtype):
-    return f"float32 or {dtype} (the dtype of x)"
-
-
 def half_aware(x="x", tensors=(), params=(), stats=(), inplace=(), results=("x",), out="out",
                native=False):
     """Let ``fn`` take a half-precision ``x``.
@@ -82,6 +78,8 @@ def half_aware(x="x", tensors=(), params=(), stats=(), inplace=(), results=("x",
         names = list(sig.parameters)
         pos = names.index(x)
         has_out = out in names
+        defaults = {k: p.default for k, p in sig.parameters.items() if p.default is not p.empty}
+        spec = (names, defaults, sig)
 
         @functools.wraps(fn)
         def wrapper(*args, **kwargs):
@@ -92,7 +90,7 @@ def half_aware(x="x", tensors=(), params=(), stats=(), inplace=(), results=("x",
             kind = kind_of(dtype)
             if kind is None:  # another 2-byte type (int16, non-native float16): fn refuses it
                 return fn(*args, **kwargs)
-            return _call(fn, sig, x, tensors, params, stats, inplace, results,
+            return _call(fn, spec, x, tensors, params, stats, inplace, results,
                          out if has_out else None, native, dtype, kind, args, kwargs)
 
         wrapper.__wrapped_half__ = fn
@@ -101,29 +99,48 @@ def half_aware(x="x", tensors=(), params=(), stats=(), inplace=(), results=("x",
     return decorate
 
 
-def _check_dtype(value, name, allowed, message):
+_SAME = "{x}, the dtype of x"
+_PARAM = "float32 or {x} (the dtype of x)"
+_STAT = "float32, float64 or {x} (the dtype of x)"
+
+
+def _check_dtype(value, name, allowed, accepted, xdtype):
     dtype = getattr(value, "dtype", None)
     if not isinstance(dtype, np.dtype):  # None, or not an array: fn says what it expects
         return
     if dtype not in allowed:
-        raise TypeError(f"{name} must have dtype {message}; got {dtype}.")
+        raise TypeError(f"{name} must have dtype {accepted.format(x=xdtype)}; got {dtype}.")
 
 
-def _call(fn, sig, x, tensors, params, stats, inplace, results, out, native, dtype, kind, args,
+def _bind(spec, args, kwargs):
+    """The arguments by name, defaults filled in (``inspect.Signature.bind``
+    without its cost; it still says what is wrong with a bad call)."""
+    names, defaults, sig = spec
+    if len(args) > len(names) or any(k not in defaults and k not in names for k in kwargs) \
+            or any(k in kwargs for k in names[:len(args)]):
+        sig.bind(*args, **kwargs)  # raises the TypeError Python would
+    arguments = dict(defaults)
+    arguments.update(zip(names, args))
+    arguments.update(kwargs)
+    missing = [n for n in names if n not in arguments]
+    if missing:
+        sig.bind(*args, **kwargs)
+    return arguments
+
+
+def _call(fn, spec, x, tensors, params, stats, inplace, results, out, native, dtype, kind, args,
           kwargs):
-    bound = sig.bind(*args, **kwargs)
-    arguments = bound.arguments
+    arguments = _bind(spec, args, kwargs)
     # Every check before any conversion or write.
     for name in tensors:
-        _check_dtype(arguments.get(name), name, (dtype,), f"{dtype}, the dtype of x")
+        _check_dtype(arguments.get(name), name, (dtype,), _SAME, dtype)
     for name in (*params, *inplace):
-        _check_dtype(arguments.get(name), name, (F32, dtype), _accepted(dtype))
+        _check_dtype(arguments.get(name), name, (F32, dtype), _PARAM, dtype)
     for name in stats:
-        _check_dtype(arguments.get(name), name, (F32, F64, dtype),
-                     f"float32, float64 or {dtype} (the dtype of x)")
+        _check_dtype(arguments.get(name), name, (F32, F64, dtype), _STAT, dtype)
     target = arguments.get(out) if out else None
     if target is not None:
-        _check_dtype(target, out, (dtype,), f"{dtype}, the dtype of x")
+        _check_dtype(target, out, (dtype,), _SAME, dtype)
         if tuple(getattr(target, "shape", ())) != tuple(arguments[x].shape):
             raise ValueError(f"{out} must have the shape of x {tuple(arguments[x].shape)}; "
                              f"got {v.describe(target)}.")
