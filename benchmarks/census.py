@@ -22,6 +22,9 @@ A census case is one distinct (norm, shape, layout, dtype); ``uses`` counts the
 layers (over all models) that see it.  Batch norm and group norm run on NCHW and
 on channels-last (NHWC memory, PyTorch's ``channels_last``); float64 is
 measured where users run it (the CIFAR ResNet-18 at batch 32 and BERT).
+``census(dtypes=("bfloat16",))`` gives every shape in one dtype instead: the
+half-precision census (bfloat16 needs ml_dtypes; parameters in the same dtype,
+as ``model.to(torch.bfloat16)`` has them; ONNX Runtime is not timed there).
 
 Operations: batch norm ``fwd_train`` (statistics and output), ``backward`` (dx,
 dweight, dbias) and ``eval`` (running statistics); the family's ``forward``
@@ -185,23 +188,37 @@ class CensusCase:
 
     @property
     def nbytes(self):
-        return int(np.prod(self.shape)) * np.dtype(self.dtype).itemsize
+        return int(np.prod(self.shape)) * np_dtype(self.dtype).itemsize
 
 
-def census(models=None, layouts=("NCHW", "NHWC")):
-    """The distinct cases of ``models`` (default: all), each with its use count."""
+def np_dtype(name):
+    """The NumPy dtype of a census dtype name (bfloat16 from ml_dtypes)."""
+    if name == "bfloat16":
+        import ml_dtypes
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
+
+
+HALF = ("float16", "bfloat16")
+
+
+def census(models=None, layouts=("NCHW", "NHWC"), dtypes=None):
+    """The distinct cases of ``models`` (default: all), each with its use count;
+    ``dtypes``: every case in these dtypes (default: float32, and float64 where
+    users run it)."""
     found = OrderedDict()
     for name, layers in MODELS.items():
         if models is not None and name not in models:
             continue
-        dtypes = ("float32", "float64") if name in FLOAT64_MODELS else ("float32",)
+        model_dtypes = dtypes or (
+            ("float32", "float64") if name in FLOAT64_MODELS else ("float32",))
         for entry in layers():
             norm, shape = entry[0], entry[1]
             groups = entry[2] if len(entry) > 2 else 0
             for lay in (("rows",) if len(shape) == 2 else layouts):
                 if norm == "instance" and lay == "NHWC":
                     continue  # style-transfer code runs NCHW
-                for dt in dtypes:
+                for dt in model_dtypes:
                     key = (norm, shape, lay, dt, groups)
                     uses, where = found.get(key, (0, ()))
                     found[key] = uses + 1, where if name in where else where + (name,)
@@ -216,7 +233,7 @@ class CensusInputs:
 
     def __init__(self, case: CensusCase, seed=0):
         rng = np.random.default_rng(seed)
-        dt = np.dtype(case.dtype)
+        dt = np_dtype(case.dtype)
         self.case = case
         shape = case.shape
         nfeat = shape[1] if case.norm in ("batch", "group", "instance") else shape[-1]
@@ -309,11 +326,13 @@ def reference(op, inp):
     if c.norm != "batch":
         return family_reference(op, inp)
     x64 = inp.x.astype(np.float64)
+    w, b = inp.weight.astype(np.float64), inp.bias.astype(np.float64)
     if op == "fwd_train":
-        return numpy_fwd_train(x64, inp.weight, inp.bias, 1)
+        return numpy_fwd_train(x64, w, b, 1)
     if op == "eval":
-        return (numpy_normalize(x64, inp.running_mean, inp.running_var, inp.weight, inp.bias, 1),)
-    return numpy_backward(inp.dy.astype(np.float64), x64, inp.weight, 1)
+        return (numpy_normalize(x64, inp.running_mean.astype(np.float64),
+                                inp.running_var.astype(np.float64), w, b, 1),)
+    return numpy_backward(inp.dy.astype(np.float64), x64, w, 1)
 
 
 # --------------------------------------------------------------------------- #
@@ -340,45 +359,61 @@ def _numbabn(op, inp):
     return lambda: nb.instance_norm_backward(dy, x, inp.mean, inp.rstd, w)
 
 
+def _tensor(a):
+    """A tensor over ``a``'s memory, strides kept (bfloat16 through its bits)."""
+    if a.dtype.name == "bfloat16":
+        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(a)
+
+
+def _array(t):
+    """An array over a result tensor's memory (bfloat16 as ml_dtypes', no copy)."""
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(np_dtype("bfloat16"))
+    return t.numpy()
+
+
 def _torch(op, inp):
     """ATen's kernels on the same memory (a channels-last case is a channels_last tensor)."""
     c = inp.case
-    tx, tdy = torch.from_numpy(inp.x), torch.from_numpy(inp.dy)  # keeps the strides
-    tw, tb = torch.from_numpy(inp.weight), torch.from_numpy(inp.bias)
+    tx, tdy = _tensor(inp.x), _tensor(inp.dy)  # keeps the strides
+    tw, tb = _tensor(inp.weight), _tensor(inp.bias)
     aten = torch.ops.aten
     if c.norm == "batch":
         if op == "fwd_train":
             def run():
                 y, mean, invstd = aten.native_batch_norm(tx, tw, tb, None, None, True, 0.1, EPS)
-                return y.numpy(), mean.numpy(), invstd.numpy()
+                return _array(y), _array(mean), _array(invstd)
         elif op == "eval":
-            trm, trv = torch.from_numpy(inp.running_mean), torch.from_numpy(inp.running_var)
+            trm, trv = _tensor(inp.running_mean), _tensor(inp.running_var)
 
             def run():
-                return (aten.native_batch_norm(tx, tw, tb, trm, trv, False, 0.1, EPS)[0].numpy(),)
+                return (_array(aten.native_batch_norm(tx, tw, tb, trm, trv, False, 0.1, EPS)[0]),)
         else:
-            tmean, tinvstd = torch.from_numpy(inp.mean), torch.from_numpy(inp.invstd)
+            tmean, tinvstd = _tensor(inp.mean), _tensor(inp.invstd)
+            if c.dtype in HALF:  # ATen's half backward takes its own saved statistics' dtype
+                _, tmean, tinvstd = aten.native_batch_norm(tx, tw, tb, None, None, True, 0.1, EPS)
 
             def run():
                 dx, dw, db = aten.native_batch_norm_backward(
                     tdy, tx, tw, None, None, tmean, tinvstd, True, EPS, [True, True, True])
-                return dx.numpy(), dw.numpy(), db.numpy()
+                return _array(dx), _array(dw), _array(db)
         return run
     if c.norm in ("layer", "rms"):
         shape = [tx.shape[-1]]
         if c.norm == "layer":
             y, tmean, trstd = aten.native_layer_norm(tx, shape, tw, tb, EPS)
             if op == "forward":
-                return lambda: (aten.native_layer_norm(tx, shape, tw, tb, EPS)[0].numpy(),)
+                return lambda: (_array(aten.native_layer_norm(tx, shape, tw, tb, EPS)[0]),)
 
             def run():
                 dx, dw, db = aten.native_layer_norm_backward(tdy, tx, shape, tmean, trstd, tw, tb,
                                                              [True, True, True])
-                return dx.numpy(), dw.numpy(), db.numpy()
+                return _array(dx), _array(dw), _array(db)
             return run
         F = torch.nn.functional
         if op == "forward":
-            return lambda: (F.rms_norm(tx, shape, tw, EPS).numpy(),)
+            return lambda: (_array(F.rms_norm(tx, shape, tw, EPS)),)
         # PyTorch's CPU rms_norm is a composite of ATen ops: its backward is the
         # autograd graph's, timed alone (the graph kept from one forward)
         gx, gw = tx.clone().requires_grad_(), tw.clone().requires_grad_()
@@ -386,19 +421,19 @@ def _torch(op, inp):
 
         def run():
             dx, dw = torch.autograd.grad(gy, (gx, gw), tdy, retain_graph=True)
-            return dx.numpy(), dw.numpy()
+            return _array(dx), _array(dw)
         return run
     groups = _family_groups(c)
     n, ch = tx.shape[0], tx.shape[1]
     hw = int(np.prod(tx.shape[2:]))
     if op == "forward":
-        return lambda: (aten.native_group_norm(tx, tw, tb, n, ch, hw, groups, EPS)[0].numpy(),)
+        return lambda: (_array(aten.native_group_norm(tx, tw, tb, n, ch, hw, groups, EPS)[0]),)
     _, tmean, trstd = aten.native_group_norm(tx, tw, tb, n, ch, hw, groups, EPS)
 
     def run():
         dx, dw, db = aten.native_group_norm_backward(tdy, tx, tmean, trstd, tw, n, ch, hw, groups,
                                                      [True, True, True])
-        return dx.numpy(), dw.numpy(), db.numpy()
+        return _array(dx), _array(dw), _array(db)
     return run
 
 
@@ -438,7 +473,7 @@ def _ort_model(case, inp):
 
 def _ort(op, inp, threads):
     c = inp.case
-    if ort is None or c.layout == "NHWC" or op not in ("eval", "forward"):
+    if ort is None or c.layout == "NHWC" or op not in ("eval", "forward") or c.dtype in HALF:
         return None
     if c.norm == "batch" and op != "eval":
         return None
@@ -471,13 +506,16 @@ def implementations(op, inp, threads=None):
     return fns
 
 
-TOL = {"float32": 1e-4, "float64": 1e-9}
+TOL = {"float32": 1e-4, "float64": 1e-9, "float16": 4 * 2.0 ** -10, "bfloat16": 4 * 2.0 ** -7}
 
 
 def validate(op, name, result, ref, dtype):
     """Raise AssertionError unless every output of ``result`` matches the float64 ``ref``."""
     tol = TOL[dtype] if name != "ort" else max(TOL[dtype], 1e-4)  # ORT computes in the input dtype
     for i, (a, r) in enumerate(zip(result, ref)):
+        if i and dtype in HALF and name != "numbabn":
+            break  # ATen's half parameter gradients are summed in half (bfloat16 LayerNorm's
+            # dweight: 6.6% off at (4096, 768)); only the peers' y and dx are checked
         a = np.asarray(a, np.float64)
         r = np.asarray(r, np.float64).reshape(a.shape)
         scale = np.max(np.abs(r)) if r.size else 1.0

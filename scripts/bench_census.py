@@ -7,7 +7,9 @@ geometric means and every case below the peer.
     PYTHONPATH=. python scripts/bench_census.py --ranges runs/census-1 runs/census-2 runs/census-3
 
 Cases come from ``benchmarks/census.py`` (the normalization layers of standard
-networks, NCHW and channels-last, float32 and float64 where users run it).  Each
+networks, NCHW and channels-last, float32 and float64 where users run it;
+``--dtypes bfloat16,float16``: every shape in half precision against ATen's
+half kernels).  Each
 case's implementations are validated against float64 first, then timed in turns
 (``benchmarks.cases.time_interleaved``, best of the rounds; every call returns
 fresh outputs).  Ratios are peer time / numbabn time (> 1: numbabn faster).  The
@@ -180,6 +182,8 @@ def main(argv=None):
     ap.add_argument("--models", help="comma-separated substrings of model names (default: all)")
     ap.add_argument("--norms", help="comma-separated subset of batch,layer,rms,group,instance")
     ap.add_argument("--layouts", default="NCHW,NHWC", help="NCHW and/or NHWC")
+    ap.add_argument("--dtypes", help="every case in these dtypes (e.g. bfloat16,float16); "
+                                     "default: float32, and float64 where users run it")
     ap.add_argument("--ops", help="comma-separated subset of fwd_train,backward,eval,forward")
     ap.add_argument("--weighted", action="store_true", help="also geomeans weighted by layer uses")
     ap.add_argument("--out", default="runs/census")
@@ -193,7 +197,8 @@ def main(argv=None):
         models = [m for m in MODELS if any(k in m for k in keys)]
         if not models:
             ap.error(f"no model matches {args.models!r}; models: {', '.join(MODELS)}")
-    cases = census(models, tuple(args.layouts.split(",")))
+    cases = census(models, tuple(args.layouts.split(",")),
+                   tuple(args.dtypes.split(",")) if args.dtypes else None)
     if args.norms:
         cases = [c for c in cases if c.norm in args.norms.split(",")]
     ops = args.ops.split(",") if args.ops else None

@@ -165,7 +165,7 @@ def _nc_table(coef, x, flat):
     * otherwise (strided rows): ``coef`` itself, each row taken from its start.
     """
     nq, nfeat = coef.shape
-    isz = coef.itemsize
+    isz = x.itemsize  # (coef's for float inputs; 2 for half ones, whose coef is float32)
     if flat:
         k = ((-x.ctypes.data) % 64) // isz
         width = nfeat * (64 // math.gcd(nfeat * isz, 64))
@@ -826,18 +826,18 @@ def _chunk_sums_nc(x, r0, r1, c0, c1, s1, s2):
         x2 = x[r + 2, c0:c1]
         x3 = x[r + 3, c0:c1]
         for i in range(w):
-            h = np.float64(sh[i])
-            d0 = np.float64(x0[i]) - h
-            d1 = np.float64(x1[i]) - h
-            d2 = np.float64(x2[i]) - h
-            d3 = np.float64(x3[i]) - h
+            h = np.float64(value_of(sh[i]))
+            d0 = np.float64(value_of(x0[i])) - h
+            d1 = np.float64(value_of(x1[i])) - h
+            d2 = np.float64(value_of(x2[i])) - h
+            d3 = np.float64(value_of(x3[i])) - h
             s1[i] += (d0 + d1) + (d2 + d3)
             s2[i] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
         r += 4
     for r in range(r, r1):
         xr = x[r, c0:c1]
         for i in range(w):
-            d = np.float64(xr[i]) - np.float64(sh[i])
+            d = np.float64(value_of(xr[i])) - np.float64(value_of(sh[i]))
             s1[i] += d
             s2[i] += d * d
 
@@ -848,7 +848,8 @@ def _chunk_moments_nc(x, r0, r1, c0, c1, means, m2s):
     _chunk_sums_nc(x, r0, r1, c0, c1, means, m2s)
     n = r1 - r0
     for i in range(c1 - c0):
-        means[i], m2s[i] = shifted_moments(n, np.float64(x[r0, c0 + i]), means[i], m2s[i])
+        means[i], m2s[i] = shifted_moments(n, np.float64(value_of(x[r0, c0 + i])), means[i],
+                                           m2s[i])
 
 
 @njit(**CPU_JIT_STRICT)
@@ -878,8 +879,8 @@ def _affine_flat(xf, yf, coef, tab, k, relu, zero):
     k = min(k, n)
     for j in range(k):
         c = j % nfeat
-        v = (xf[j] - coef[HI, c]) * coef[SCALE, c] + coef[OFFSET, c]
-        yf[j] = zero if relu and v < zero else v
+        v = (value_of(xf[j]) - coef[HI, c]) * coef[SCALE, c] + coef[OFFSET, c]
+        yf[j] = stored(zero if relu and v < zero else v, yf)
     hi = tab[HI]
     s = tab[SCALE]
     o = tab[OFFSET]
@@ -917,8 +918,8 @@ def _add_backward_sums_nc(dy, x, r0, r1, c0, c1, m, sc, acc):
         gr = dy[r, c0:c1]
         xr = x[r, c0:c1]
         for i in range(w):
-            a = gr[i]
-            e = (xr[i] - m[i]) * sc[i]
+            a = value_of(gr[i])
+            e = (value_of(xr[i]) - m[i]) * sc[i]
             s0[i] += a
             s1[i] += a * e
             s2[i] += e
@@ -945,14 +946,14 @@ def _add_backward_sums_nc4(dy, x, r0, r1, c0, c1, m, sc, acc):
         for i in range(w):
             mi = m[i]
             si = sc[i]
-            a0 = g0[i]
-            a1 = g1[i]
-            a2 = g2[i]
-            a3 = g3[i]
-            e0 = (x0[i] - mi) * si
-            e1 = (x1[i] - mi) * si
-            e2 = (x2[i] - mi) * si
-            e3 = (x3[i] - mi) * si
+            a0 = value_of(g0[i])
+            a1 = value_of(g1[i])
+            a2 = value_of(g2[i])
+            a3 = value_of(g3[i])
+            e0 = (value_of(x0[i]) - mi) * si
+            e1 = (value_of(x1[i]) - mi) * si
+            e2 = (value_of(x2[i]) - mi) * si
+            e3 = (value_of(x3[i]) - mi) * si
             s0[i] += (a0 + a1) + (a2 + a3)
             s1[i] += (a0 * e0 + a1 * e1) + (a2 * e2 + a3 * e3)
             s2[i] += (e0 + e1) + (e2 + e3)
@@ -973,8 +974,8 @@ def _add_backward_sums_nc_masked(dy, y, x, r0, r1, c0, c1, m, sc, acc):
         yr = y[r, c0:c1]
         xr = x[r, c0:c1]
         for i in range(w):
-            a = gr[i] if yr[i] > zero else zero
-            e = (xr[i] - m[i]) * sc[i]
+            a = value_of(gr[i]) if value_of(yr[i]) > zero else zero
+            e = (value_of(xr[i]) - m[i]) * sc[i]
             s0[i] += a
             s1[i] += a * e
             s2[i] += e
@@ -1017,9 +1018,9 @@ def _dx_flat(dyf, xf, yf, coef, tab, k, masked, zero, dxf):
     k = min(k, n)
     for j in range(k):
         c = j % nfeat
-        g = dyf[j] if not masked or yf[j] > zero else zero
-        dxf[j] = (g + (xf[j] - coef[HI, c]) * coef[XC_COEF, c] + coef[DY_SHIFT, c]) * \
-            coef[DX_SCALE, c]
+        g = value_of(dyf[j]) if not masked or value_of(yf[j]) > zero else zero
+        dxf[j] = stored((g + (value_of(xf[j]) - coef[HI, c]) * coef[XC_COEF, c]
+                         + coef[DY_SHIFT, c]) * coef[DX_SCALE, c], dxf)
     a = tab[DX_SCALE]
     hi = tab[HI]
     b = tab[XC_COEF]
@@ -1102,7 +1103,7 @@ def backward_nc(dy, x, hi, invstd, weight, geom, write_dx, y, masked, p, sums, c
     scale = _backward_scales(invstd)
     for t_ in prange(nth):
         t = np.int64(t_)
-        acc = np.empty((3, width), x.dtype)
+        acc = np.empty((3, width), hi.dtype)  # x's dtype, or float32 for half inputs
         b0, b1 = _thread_span(t, nth, nrb)
         for rb in range(b0, b1):
             r0 = rb * rows

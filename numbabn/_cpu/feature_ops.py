@@ -154,19 +154,6 @@ def _dx_planes(dy3, x3, y3, coef, masked, dx3):
                 _flat(dx3))
 
 
-def _through_float32(op, x3, y3, *args):
-    """``op(x32, *args, y32)`` on float32 copies of half ``x3`` and ``y3``, then
-    ``y32`` rounded into ``y3``: the channel-contiguous half inputs (the
-    kernels' aligned coefficient tables assume the input's item size)."""
-    kind = half.kind_of_array(x3)
-    x32 = half.widen_array(x3, kind)
-    y32 = None if y3 is None else np.empty(x32.shape, np.float32)
-    result = op(x32, *args, y32)
-    if y3 is not None:
-        half.narrow_array(y32, y3.dtype, kind, out=y3)
-    return result
-
-
 def compute_dtype(dtype):
     """The dtype of the coefficients and per-feature results for input ``dtype``:
     itself, or float32 for a half type."""
@@ -180,9 +167,7 @@ def _forward(x3, weight, bias, eps, y3, relu=False):
     """Run the forward kernel; ``y3=None`` computes the statistics only; ``relu``
     passes the output through a ReLU.
     Returns the float64 ``stats`` table (rows ``_core.MEAN``, ``INVSTD``, ``VAR``, ``M2``).
-    Half inputs (NCHW-like) run the same kernels on their bits (``half.bits_view``)."""
-    if x3.dtype.itemsize == 2 and x3.shape[2] == 1:
-        return _through_float32(lambda x, y: _forward(x, weight, bias, eps, y, relu), x3, y3)
+    Half inputs run the same kernels on their bits (``half.bits_view``)."""
     k = _kernels(x3)
     nfeat, dtype = x3.shape[1], compute_dtype(x3.dtype)
     geom = plan(x3.shape, x3.dtype.itemsize, 1)
@@ -249,9 +234,6 @@ def batch_moments(x3):
 
 
 def _normalize(x3, mean, spread, spread_is_var, weight, bias, eps, y3):
-    if x3.dtype.itemsize == 2 and x3.shape[2] == 1:
-        return _through_float32(
-            lambda x, y: _normalize(x, mean, spread, spread_is_var, weight, bias, eps, y), x3, y3)
     k = _kernels(x3)
     nfeat, dtype = x3.shape[1], compute_dtype(x3.dtype)
     x3, y3 = half.bits_view(x3), half.bits_view(y3)
@@ -290,15 +272,7 @@ def _backward(dy3, x3, hi, invstd, weight, dx3, y3=None):
     output of a fused ReLU, masks ``dy`` where ``y <= 0``.  Returns the
     float64 ``sums`` table (rows ``_core.SUM_DY``, ``SUM_DY_XHI``, ``SUM_XHI``,
     about ``hi``) and ``(dweight, dbias)`` rows in x's dtype (float32 for half
-    inputs, whose NCHW-like kernels read and write half values directly)."""
-    if x3.dtype.itemsize == 2 and x3.shape[2] == 1:
-        kind = half.kind_of_array(x3)
-        widen = lambda a: None if a is None else half.widen_array(a, kind)  # noqa: E731
-        dx32 = None if dx3 is None else np.empty(x3.shape, np.float32)
-        result = _backward(widen(dy3), widen(x3), hi, invstd, weight, dx32, widen(y3))
-        if dx3 is not None:
-            half.narrow_array(dx32, dx3.dtype, kind, out=dx3)
-        return result
+    inputs, read and written as half values by the kernels themselves)."""
     k = _kernels(x3)
     nfeat, dtype = x3.shape[1], compute_dtype(x3.dtype)
     geom = plan(x3.shape, x3.dtype.itemsize, 2)
