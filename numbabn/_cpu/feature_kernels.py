@@ -169,6 +169,8 @@ def _nc_table(coef, x, flat):
     if flat:
         k = ((-x.ctypes.data) % 64) // isz
         width = nfeat * (64 // math.gcd(nfeat * isz, 64))
+        if isz == 2:  # half values: segments of at least 512 (the conversions' loop setup)
+            width *= _cdiv(512, width)
         tab = _aligned_empty((nq, width), coef)
         for q in range(nq):  # copies of coef[q] rotated by k (no division per value)
             row = tab[q]
