@@ -74,8 +74,7 @@ _MAX_PLANS = 1024
 def _remember(x, axis, layout):
     """Keep the plan of a host ``x`` that passed ``check_input`` (non-empty)
     and ``check_axis`` with this ``axis``."""
-    if type(x) is not _ndarray or type(axis) is not int or not layout.count \
-            or x.dtype.itemsize == 2:  # half inputs always take the general path
+    if type(x) is not _ndarray or type(axis) is not int or not layout.count:
         return
     key = (x.shape, x.strides, x.dtype, axis)
     if key not in _plans:
@@ -91,6 +90,9 @@ def _plan_of(x, axis):
     if type(x) is _ndarray and type(axis) is int:
         return _plans.get((x.shape, x.strides, x.dtype, axis))
     return None
+
+
+_cdt = v.compute_dtype  # per-feature dtype: x's, float32 for half x
 
 
 def _is_vector(a, dtype, shape):
@@ -186,11 +188,11 @@ def normalize(x, mean, var, weight=None, bias=None, eps=1e-5, axis=1, out=None):
     """
     plan = _plan_of(x, axis)
     if plan is not None and out is None and _is_eps(eps):
-        dtype, vshape = x.dtype, plan.vector_shape
+        dtype, vshape = _cdt(x.dtype), plan.vector_shape
         if _is_vector(mean, dtype, vshape) and _is_vector(var, dtype, vshape) and (
                 weight is None or _is_vector(weight, dtype, vshape)) and (
                 bias is None or _is_vector(bias, dtype, vshape)):
-            y3, y = plan.empty(dtype)
+            y3, y = plan.empty(x.dtype)
             with _CPU.guard(x):
                 _CPU.feature_ops.normalize(plan.view(x), mean, var, weight, bias, eps, y3)
             return y
@@ -249,8 +251,8 @@ def _batch_norm_train(x, weight, bias, eps, axis, out, relu=False):
     ``relu`` applies a ReLU to the output in the same pass."""
     plan = _plan_of(x, axis)
     if plan is not None and out is None and plan.count >= 2 and _is_eps(eps) and (
-            weight is None or _is_vector(weight, x.dtype, plan.vector_shape)) and (
-            bias is None or _is_vector(bias, x.dtype, plan.vector_shape)):
+            weight is None or _is_vector(weight, _cdt(x.dtype), plan.vector_shape)) and (
+            bias is None or _is_vector(bias, _cdt(x.dtype), plan.vector_shape)):
         y3, y = plan.empty(x.dtype)
         with _CPU.guard(x):
             mean, invstd, var = _CPU.feature_ops.batch_norm_train(plan.view(x), weight, bias, eps, y3,
@@ -343,10 +345,10 @@ def _batch_norm_backward(dy, x, mean, invstd, weight, axis, out, y):
     counts only where ``y > 0``."""
     plan = _plan_of(x, axis)
     if plan is not None and out is None and _is_like(dy, x) and (y is None or _is_like(y, x)):
-        dtype, vshape = x.dtype, plan.vector_shape
+        dtype, vshape = _cdt(x.dtype), plan.vector_shape
         if _is_vector(mean, dtype, vshape) and _is_vector(invstd, dtype, vshape) and (
                 weight is None or _is_vector(weight, dtype, vshape)):
-            dx3, dx = plan.empty(dtype)
+            dx3, dx = plan.empty(x.dtype)
             with _CPU.guard(x):
                 dweight, dbias = _CPU.feature_ops.batch_norm_backward(
                     plan.view(dy), plan.view(x), mean, invstd, weight, dx3,
@@ -442,13 +444,13 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
     plan = _plan_of(x, axis)
     if plan is not None and type(training) is bool and type(momentum) is float \
             and 0.0 <= momentum <= 1.0 and _is_eps(eps) and (not training or plan.count >= 2):
-        dtype, vshape = x.dtype, plan.vector_shape
+        dtype, vshape = _cdt(x.dtype), plan.vector_shape
         if _is_vector(running_mean, dtype, vshape) and _is_vector(running_var, dtype, vshape) \
                 and (not training or (running_mean.flags.writeable
                                       and running_var.flags.writeable)) and (
                 weight is None or _is_vector(weight, dtype, vshape)) and (
                 bias is None or _is_vector(bias, dtype, vshape)):
-            y3, y = plan.empty(dtype)
+            y3, y = plan.empty(x.dtype)
             with _CPU.guard(x):
                 if not training:
                     _CPU.feature_ops.normalize(plan.view(x), running_mean, running_var, weight, bias,

@@ -20,7 +20,11 @@ see :mod:`numbabn.torch._ops`):
   on every call of a shape); CUDA tensors on device 0 and the default stream
   go to numbabn's GPU kernels through ``__cuda_array_interface__`` (not tested on
   a GPU yet);
-- everything else (float16/bfloat16, an empty batch, one value per channel in
+- float16 and bfloat16 CPU tensors (and float16 CUDA ones) run numbabn's
+  kernels too, with parameters of the input's dtype or float32 (mixed
+  precision, as ``torch.autocast`` gives them); their saved statistics are
+  float32, their parameter gradients in the parameters' dtype;
+- everything else (an empty batch, one value per channel in
   training, eps <= 0, momentum outside [0, 1], mismatched dtypes or devices)
   runs stock PyTorch, so behaviour and error messages are PyTorch's.
 

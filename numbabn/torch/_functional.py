@@ -19,7 +19,7 @@ Three ways a call can go:
   call (or only its backward) runs ATen's, by the table of
   :mod:`numbabn.torch._dispatch`, in eager mode and inside the ops alike;
 - **stock** (``F.batch_norm``): whatever numbabn does not compute exactly as
-  PyTorch (see :func:`numbabn.torch._tensors.numbabn_runs`: half precision, an
+  PyTorch (see :func:`numbabn.torch._tensors.numbabn_runs`: an
   empty batch, ...), and TorchScript tracing, functorch transforms (``vmap``,
   ``grad``), forward-mode AD and tensor subclasses, where an opaque Python
   kernel cannot run.

@@ -6,7 +6,7 @@ and FX record them as single nodes, and with an autograd formula:
 
 - ``batch_norm_train(x, weight, bias, eps, relu) -> (y, mean, invstd, var)``:
   normalise with the batch statistics (then a ReLU with ``relu``); ``mean`` and
-  ``invstd`` in x's dtype, the biased ``var`` in float64 (for the running
+  ``invstd`` in x's dtype (float32 for float16/bfloat16 x), the biased ``var`` in float64 (for the running
   statistics).  Differentiable in ``x``, ``weight``, ``bias``.
 - ``update_running_stats(running_mean!, running_var!, num_batches_tracked!, mean,
   var, count, momentum)``: PyTorch's update of the running statistics, in place:
@@ -21,7 +21,7 @@ and FX record them as single nodes, and with an autograd formula:
   Once differentiable: differentiating them again raises.
 
 Inputs numbabn does not take (see :func:`numbabn.torch._tensors.numbabn_runs`:
-half precision, an empty batch, ...) run ATen's batch norm inside the ops, so a
+an empty batch, ...) run ATen's batch norm inside the ops, so a
 graph recorded without knowing dtypes (FX's symbolic tracing) runs anything;
 so do the shapes that :mod:`numbabn.torch._dispatch` routes to ATen (the same
 table as eager calls).
@@ -55,7 +55,7 @@ def batch_norm_train(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]
     if runs and _t.route_of(x, "train") == _NUMBABN:
         y, mean, invstd, var = _t.forward_train(x, weight, bias, eps, relu)
         return y, _t.tensor(mean, x), _t.tensor(invstd, x), _t.tensor(var, x)
-    # ATen's kernels (by the dispatch table; half precision, an empty batch, ...)
+    # ATen's kernels (by the dispatch table; an empty batch, ...)
     nfeat = x.shape[1]
     if x.numel() == 0:
         y = torch.nn.functional.batch_norm(x, None, None, weight, bias, True, 0.0, eps)
