@@ -72,14 +72,15 @@ a layer-norm weight's axes like the row's values (None: per-channel weights)."""
 # --------------------------------------------------------------------------- #
 # Checks (all before any work)
 # --------------------------------------------------------------------------- #
-def _check_x(x, name, min_ndim, expected):
+def _check_x(x, name, min_ndim, expected, half=False):
     """A float32/float64 array of at least ``min_ndim`` dimensions; any axis may
     be empty (as PyTorch: see :func:`_empty_train`)."""
     if not v.is_array(x):
         raise TypeError(
             f"{name} must be a numpy.ndarray of float32 or float64; got {v.describe(x)}. "
             f"Wrap it with np.asarray({name}, dtype=np.float32).")
-    v.check_float_dtype(x, name)
+    if not (half and v.half_kind(x.dtype) is not None):  # half: the forwards' own kernels
+        v.check_float_dtype(x, name)
     if x.ndim < min_ndim:
         raise ValueError(f"{name} must have shape {expected}; got shape {tuple(x.shape)}.")
 
@@ -222,8 +223,8 @@ def _empty_train(be, x, stat_shape):
     """The forward of an empty ``x``, as PyTorch's: an empty ``y``; per row a
     mean of 0 and an ``rstd`` of NaN (the variance of no values), rows that
     only exist when the reduced axes are empty."""
-    return (_empty_like(be, x), _full(be, stat_shape, x.dtype, 0),
-            _full(be, stat_shape, x.dtype, np.nan))
+    sdt = v.compute_dtype(x.dtype)  # float32 for half inputs
+    return (_empty_like(be, x), _full(be, stat_shape, sdt, 0), _full(be, stat_shape, sdt, np.nan))
 
 
 def _empty_backward(be, x, param_shape, param_grads):
@@ -303,7 +304,7 @@ def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5):
     return layer_norm_train(x, normalized_shape, weight, bias, eps)[0]
 
 
-@half_aware(params=("weight", "bias"), results=("x", "f32", "f32"))
+@half_aware(params=("weight", "bias"), results=("x", "f32", "f32"), native=True)
 def layer_norm_train(x, normalized_shape, weight=None, bias=None, eps=1e-5):
     """:func:`layer_norm` that also returns what the backward needs.
 
@@ -320,10 +321,10 @@ def layer_norm_train(x, normalized_shape, weight=None, bias=None, eps=1e-5):
     >>> dx, dweight, dbias = numbabn.layer_norm_backward(dy, x, mean, rstd, 768, weight)
     """
     be, (x, weight, bias) = _backend.select(dict(x=x, weight=weight, bias=bias))
-    _check_x(x, "x", 1, "(*, *normalized_shape)")
+    _check_x(x, "x", 1, "(*, *normalized_shape)", half=True)
     shape = _check_normalized_shape(normalized_shape, x)
-    _check_param(weight, "weight", shape, x.dtype)
-    _check_param(bias, "bias", shape, x.dtype)
+    _check_param(weight, "weight", shape, v.compute_dtype(x.dtype))
+    _check_param(bias, "bias", shape, v.compute_dtype(x.dtype))
     eps = v.check_eps(eps)
     k = len(shape)
     if x.size == 0:
@@ -400,7 +401,7 @@ def rms_norm(x, normalized_shape, weight=None, eps=None):
     return rms_norm_train(x, normalized_shape, weight, eps)[0]
 
 
-@half_aware(params=("weight",), results=("x", "f32"))
+@half_aware(params=("weight",), results=("x", "f32"), native=True)
 def rms_norm_train(x, normalized_shape, weight=None, eps=None):
     """:func:`rms_norm` that also returns ``rstd`` (shape ``(*, 1, ..., 1)``,
     ``x.dtype``), ``1 / sqrt(mean(x**2) + eps)`` per row.
@@ -411,10 +412,10 @@ def rms_norm_train(x, normalized_shape, weight=None, eps=None):
     >>> dx, dweight = numbabn.rms_norm_backward(dy, x, rstd, 768, weight)
     """
     be, (x, weight) = _backend.select(dict(x=x, weight=weight))
-    _check_x(x, "x", 1, "(*, *normalized_shape)")
+    _check_x(x, "x", 1, "(*, *normalized_shape)", half=True)
     shape = _check_normalized_shape(normalized_shape, x)
-    _check_param(weight, "weight", shape, x.dtype)
-    eps = _rms_eps(eps, x.dtype)
+    _check_param(weight, "weight", shape, v.compute_dtype(x.dtype))
+    eps = _rms_eps(eps, v.compute_dtype(x.dtype))  # float32's for half inputs, as PyTorch
     if x.size == 0:
         return _empty_train(be, x, _kept_shapes(x.shape, len(shape))[0])[::2]
     plan = _layer_plan(x, len(shape))
@@ -494,7 +495,7 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5):
     return group_norm_train(x, num_groups, weight, bias, eps)[0]
 
 
-@half_aware(params=("weight", "bias"), results=("x", "f32", "f32"))
+@half_aware(params=("weight", "bias"), results=("x", "f32", "f32"), native=True)
 def group_norm_train(x, num_groups, weight=None, bias=None, eps=1e-5):
     """:func:`group_norm` that also returns ``mean`` and ``rstd`` of shape
     ``(N, num_groups)`` and ``x.dtype`` (as ``torch.native_group_norm``).
@@ -505,10 +506,10 @@ def group_norm_train(x, num_groups, weight=None, bias=None, eps=1e-5):
     >>> dx, dweight, dbias = numbabn.group_norm_backward(dy, x, mean, rstd, 32, weight)
     """
     be, (x, weight, bias) = _backend.select(dict(x=x, weight=weight, bias=bias))
-    _check_x(x, "x", 2, "(N, C, *)")
+    _check_x(x, "x", 2, "(N, C, *)", half=True)
     groups = _check_num_groups(num_groups, x.shape[1])
-    _check_param(weight, "weight", (x.shape[1],), x.dtype)
-    _check_param(bias, "bias", (x.shape[1],), x.dtype)
+    _check_param(weight, "weight", (x.shape[1],), v.compute_dtype(x.dtype))
+    _check_param(bias, "bias", (x.shape[1],), v.compute_dtype(x.dtype))
     eps = v.check_eps(eps)
     y, mean, rstd, _ = _group_train(be, x, groups, weight, bias, eps)
     return y, mean, rstd
@@ -532,7 +533,7 @@ def group_norm_backward(dy, x, mean, rstd, num_groups, weight=None, param_grads=
     return _group_backward(be, dy, x, groups, mean, rstd, weight, param_grads)
 
 
-@half_aware(params=("weight", "bias"), results=("x", "f32", "f32"))
+@half_aware(params=("weight", "bias"), results=("x", "f32", "f32"), native=True)
 def instance_norm_train(x, weight=None, bias=None, eps=1e-5):
     """Instance norm with the input's statistics: ``(y, mean, rstd)``, the
     statistics of shape ``(N, C)`` and ``x.dtype``.
@@ -543,10 +544,10 @@ def instance_norm_train(x, weight=None, bias=None, eps=1e-5):
     >>> dx, dweight, dbias = numbabn.instance_norm_backward(dy, x, mean, rstd, weight)
     """
     be, (x, weight, bias) = _backend.select(dict(x=x, weight=weight, bias=bias))
-    _check_x(x, "x", 3, "(N, C, *spatial) with at least one spatial axis")
+    _check_x(x, "x", 3, "(N, C, *spatial) with at least one spatial axis", half=True)
     _check_spatial(x)
-    _check_param(weight, "weight", (x.shape[1],), x.dtype)
-    _check_param(bias, "bias", (x.shape[1],), x.dtype)
+    _check_param(weight, "weight", (x.shape[1],), v.compute_dtype(x.dtype))
+    _check_param(bias, "bias", (x.shape[1],), v.compute_dtype(x.dtype))
     eps = v.check_eps(eps)
     y, mean, rstd, _ = _group_train(be, x, x.shape[1], weight, bias, eps)
     return y, mean, rstd

@@ -69,6 +69,7 @@ from .._core import (CENTER, DX_SCALE, DY_SHIFT, HI, INVSTD, OFFSET, SCALE, XC_C
 from .feature_kernels import (_block_backward_sums, _cdiv, _pow2_near, affine_coefs,
                               backward_coefs, chan_merge, invstd_of, shifted_moments,
                               store_statistics, sum_dy_xmu_about)
+from .half import stored, value_of
 from .runtime import serial_kernels
 
 RowGeometry = namedtuple("RowGeometry", "mrows kcols fused grad_rows bwd_block")
@@ -120,7 +121,7 @@ def _chunk_sums(x, n, g, m0, m1, k0, k1, shift):
     for m in range(m0, m1):
         xr = x[n, m, g, k0:k1]
         for j in range(k1 - k0):
-            d = np.float64(xr[j]) - shift
+            d = np.float64(value_of(xr[j])) - shift
             s1 += d
             s2 += d * d
     return s1, s2
@@ -132,7 +133,7 @@ def _run_sums(xr, shift):
     s1 = 0.0
     s2 = 0.0
     for j in range(xr.shape[0]):
-        d = np.float64(xr[j]) - shift
+        d = np.float64(value_of(xr[j])) - shift
         s1 += d
         s2 += d * d
     return s1, s2
@@ -141,7 +142,7 @@ def _run_sums(xr, shift):
 @njit(**CPU_JIT_STRICT)
 def _chunk_moments(x, n, g, m0, m1, k0, k1):
     """``(mean, M2)`` of one chunk, about its first value."""
-    shift = np.float64(x[n, m0, g, k0])
+    shift = np.float64(value_of(x[n, m0, g, k0]))
     if x.shape[1] == 1:  # one run per row: no loop over runs (cheaper for short rows)
         s1, s2 = _run_sums(x[n, 0, g, k0:k1], shift)
     else:
@@ -186,13 +187,13 @@ _store_forward = _core.row_forward_writer(njit(**CPU_JIT_STRICT), invstd_of, aff
 @njit(**CPU_JIT_STRICT)
 def _affine_each(xr, hi, s, o, w, b, yr):
     for j in range(xr.shape[0]):
-        yr[j] = ((xr[j] - hi) * s + o) * w[j] + b[j]
+        yr[j] = stored(((value_of(xr[j]) - hi) * s + o) * w[j] + b[j], yr)
 
 
 @njit(**CPU_JIT_STRICT)
 def _affine_run(xr, hi, s, o, yr):
     for j in range(xr.shape[0]):
-        yr[j] = (xr[j] - hi) * s + o
+        yr[j] = stored((value_of(xr[j]) - hi) * s + o, yr)
 
 
 @njit(**CPU_JIT_STRICT)
@@ -209,7 +210,7 @@ def _normalize_region(x, n, g, r, m0, m1, k0, k1, aff, coef, stats, weight, bias
         w = weight[base + k0:base + k1]
         b = bias[base + k0:base + k1]
         for j in range(k1 - k0):
-            yr[j] = ((xr[j] - hi) * s + o) * w[j] + b[j]
+            yr[j] = stored(((value_of(xr[j]) - hi) * s + o) * w[j] + b[j], yr)
         return
     for m in range(m0, m1):
         xr = x[n, m, g]
@@ -224,7 +225,7 @@ def _normalize_region(x, n, g, r, m0, m1, k0, k1, aff, coef, stats, weight, bias
             else:
                 s, o = affine_coefs(stats[CENTER, r], np.float64(hi), stats[INVSTD, r],
                                     np.float64(weight[a]), np.float64(bias[a]))
-                _affine_run(xr[k:e], hi, y.dtype.type(s), y.dtype.type(o), yr[k:e])
+                _affine_run(xr[k:e], hi, coef.dtype.type(s), coef.dtype.type(o), yr[k:e])
             k = e
 
 
@@ -240,7 +241,7 @@ def _one_run_forward(x, n, g, r, aff, eps, rms, geom, write_y, weight, bias, coe
     m2 = 0.0
     for k0 in range(0, K, geom.kcols):
         k1 = min(k0 + geom.kcols, K)
-        shift = np.float64(xr[k0])
+        shift = np.float64(value_of(xr[k0]))
         s1, s2 = _run_sums(xr[k0:k1], shift)
         mk, qk = shifted_moments(k1 - k0, shift, s1, s2)
         cnt, mean, m2 = chan_merge(cnt, mean, m2, np.float64(k1 - k0), mk, qk)
@@ -255,7 +256,7 @@ def _one_run_forward(x, n, g, r, aff, eps, rms, geom, write_y, weight, bias, coe
     b = bias[base:base + K]
     yr = y[n, 0, g]
     for j in range(K):
-        yr[j] = ((xr[j] - hi) * s + o) * w[j] + b[j]
+        yr[j] = stored(((value_of(xr[j]) - hi) * s + o) * w[j] + b[j], yr)
 
 
 # Each path is a kernel of its own (the host drivers choose), so that a call
@@ -807,13 +808,13 @@ def _channel_sums_cl(x, n, s0, s1, s2):
     M, C = x.shape[1], x.shape[2]
     x0 = x[n, 0]
     for c in range(C):
-        s0[c] = np.float64(x0[c])
+        s0[c] = np.float64(value_of(x0[c]))
         s1[c] = 0.0
         s2[c] = 0.0
     for m in range(M):
         xr = x[n, m]
         for c in range(C):
-            d = np.float64(xr[c]) - s0[c]
+            d = np.float64(value_of(xr[c])) - s0[c]
             s1[c] += d
             s2[c] += d * d
 
@@ -840,9 +841,9 @@ def forward_cl(x, weight, bias, G, eps, rms, write_y, coef, stats, y):
             _store_forward(n * G + g, cnt, mean, m2, eps, rms, coef, stats)
         if not write_y:
             continue
-        hic = np.empty(C, x.dtype)
-        sc = np.empty(C, x.dtype)
-        oc = np.empty(C, x.dtype)
+        hic = np.empty(C, coef.dtype)  # x's dtype, or float32 for half inputs
+        sc = np.empty(C, coef.dtype)
+        oc = np.empty(C, coef.dtype)
         for c in range(C):
             r = n * G + c // K
             hic[c] = coef[HI, r]
@@ -852,7 +853,8 @@ def forward_cl(x, weight, bias, G, eps, rms, write_y, coef, stats, y):
             xr = x[n, m]
             yr = y[n, m]
             for c in range(C):
-                yr[c] = ((xr[c] - hic[c]) * sc[c] + oc[c]) * weight[c] + bias[c]
+                yr[c] = stored(((value_of(xr[c]) - hic[c]) * sc[c] + oc[c]) * weight[c]
+                               + bias[c], yr)
 
 
 @njit(**CPU_JIT_PARALLEL)

@@ -11,7 +11,8 @@ from .. import _config as cfg
 from .. import _core
 from .runtime import constant, is_small
 from .._core import INVSTD, MEAN, NROWSTATS, VAR
-from . import row_kernels
+from . import half, row_kernels
+from .feature_ops import compute_dtype
 from .row_kernels import RowGeometry
 
 
@@ -88,12 +89,15 @@ def _whole_runs(aff, *arrays):
 
 def row_norm_train(x4, weight, bias, aff, eps, rms, y4):
     """Normalise each row of ``x4`` into ``y4``; return per-row ``(mean, rstd)``
-    in x's dtype (row order) and the biased variance in float64.  ``weight`` and
-    ``bias`` (or None) have ``gmod * arow`` values laid out as ``aff`` indexes them."""
+    in x's dtype (float32 for half inputs, whose values the kernels read and
+    write directly) (row order) and the biased variance in float64.  ``weight``
+    and ``bias`` (or None) have ``gmod * arow`` values laid out as ``aff``
+    indexes them."""
     N, M, G, K = x4.shape
-    dtype = x4.dtype
+    dtype = compute_dtype(x4.dtype)
     rows = N * G
-    geom = plan(x4.shape, dtype.itemsize, 1)
+    geom = plan(x4.shape, x4.dtype.itemsize, 1)
+    x4, y4 = half.bits_view(x4), half.bits_view(y4)
     k = _kernels(x4)
     nparams = _nparams(aff)
     weight = constant(nparams, dtype, 1) if weight is None else weight
