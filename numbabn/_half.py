@@ -37,11 +37,6 @@ BFLOAT16_KIND, FLOAT16_KIND = v.BFLOAT16_KIND, v.FLOAT16_KIND
 kind_of = v.half_kind
 
 
-def is_half(a) -> bool:
-    dtype = getattr(a, "dtype", None)
-    return isinstance(dtype, np.dtype) and kind_of(dtype) is not None
-
-
 def widen(be, a, kind):
     """``a`` (a half array of backend ``be``) as a new float32 array of its memory order."""
     return be.half.widen_array(a, kind)
