@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import warnings
 
 import pytest
 
@@ -29,9 +30,17 @@ def _free_port():
 def ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, os.path.join(HERE, "ddp_worker.py"), str(out),
-                           str(_free_port())], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=240)
+    for attempt in range(2):
+        proc = subprocess.run([sys.executable, os.path.join(HERE, "ddp_worker.py"), str(out),
+                               str(_free_port())], cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=240)
+        # A rank sometimes aborts in C++ before any result ("terminate called without an
+        # active exception", SIGABRT; about 1 cold-cache run in 4 on the 2-core VM, cause
+        # not found): that one failure is retried once and reported as a warning.
+        if proc.returncode == 0 or attempt or "terminate called without an active exception" \
+                not in proc.stderr:
+            break
+        warnings.warn(f"a DDP rank aborted; retrying once: {proc.stderr[-500:]}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return [torch.load(out / f"rank{r}.pt") for r in range(2)]
 
