@@ -264,7 +264,7 @@ class Trainer:
         return (batch_sizes(len(self.train_y), self.config.batch_size, smallest=2),
                 batch_sizes(len(self.test_y), EVAL_BATCH, smallest=1))
 
-    def warm_up(self, progress=None):
+    def warm_up(self, progress=None, helper=None):
         """Compile (or load from Numba's cache) every kernel this run needs:
         a training step and an evaluation, layer by layer, at each of
         :meth:`warm_batch_sizes`, on copies of the model and optimizer (see
@@ -275,6 +275,9 @@ class Trainer:
         ----------
         progress : bool, optional
             A progress bar with a step per group; default: the trainer's ``progress``.
+        helper : bool, optional
+            Compile the backward passes in a second process (default: with two
+            or more CPUs); see :mod:`numbabn.mnist.warmup`.
 
         Returns
         -------
@@ -290,7 +293,8 @@ class Trainer:
             train_batches.append((x, self.train_y[:size]))
         eval_batches = [(self.test_x[:size].copy(), self.test_y[:size]) for size in eval_sizes]
         return warm_up(self.model, self.optimizer, train_batches, eval_batches,
-                       progress=self.progress if progress is None else progress, log=self.log)
+                       progress=self.progress if progress is None else progress, log=self.log,
+                       helper=helper)
 
     def run(self, epochs):
         """Train until ``epochs`` epochs are done (continuing from :attr:`epochs_done`)."""

@@ -17,11 +17,30 @@ of its passes in the first stage that has it (the training step on the full
 batch, or the first evaluation batch for the ``eval`` groups); the passes at
 the other batch sizes (a last smaller training batch, the evaluation's) are
 timed together, as ``other batch sizes``.
+
+With two or more CPUs the compiling runs in two processes (Numba compiles one
+function at a time per process, on one core): a helper process
+(:class:`_Helper`) compiles the backward passes while this one compiles the
+forward passes.  The helper follows this process's training forward layer by
+layer: once this process has compiled layer ``i``'s forward (and Numba has
+saved it to the on-disk cache), the helper runs that forward from the cache on
+its own copy of the model and batch, then the layer's backward on a zero
+gradient shaped like the layer's output, which compiles the backward kernels
+into the same cache.  This process, reaching the backward passes from the last
+layer down, runs each pass the helper has not started itself (and tells the
+helper to skip it) and waits for the ones the helper has started; those then
+load from the cache.  The two meet in the middle.  A helper that fails or is
+missing changes nothing but the time: every pass still runs here.
 """
 
 from __future__ import annotations
 
 import copy
+import os
+import pickle
+import subprocess
+import sys
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -106,6 +125,8 @@ class WarmupTimes:
     groups: dict = field(default_factory=dict)
     other: float = 0.0
     total: float = 0.0
+    helper: bool = False  # whether a helper process took part
+    helped: list = field(default_factory=list)  # the groups it compiled
 
 
 def group_line(name, seconds):
@@ -113,7 +134,17 @@ def group_line(name, seconds):
     return f"  {name:<32}{seconds:6.1f} s"
 
 
-def warm_up(model, optimizer, train_batches, eval_batches, progress=False, log=print):
+def two_processes_pay():
+    """Whether this process may use at least two CPUs (a helper process then
+    compiles alongside it)."""
+    try:
+        return len(os.sched_getaffinity(0)) >= 2
+    except AttributeError:  # not Linux
+        return (os.cpu_count() or 1) >= 2
+
+
+def warm_up(model, optimizer, train_batches, eval_batches, progress=False, log=print,
+            helper=None):
     """Compile (or load from Numba's cache) every kernel that training steps on
     ``train_batches`` and evaluations of ``eval_batches`` need.
 
@@ -137,6 +168,11 @@ def warm_up(model, optimizer, train_batches, eval_batches, progress=False, log=p
         A tqdm bar (from the ``train`` extra) with a step per group, naming the
         group being compiled.
     log : callable, default print
+    helper : bool, optional
+        Compile the backward passes in a helper process (see the module's
+        docstring); default: when :func:`two_processes_pay`.  The group times
+        are then each group's compile time wherever it ran, and their sum
+        exceeds ``total``.
 
     Returns
     -------
@@ -152,6 +188,10 @@ def warm_up(model, optimizer, train_batches, eval_batches, progress=False, log=p
         bar = tqdm(total=len(points), desc="compiling", unit="group", leave=False)
     times = WarmupTimes()
     start = time.perf_counter()
+    if helper is None:
+        helper = two_processes_pay()
+    aide = _Helper.start(model, train_batches[0][0], first) if helper else None
+    times.helper = aide is not None
     try:
         for s, (training, passes, (x, y)) in enumerate(stages):
             model.train(training)
@@ -159,6 +199,8 @@ def warm_up(model, optimizer, train_batches, eval_batches, progress=False, log=p
                 own = s == points[group][0]  # else a repeat at another batch size
                 if bar is not None and own:
                     bar.set_description_str(f"compiling {group}")
+                helped = aide.claim(i) if aide is not None and s == 0 and what == "backward" \
+                    else None
                 began = time.perf_counter()
                 if what == "forward":
                     x = layers[i].forward(x)
@@ -171,6 +213,12 @@ def warm_up(model, optimizer, train_batches, eval_batches, progress=False, log=p
                 else:
                     optimizer.step(model.grads)
                 seconds = time.perf_counter() - began
+                if aide is not None and s == 0 and what == "forward":
+                    aide.forward_done(i + 1)
+                if helped is not None:  # compiled by the helper; here it loaded from the cache
+                    seconds += helped
+                    if group not in times.helped:
+                        times.helped.append(group)
                 if not own:
                     times.other += seconds
                     continue
@@ -179,12 +227,19 @@ def warm_up(model, optimizer, train_batches, eval_batches, progress=False, log=p
                     _write(group_line(group, times.groups[group]), log, tqdm)
                     if bar is not None:
                         bar.update(1)
+            if aide is not None and s == 0:
+                aide.close()
+                aide = None
     finally:
+        if aide is not None:
+            aide.close()
         if bar is not None:
             bar.close()
     times.total = time.perf_counter() - start
     log(group_line(OTHER, times.other))
-    log(f"kernels ready in {times.total:.1f} s")
+    log(f"kernels ready in {times.total:.1f} s"
+        + (f" (two processes: {len(times.helped)} backward groups in the helper)"
+           if times.helper else ""))
     return times
 
 
@@ -195,3 +250,144 @@ def _write(line, log, tqdm):
     else:
         with tqdm.external_write_mode():
             log(line)
+
+
+# --------------------------------------------------------------------------- the helper process
+
+class _Helper:
+    """The parent's side of the helper process (:func:`_helper_main`).
+
+    They talk through the helper's standard input (the pickled model copy,
+    training batch and first layer with parameters, then lines ``forward N``:
+    the first N training forwards are compiled; ``take I``: this process runs
+    layer I's backward itself; ``stop``) and standard output (``start I`` and
+    ``done I SECONDS`` for each backward the helper compiles)."""
+
+    def __init__(self, proc):
+        self.proc = proc
+        self.started, self.seconds = set(), {}
+        self.dead = False
+        self.cond = threading.Condition()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    @classmethod
+    def start(cls, model, images, first):
+        """A running helper for a training step of ``model`` (a deep copy is
+        sent) on ``images``, or None when one cannot start."""
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-c", "from numbabn.mnist.warmup import _helper_main; _helper_main()"],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)
+        except OSError:
+            return None
+        try:
+            pickle.dump((model, images, first), proc.stdin, protocol=pickle.HIGHEST_PROTOCOL)
+            proc.stdin.flush()
+        except (OSError, pickle.PicklingError, TypeError, AttributeError):
+            proc.kill()
+            proc.wait()
+            return None
+        return cls(proc)
+
+    def _read(self):
+        for line in self.proc.stdout:
+            what, *rest = line.split()
+            with self.cond:
+                if what == b"start":
+                    self.started.add(int(rest[0]))
+                elif what == b"done":
+                    self.seconds[int(rest[0])] = float(rest[1])
+                self.cond.notify_all()
+        with self.cond:
+            self.dead = True
+            self.cond.notify_all()
+
+    def _send(self, line):
+        try:
+            self.proc.stdin.write(line.encode() + b"\n")
+            self.proc.stdin.flush()
+        except OSError:  # the helper has gone: this process runs everything
+            with self.cond:
+                self.dead = True
+
+    def forward_done(self, n):
+        """The first ``n`` training forwards are compiled (and in the cache)."""
+        self._send(f"forward {n}")
+
+    def claim(self, i):
+        """Before this process runs layer ``i``'s backward: the seconds the helper
+        took to compile it (after waiting for it to finish), or None when the
+        helper has not started it (it is told to skip it) or failed."""
+        with self.cond:
+            if i not in self.started:
+                take = True
+            else:
+                self.cond.wait_for(lambda: i in self.seconds or self.dead)
+                take = False
+        if take:
+            self._send(f"take {i}")
+            return None
+        return self.seconds.get(i)
+
+    def close(self):
+        """Stop the helper; kill it if it does not stop within a few seconds (it
+        may be compiling a pass this process also ran)."""
+        self._send("stop")
+        try:
+            self.proc.stdin.close()
+        except OSError:
+            pass
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def _helper_main():
+    """The helper process (see the module's docstring and :class:`_Helper`)."""
+    import numpy as np
+
+    stdin, out = sys.stdin.buffer, sys.stdout
+    model, x, first = pickle.load(stdin)
+    state = {"forward": 0, "taken": set(), "stop": False}
+    cond = threading.Condition()
+
+    def read():
+        for line in stdin:
+            what, _, arg = line.decode().partition(" ")
+            with cond:
+                if what == "forward":
+                    state["forward"] = int(arg)
+                elif what == "take":
+                    state["taken"].add(int(arg))
+                else:
+                    state["stop"] = True
+                cond.notify_all()
+        with cond:
+            state["stop"] = True
+            cond.notify_all()
+
+    threading.Thread(target=read, daemon=True).start()
+    model.train(True)
+    for i, layer in enumerate(model.layers):
+        with cond:
+            cond.wait_for(lambda: state["forward"] > i or state["stop"])
+            if state["stop"]:
+                return
+        y = layer.forward(x)  # compiled by the parent: loads from the cache
+        with cond:
+            skip = i < first or i in state["taken"]
+        if not skip:
+            print(f"start {i}", file=out, flush=True)
+            began = time.perf_counter()
+            dy = np.zeros_like(y)  # the layout of the gradient the layer above returns
+            if i > first:
+                layer.backward(dy)
+            else:  # as the trainer: the images need no gradient
+                layer.backward(dy, input_grad=False)
+            print(f"done {i} {time.perf_counter() - began!r}", file=out, flush=True)
+        x = y

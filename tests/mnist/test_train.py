@@ -21,6 +21,7 @@ from numbabn.mnist.checkpoint import CheckpointError, load_checkpoint, save_chec
 from numbabn.mnist import cli as cli_module
 from numbabn.mnist.cli import main
 from numbabn.mnist.train import COMPILE_MESSAGE, TrainConfig, Trainer
+from numbabn.mnist import warmup as warmup_module
 from numbabn.mnist.warmup import OTHER, kernel_groups
 
 REPO = Path(__file__).resolve().parents[2]
@@ -572,6 +573,50 @@ def test_warm_up_leaves_the_run_bitwise_unchanged(tmp_path, monkeypatch):
     _assert_same_run(warmed, plain)
 
 
+@pytest.mark.parametrize("helper", [False, True], ids=["one process", "helper process"])
+def test_warm_up_in_one_or_two_processes_runs_every_group(tmp_path, helper):
+    lines = []
+    trainer = Trainer(TrainConfig(model="cnn", batch_size=16), synthetic_data(), str(tmp_path),
+                      progress=False, log=lines.append)
+    times = trainer.warm_up(helper=helper)
+    groups = kernel_groups(trainer.model, trainer.optimizer)
+    assert times.helper is helper and list(times.groups) == groups
+    assert set(times.helped) <= {g for g in groups if g.endswith("backward")}
+    assert helper or not times.helped
+    assert lines[-1].startswith("kernels ready in") and ("two processes" in lines[-1]) is helper
+
+
+def _fake_helper(script):
+    """A stand-in for the helper process: ``script`` runs instead of the real one."""
+    def start(model, images, first):
+        proc = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        return warmup_module._Helper(proc)
+    return start
+
+
+@pytest.mark.parametrize("script", [
+    "import sys; sys.exit(1)",  # gone before it started anything
+    "import sys\nfor i in range(20): print('start', i, flush=True)\nsys.exit(1)",  # died compiling
+    "import sys, pickle; pickle.load(sys.stdin.buffer)\nfor i in range(20): print('start', i, flush=True)\n"
+    "for i in range(20): print('done', i, 0.5, flush=True)\nsys.stdin.read()",  # claims all, exits on stop
+], ids=["exits at once", "dies while compiling", "claims everything"])
+def test_a_failing_or_lying_helper_changes_nothing_but_the_time(tmp_path, monkeypatch, script):
+    # Every pass still runs in this process, and the run is the same bits.
+    config = TrainConfig(model="mlp", batch_size=10)
+    data = synthetic_data()
+    monkeypatch.setattr(warmup_module._Helper, "start", staticmethod(_fake_helper(script)))
+    monkeypatch.setattr(train_module, "kernels_cached", lambda sources: False)
+    warmed = Trainer(config, data, str(tmp_path / "warm"), progress=False, log=lambda s: None)
+    times = warmed.warm_up(helper=True)
+    assert times.helper and list(times.groups) == kernel_groups(warmed.model, warmed.optimizer)
+    warmed.run(1)
+    monkeypatch.setattr(train_module, "kernels_cached", lambda sources: True)
+    plain = Trainer(config, data, str(tmp_path / "plain"), progress=False, log=lambda s: None)
+    plain.run(1)
+    _assert_same_run(warmed, plain)
+
+
 def test_warm_up_progress_bar_steps_once_per_group_naming_it(tmp_path, monkeypatch):
     calls = []
 
@@ -601,7 +646,8 @@ def test_warm_up_progress_bar_steps_once_per_group_naming_it(tmp_path, monkeypat
     times = trainer.warm_up()
     groups = kernel_groups(trainer.model, trainer.optimizer)
     assert list(times.groups) == groups
-    assert times.total >= sum(times.groups.values()) + times.other
+    if not times.helper:  # one process: the groups' times add up within the total
+        assert times.total >= sum(times.groups.values()) + times.other
     assert calls[0] == ("total", len(groups)) and calls[-1] == ("close",)
     assert calls.count(("update", 1)) == len(groups) == calls.count(("write",))
     # One line per group, each as the bar steps, after the bar named the group.
