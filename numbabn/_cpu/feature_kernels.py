@@ -67,7 +67,7 @@ keeps ``(x - hi) * scale + offset`` as written.
 import math
 
 import numpy as np
-from numba import njit, prange
+from numba import njit, prange, types
 from numba.extending import overload
 
 from .. import _cache, _core
@@ -127,18 +127,53 @@ def _rows_view(a, r0, r1):
     other layout an empty array, never used: see :func:`_contiguous`)."""
 
 
+def _row(a, r):
+    """``a[r]``, or None for a None ``a`` (an optional array: see :func:`backward_nc`)."""
+
+
+def _seg(a, n, p0, p1):
+    """``a[n, p0:p1]``, or None for a None ``a``."""
+
+
+def _seg1(a, b0, b1):
+    """``a[b0:b1]``, or None for a None ``a``."""
+
+
 @overload(_contiguous, jit_options=CPU_JIT_STRICT)
 def _contiguous_impl(a):
-    if a.layout == "C":
+    if isinstance(a, types.NoneType) or a.layout == "C":
         return lambda a: True
     return lambda a: False
 
 
 @overload(_rows_view, jit_options=CPU_JIT_STRICT)
 def _rows_view_impl(a, r0, r1):
+    if isinstance(a, types.NoneType):
+        return lambda a, r0, r1: None
     if a.layout == "C":
         return lambda a, r0, r1: a[r0:r1].reshape((r1 - r0) * a.shape[1])
     return lambda a, r0, r1: a[r0, :0]
+
+
+@overload(_row, jit_options=CPU_JIT_STRICT)
+def _row_impl(a, r):
+    if isinstance(a, types.NoneType):
+        return lambda a, r: None
+    return lambda a, r: a[r]
+
+
+@overload(_seg, jit_options=CPU_JIT_STRICT)
+def _seg_impl(a, n, p0, p1):
+    if isinstance(a, types.NoneType):
+        return lambda a, n, p0, p1: None
+    return lambda a, n, p0, p1: a[n, p0:p1]
+
+
+@overload(_seg1, jit_options=CPU_JIT_STRICT)
+def _seg1_impl(a, b0, b1):
+    if isinstance(a, types.NoneType):
+        return lambda a, b0, b1: None
+    return lambda a, b0, b1: a[b0:b1]
 
 
 @njit(**CPU_JIT_STRICT)
@@ -417,9 +452,9 @@ _block_backward_sums_masked = _block_backward_sums_kernel(masked=True)
 
 
 @njit(**CPU_JIT_STRICT)
-def _chunk_backward_sums_nchw(dy, x, c, r0, r1, j0, j1, m, s, block, y, masked):
+def _chunk_backward_sums_nchw(dy, x, c, r0, r1, j0, j1, m, s, block, y):
     """Float64 sums of blocks of at most ``block`` values of each row, in order;
-    ``dy`` masked by ``y > 0`` with ``masked``."""
+    ``dy`` masked by ``y > 0`` unless ``y`` is None (see :func:`backward_nchw`)."""
     sdy = 0.0
     sdyxc = 0.0
     sxc = 0.0
@@ -427,13 +462,13 @@ def _chunk_backward_sums_nchw(dy, x, c, r0, r1, j0, j1, m, s, block, y, masked):
     for r in range(r0, r1):
         dyr = dy[r, c, j0:j1]
         xr = x[r, c, j0:j1]
-        yr = y[r, c, j0:j1]
         for b0 in range(0, w, block):
             b1 = min(b0 + block, w)
-            if masked:
+            if y is not None:
+                yr = y[r, c, j0:j1]
                 a, b, e = _block_backward_sums_masked(dyr[b0:b1], yr[b0:b1], xr[b0:b1], m, s)
             else:
-                a, b, e = _block_backward_sums(dyr[b0:b1], yr[b0:b1], xr[b0:b1], m, s)
+                a, b, e = _block_backward_sums(dyr[b0:b1], dyr[b0:b1], xr[b0:b1], m, s)
             sdy += np.float64(a)
             sdyxc += np.float64(b)
             sxc += np.float64(e)
@@ -441,7 +476,7 @@ def _chunk_backward_sums_nchw(dy, x, c, r0, r1, j0, j1, m, s, block, y, masked):
 
 
 @njit(**CPU_JIT_STRICT)
-def _feature_backward_sums_nchw(dy, x, c, rows, cols, m, s, block, y, masked):
+def _feature_backward_sums_nchw(dy, x, c, rows, cols, m, s, block, y):
     outer, _, inner = x.shape
     ncb = _cdiv(inner, cols)
     sdy = 0.0
@@ -449,7 +484,7 @@ def _feature_backward_sums_nchw(dy, x, c, rows, cols, m, s, block, y, masked):
     sxc = 0.0
     for k in range(_cdiv(outer, rows) * ncb):
         r0, r1, j0, j1 = _chunk_bounds(k, ncb, rows, cols, outer, inner)
-        a, b, e = _chunk_backward_sums_nchw(dy, x, c, r0, r1, j0, j1, m, s, block, y, masked)
+        a, b, e = _chunk_backward_sums_nchw(dy, x, c, r0, r1, j0, j1, m, s, block, y)
         sdy += a
         sdyxc += b
         sxc += e
@@ -457,17 +492,17 @@ def _feature_backward_sums_nchw(dy, x, c, rows, cols, m, s, block, y, masked):
 
 
 @njit(**CPU_JIT_STRICT)
-def _dx_nchw(dy, x, c, r0, r1, j0, j1, coef, y, masked, dx):
+def _dx_nchw(dy, x, c, r0, r1, j0, j1, coef, y, dx):
     a = coef[DX_SCALE, c]
     hi = coef[HI, c]
     b = coef[XC_COEF, c]
     d = coef[DY_SHIFT, c]
-    zero = hi - hi if masked else hi
+    zero = hi - hi  # typed like the data; only read with a mask
     for r in range(r0, r1):
         dyr = dy[r, c, j0:j1]
         xr = x[r, c, j0:j1]
         dxr = dx[r, c, j0:j1]
-        if masked:
+        if y is not None:
             yr = y[r, c, j0:j1]
             for j in range(j1 - j0):
                 g = value_of(dyr[j]) if value_of(yr[j]) > zero else zero
@@ -573,11 +608,11 @@ def _affine_segment(xb, yb, hi, s, o, relu, zero):
 
 
 @njit(**CPU_JIT_STRICT)
-def _dx_segment(gb, xb, yb, hi, a, b, d, masked, zero, ob):
+def _dx_segment(gb, xb, yb, hi, a, b, d, zero, ob):
     """``ob = (g + (xb - hi) * b + d) * a`` value by value, ``g = gb`` (0 where
-    ``yb <= 0`` with ``masked``); per-value coefficients as in
+    ``yb <= 0`` unless ``yb`` is None); per-value coefficients as in
     :func:`_affine_segment`."""
-    if masked:
+    if yb is not None:
         for j in range(xb.shape[0]):
             g = value_of(gb[j]) if value_of(yb[j]) > zero else zero
             ob[j] = stored((g + (value_of(xb[j]) - hi[j]) * b[j] + d[j]) * a[j], ob)
@@ -631,10 +666,10 @@ def affine_planes(x2, coef, inner, fblock, nsb, relu, y2):
 
 
 @njit(**CPU_JIT_PARALLEL)
-def dx_planes(dy2, x2, y2, coef, inner, fblock, nsb, masked, dx2):
+def dx_planes(dy2, x2, y2, coef, inner, fblock, nsb, dx2):
     """The dx pass ``dx = (g + (x - HI) * XC_COEF + DY_SHIFT) * DX_SCALE`` over
-    the ``(outer, C * inner)`` views (``g = dy``, or 0 where ``y <= 0`` with
-    ``masked``), with ``coef`` per feature."""
+    the ``(outer, C * inner)`` views (``g = dy``, or 0 where ``y <= 0`` unless
+    ``y2`` is None), with ``coef`` per feature."""
     outer = x2.shape[0]
     nfeat = coef.shape[1]
     zero = np.zeros(1, coef.dtype)[0]
@@ -649,12 +684,12 @@ def dx_planes(dy2, x2, y2, coef, inner, fblock, nsb, masked, dx2):
         p0 = c0 * inner
         w = (c1 - c0) * inner
         for n in range(n0, n1):
-            _dx_segment(dy2[n, p0:p0 + w], x2[n, p0:p0 + w], y2[n, p0:p0 + w], hi, a, b, d,
-                        masked, zero, dx2[n, p0:p0 + w])
+            _dx_segment(dy2[n, p0:p0 + w], x2[n, p0:p0 + w], _seg(y2, n, p0, p0 + w), hi, a, b,
+                        d, zero, dx2[n, p0:p0 + w])
 
 
 @njit(**CPU_JIT_STRICT)
-def _plane_sums(dy2, x2, y2, hi, scale, inner, c0, c1, nblk, masked, sums):
+def _plane_sums(dy2, x2, y2, hi, scale, inner, c0, c1, nblk, sums):
     """The backward sums of features [c0, c1) of the ``(outer, C * inner)``
     views: per position (vector lanes along the sample), ``dy``, ``dy * xc``
     and ``xc`` with ``xc = (x - hi) * scale`` summed over samples in the input's
@@ -680,10 +715,10 @@ def _plane_sums(dy2, x2, y2, hi, scale, inner, c0, c1, nblk, masked, sums):
     for n in range(outer):
         dyr = dy2[n, p0:p0 + w]
         xr = x2[n, p0:p0 + w]
-        yr = y2[n, p0:p0 + w]
         # one accumulator per loop: a loop storing to one array vectorises
         # (LLVM checks its overlap with each array read); three would not
-        if masked:
+        if y2 is not None:
+            yr = y2[n, p0:p0 + w]
             for t in range(w):
                 pa[t] += value_of(dyr[t]) if value_of(yr[t]) > zero else zero
             for t in range(w):
@@ -713,8 +748,8 @@ def _plane_sums(dy2, x2, y2, hi, scale, inner, c0, c1, nblk, masked, sums):
 
 
 @njit(**CPU_JIT_PARALLEL)
-def backward_planes(dy2, x2, y2, hi, invstd, weight, inner, fblock, nblk, masked, write_dx, sums,
-                    coef, dwb):
+def backward_planes(dy2, x2, y2, hi, invstd, weight, inner, fblock, nblk, write_dx, sums, coef,
+                    dwb):
     """The backward sums of NCHW-like data with small planes, by blocks of
     ``fblock`` features, into ``sums``; with ``write_dx`` the dx coefficients
     and (dweight, dbias) too (the dx pass is :func:`dx_planes`).  Each
@@ -726,7 +761,7 @@ def backward_planes(dy2, x2, y2, hi, invstd, weight, inner, fblock, nblk, masked
         fb = np.int64(fb_)
         c0 = fb * fblock
         c1 = min(c0 + fblock, nfeat)
-        _plane_sums(dy2, x2, y2, hi, scale, inner, c0, c1, nblk, masked, sums)
+        _plane_sums(dy2, x2, y2, hi, scale, inner, c0, c1, nblk, sums)
         if write_dx:
             for c in range(c0, c1):
                 _store_backward(c, n, sums[SUM_DY, c], sums[SUM_DY_XHI, c], sums[SUM_XHI, c],
@@ -734,7 +769,7 @@ def backward_planes(dy2, x2, y2, hi, invstd, weight, inner, fblock, nblk, masked
 
 
 @njit(**CPU_JIT_PARALLEL)
-def dx_nchw(dy, x, y, coef, runs, masked, dx):
+def dx_nchw(dy, x, y, coef, runs, dx):
     """The per-run dx pass with the coefficients given (``runs`` runs a task)."""
     outer, nfeat, inner = x.shape
     nruns = outer * nfeat
@@ -743,33 +778,33 @@ def dx_nchw(dy, x, y, coef, runs, masked, dx):
         for q in range(b * runs, min((b + 1) * runs, nruns)):
             r = q // nfeat
             c = q - r * nfeat
-            _dx_nchw(dy, x, c, r, r + 1, np.int64(0), inner, coef, y, masked, dx)
+            _dx_nchw(dy, x, c, r, r + 1, np.int64(0), inner, coef, y, dx)
 
 
 @njit(**CPU_JIT_PARALLEL)
-def backward_nchw(dy, x, hi, invstd, weight, geom, write_dx, y, masked, sums, coef, dwb, dx):
+def backward_nchw(dy, x, hi, invstd, weight, geom, write_dx, y, sums, coef, dwb, dx):
     """The backward sums about ``hi`` into ``sums`` (rows SUM_DY, SUM_DY_XHI,
     SUM_XHI); with ``write_dx`` also dx into ``dx`` and (dweight, dbias) into
-    ``dwb``.  With ``masked``, ``dy`` counts only where ``y > 0`` (the fused
-    ReLU's backward; ``y`` is ``dy`` otherwise, unread).  Fused: one task per
-    feature."""
+    ``dwb``.  Unless ``y`` is None, ``dy`` counts only where ``y > 0`` (the
+    fused ReLU's backward).  ``y`` None is a type, so the masked code is not
+    compiled for it (Numba prunes ``if y is not None`` branches by type).
+    Fused: one task per feature."""
     outer, nfeat, inner = x.shape
     n = outer * inner
     scale = _backward_scales(invstd)
     for c_ in prange(nfeat):
         c = np.int64(c_)
         a, b, e = _feature_backward_sums_nchw(dy, x, c, geom.rows, geom.cols, hi[c], scale[c],
-                                              geom.bwd_block, y, masked)
+                                              geom.bwd_block, y)
         _unscaled_sums(c, a, b, e, scale, sums)
         if write_dx:
             _store_backward(c, n, sums[SUM_DY, c], sums[SUM_DY_XHI, c], sums[SUM_XHI, c],
                             np.float64(hi[c]), np.float64(invstd[c]), weight, coef, dwb)
-            _dx_nchw(dy, x, c, np.int64(0), outer, np.int64(0), inner, coef, y, masked, dx)
+            _dx_nchw(dy, x, c, np.int64(0), outer, np.int64(0), inner, coef, y, dx)
 
 
 @njit(**CPU_JIT_PARALLEL)
-def backward_nchw_chunks(dy, x, hi, invstd, weight, geom, write_dx, y, masked, p, sums, coef,
-                         dwb, dx):
+def backward_nchw_chunks(dy, x, hi, invstd, weight, geom, write_dx, y, p, sums, coef, dwb, dx):
     """As :func:`backward_nchw`, two-phase: ``p`` is (3, C, chunks) scratch."""
     outer, nfeat, inner = x.shape
     rows, cols, nth, block = geom.rows, geom.cols, geom.threads, geom.bwd_block
@@ -785,7 +820,7 @@ def backward_nchw_chunks(dy, x, hi, invstd, weight, geom, write_dx, y, masked, p
         for u in range(u0, u1):
             c, k, r0, r1, j0, j1 = _task_chunk(u, nchunks, ncb, rows, cols, outer, inner)
             p[0, c, k], p[1, c, k], p[2, c, k] = _chunk_backward_sums_nchw(
-                dy, x, c, r0, r1, j0, j1, hi[c], scale[c], block, y, masked)
+                dy, x, c, r0, r1, j0, j1, hi[c], scale[c], block, y)
     for c in range(nfeat):  # a few values per chunk of CHUNK_ELEMS: a plain loop
         _unscaled_sums(c, _sum_in_order(p[0, c]), _sum_in_order(p[1, c]), _sum_in_order(p[2, c]),
                        scale, sums)
@@ -798,7 +833,7 @@ def backward_nchw_chunks(dy, x, hi, invstd, weight, geom, write_dx, y, masked, p
             u0, u1 = _thread_span(t, nth, ntasks)
             for u in range(u1 - 1, u0 - 1, -1):
                 c, k, r0, r1, j0, j1 = _task_chunk(u, nchunks, ncb, rows, cols, outer, inner)
-                _dx_nchw(dy, x, c, r0, r1, j0, j1, coef, y, masked, dx)
+                _dx_nchw(dy, x, c, r0, r1, j0, j1, coef, y, dx)
 
 
 # =========================================================================== #
@@ -984,8 +1019,7 @@ def _add_backward_sums_nc_masked(dy, y, x, r0, r1, c0, c1, m, sc, acc):
 
 
 @njit(**CPU_JIT_STRICT)
-def _chunk_backward_sums_nc(dy, x, r0, r1, c0, c1, hi, scale, geom, y, masked, sdy, sdyxc, sxc,
-                            acc):
+def _chunk_backward_sums_nc(dy, x, r0, r1, c0, c1, hi, scale, geom, y, sdy, sdyxc, sxc, acc):
     """``sum(dy)``, ``sum(dy * xc)``, ``sum(xc)`` of columns [c0, c1) over rows
     [r0, r1) into ``sdy``, ``sdyxc``, ``sxc`` (float64), ``xc = (x - hi) *
     scale``: blocks of ``geom.bwd_block`` rows summed in the input's dtype, added
@@ -1000,7 +1034,7 @@ def _chunk_backward_sums_nc(dy, x, r0, r1, c0, c1, hi, scale, geom, y, masked, s
     for b0 in range(r0, r1, geom.bwd_block):
         b1 = min(b0 + geom.bwd_block, r1)
         acc[...] = 0.0
-        if masked:
+        if y is not None:
             _add_backward_sums_nc_masked(dy, y, x, b0, b1, c0, c1, m, sc, acc)
         elif geom.by_row:
             _add_backward_sums_nc(dy, x, b0, b1, c0, c1, m, sc, acc)
@@ -1013,14 +1047,17 @@ def _chunk_backward_sums_nc(dy, x, r0, r1, c0, c1, hi, scale, geom, y, masked, s
 
 
 @njit(**CPU_JIT_STRICT)
-def _dx_flat(dyf, xf, yf, coef, tab, k, masked, zero, dxf):
+def _dx_flat(dyf, xf, yf, coef, tab, k, zero, dxf):
     """The dx pass over one block of rows seen as runs (as :func:`_affine_flat`)."""
     nfeat = coef.shape[1]
     n = xf.shape[0]
     k = min(k, n)
     for j in range(k):
         c = j % nfeat
-        g = value_of(dyf[j]) if not masked or value_of(yf[j]) > zero else zero
+        g = value_of(dyf[j])
+        if yf is not None:
+            if not value_of(yf[j]) > zero:
+                g = zero
         dxf[j] = stored((g + (value_of(xf[j]) - coef[HI, c]) * coef[XC_COEF, c]
                          + coef[DY_SHIFT, c]) * coef[DX_SCALE, c], dxf)
     a = tab[DX_SCALE]
@@ -1029,24 +1066,26 @@ def _dx_flat(dyf, xf, yf, coef, tab, k, masked, zero, dxf):
     d = tab[DY_SHIFT]
     for b0 in range(k, n, hi.shape[0]):
         m = min(hi.shape[0], n - b0)
-        _dx_segment(dyf[b0:b0 + m], xf[b0:b0 + m], yf[b0:b0 + m], hi, a, b, d, masked, zero,
+        _dx_segment(dyf[b0:b0 + m], xf[b0:b0 + m], _seg1(yf, b0, b0 + m), hi, a, b, d, zero,
                     dxf[b0:b0 + m])
 
 
 @njit(**CPU_JIT_STRICT)
-def _dx_nc(dy, x, r0, r1, coef, tab, k, y, masked, dx):
-    """The dx pass over rows [r0, r1) with the table of :func:`_nc_table`."""
-    zero = np.zeros(1, coef.dtype)[0] if masked else coef[HI, 0]  # as in _affine_nc
+def _dx_nc(dy, x, r0, r1, coef, tab, k, y, dx):
+    """The dx pass over rows [r0, r1) with the table of :func:`_nc_table`
+    (``dy`` masked by ``y > 0`` unless ``y`` is None)."""
+    # a zero of the data's dtype, allocated only for the mask (as in _affine_nc)
+    zero = coef[HI, 0] if y is None else np.zeros(1, coef.dtype)[0]
     if _contiguous(dy) and _contiguous(x) and _contiguous(y) and _contiguous(dx):
         _dx_flat(_rows_view(dy, r0, r1), _rows_view(x, r0, r1), _rows_view(y, r0, r1), coef,
-                 tab, k, masked, zero, _rows_view(dx, r0, r1))
+                 tab, k, zero, _rows_view(dx, r0, r1))
         return
     a = tab[DX_SCALE]
     hi = tab[HI]
     b = tab[XC_COEF]
     d = tab[DY_SHIFT]
     for r in range(r0, r1):
-        _dx_segment(dy[r], x[r], y[r], hi, a, b, d, masked, zero, dx[r])
+        _dx_segment(dy[r], x[r], _row(y, r), hi, a, b, d, zero, dx[r])
 
 
 @njit(**CPU_JIT_PARALLEL)
@@ -1096,8 +1135,9 @@ def normalize_nc(x, mean, spread, spread_is_var, eps, weight, bias, rows, coef, 
 
 
 @njit(**CPU_JIT_PARALLEL)
-def backward_nc(dy, x, hi, invstd, weight, geom, write_dx, y, masked, p, sums, coef, dwb, dx):
-    """As :func:`backward_nchw` for (rows, C) data; ``p`` is (3, row blocks, C)."""
+def backward_nc(dy, x, hi, invstd, weight, geom, write_dx, y, p, sums, coef, dwb, dx):
+    """As :func:`backward_nchw` for (rows, C) data (``y`` None: no mask); ``p``
+    is (3, row blocks, C)."""
     nrows, nfeat = x.shape
     rows, width = geom.rows, geom.cols
     nrb = _cdiv(nrows, rows)
@@ -1112,7 +1152,7 @@ def backward_nc(dy, x, hi, invstd, weight, geom, write_dx, y, masked, p, sums, c
             r1 = min(r0 + rows, nrows)
             for c0 in range(0, nfeat, width):
                 c1 = min(c0 + width, nfeat)
-                _chunk_backward_sums_nc(dy, x, r0, r1, c0, c1, hi, scale, geom, y, masked,
+                _chunk_backward_sums_nc(dy, x, r0, r1, c0, c1, hi, scale, geom, y,
                                         p[0, rb, c0:c1], p[1, rb, c0:c1], p[2, rb, c0:c1], acc)
     # a plain loop: a few values per chunk of CHUNK_ELEMS (one loop fewer to compile)
     for c0 in range(0, nfeat, geom.merge_cols):
@@ -1139,7 +1179,7 @@ def backward_nc(dy, x, hi, invstd, weight, geom, write_dx, y, masked, p, sums, c
             b0, b1 = _thread_span(t, nth, nrb)
             for rb in range(b1 - 1, b0 - 1, -1):
                 r0 = rb * rows
-                _dx_nc(dy, x, r0, min(r0 + rows, nrows), coef, tab, k, y, masked, dx)
+                _dx_nc(dy, x, r0, min(r0 + rows, nrows), coef, tab, k, y, dx)
 
 
 @njit(**CPU_JIT_PARALLEL)
@@ -1155,7 +1195,7 @@ def backward_elemt_nc(dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu, count, ro
     for rb_ in prange(_cdiv(nrows, rows)):
         rb = np.int64(rb_)
         r0 = rb * rows
-        _dx_nc(dy, x, r0, min(r0 + rows, nrows), coef, tab, k, dy, False, dx)
+        _dx_nc(dy, x, r0, min(r0 + rows, nrows), coef, tab, k, None, dx)
 
 
 # The kernels for inputs of at most SERIAL_MAX_ELEMS values (runtime.is_small).

@@ -147,11 +147,17 @@ def _affine_planes(x3, coef, relu, y3):
     k.affine_planes(_flat(x3), coef, x3.shape[2], fblock, nsb, relu, _flat(y3))
 
 
-def _dx_planes(dy3, x3, y3, coef, masked, dx3):
+def _dx_planes(dy3, x3, y3, coef, dx3):
+    """The small-plane dx pass; ``y3``: the fused ReLU's output masking ``dy``, or None."""
     k = _kernels(x3)
     fblock, nsb = _plane_blocks(x3)
-    k.dx_planes(_flat(dy3), _flat(x3), _flat(y3), coef, x3.shape[2], fblock, nsb, masked,
-                _flat(dx3))
+    k.dx_planes(_flat(dy3), _flat(x3), None if y3 is None else _flat(y3), coef, x3.shape[2],
+                fblock, nsb, _flat(dx3))
+
+
+def _given(*arrays):
+    """The arrays that are not None."""
+    return [a for a in arrays if a is not None]
 
 
 def compute_dtype(dtype):
@@ -284,31 +290,30 @@ def _backward(dy3, x3, hi, invstd, weight, dx3, y3=None):
     sums = np.empty((_core.NSUMS, nfeat))
     dwb = np.empty((2, nfeat), dtype)
     write_dx = dx3 is not None
-    masked = y3 is not None
-    y3 = y3 if masked else dy3
+    # y3 None (no ReLU mask) is a type to the kernels: they compile no mask code for it
     if x3.shape[2] == 1:
         p = np.empty((3, _nchunks(x3.shape, geom), nfeat))
         dx2 = _as2d(dx3) if write_dx else _no_output(dtype, 2)
-        k.backward_nc(_as2d(dy3), _as2d(x3), hi, invstd, w, geom, write_dx, _as2d(y3), masked, p,
-                      sums, coef, dwb, dx2)
-    elif x3.shape[2] <= cfg.PLANE_BWD_MAX_INNER and _planes(x3, dy3, y3):
+        k.backward_nc(_as2d(dy3), _as2d(x3), hi, invstd, w, geom, write_dx,
+                      None if y3 is None else _as2d(y3), p, sums, coef, dwb, dx2)
+    elif x3.shape[2] <= cfg.PLANE_BWD_MAX_INNER and _planes(x3, dy3, *_given(y3)):
         # runs of a few values (4x4 planes): sums per position along whole
         # samples, then the plane-wise dx pass
         inner = x3.shape[2]
         fblock, _ = _plane_blocks(x3)
         fblock = max(1, min(fblock, -(-nfeat // (2 * geom.threads))))
-        k.backward_planes(_flat(dy3), _flat(x3), _flat(y3), hi, invstd, w, inner, fblock,
-                          cfg.PLANE_SUM_SAMPLES, masked, write_dx, sums, coef, dwb)
+        k.backward_planes(_flat(dy3), _flat(x3), None if y3 is None else _flat(y3), hi, invstd, w,
+                          inner, fblock, cfg.PLANE_SUM_SAMPLES, write_dx, sums, coef, dwb)
         if write_dx:
             if _planes(x3, dx3):
-                _dx_planes(dy3, x3, y3, coef, masked, dx3)
+                _dx_planes(dy3, x3, y3, coef, dx3)
             else:
-                k.dx_nchw(dy3, x3, y3, coef, _elementwise_runs(x3), masked, dx3)
+                k.dx_nchw(dy3, x3, y3, coef, _elementwise_runs(x3), dx3)
     else:
         # (from 7x7 up the small-plane passes were no faster here: this one
         # writes dx while the feature's sums leave it in cache)
         dx3 = dx3 if write_dx else _no_output(dtype, 3)
-        args = (dy3, x3, hi, invstd, w, geom, write_dx, y3, masked)
+        args = (dy3, x3, hi, invstd, w, geom, write_dx, y3)
         if geom.fused:
             k.backward_nchw(*args, sums, coef, dwb, dx3)
         else:
@@ -353,9 +358,9 @@ def batch_norm_backward_elemt(dy3, x3, mean, invstd, weight, sum_dy, sum_dy_xmu,
     # the per-run or small-plane dx pass of the backward, with these coefficients
     k._elemt_backward_coefs(float(count), mean, invstd, w, sum_dy, sum_dy_xmu, coef)
     if _planes(x3, dy3, dx3):
-        _dx_planes(dy3, x3, dy3, coef, False, dx3)
+        _dx_planes(dy3, x3, None, coef, dx3)
     else:
-        k.dx_nchw(dy3, x3, dy3, coef, runs, False, dx3)
+        k.dx_nchw(dy3, x3, None, coef, runs, dx3)
 
 
 def _f64(v):
