@@ -75,8 +75,6 @@ def build(shape, axis, dtype=np.float32):
     g2 = ops.plan(x3.shape, x3.dtype.itemsize, 2)
     runs = max(1, nb._config.CHUNK_ELEMS // (nfeat if nc else x3.shape[2]))
     no3 = np.empty((1, 1, 1))
-    no2y = np.empty((1, 1), dtype)
-    no3y = np.empty((1, 1, 1), dtype)
 
     public = {
         "batch_norm_train": lambda: nb.batch_norm_train(x, w, b, axis=axis),
@@ -95,14 +93,14 @@ def build(shape, axis, dtype=np.float32):
         p2 = np.empty((3, -(-x3.shape[0] // g2.rows), nfeat))
         bare = {
             "batch_norm_train": lambda: forward_nc(
-                x2, w, b, 1e-5, g1, True, False, p1, coef, stats, y2),
+                x2, w, b, 1e-5, g1, None, p1, coef, stats, y2),
             "batch_norm_backward": lambda: backward_nc(
                 dy2, x2, mean, invstd, w, g2, True, None, p2, sums, coef, dwb, y2),
             "normalize": lambda: normalize_nc(x2, rm, rv, True, 1e-5, w, b, runs, coef, y2),
             "batch_norm_eval": lambda: normalize_nc(
                 x2, rm, rv, True, 1e-5, w, b, runs, coef, y2),
             "batch_stats": lambda: forward_nc(
-                x2, w, b, 1.0, g1, False, False, p1, coef, stats, no2y),
+                x2, w, b, 1.0, g1, None, p1, coef, stats, None),
         }
     else:
         def chunks(g):
@@ -110,8 +108,9 @@ def build(shape, axis, dtype=np.float32):
         p1 = no3 if g1.fused else np.empty((2, nfeat, chunks(g1)))
         p2 = no3 if g2.fused else np.empty((3, nfeat, chunks(g2)))
         bare = {
-            "batch_norm_train": lambda: forward_nchw(
-                x3, w, b, 1e-5, g1, True, False, p1, coef, stats, y3),
+            "batch_norm_train": (lambda: forward_nchw(x3, w, b, 1e-5, g1, None, coef, stats, y3))
+            if g1.fused else
+            (lambda: k.forward_nchw_chunks(x3, w, b, 1e-5, g1, None, p1, coef, stats, y3)),
             "batch_norm_backward": (lambda: backward_nchw(
                 dy3, x3, mean, invstd, w, g2, True, None, sums, coef, dwb, y3)) if g2.fused else
             (lambda: k.backward_nchw_chunks(
@@ -119,8 +118,9 @@ def build(shape, axis, dtype=np.float32):
             "normalize": lambda: normalize_nchw(x3, rm, rv, True, 1e-5, w, b, runs, coef, y3),
             "batch_norm_eval": lambda: normalize_nchw(
                 x3, rm, rv, True, 1e-5, w, b, runs, coef, y3),
-            "batch_stats": lambda: forward_nchw(
-                x3, w, b, 1.0, g1, False, False, p1, coef, stats, no3y),
+            "batch_stats": (lambda: forward_nchw(x3, w, b, 1.0, g1, None, coef, stats, None))
+            if g1.fused else
+            (lambda: k.forward_nchw_chunks(x3, w, b, 1.0, g1, None, p1, coef, stats, None)),
         }
     return public, bare
 

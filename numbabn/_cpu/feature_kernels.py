@@ -404,15 +404,18 @@ def _sum_in_order(p):
 
 
 @njit(**CPU_JIT_STRICT)
-def _affine_nchw(x, c, r0, r1, j0, j1, coef, relu, y):
+def _affine_nchw(x, c, r0, r1, j0, j1, coef, zero, y):
+    """``y = (x - HI) * SCALE + OFFSET`` over rows [r0, r1) and positions
+    [j0, j1) of feature ``c``, then a ReLU unless ``zero`` (a zero of the
+    coefficients' dtype) is None.  None is a type: without the ReLU its loop is
+    not compiled (Numba prunes ``is None`` branches on argument types)."""
     hi = coef[HI, c]
     s = coef[SCALE, c]
     o = coef[OFFSET, c]
-    zero = hi - hi if relu else hi  # typed like the data; only read with relu
     for r in range(r0, r1):
         xr = x[r, c, j0:j1]
         yr = y[r, c, j0:j1]
-        if relu:
+        if zero is not None:
             for j in range(j1 - j0):
                 v = (value_of(xr[j]) - hi) * s + o
                 yr[j] = stored(zero if v < zero else v, yr)  # NaN, -0.0 stay, as torch.relu
@@ -522,23 +525,24 @@ def _task_chunk(u, nchunks, ncb, rows, cols, outer, inner):
 
 
 @njit(**CPU_JIT_PARALLEL)
-def forward_nchw(x, weight, bias, eps, geom, write_y, relu, coef, stats, y):
+def forward_nchw(x, weight, bias, eps, geom, zero, coef, stats, y):
     """Batch statistics of ``x`` into ``stats`` (rows MEAN, INVSTD, VAR, M2), and
-    with ``write_y`` the normalised output into ``y`` (through a ReLU with
-    ``relu``: the fused ``batch_norm_relu_train``); fused, one task per
-    feature.  (Each path is a kernel of its own, chosen by the host drivers, so
-    that a call compiles only the loops it runs.)"""
+    unless ``y`` is None the normalised output into ``y`` (through a ReLU unless
+    ``zero`` is None: the fused ``batch_norm_relu_train``); fused, one task per
+    feature.  (Each path is a kernel of its own, chosen by the host drivers, and
+    the optional passes are None-typed arguments, so that a call compiles only
+    the loops it runs.)"""
     outer, nfeat, inner = x.shape
     for c_ in prange(nfeat):
         c = np.int64(c_)
         n, mean, m2 = _feature_moments_nchw(x, c, geom.rows, geom.cols, geom.short_run)
         _store_forward(c, n, mean, m2, eps, weight, bias, coef, stats)
-        if write_y:
-            _affine_nchw(x, c, np.int64(0), outer, np.int64(0), inner, coef, relu, y)
+        if y is not None:
+            _affine_nchw(x, c, np.int64(0), outer, np.int64(0), inner, coef, zero, y)
 
 
 @njit(**CPU_JIT_PARALLEL)
-def forward_nchw_chunks(x, weight, bias, eps, geom, write_y, relu, p, coef, stats, y):
+def forward_nchw_chunks(x, weight, bias, eps, geom, zero, p, coef, stats, y):
     """As :func:`forward_nchw`, two-phase: ``p`` is (2, C, chunks) scratch for
     the chunk means and M2s."""
     outer, nfeat, inner = x.shape
@@ -557,13 +561,13 @@ def forward_nchw_chunks(x, weight, bias, eps, geom, write_y, relu, p, coef, stat
     for c in range(nfeat):  # a few values per chunk of CHUNK_ELEMS: a plain loop
         n, mean, m2 = _merge_chunk_moments_nchw(p, c, ncb, rows, cols, outer, inner)
         _store_forward(c, n, mean, m2, eps, weight, bias, coef, stats)
-    if write_y:
+    if y is not None:
         for t_ in prange(nth):
             t = np.int64(t_)
             u0, u1 = _thread_span(t, nth, ntasks)
             for u in range(u1 - 1, u0 - 1, -1):
                 c, k, r0, r1, j0, j1 = _task_chunk(u, nchunks, ncb, rows, cols, outer, inner)
-                _affine_nchw(x, c, r0, r1, j0, j1, coef, relu, y)
+                _affine_nchw(x, c, r0, r1, j0, j1, coef, zero, y)
 
 
 @njit(**CPU_JIT_PARALLEL)
@@ -580,7 +584,7 @@ def normalize_nchw(x, mean, spread, spread_is_var, eps, weight, bias, runs, coef
         for q in range(b * runs, min((b + 1) * runs, nruns)):
             r = q // nfeat
             c = q - r * nfeat
-            _affine_nchw(x, c, r, r + 1, np.int64(0), inner, coef, np.bool_(False), y)
+            _affine_nchw(x, c, r, r + 1, np.int64(0), inner, coef, None, y)
 
 
 # =========================================================================== #
@@ -595,10 +599,10 @@ def normalize_nchw(x, mean, spread, spread_is_var, eps, weight, bias, runs, coef
 # Each value's arithmetic is the per-run pass's, so the bits are the same.
 # =========================================================================== #
 @njit(**CPU_JIT_STRICT)
-def _affine_segment(xb, yb, hi, s, o, relu, zero):
-    """``yb = (xb - hi) * s + o`` value by value (then a ReLU with ``relu``);
-    ``hi``, ``s``, ``o`` hold at least ``len(xb)`` per-value coefficients."""
-    if relu:
+def _affine_segment(xb, yb, hi, s, o, zero):
+    """``yb = (xb - hi) * s + o`` value by value (then a ReLU unless ``zero`` is
+    None); ``hi``, ``s``, ``o`` hold at least ``len(xb)`` per-value coefficients."""
+    if zero is not None:
         for j in range(xb.shape[0]):
             v = (value_of(xb[j]) - hi[j]) * s[j] + o[j]
             yb[j] = stored(zero if v < zero else v, yb)  # NaN, -0.0 stay, as torch.relu
@@ -646,12 +650,11 @@ def _plane_task(u, nsb, outer, nfeat, fblock):
 
 
 @njit(**CPU_JIT_PARALLEL)
-def affine_planes(x2, coef, inner, fblock, nsb, relu, y2):
-    """``y = (x - HI) * SCALE + OFFSET`` (then a ReLU with ``relu``) over the
-    ``(outer, C * inner)`` views, with ``coef`` per feature."""
+def affine_planes(x2, coef, inner, fblock, nsb, zero, y2):
+    """``y = (x - HI) * SCALE + OFFSET`` (then a ReLU unless ``zero`` is None)
+    over the ``(outer, C * inner)`` views, with ``coef`` per feature."""
     outer = x2.shape[0]
     nfeat = coef.shape[1]
-    zero = np.zeros(1, coef.dtype)[0]
     for u_ in prange(_cdiv(nfeat, fblock) * nsb):
         u = np.int64(u_)
         c0, c1, n0, n1 = _plane_task(u, nsb, outer, nfeat, fblock)
@@ -662,7 +665,7 @@ def affine_planes(x2, coef, inner, fblock, nsb, relu, y2):
         p0 = c0 * inner
         w = (c1 - c0) * inner
         for n in range(n0, n1):
-            _affine_segment(x2[n, p0:p0 + w], y2[n, p0:p0 + w], hi, s, o, relu, zero)
+            _affine_segment(x2[n, p0:p0 + w], y2[n, p0:p0 + w], hi, s, o, zero)
 
 
 @njit(**CPU_JIT_PARALLEL)
@@ -908,7 +911,7 @@ def _merge_moments_nc(p, nrows, rows, c0, c1, eps, weight, bias, coef, stats):
 
 
 @njit(**CPU_JIT_STRICT)
-def _affine_flat(xf, yf, coef, tab, k, relu, zero):
+def _affine_flat(xf, yf, coef, tab, k, zero):
     """The affine pass over one block of rows seen as the run ``xf`` (see
     :func:`_nc_table`: ``k`` values from ``coef``, then aligned segments)."""
     nfeat = coef.shape[1]
@@ -917,29 +920,30 @@ def _affine_flat(xf, yf, coef, tab, k, relu, zero):
     for j in range(k):
         c = j % nfeat
         v = (value_of(xf[j]) - coef[HI, c]) * coef[SCALE, c] + coef[OFFSET, c]
-        yf[j] = stored(zero if relu and v < zero else v, yf)
+        if zero is not None:
+            if v < zero:
+                v = zero
+        yf[j] = stored(v, yf)
     hi = tab[HI]
     s = tab[SCALE]
     o = tab[OFFSET]
     for b0 in range(k, n, hi.shape[0]):
         m = min(hi.shape[0], n - b0)
-        _affine_segment(xf[b0:b0 + m], yf[b0:b0 + m], hi, s, o, relu, zero)
+        _affine_segment(xf[b0:b0 + m], yf[b0:b0 + m], hi, s, o, zero)
 
 
 @njit(**CPU_JIT_STRICT)
-def _affine_nc(x, r0, r1, coef, tab, k, relu, y):
-    """The affine pass over rows [r0, r1) with the table of :func:`_nc_table`."""
-    # a zero of the data's dtype, allocated only for the ReLU (hi[0] - hi[0]
-    # would carry one column's NaN into the others)
-    zero = np.zeros(1, coef.dtype)[0] if relu else coef[HI, 0]
+def _affine_nc(x, r0, r1, coef, tab, k, zero, y):
+    """The affine pass over rows [r0, r1) with the table of :func:`_nc_table`
+    (then a ReLU unless ``zero`` is None)."""
     if _contiguous(x) and _contiguous(y):
-        _affine_flat(_rows_view(x, r0, r1), _rows_view(y, r0, r1), coef, tab, k, relu, zero)
+        _affine_flat(_rows_view(x, r0, r1), _rows_view(y, r0, r1), coef, tab, k, zero)
         return
     hi = tab[HI]
     s = tab[SCALE]
     o = tab[OFFSET]
     for r in range(r0, r1):
-        _affine_segment(x[r], y[r], hi, s, o, relu, zero)
+        _affine_segment(x[r], y[r], hi, s, o, zero)
 
 
 @njit(**CPU_JIT)
@@ -1089,7 +1093,7 @@ def _dx_nc(dy, x, r0, r1, coef, tab, k, y, dx):
 
 
 @njit(**CPU_JIT_PARALLEL)
-def forward_nc(x, weight, bias, eps, geom, write_y, relu, p, coef, stats, y):
+def forward_nc(x, weight, bias, eps, geom, zero, p, coef, stats, y):
     """As :func:`forward_nchw` for (rows, C) data; ``p`` is (2, row blocks, C)."""
     nrows, nfeat = x.shape
     rows, width = geom.rows, geom.cols
@@ -1108,7 +1112,7 @@ def forward_nc(x, weight, bias, eps, geom, write_y, relu, p, coef, stats, y):
     for c0 in range(0, nfeat, geom.merge_cols):
         c1 = min(c0 + geom.merge_cols, nfeat)
         _merge_moments_nc(p, nrows, rows, c0, c1, eps, weight, bias, coef, stats)
-    if write_y:
+    if y is not None:
         tab, k = _nc_table(coef, x, _contiguous(x) and _contiguous(y))
         rows = _elementwise_rows(rows, nfeat, x.itemsize)
         nrb = _cdiv(nrows, rows)
@@ -1118,7 +1122,7 @@ def forward_nc(x, weight, bias, eps, geom, write_y, relu, p, coef, stats, y):
             b0, b1 = _thread_span(t, nth, nrb)
             for rb in range(b1 - 1, b0 - 1, -1):
                 r0 = rb * rows
-                _affine_nc(x, r0, min(r0 + rows, nrows), coef, tab, k, relu, y)
+                _affine_nc(x, r0, min(r0 + rows, nrows), coef, tab, k, zero, y)
 
 
 @njit(**CPU_JIT_PARALLEL)
@@ -1131,7 +1135,7 @@ def normalize_nc(x, mean, spread, spread_is_var, eps, weight, bias, rows, coef, 
     for rb_ in prange(_cdiv(nrows, rows)):
         rb = np.int64(rb_)
         r0 = rb * rows
-        _affine_nc(x, r0, min(r0 + rows, nrows), coef, tab, k, False, y)
+        _affine_nc(x, r0, min(r0 + rows, nrows), coef, tab, k, None, y)
 
 
 @njit(**CPU_JIT_PARALLEL)

@@ -141,10 +141,11 @@ def _plane_blocks(x3):
     return fblock, nsb
 
 
-def _affine_planes(x3, coef, relu, y3):
+def _affine_planes(x3, coef, zero, y3):
+    """The small-plane affine pass, then a ReLU unless ``zero`` is None."""
     k = _kernels(x3)
     fblock, nsb = _plane_blocks(x3)
-    k.affine_planes(_flat(x3), coef, x3.shape[2], fblock, nsb, relu, _flat(y3))
+    k.affine_planes(_flat(x3), coef, x3.shape[2], fblock, nsb, zero, _flat(y3))
 
 
 def _dx_planes(dy3, x3, y3, coef, dx3):
@@ -181,22 +182,24 @@ def _forward(x3, weight, bias, eps, y3, relu=False):
     weight, bias = _param(weight, nfeat, dtype, 1), _param(bias, nfeat, dtype, 0)
     coef = np.empty((_core.NCOEFS, nfeat), dtype)
     stats = np.empty((_core.NSTATS, nfeat))
-    write_y = y3 is not None
+    # The ReLU's zero (of the coefficients' dtype) or None, and y3 or None: None
+    # is a type to the kernels, which then compile no ReLU or no output pass.
+    zero = dtype.type(0) if relu else None
     if x3.shape[2] == 1:
         p = np.empty((2, _nchunks(x3.shape, geom), nfeat))
-        y2 = _as2d(y3) if write_y else _no_output(dtype, 2)
-        k.forward_nc(_as2d(x3), weight, bias, eps, geom, write_y, relu, p, coef, stats, y2)
+        k.forward_nc(_as2d(x3), weight, bias, eps, geom, zero, p, coef, stats,
+                     None if y3 is None else _as2d(y3))
     else:
-        planes = write_y and _planes(x3, y3)
-        args = (x3, weight, bias, eps, geom, write_y and not planes, relu)
-        y3k = y3 if write_y else _no_output(dtype, 3)
+        planes = y3 is not None and _planes(x3, y3)
+        args = (x3, weight, bias, eps, geom, zero)
+        y3k = None if planes else y3
         if geom.fused:
             k.forward_nchw(*args, coef, stats, y3k)
         else:
             p = np.empty((2, nfeat, _nchunks(x3.shape, geom)))
             k.forward_nchw_chunks(*args, p, coef, stats, y3k)
         if planes:
-            _affine_planes(x3, coef, relu, y3)
+            _affine_planes(x3, coef, zero, y3)
     return stats
 
 
@@ -251,7 +254,7 @@ def _normalize(x3, mean, spread, spread_is_var, weight, bias, eps, y3):
                        _as2d(y3))
     elif _planes(x3, y3):
         k._normalize_coefs(mean, spread, spread_is_var, eps, weight, bias, coef)
-        _affine_planes(x3, coef, False, y3)
+        _affine_planes(x3, coef, None, y3)
     else:
         k.normalize_nchw(x3, mean, spread, spread_is_var, eps, weight, bias, runs, coef, y3)
 
