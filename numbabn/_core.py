@@ -32,6 +32,8 @@ from __future__ import annotations
 import math
 from collections import namedtuple
 
+import numpy as np
+
 # Rows of the per-feature tables both backends build and return rows of.
 # Float64 statistics of a forward reduction:
 MEAN, INVSTD, VAR, M2 = 0, 1, 2, 3
@@ -45,6 +47,30 @@ NSUMS = 3
 HI, SCALE, OFFSET = 0, 1, 2
 DX_SCALE, XC_COEF, DY_SHIFT = 1, 2, 3
 NCOEFS = 4
+
+_FLOAT32 = np.dtype(np.float32)
+
+# Half types, one numbering for every layer (validation, both backends' kernels).
+BFLOAT16_KIND, FLOAT16_KIND = 0, 1
+
+
+def half_kind(dtype):
+    """``BFLOAT16_KIND``, ``FLOAT16_KIND``, or ``None`` for any other dtype (a
+    NumPy dtype).  ``ml_dtypes`` is not imported: its bfloat16 is recognised by
+    name and module."""
+    if dtype.itemsize != 2:
+        return None
+    if dtype.name == "float16" and dtype.isnative:
+        return FLOAT16_KIND
+    if dtype.name == "bfloat16" and dtype.type.__module__.startswith("ml_dtypes"):
+        return BFLOAT16_KIND
+    return None
+
+
+def compute_dtype(dtype):
+    """The dtype of per-feature arguments, coefficients and results for input
+    ``dtype`` (a NumPy dtype): itself, or float32 for a half type."""
+    return _FLOAT32 if dtype.itemsize == 2 else dtype
 
 
 def cdiv(a, b):

@@ -27,20 +27,8 @@ def dtype_message(name, dtype, to="float32", accepted=ACCEPTED_DTYPES) -> str:
             f"Convert it with {name}.astype(np.{to}).")
 
 
-# Half types, numbered as numbabn._cpu.half and numbabn._gpu.half number them.
-BFLOAT16_KIND, FLOAT16_KIND = 0, 1
-
-
-def half_kind(dtype):
-    """``BFLOAT16_KIND``, ``FLOAT16_KIND``, or ``None`` for any other dtype.
-    ``ml_dtypes`` is not imported: its bfloat16 is recognised by name and module."""
-    if dtype.itemsize != 2:
-        return None
-    if dtype == np.float16 and dtype.isnative:
-        return FLOAT16_KIND
-    if dtype.name == "bfloat16" and dtype.type.__module__.startswith("ml_dtypes"):
-        return BFLOAT16_KIND
-    return None
+# Half types: numbered in numbabn._core (with the dtype of per-feature values).
+from ._core import BFLOAT16_KIND, FLOAT16_KIND, compute_dtype, half_kind  # noqa: E402,F401
 
 
 def _is_half(dtype):
@@ -68,12 +56,6 @@ def is_array(a) -> bool:
 def is_writeable(a) -> bool:
     """Device arrays have no read-only flag; NumPy arrays may be read-only."""
     return a.flags.writeable if isinstance(a, np.ndarray) else True
-
-
-def compute_dtype(dtype):
-    """The dtype of per-feature arguments and results for input ``dtype``:
-    itself, or float32 for a half type (float16, bfloat16)."""
-    return FLOAT_DTYPES[0] if dtype.itemsize == 2 else dtype
 
 
 def check_input(x, name="x", allow_empty_batch=False, half=False):

@@ -161,13 +161,7 @@ def _given(*arrays):
     return [a for a in arrays if a is not None]
 
 
-def compute_dtype(dtype):
-    """The dtype of the coefficients and per-feature results for input ``dtype``:
-    itself, or float32 for a half type."""
-    return _F32 if dtype.itemsize == 2 else dtype
-
-
-_F32 = np.dtype(np.float32)
+compute_dtype = _core.compute_dtype
 
 
 def _forward(x3, weight, bias, eps, y3, relu=False):

@@ -23,7 +23,7 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic, overload
 
-from .. import _cache
+from .. import _cache, _core
 from .._config import CPU_JIT_STRICT
 from .runtime import is_small, serial_kernels
 
@@ -33,7 +33,7 @@ _JIT_PARALLEL = dict(CPU_JIT_STRICT, parallel=dict(fusion=False))
 # that both cores get work on a 64x64x56x56 tensor (12.8 M values).
 CHUNK = 1 << 16
 
-BFLOAT16, FLOAT16 = 0, 1
+BFLOAT16, FLOAT16 = _core.BFLOAT16_KIND, _core.FLOAT16_KIND
 
 
 def _host_has_f16c():
@@ -215,11 +215,6 @@ def narrow(src, dst, kind, f16c, chunk):
 # half type, nearest even; for a float array ``v`` itself), so one kernel
 # source serves every dtype and float32/float64 code is unchanged.
 # =========================================================================== #
-def kind_of_array(a):
-    """``FLOAT16`` or ``BFLOAT16`` for a half array."""
-    return FLOAT16 if a.dtype == np.float16 else BFLOAT16
-
-
 def bits_view(a):
     """``a`` (float16 or bfloat16, any strides) as the kernels take it:
     bfloat16 bits as uint16, float16 bits as int16; other arrays as they are."""
