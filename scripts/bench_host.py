@@ -95,7 +95,7 @@ def build(shape, axis, dtype=np.float32):
             "batch_norm_train": lambda: forward_nc(
                 x2, w, b, 1e-5, g1, None, p1, coef, stats, y2),
             "batch_norm_backward": lambda: backward_nc(
-                dy2, x2, mean, invstd, w, g2, True, None, p2, sums, coef, dwb, y2),
+                dy2, x2, mean, invstd, w, g2, None, p2, sums, coef, dwb, y2),
             "normalize": lambda: normalize_nc(x2, rm, rv, True, 1e-5, w, b, runs, coef, y2),
             "batch_norm_eval": lambda: normalize_nc(
                 x2, rm, rv, True, 1e-5, w, b, runs, coef, y2),
@@ -112,9 +112,9 @@ def build(shape, axis, dtype=np.float32):
             if g1.fused else
             (lambda: k.forward_nchw_chunks(x3, w, b, 1e-5, g1, None, p1, coef, stats, y3)),
             "batch_norm_backward": (lambda: backward_nchw(
-                dy3, x3, mean, invstd, w, g2, True, None, sums, coef, dwb, y3)) if g2.fused else
+                dy3, x3, mean, invstd, w, g2, None, sums, coef, dwb, y3)) if g2.fused else
             (lambda: k.backward_nchw_chunks(
-                dy3, x3, mean, invstd, w, g2, True, None, p2, sums, coef, dwb, y3)),
+                dy3, x3, mean, invstd, w, g2, None, p2, sums, coef, dwb, y3)),
             "normalize": lambda: normalize_nchw(x3, rm, rv, True, 1e-5, w, b, runs, coef, y3),
             "batch_norm_eval": lambda: normalize_nchw(
                 x3, rm, rv, True, 1e-5, w, b, runs, coef, y3),

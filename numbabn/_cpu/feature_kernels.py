@@ -785,10 +785,10 @@ def dx_nchw(dy, x, y, coef, runs, dx):
 
 
 @njit(**CPU_JIT_PARALLEL)
-def backward_nchw(dy, x, hi, invstd, weight, geom, write_dx, y, sums, coef, dwb, dx):
+def backward_nchw(dy, x, hi, invstd, weight, geom, y, sums, coef, dwb, dx):
     """The backward sums about ``hi`` into ``sums`` (rows SUM_DY, SUM_DY_XHI,
-    SUM_XHI); with ``write_dx`` also dx into ``dx`` and (dweight, dbias) into
-    ``dwb``.  Unless ``y`` is None, ``dy`` counts only where ``y > 0`` (the
+    SUM_XHI); unless ``dx`` is None also dx into ``dx`` and (dweight, dbias)
+    into ``dwb``.  Unless ``y`` is None, ``dy`` counts only where ``y > 0`` (the
     fused ReLU's backward).  ``y`` None is a type, so the masked code is not
     compiled for it (Numba prunes ``if y is not None`` branches by type).
     Fused: one task per feature."""
@@ -800,14 +800,14 @@ def backward_nchw(dy, x, hi, invstd, weight, geom, write_dx, y, sums, coef, dwb,
         a, b, e = _feature_backward_sums_nchw(dy, x, c, geom.rows, geom.cols, hi[c], scale[c],
                                               geom.bwd_block, y)
         _unscaled_sums(c, a, b, e, scale, sums)
-        if write_dx:
+        if dx is not None:
             _store_backward(c, n, sums[SUM_DY, c], sums[SUM_DY_XHI, c], sums[SUM_XHI, c],
                             np.float64(hi[c]), np.float64(invstd[c]), weight, coef, dwb)
             _dx_nchw(dy, x, c, np.int64(0), outer, np.int64(0), inner, coef, y, dx)
 
 
 @njit(**CPU_JIT_PARALLEL)
-def backward_nchw_chunks(dy, x, hi, invstd, weight, geom, write_dx, y, p, sums, coef, dwb, dx):
+def backward_nchw_chunks(dy, x, hi, invstd, weight, geom, y, p, sums, coef, dwb, dx):
     """As :func:`backward_nchw`, two-phase: ``p`` is (3, C, chunks) scratch."""
     outer, nfeat, inner = x.shape
     rows, cols, nth, block = geom.rows, geom.cols, geom.threads, geom.bwd_block
@@ -827,10 +827,10 @@ def backward_nchw_chunks(dy, x, hi, invstd, weight, geom, write_dx, y, p, sums, 
     for c in range(nfeat):  # a few values per chunk of CHUNK_ELEMS: a plain loop
         _unscaled_sums(c, _sum_in_order(p[0, c]), _sum_in_order(p[1, c]), _sum_in_order(p[2, c]),
                        scale, sums)
-        if write_dx:
+        if dx is not None:
             _store_backward(c, n, sums[SUM_DY, c], sums[SUM_DY_XHI, c], sums[SUM_XHI, c],
                             np.float64(hi[c]), np.float64(invstd[c]), weight, coef, dwb)
-    if write_dx:
+    if dx is not None:
         for t_ in prange(nth):
             t = np.int64(t_)
             u0, u1 = _thread_span(t, nth, ntasks)
@@ -1139,7 +1139,7 @@ def normalize_nc(x, mean, spread, spread_is_var, eps, weight, bias, rows, coef, 
 
 
 @njit(**CPU_JIT_PARALLEL)
-def backward_nc(dy, x, hi, invstd, weight, geom, write_dx, y, p, sums, coef, dwb, dx):
+def backward_nc(dy, x, hi, invstd, weight, geom, y, p, sums, coef, dwb, dx):
     """As :func:`backward_nchw` for (rows, C) data (``y`` None: no mask); ``p``
     is (3, row blocks, C)."""
     nrows, nfeat = x.shape
@@ -1168,11 +1168,11 @@ def backward_nc(dy, x, hi, invstd, weight, geom, write_dx, y, p, sums, coef, dwb
         for c in range(c0, c1):
             i = c - c0
             _unscaled_sums(c, acc[0, i], acc[1, i], acc[2, i], scale, sums)
-            if write_dx:
+            if dx is not None:
                 _store_backward(c, nrows, sums[SUM_DY, c], sums[SUM_DY_XHI, c],
                                 sums[SUM_XHI, c], np.float64(hi[c]), np.float64(invstd[c]),
                                 weight, coef, dwb)
-    if write_dx:
+    if dx is not None:
         tab, k = _nc_table(coef, x, _contiguous(dy) and _contiguous(x) and _contiguous(y)
                            and _contiguous(dx))
         rows = _elementwise_rows(rows, nfeat, x.itemsize)

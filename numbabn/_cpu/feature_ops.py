@@ -19,7 +19,6 @@ per plan and passed to the kernels as an argument.
 """
 
 from collections import namedtuple
-from functools import lru_cache
 
 import numpy as np
 
@@ -103,11 +102,6 @@ def _as2d(a3):
 
 def _param(v, nfeat, dtype, fill):
     return constant(nfeat, dtype, fill) if v is None else v
-
-
-@lru_cache(maxsize=8)
-def _no_output(dtype, ndim):
-    return np.empty((1,) * ndim, dtype)
 
 
 def _elementwise_runs(x3):
@@ -290,9 +284,9 @@ def _backward(dy3, x3, hi, invstd, weight, dx3, y3=None):
     # y3 None (no ReLU mask) is a type to the kernels: they compile no mask code for it
     if x3.shape[2] == 1:
         p = np.empty((3, _nchunks(x3.shape, geom), nfeat))
-        dx2 = _as2d(dx3) if write_dx else _no_output(dtype, 2)
-        k.backward_nc(_as2d(dy3), _as2d(x3), hi, invstd, w, geom, write_dx,
-                      None if y3 is None else _as2d(y3), p, sums, coef, dwb, dx2)
+        k.backward_nc(_as2d(dy3), _as2d(x3), hi, invstd, w, geom,
+                      None if y3 is None else _as2d(y3), p, sums, coef, dwb,
+                      _as2d(dx3) if write_dx else None)
     elif x3.shape[2] <= cfg.PLANE_BWD_MAX_INNER and _planes(x3, dy3, *_given(y3)):
         # runs of a few values (4x4 planes): sums per position along whole
         # samples, then the plane-wise dx pass
@@ -309,8 +303,7 @@ def _backward(dy3, x3, hi, invstd, weight, dx3, y3=None):
     else:
         # (from 7x7 up the small-plane passes were no faster here: this one
         # writes dx while the feature's sums leave it in cache)
-        dx3 = dx3 if write_dx else _no_output(dtype, 3)
-        args = (dy3, x3, hi, invstd, w, geom, write_dx, y3)
+        args = (dy3, x3, hi, invstd, w, geom, y3)
         if geom.fused:
             k.backward_nchw(*args, sums, coef, dwb, dx3)
         else:
