@@ -258,22 +258,29 @@ class _Helper:
     """The parent's side of the helper process (:func:`_helper_main`).
 
     They talk through the helper's standard input (the pickled model copy,
-    training batch and first layer with parameters, then lines ``forward N``:
-    the first N training forwards are compiled; ``take I``: this process runs
-    layer I's backward itself; ``stop``) and standard output (``start I`` and
-    ``done I SECONDS`` for each backward the helper compiles)."""
+    training batch and first layer with parameters, written from a thread, then
+    lines ``forward N``: the first N training forwards are compiled; ``take
+    I``: this process runs layer I's backward itself; ``stop``) and standard
+    output (``start I`` and ``done I SECONDS`` for each backward the helper
+    compiles).  This process never waits on the helper for longer than
+    :attr:`WAIT_S` a pass."""
 
     def __init__(self, proc):
         self.proc = proc
         self.started, self.seconds = set(), {}
         self.dead = False
         self.cond = threading.Condition()
+        self._writer = None  # the thread writing the model copy (see start)
         threading.Thread(target=self._read, daemon=True).start()
 
     @classmethod
     def start(cls, model, images, first):
-        """A running helper for a training step of ``model`` (a deep copy is
-        sent) on ``images``, or None when one cannot start."""
+        """A running helper for a training step of ``model`` (a copy is sent) on
+        ``images``, or None when one cannot start."""
+        try:
+            payload = pickle.dumps((model, images, first), protocol=pickle.HIGHEST_PROTOCOL)
+        except (pickle.PicklingError, TypeError, AttributeError):
+            return None
         root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
@@ -283,49 +290,62 @@ class _Helper:
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)
         except OSError:
             return None
+        helper = cls(proc)
+        # written from a thread: a helper that never reads cannot stop this process
+        helper._writer = threading.Thread(target=helper._write, args=(payload,), daemon=True)
+        helper._writer.start()
+        return helper
+
+    def _write(self, data):
         try:
-            pickle.dump((model, images, first), proc.stdin, protocol=pickle.HIGHEST_PROTOCOL)
-            proc.stdin.flush()
-        except (OSError, pickle.PicklingError, TypeError, AttributeError):
-            proc.kill()
-            proc.wait()
-            return None
-        return cls(proc)
+            self.proc.stdin.write(data)
+            self.proc.stdin.flush()
+        except OSError:  # the helper has gone: this process runs everything
+            with self.cond:
+                self.dead = True
 
     def _read(self):
         for line in self.proc.stdout:
-            what, *rest = line.split()
+            words = line.split()
             with self.cond:
-                if what == b"start":
-                    self.started.add(int(rest[0]))
-                elif what == b"done":
-                    self.seconds[int(rest[0])] = float(rest[1])
+                try:
+                    if words[0] == b"start":
+                        self.started.add(int(words[1]))
+                    elif words[0] == b"done":
+                        self.seconds[int(words[1])] = float(words[2])
+                except (IndexError, ValueError):  # not a line of the protocol
+                    pass
                 self.cond.notify_all()
         with self.cond:
             self.dead = True
             self.cond.notify_all()
 
     def _send(self, line):
-        try:
-            self.proc.stdin.write(line.encode() + b"\n")
-            self.proc.stdin.flush()
-        except OSError:  # the helper has gone: this process runs everything
-            with self.cond:
-                self.dead = True
+        """Write a line after the model copy; while the copy is still being
+        written the line is dropped (the lines are hints: ``forward N`` is
+        cumulative, and a lost ``take`` costs a duplicate compile at most)."""
+        if self.dead or (self._writer is not None and self._writer.is_alive()):
+            return
+        self._write(line.encode() + b"\n")
 
     def forward_done(self, n):
         """The first ``n`` training forwards are compiled (and in the cache)."""
         self._send(f"forward {n}")
 
+    # The longest wait for one pass the helper compiles; past it this process
+    # compiles the pass too (a helper stuck in a pass must not stop the run).
+    WAIT_S = 300.0
+
     def claim(self, i):
         """Before this process runs layer ``i``'s backward: the seconds the helper
         took to compile it (after waiting for it to finish), or None when the
-        helper has not started it (it is told to skip it) or failed."""
+        helper has not started it (it is told to skip it), failed, or took
+        longer than :attr:`WAIT_S`."""
         with self.cond:
             if i not in self.started:
                 take = True
             else:
-                self.cond.wait_for(lambda: i in self.seconds or self.dead)
+                self.cond.wait_for(lambda: i in self.seconds or self.dead, timeout=self.WAIT_S)
                 take = False
         if take:
             self._send(f"take {i}")
@@ -336,10 +356,11 @@ class _Helper:
         """Stop the helper; kill it if it does not stop within a few seconds (it
         may be compiling a pass this process also ran)."""
         self._send("stop")
-        try:
-            self.proc.stdin.close()
-        except OSError:
-            pass
+        if self._writer is None or not self._writer.is_alive():
+            try:
+                self.proc.stdin.close()
+            except OSError:
+                pass
         try:
             self.proc.wait(timeout=5)
         except subprocess.TimeoutExpired:

@@ -598,14 +598,16 @@ def _fake_helper(script):
 @pytest.mark.parametrize("script", [
     "import sys; sys.exit(1)",  # gone before it started anything
     "import sys\nfor i in range(20): print('start', i, flush=True)\nsys.exit(1)",  # died compiling
-    "import sys, pickle; pickle.load(sys.stdin.buffer)\nfor i in range(20): print('start', i, flush=True)\n"
+    "import sys\nfor i in range(20): print('start', i, flush=True)\n"
     "for i in range(20): print('done', i, 0.5, flush=True)\nsys.stdin.read()",  # claims all, exits on stop
-], ids=["exits at once", "dies while compiling", "claims everything"])
+    "import sys\nfor i in range(20): print('start', i, flush=True)\nsys.stdin.read()",  # hangs
+], ids=["exits at once", "dies while compiling", "claims everything", "never finishes"])
 def test_a_failing_or_lying_helper_changes_nothing_but_the_time(tmp_path, monkeypatch, script):
     # Every pass still runs in this process, and the run is the same bits.
     config = TrainConfig(model="mlp", batch_size=10)
     data = synthetic_data()
     monkeypatch.setattr(warmup_module._Helper, "start", staticmethod(_fake_helper(script)))
+    monkeypatch.setattr(warmup_module._Helper, "WAIT_S", 0.2)
     monkeypatch.setattr(train_module, "kernels_cached", lambda sources: False)
     warmed = Trainer(config, data, str(tmp_path / "warm"), progress=False, log=lambda s: None)
     times = warmed.warm_up(helper=True)
