@@ -13,6 +13,8 @@ import numbers
 import numpy as np
 
 from ._backend import is_device_array
+# Half types and the dtype of per-feature values are numbabn._core's; re-exported here.
+from ._core import BFLOAT16_KIND, FLOAT16_KIND, compute_dtype, half_kind  # noqa: F401
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 # Half types are taken by the public functions through numbabn._half.
@@ -25,10 +27,6 @@ def dtype_message(name, dtype, to="float32", accepted=ACCEPTED_DTYPES) -> str:
     accepted, what was given, and the fix."""
     return (f"{name} must have dtype {accepted}; got {dtype}. "
             f"Convert it with {name}.astype(np.{to}).")
-
-
-# Half types: numbered in numbabn._core (with the dtype of per-feature values).
-from ._core import BFLOAT16_KIND, FLOAT16_KIND, compute_dtype, half_kind  # noqa: E402,F401
 
 
 def _is_half(dtype):

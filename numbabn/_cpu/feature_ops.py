@@ -24,6 +24,7 @@ import numpy as np
 
 from .. import _config as cfg
 from .. import _core
+from .._core import compute_dtype
 from .runtime import constant, is_small, num_threads
 from . import feature_kernels
 from . import half
@@ -97,7 +98,9 @@ def _nchunks(shape3, geom):
 
 
 def _as2d(a3):
-    return a3.reshape(a3.shape[0], a3.shape[1])
+    """The (rows, C) view of a channel-contiguous ``a3``; None stays None (an
+    absent optional array: the kernels compile no pass for it)."""
+    return None if a3 is None else a3.reshape(a3.shape[0], a3.shape[1])
 
 
 def _param(v, nfeat, dtype, fill):
@@ -112,14 +115,15 @@ def _elementwise_runs(x3):
 def _planes(x3, *outs):
     """Whether NCHW-like ``x3`` takes the small-plane passes
     (:func:`feature_kernels.affine_planes`, ``dx_planes``):
-    runs of at most ``PLANE_MAX_INNER`` values and every array C-contiguous.
-    Depends on the shape and layout only."""
+    runs of at most ``PLANE_MAX_INNER`` values and every array (None ones
+    left out) C-contiguous.  Depends on the shape and layout only."""
     return 1 < x3.shape[2] <= cfg.PLANE_MAX_INNER and all(
-        a.flags.c_contiguous for a in (x3, *outs))
+        a.flags.c_contiguous for a in (x3, *outs) if a is not None)
 
 
 def _flat(a3):
-    return a3.reshape(a3.shape[0], a3.shape[1] * a3.shape[2])
+    """The (outer, C * inner) view of ``a3``; None stays None."""
+    return None if a3 is None else a3.reshape(a3.shape[0], a3.shape[1] * a3.shape[2])
 
 
 def _plane_blocks(x3):
@@ -146,16 +150,7 @@ def _dx_planes(dy3, x3, y3, coef, dx3):
     """The small-plane dx pass; ``y3``: the fused ReLU's output masking ``dy``, or None."""
     k = _kernels(x3)
     fblock, nsb = _plane_blocks(x3)
-    k.dx_planes(_flat(dy3), _flat(x3), None if y3 is None else _flat(y3), coef, x3.shape[2],
-                fblock, nsb, _flat(dx3))
-
-
-def _given(*arrays):
-    """The arrays that are not None."""
-    return [a for a in arrays if a is not None]
-
-
-compute_dtype = _core.compute_dtype
+    k.dx_planes(_flat(dy3), _flat(x3), _flat(y3), coef, x3.shape[2], fblock, nsb, _flat(dx3))
 
 
 def _forward(x3, weight, bias, eps, y3, relu=False):
@@ -175,8 +170,7 @@ def _forward(x3, weight, bias, eps, y3, relu=False):
     zero = dtype.type(0) if relu else None
     if x3.shape[2] == 1:
         p = np.empty((2, _nchunks(x3.shape, geom), nfeat))
-        k.forward_nc(_as2d(x3), weight, bias, eps, geom, zero, p, coef, stats,
-                     None if y3 is None else _as2d(y3))
+        k.forward_nc(_as2d(x3), weight, bias, eps, geom, zero, p, coef, stats, _as2d(y3))
     else:
         planes = y3 is not None and _planes(x3, y3)
         args = (x3, weight, bias, eps, geom, zero)
@@ -284,17 +278,16 @@ def _backward(dy3, x3, hi, invstd, weight, dx3, y3=None):
     # y3 None (no ReLU mask) is a type to the kernels: they compile no mask code for it
     if x3.shape[2] == 1:
         p = np.empty((3, _nchunks(x3.shape, geom), nfeat))
-        k.backward_nc(_as2d(dy3), _as2d(x3), hi, invstd, w, geom,
-                      None if y3 is None else _as2d(y3), p, sums, coef, dwb,
-                      _as2d(dx3) if write_dx else None)
-    elif x3.shape[2] <= cfg.PLANE_BWD_MAX_INNER and _planes(x3, dy3, *_given(y3)):
+        k.backward_nc(_as2d(dy3), _as2d(x3), hi, invstd, w, geom, _as2d(y3), p, sums, coef, dwb,
+                      _as2d(dx3))
+    elif x3.shape[2] <= cfg.PLANE_BWD_MAX_INNER and _planes(x3, dy3, y3):
         # runs of a few values (4x4 planes): sums per position along whole
         # samples, then the plane-wise dx pass
         inner = x3.shape[2]
         fblock, _ = _plane_blocks(x3)
         fblock = max(1, min(fblock, -(-nfeat // (2 * geom.threads))))
-        k.backward_planes(_flat(dy3), _flat(x3), None if y3 is None else _flat(y3), hi, invstd, w,
-                          inner, fblock, cfg.PLANE_SUM_SAMPLES, write_dx, sums, coef, dwb)
+        k.backward_planes(_flat(dy3), _flat(x3), _flat(y3), hi, invstd, w, inner, fblock,
+                          cfg.PLANE_SUM_SAMPLES, write_dx, sums, coef, dwb)
         if write_dx:
             if _planes(x3, dx3):
                 _dx_planes(dy3, x3, y3, coef, dx3)

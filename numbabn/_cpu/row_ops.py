@@ -10,9 +10,8 @@ import numpy as np
 from .. import _config as cfg
 from .. import _core
 from .runtime import constant, is_small
-from .._core import INVSTD, MEAN, NROWSTATS, VAR
+from .._core import INVSTD, MEAN, NROWSTATS, VAR, compute_dtype
 from . import half, row_kernels
-from .feature_ops import compute_dtype
 from .row_kernels import RowGeometry
 
 
