@@ -199,21 +199,19 @@ def warm_up(model, optimizer, train_batches, eval_batches, progress=False, log=p
                 own = s == points[group][0]  # else a repeat at another batch size
                 if bar is not None and own:
                     bar.set_description_str(f"compiling {group}")
-                helped = aide.claim(i) if aide is not None and s == 0 and what == "backward" \
-                    else None
+                # (the helper serves the first stage only: it is closed after it)
+                helped = aide.claim(i) if aide is not None and what == "backward" else None
                 began = time.perf_counter()
                 if what == "forward":
                     x = layers[i].forward(x)
                 elif what == "loss":
                     _, dy = cross_entropy(x, y)
-                elif what == "backward" and i > first:
-                    dy = layers[i].backward(dy)
-                elif what == "backward":  # as the trainer: the images need no gradient
-                    layers[i].backward(dy, input_grad=False)
+                elif what == "backward":
+                    dy = _backward(layers[i], dy, i == first)
                 else:
                     optimizer.step(model.grads)
                 seconds = time.perf_counter() - began
-                if aide is not None and s == 0 and what == "forward":
+                if aide is not None and what == "forward":
                     aide.forward_done(i + 1)
                 if helped is not None:  # compiled by the helper; here it loaded from the cache
                     seconds += helped
@@ -227,7 +225,7 @@ def warm_up(model, optimizer, train_batches, eval_batches, progress=False, log=p
                     _write(group_line(group, times.groups[group]), log, tqdm)
                     if bar is not None:
                         bar.update(1)
-            if aide is not None and s == 0:
+            if aide is not None:  # the first stage is done
                 aide.close()
                 aide = None
     finally:
@@ -241,6 +239,14 @@ def warm_up(model, optimizer, train_batches, eval_batches, progress=False, log=p
         + (f" (two processes: {len(times.helped)} backward groups in the helper)"
            if times.helper else ""))
     return times
+
+
+def _backward(layer, dy, first):
+    """``layer``'s backward pass as the trainer runs it: the first layer with
+    parameters computes no input gradient (the images need none)."""
+    if first:
+        return layer.backward(dy, input_grad=False)
+    return layer.backward(dy)
 
 
 def _write(line, log, tqdm):
@@ -405,10 +411,7 @@ def _helper_main():
         if not skip:
             print(f"start {i}", file=out, flush=True)
             began = time.perf_counter()
-            dy = np.zeros_like(y)  # the layout of the gradient the layer above returns
-            if i > first:
-                layer.backward(dy)
-            else:  # as the trainer: the images need no gradient
-                layer.backward(dy, input_grad=False)
+            # a zero gradient in the layout of the one the layer above returns
+            _backward(layer, np.zeros_like(y), i == first)
             print(f"done {i} {time.perf_counter() - began!r}", file=out, flush=True)
         x = y
