@@ -46,6 +46,11 @@ CPU_JIT_IEEE_PARALLEL = dict(CPU_JIT, fastmath=False, parallel=True)
 # One kernel may hold several parallel loops (statistics, merge, normalise);
 # they run one after the other and must not be fused by Numba.
 CPU_JIT_PARALLEL = dict(CPU_JIT, parallel=dict(fusion=False))
+# Parallel kernels whose loops inline strict helpers (``inline="always"``: a
+# call per short run costs about as much as its values).  Inlined code takes
+# the caller's flags, so these callers are strict themselves; their sums stay
+# in helpers compiled on their own, with ``FASTMATH``.
+CPU_JIT_STRICT_PARALLEL = dict(CPU_JIT_PARALLEL, fastmath=set(STRICT_FASTMATH))
 
 # numba.cuda's ``fastmath`` is all-or-nothing: it turns on nnan/ninf together
 # with flush-to-zero and approximate division and square root.  All are unwanted
@@ -64,8 +69,8 @@ GPU_MAX_THREADS = 256
 GPU_UNROLL = 4
 
 COMPILE_TIME = ("FASTMATH", "STRICT_FASTMATH", "CPU_JIT", "CPU_JIT_STRICT",
-                "CPU_JIT_IEEE_PARALLEL", "CPU_JIT_PARALLEL", "GPU_JIT", "GPU_MAX_THREADS",
-                "GPU_UNROLL")
+                "CPU_JIT_IEEE_PARALLEL", "CPU_JIT_PARALLEL", "CPU_JIT_STRICT_PARALLEL", "GPU_JIT",
+                "GPU_MAX_THREADS", "GPU_UNROLL")
 
 
 def compile_time_values() -> dict:

@@ -71,7 +71,7 @@ from numba import njit, prange, types
 from numba.extending import overload
 
 from .. import _cache, _core
-from .._config import CPU_JIT, CPU_JIT_PARALLEL, CPU_JIT_STRICT
+from .._config import CPU_JIT, CPU_JIT_PARALLEL, CPU_JIT_STRICT, CPU_JIT_STRICT_PARALLEL
 from .._core import (DX_SCALE, DY_SHIFT, HI, OFFSET, SCALE, SUM_DY, SUM_DY_XHI, SUM_XHI, XC_COEF)
 from .half import stored, value_of
 from .runtime import serial_kernels
@@ -403,7 +403,7 @@ def _sum_in_order(p):
     return s
 
 
-@njit(**CPU_JIT_STRICT)
+@njit(inline="always", **CPU_JIT_STRICT)
 def _affine_nchw(x, c, r0, r1, j0, j1, coef, zero, y):
     """``y = (x - HI) * SCALE + OFFSET`` over rows [r0, r1) and positions
     [j0, j1) of feature ``c``, then a ReLU unless ``zero`` (a zero of the
@@ -461,26 +461,32 @@ def _chunk_backward_sums_nchw(dy, x, c, r0, r1, j0, j1, m, s, block, y):
     sdy = 0.0
     sdyxc = 0.0
     sxc = 0.0
-    w = j1 - j0
     for r in range(r0, r1):
-        dyr = dy[r, c, j0:j1]
-        xr = x[r, c, j0:j1]
-        for b0 in range(0, w, block):
-            b1 = min(b0 + block, w)
+        for b0 in range(j0, j1, block):
+            b1 = min(b0 + block, j1)
             if y is not None:
-                yr = y[r, c, j0:j1]
-                a, b, e = _block_backward_sums_masked(dyr[b0:b1], yr[b0:b1], xr[b0:b1], m, s)
+                a, b, e = _block_backward_sums_masked(dy[r, c, b0:b1], y[r, c, b0:b1],
+                                                      x[r, c, b0:b1], m, s)
             else:
-                a, b, e = _block_backward_sums(dyr[b0:b1], dyr[b0:b1], xr[b0:b1], m, s)
+                a, b, e = _block_backward_sums(dy[r, c, b0:b1], dy[r, c, b0:b1], x[r, c, b0:b1],
+                                               m, s)
             sdy += np.float64(a)
             sdyxc += np.float64(b)
             sxc += np.float64(e)
     return sdy, sdyxc, sxc
 
 
-@njit(**CPU_JIT_STRICT)
+@njit(inline="always", **CPU_JIT_STRICT)
 def _feature_backward_sums_nchw(dy, x, c, rows, cols, m, s, block, y):
+    """Feature ``c``'s sums: chunk by chunk, added in chunk order.  (Inlined into
+    the per-feature task, with no chunk loop for a feature of one chunk (small
+    planes): a call and its divisions cost about as much as a 7x7 feature's
+    values.)"""
     outer, _, inner = x.shape
+    if outer <= rows and inner <= cols:
+        a, b, e = _chunk_backward_sums_nchw(dy, x, c, np.int64(0), outer, np.int64(0), inner, m,
+                                             s, block, y)
+        return 0.0 + a, 0.0 + b, 0.0 + e  # as the chunk loop adds them to 0.0
     ncb = _cdiv(inner, cols)
     sdy = 0.0
     sdyxc = 0.0
@@ -494,8 +500,10 @@ def _feature_backward_sums_nchw(dy, x, c, rows, cols, m, s, block, y):
     return sdy, sdyxc, sxc
 
 
-@njit(**CPU_JIT_STRICT)
+@njit(inline="always", **CPU_JIT_STRICT)
 def _dx_nchw(dy, x, c, r0, r1, j0, j1, coef, y, dx):
+    """dx over rows [r0, r1) and positions [j0, j1) of feature ``c`` (inlined
+    into its callers' loops: a call costs about as much as a 7x7 plane's values)."""
     a = coef[DX_SCALE, c]
     hi = coef[HI, c]
     b = coef[XC_COEF, c]
@@ -524,7 +532,7 @@ def _task_chunk(u, nchunks, ncb, rows, cols, outer, inner):
     return c, k, r0, r1, j0, j1
 
 
-@njit(**CPU_JIT_PARALLEL)
+@njit(**CPU_JIT_STRICT_PARALLEL)
 def forward_nchw(x, weight, bias, eps, geom, zero, coef, stats, y):
     """Batch statistics of ``x`` into ``stats`` (rows MEAN, INVSTD, VAR, M2), and
     unless ``y`` is None the normalised output into ``y`` (through a ReLU unless
@@ -541,7 +549,7 @@ def forward_nchw(x, weight, bias, eps, geom, zero, coef, stats, y):
             _affine_nchw(x, c, np.int64(0), outer, np.int64(0), inner, coef, zero, y)
 
 
-@njit(**CPU_JIT_PARALLEL)
+@njit(**CPU_JIT_STRICT_PARALLEL)
 def forward_nchw_chunks(x, weight, bias, eps, geom, zero, p, coef, stats, y):
     """As :func:`forward_nchw`, two-phase: ``p`` is (2, C, chunks) scratch for
     the chunk means and M2s."""
@@ -570,7 +578,7 @@ def forward_nchw_chunks(x, weight, bias, eps, geom, zero, p, coef, stats, y):
                 _affine_nchw(x, c, r0, r1, j0, j1, coef, zero, y)
 
 
-@njit(**CPU_JIT_PARALLEL)
+@njit(**CPU_JIT_STRICT_PARALLEL)
 def normalize_nchw(x, mean, spread, spread_is_var, eps, weight, bias, runs, coef, y):
     """``y = (x - mean) * invstd * weight + bias`` with ``invstd`` given, or
     from ``var`` (``spread_is_var``).  Elementwise, so any order gives the same
@@ -771,7 +779,7 @@ def backward_planes(dy2, x2, y2, hi, invstd, weight, inner, fblock, nblk, write_
                                 np.float64(hi[c]), np.float64(invstd[c]), weight, coef, dwb)
 
 
-@njit(**CPU_JIT_PARALLEL)
+@njit(**CPU_JIT_STRICT_PARALLEL)
 def dx_nchw(dy, x, y, coef, runs, dx):
     """The per-run dx pass with the coefficients given (``runs`` runs a task)."""
     outer, nfeat, inner = x.shape
@@ -784,7 +792,7 @@ def dx_nchw(dy, x, y, coef, runs, dx):
             _dx_nchw(dy, x, c, r, r + 1, np.int64(0), inner, coef, y, dx)
 
 
-@njit(**CPU_JIT_PARALLEL)
+@njit(**CPU_JIT_STRICT_PARALLEL)
 def backward_nchw(dy, x, hi, invstd, weight, geom, y, sums, coef, dwb, dx):
     """The backward sums about ``hi`` into ``sums`` (rows SUM_DY, SUM_DY_XHI,
     SUM_XHI); unless ``dx`` is None also dx into ``dx`` and (dweight, dbias)
@@ -806,7 +814,7 @@ def backward_nchw(dy, x, hi, invstd, weight, geom, y, sums, coef, dwb, dx):
             _dx_nchw(dy, x, c, np.int64(0), outer, np.int64(0), inner, coef, y, dx)
 
 
-@njit(**CPU_JIT_PARALLEL)
+@njit(**CPU_JIT_STRICT_PARALLEL)
 def backward_nchw_chunks(dy, x, hi, invstd, weight, geom, y, p, sums, coef, dwb, dx):
     """As :func:`backward_nchw`, two-phase: ``p`` is (3, C, chunks) scratch."""
     outer, nfeat, inner = x.shape

@@ -102,7 +102,7 @@ def serial_kernels(namespace):
                                       f.__defaults__, f.__closure__)
             twin.__qualname__ = f.__qualname__ + "_serial"
             twin.__doc__ = f.__doc__
-            obj = numba.njit(**options)(twin)
+            obj = numba.njit(**{**options, "fastmath": obj.targetoptions["fastmath"]})(twin)
         out[name] = obj
     return SimpleNamespace(**out)
 
