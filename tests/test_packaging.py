@@ -68,4 +68,4 @@ def test_ci_runs_the_readme_test_commands_verbatim():
     after = ci[ci.index("verbatim"):].splitlines()[1:]
     commands = [line for line in after if line.strip() and not line.startswith("#")]
     assert commands == block
-    assert "pip install -e '.[test,train,mpi,half]' torch==2.13.0" in block and block[-1] == "pytest"
+    assert "pip install -e '.[test,train,mpi,half]' torch==2.13.0" in block and block[-1] == "pytest -n 2"
