@@ -122,14 +122,17 @@ BWD_NC_ROWS = 64
 # L1: 0.055 against 0.090 ns per value for rows of 196, no gain for 676.
 SHORT_RUN = 512
 
-# NCHW-like elementwise passes (eval, the training output, dx) over runs of at
-# most ``PLANE_MAX_INNER`` values (planes up to 8x8) take blocks of features of
-# about ``PLANE_BLOCK_VALUES`` values a sample, each feature's coefficients
-# repeated over its run, and run along every sample's segment of the block
-# (numbabn._cpu.feature_kernels.affine_planes, dx_planes): per-run loops over
-# such short runs are scalar code.  Same bits.  From 14x14 (196) up the per-run
-# loops were faster (2 threads, (32, 256, 14, 14) eval 148 against 162 us).
-PLANE_MAX_INNER = 64
+# NCHW-like elementwise passes (eval, the training output, dx) over runs of
+# fewer than ``PLANE_MAX_BYTES`` bytes (float32 planes up to 7x7, float64 up to
+# 5x5) take blocks of features of about ``PLANE_BLOCK_VALUES`` values a sample,
+# each feature's coefficients repeated over its run, and run along every
+# sample's segment of the block (numbabn._cpu.feature_kernels.affine_planes,
+# dx_planes): a per-run loop over a run shorter than one step of the vectorised
+# loop (64-byte vectors, interleaved four times: 256 bytes) is mostly its
+# remainder code.  Same bits.  From one step up the per-run loops were faster
+# (2 threads, eval: float32 (128, 256, 8, 8) 187 against 272 us, float64 (32,
+# 256, 8, 8) 77 against 145 us; float32 (32, 160, 7, 7) 41 against 36 us).
+PLANE_MAX_BYTES = 256
 PLANE_BLOCK_VALUES = 1024
 # The batch-norm backward over runs of at most ``PLANE_BWD_MAX_INNER`` values
 # (4x4 planes) takes its sums per position along whole samples too

@@ -115,9 +115,9 @@ def _elementwise_runs(x3):
 def _planes(x3, *outs):
     """Whether NCHW-like ``x3`` takes the small-plane passes
     (:func:`feature_kernels.affine_planes`, ``dx_planes``):
-    runs of at most ``PLANE_MAX_INNER`` values and every array (None ones
-    left out) C-contiguous.  Depends on the shape and layout only."""
-    return 1 < x3.shape[2] <= cfg.PLANE_MAX_INNER and all(
+    runs of fewer than ``PLANE_MAX_BYTES`` bytes and every array (None ones
+    left out) C-contiguous.  Depends on the shape, dtype and layout only."""
+    return 1 < x3.shape[2] and x3.shape[2] * x3.dtype.itemsize < cfg.PLANE_MAX_BYTES and all(
         a.flags.c_contiguous for a in (x3, *outs) if a is not None)
 
 
