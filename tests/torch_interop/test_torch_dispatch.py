@@ -62,9 +62,10 @@ def aten_ran(names, what):
     ((4, 8, 16), np.float32, (True, True, True)),          # < 2**16 values: host cost
     ((2, 8, 2048), np.float64, (True, True, True)),
     ((16, 256, 16), np.float32, (False, True, False)),     # NCHW 4x4 planes: backward
-    ((16, 64, 64), np.float32, (False, True, True)),       # NCHW 8x8: backward and eval
-    ((32, 64, 49), np.float32, (False, True, True)),       # 7x7
-    ((16, 64, 64), np.float64, (False, False, True)),      # float64 8x8: eval only
+    ((16, 64, 64), np.float32, (False, True, False)),      # NCHW 8x8: backward
+    ((32, 64, 49), np.float32, (False, True, True)),       # 7x7: backward and eval
+    ((64, 64, 16), np.float64, (False, False, True)),      # float64 4x4: eval only
+    ((16, 64, 64), np.float64, (False, False, False)),     # float64 8x8: numbabn
     ((16, 32, 196), np.float32, (False, False, False)),    # 14x14: numbabn
     ((16, 64, 256), np.float32, (False, False, False)),    # 16x16: numbabn
     ((1024, 64, 1), np.float32, (False, True, False)),     # channels-last, 256 KiB
@@ -95,8 +96,9 @@ def test_force_sends_every_call_one_way_and_checks_its_argument():
 # ---------------------------------------------------------------- the layers follow it
 
 CASES = [  # shape, memory format, dtype, what runs ATen's (train, backward, eval)
-    ((16, 64, 8, 8), NCHW, torch.float32, (False, True, True)),
-    ((16, 64, 8, 8), NCHW, torch.float64, (False, False, True)),
+    ((32, 64, 7, 7), NCHW, torch.float32, (False, True, True)),
+    ((16, 64, 8, 8), NCHW, torch.float32, (False, True, False)),
+    ((64, 64, 4, 4), NCHW, torch.float64, (False, False, True)),
     ((16, 32, 16, 16), NCHW, torch.float32, (False, False, False)),
     ((16, 64, 8, 8), CL, torch.float32, (False, True, False)),
     ((2, 8, 4, 4), NCHW, torch.float32, (True, True, True)),
@@ -147,7 +149,7 @@ def test_layer_follows_the_table(ran, shape, fmt, dtype, aten):
 
 def test_ops_follow_the_table(ran):
     """The custom ops (what torch.compile and export record) take the same routes."""
-    x = torch.randn(16, 64, 8, 8)  # NCHW 8x8 float32: numbabn forward, ATen backward and eval
+    x = torch.randn(32, 64, 7, 7)  # NCHW 7x7 float32: numbabn forward, ATen backward and eval
     w, b = torch.rand(64) + 0.5, torch.randn(64)
     rm, rv = torch.randn(64), torch.rand(64) + 0.5
     y = torch.ops.numbabn.batch_norm_eval(x, w, b, rm, rv, 1e-5, False)
