@@ -89,9 +89,13 @@ def half_aware(x="x", tensors=(), params=(), stats=(), inplace=(), results=("x",
             kind = kind_of(dtype)
             if kind is None:  # another 2-byte type (int16, non-native float16): fn refuses it
                 return fn(*args, **kwargs)
-            if native and type(a) is np.ndarray and _converts_nothing(checked, dtype, args,
-                                                                        kwargs):
-                return fn(*args, **kwargs)
+            if native and type(a) is np.ndarray:
+                vectors = _half_vectors(checked, dtype, args, kwargs)
+                if vectors == ():
+                    return fn(*args, **kwargs)
+                if vectors is not None:
+                    return _call_vectors(fn, vectors, inplace, results, dtype, kind, args,
+                                         kwargs)
             return _call(fn, spec, x, tensors, params, stats, inplace, results,
                          out if has_out else None, native, dtype, kind, args, kwargs)
 
@@ -101,33 +105,66 @@ def half_aware(x="x", tensors=(), params=(), stats=(), inplace=(), results=("x",
     return decorate
 
 
-# What the native fast path needs of an argument (see _converts_nothing).
+# What the native short paths need of an argument (see _half_vectors).
 _TENSOR, _F32, _F32_F64, _ABSENT = range(4)
 
 
-def _converts_nothing(checked, dtype, args, kwargs):
-    """Whether a native CPU call would convert nothing: every array argument a
-    NumPy array, the ``tensors`` in x's dtype, the per-feature arguments
-    float32 (float32 or float64 for ``stats``), no ``out``.  :func:`_call` then
-    hands ``fn`` its arguments as they are, and returns its results as they are
-    (every half result is x-like, written by ``fn`` itself; per-feature results
-    follow float32 parameters), so the call may skip it: the same result, about
-    10 us sooner.  Anything else (a half parameter, an ``out``, a device array,
-    a wrong dtype: :func:`_call` says what is wrong) takes :func:`_call`."""
+def _half_vectors(checked, dtype, args, kwargs):
+    """For a native CPU call: None when it must take :func:`_call` (an
+    ``out``, an argument that is not a NumPy array, a dtype :func:`_call`
+    refuses or anything else it handles), else the ``(position, name, value)``
+    of each per-feature argument in x's half dtype, the only ones :func:`_call`
+    would convert (``()``: none; the ``tensors`` are in x's dtype and the
+    kernels read them as they are)."""
     nargs = len(args)
+    half = []
     for i, name, default, role in checked:
         value = args[i] if i < nargs else kwargs.get(name, default)
         if value is None:
             continue
         if role == _ABSENT or type(value) is not np.ndarray:
-            return False
+            return None
         vdt = value.dtype
         if role == _TENSOR:
             if vdt != dtype:
-                return False
+                return None
+        elif vdt == dtype:
+            half.append((i, name, value))
         elif vdt != F32 and (role == _F32 or vdt != F64):
-            return False
-    return True
+            return None
+    return tuple(half)
+
+
+def _call_vectors(fn, vectors, inplace, results, dtype, kind, args, kwargs):
+    """:func:`_call` for a native CPU call whose only conversions are the
+    half per-feature ``vectors`` (:func:`_half_vectors`): the same steps
+    (widen them, call, round results named after a half parameter to its
+    dtype, round the float32 copies of half running statistics back into
+    them) without binding and checking every argument again."""
+    be = _backend.CPU
+    args = list(args)
+    nargs = len(args)
+    halves = {}
+    wide = {}
+    for i, name, value in vectors:
+        halves[name] = value
+        wide[name] = w = widen(be, value, kind)
+        if i < nargs:
+            args[i] = w
+        else:
+            kwargs = {**kwargs, name: w}
+    result = fn(*args, **kwargs)
+    if result is not None:
+        single = len(results) == 1 and not isinstance(result, tuple)
+        values = list((result,) if single else result)
+        for k, what in enumerate(results[:len(values)]):
+            if values[k] is not None and what in halves:
+                values[k] = narrow(be, values[k], dtype, kind)
+        result = values[0] if single else tuple(values)
+    for name in inplace:
+        if name in halves:
+            narrow(be, wide[name], dtype, kind, out=halves[name])
+    return result
 
 
 _SAME = "{x}, the dtype of x"

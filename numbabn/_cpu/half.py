@@ -297,6 +297,13 @@ def _empty_in(shape, dtype, perm):
 
 def widen_array(a, kind):
     """Half array ``a`` (any strides) as a new float32 array in ``a``'s memory order."""
+    if a.ndim == 1 and a.flags.c_contiguous:  # a per-feature vector: no reordering
+        out = np.empty(a.shape, np.float32)
+        if kind == BFLOAT16:  # the bits of to_float32's, without a kernel call
+            np.left_shift(a.view(np.uint16), np.uint32(16), out=out.view(np.uint32))
+        else:
+            to_float32(a.view(np.uint16), out, kind)
+        return out
     perm = _order(a)
     t = _dense_in(a, perm)
     if t is None:  # not dense (a slice, negative strides): a dense copy first
@@ -310,6 +317,10 @@ def widen_array(a, kind):
 def narrow_array(r, dtype, kind, out=None):
     """``r`` (float32) rounded to ``dtype``: into ``out`` when given, else into
     a new array in ``r``'s memory order."""
+    if r.ndim == 1 and r.flags.c_contiguous and (out is None or out.flags.c_contiguous):
+        target = np.empty(r.shape, dtype) if out is None else out
+        from_float32(r, target.view(np.uint16), kind)
+        return target
     perm = _order(r)
     src = _dense_in(r, perm)
     if src is None:

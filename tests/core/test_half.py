@@ -210,10 +210,10 @@ def test_bad_half_arguments_are_refused_before_anything_changes(rng, dtype):
 
 
 @pytest.mark.parametrize("dtype", HALF)
-def test_float32_parameter_calls_give_the_bits_of_half_parameter_calls(rng, dtype, monkeypatch):
-    # float32 per-feature arguments take the wrapper's short path (nothing to
-    # convert, numbabn._half._converts_nothing); half ones the full path. With
-    # the same values both must give the same bits.
+def test_the_wrapper_short_paths_give_the_full_path_bits(rng, dtype, monkeypatch):
+    # A native CPU call with float32 per-feature arguments converts nothing;
+    # with half ones it widens only those (numbabn._half._half_vectors); an
+    # ``out`` takes the full path (_call). All three must give the same bits.
     import numbabn._half as half_module
     full_calls = []
     full_path = half_module._call
@@ -222,44 +222,52 @@ def test_float32_parameter_calls_give_the_bits_of_half_parameter_calls(rng, dtyp
     dy = half_array(rng, x.shape, dtype)
     w16, b16 = rng.uniform(0.5, 2, 6).astype(dtype), rng.standard_normal(6).astype(dtype)
     w32, b32 = w16.astype(F32), b16.astype(F32)
-    short = numbabn.batch_norm_train(x, w32, b32, 1e-5)
+
+    def same(a, b):
+        assert a.dtype == b.dtype and a.tobytes() == b.tobytes()
+
+    f32 = numbabn.batch_norm_train(x, w32, b32, 1e-5)
+    f16 = numbabn.batch_norm_train(x, w16, b16, 1e-5)
     assert not full_calls
-    full = numbabn.batch_norm_train(x, w16, b16, 1e-5)
+    full = numbabn.batch_norm_train(x, w16, b16, 1e-5, out=np.empty_like(x))
     assert len(full_calls) == 1
-    assert short[0].dtype == dtype and short[0].tobytes() == full[0].tobytes()
-    np.testing.assert_array_equal(short[1], full[1])
-    np.testing.assert_array_equal(short[2], full[2])
-    mean, invstd = short[1], short[2]
-    dshort = numbabn.batch_norm_backward(dy, x, mean, invstd, w32)
-    dfull = numbabn.batch_norm_backward(dy, x, mean.astype(dtype).astype(F32),
-                                        invstd, w16)
-    assert dshort[0].tobytes() == numbabn.batch_norm_backward(
-        dy, x, mean.astype(dtype).astype(F32), invstd, w32)[0].tobytes()
-    assert dshort[1].dtype == F32 and dfull[1].dtype == dtype
-    np.testing.assert_array_equal(dshort[1].astype(dtype), dfull[1])
+    for a, b, c in zip(f32, f16, full):
+        same(a, b)
+        same(a, c)
+    mean, invstd = f32[1], f32[2]
+    d32 = numbabn.batch_norm_backward(dy, x, mean, invstd, w32)
+    d16 = numbabn.batch_norm_backward(dy, x, mean, invstd, w16)
+    dfull = numbabn.batch_norm_backward(dy, x, mean, invstd, w16, out=np.empty_like(x))
+    assert d32[1].dtype == F32 and d16[1].dtype == dtype  # the weight's dtype
+    for k in range(3):
+        same(d16[k], dfull[k])
+    same(d32[0], d16[0])
+    same(d32[1].astype(dtype), d16[1])
     rm, rv = rng.standard_normal(6).astype(dtype), rng.uniform(0.5, 2, 6).astype(dtype)
     for training in (False, True):
         r32, v32 = rm.astype(F32), rv.astype(F32)
         r16, v16 = rm.copy(), rv.copy()
-        a = numbabn.batch_norm(x, r32, v32, w32, b32, training=training)
-        b = numbabn.batch_norm(x, r16, v16, w16, b16, training=training)
-        assert a.dtype == dtype and a.tobytes() == b.tobytes()
-        np.testing.assert_array_equal(r32.astype(dtype), r16)
-    e32 = numbabn.batch_norm_elemt(x, mean, invstd, w32, b32)
-    e16 = numbabn.batch_norm_elemt(x, mean.astype(dtype), invstd.astype(dtype), w16, b16)
-    same = numbabn.batch_norm_elemt(x, mean.astype(dtype).astype(F32),
-                                    invstd.astype(dtype).astype(F32), w32, b32)
-    assert e32.dtype == dtype and e16.tobytes() == same.tobytes()
-    # a float64 parameter is refused by the full path, with its message
-    with pytest.raises(TypeError, match=rf"weight must have dtype float32 or {dtype}"):
-        numbabn.batch_norm_train(x, w32.astype(np.float64))
+        same(numbabn.batch_norm(x, r32, v32, w32, b32, training=training),
+             numbabn.batch_norm(x, r16, v16, w16, b16, training=training))
+        same(r32.astype(dtype), r16)  # half running statistics updated in their dtype
+        same(v32.astype(dtype), v16)
+    m16, s16 = mean.astype(dtype), invstd.astype(dtype)
+    e16 = numbabn.batch_norm_elemt(x, m16, s16, w16, b16)
+    same(e16, numbabn.batch_norm_elemt(x, m16, s16, w16, b16, out=np.empty_like(x)))
+    same(e16, numbabn.batch_norm_elemt(x, m16.astype(F32), s16.astype(F32), w32, b32))
     lw = rng.uniform(0.5, 2, x.shape[1:]).astype(dtype)
     for fn, args32, args16 in (
             (numbabn.layer_norm_train, (x, x.shape[1:], lw.astype(F32)), (x, x.shape[1:], lw)),
             (numbabn.group_norm_train, (x, 3, w32, b32), (x, 3, w16, b16)),
             (numbabn.rms_norm_train, (x, x.shape[-1:], w32[:5]), (x, x.shape[-1:], w16[:5]))):
-        a, b = fn(*args32), fn(*args16)
-        assert a[0].dtype == dtype and a[0].tobytes() == b[0].tobytes(), fn.__name__
+        same(fn(*args32)[0], fn(*args16)[0])
+    n = len(full_calls)
+    # what the full path refuses, it still refuses, with its message
+    with pytest.raises(TypeError, match=rf"weight must have dtype float32 or {dtype}"):
+        numbabn.batch_norm_train(x, w32.astype(np.float64))
+    with pytest.raises(TypeError, match=rf"dy must have dtype {dtype}"):
+        numbabn.batch_norm_backward(dy.astype(F32), x, mean, invstd, w16)
+    assert len(full_calls) == n + 2
 
 
 def test_conversions_match_numpy_and_ml_dtypes_on_every_value():
