@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 from collections import namedtuple
 
+import numpy as np
+
 from ._cpu import feature_ops as _cpu_feature_ops
 from ._cpu import half as _cpu_half
 from ._cpu import layout as _cpu_layout
@@ -35,7 +37,10 @@ def is_device_array(a) -> bool:
     A PyTorch CUDA tensor that requires grad raises its own RuntimeError here
     (detach it first); CPU tensors and NumPy arrays are host arrays.
     """
-    return bool(getattr(type(a), "__cuda_ndarray__", False)) or hasattr(
+    cls = type(a)
+    if cls is np.ndarray:  # the common case, answered without two attribute look-ups
+        return False
+    return bool(getattr(cls, "__cuda_ndarray__", False)) or hasattr(
         a, "__cuda_array_interface__")
 
 

@@ -19,7 +19,7 @@ import mmap
 import sys
 import threading
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from math import prod
 
 import numpy as np
@@ -358,15 +358,28 @@ class RowLayout:
         """Values per row."""
         return self.shape4[1] * self.shape4[3]
 
-    @property
+    @cached_property
     def kept_perm(self) -> tuple:
         """The kept axes in row-numbering order."""
         return tuple(a for a in self.perm if a < self.nkept)
 
-    @property
+    @cached_property
     def reduced_perm(self) -> tuple:
         """The reduced axes in the order of a row's flat index ``m * K + k``."""
         return tuple(a for a in self.perm if a >= self.nkept)
+
+    @cached_property
+    def kept_view(self) -> tuple:
+        """``(sizes, inverse)``: the kept axes' sizes in row-numbering order, and
+        the transpose that puts them back in axis order (:func:`rows_to_kept`)."""
+        kept = self.kept_perm
+        return (tuple(self.shape[a] for a in kept),
+                tuple(sorted(range(len(kept)), key=kept.__getitem__)))
+
+    @cached_property
+    def unpermuted(self) -> tuple:
+        """:func:`_unpermute` of the shape by ``perm`` (:func:`empty_like_4d`)."""
+        return _unpermute(self.shape, self.perm)
 
 
 def plan_rows(x, nkept: int) -> RowLayout:
@@ -374,6 +387,12 @@ def plan_rows(x, nkept: int) -> RowLayout:
     ``nkept`` axes: from its strides when they allow one, else the logical
     order (which :func:`as_4d` then copies into)."""
     return _plan_rows(tuple(x.shape), tuple(x.strides), nkept)
+
+
+def plan_rows_strided(shape, strides, nkept: int) -> RowLayout:
+    """:func:`plan_rows` of an array of this ``shape`` and these ``strides``
+    (in elements or bytes: only their order and equality count)."""
+    return _plan_rows(tuple(shape), tuple(strides), nkept)
 
 
 def plan_rows_logical(shape, nkept: int) -> RowLayout:
@@ -425,16 +444,14 @@ def as_4d(x: np.ndarray, layout: RowLayout, copy_ok: bool = True):
 def empty_like_4d(layout: RowLayout, dtype):
     """Allocate an output in ``layout.perm`` order; return ``(y4, y)`` with ``y``
     the same memory in the caller's axis order."""
-    permuted_shape, inverse = _unpermute(layout.shape, layout.perm)
+    permuted_shape, inverse = layout.unpermuted
     y4 = empty(layout.shape4, dtype)
     return y4, y4.reshape(permuted_shape).transpose(inverse)
 
 
 def rows_to_kept(v, layout: RowLayout):
     """A per-row vector (row order) as an array of the kept axes' shape."""
-    kept = layout.kept_perm
-    sizes = tuple(layout.shape[a] for a in kept)
-    inverse = tuple(sorted(range(len(kept)), key=kept.__getitem__))
+    sizes, inverse = layout.kept_view
     return v.reshape(sizes).transpose(inverse)
 
 

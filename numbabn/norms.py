@@ -42,6 +42,8 @@ import numbers
 from collections import namedtuple
 from math import prod
 
+from functools import lru_cache
+
 import numpy as np
 
 from . import _backend, _layout
@@ -161,7 +163,12 @@ def _check_spatial(x):
 # --------------------------------------------------------------------------- #
 def _layer_plan(x, k):
     """Layer and RMS norm: rows are the leading axes, one weight per value."""
-    layout = _layout.plan_rows(x, x.ndim - k)
+    return _layer_plan_of(x.shape, x.strides, k)
+
+
+@lru_cache(maxsize=1024)
+def _layer_plan_of(shape, strides, k):
+    layout = _layout.plan_rows_strided(shape, strides, len(shape) - k)
     wperm = tuple(a - layout.nkept for a in layout.reduced_perm)
     return _RowPlan(layout, Affine(1, layout.reduced, 1), wperm)
 
@@ -169,10 +176,15 @@ def _layer_plan(x, k):
 def _group_plan(xs):
     """Group and instance norm on ``xs`` of shape ``(N, G, C/G, *spatial)``: one
     weight per channel; copy into logical order when the view cannot index them."""
-    layout = _layout.plan_rows(xs, 2)
+    return _group_plan_of(xs.shape, xs.strides)
+
+
+@lru_cache(maxsize=1024)
+def _group_plan_of(shape, strides):
+    layout = _layout.plan_rows_strided(shape, strides, 2)
     aff = _group_affine(layout)
     if aff is None:
-        layout = _layout.plan_rows_logical(xs.shape, 2)
+        layout = _layout.plan_rows_logical(shape, 2)
         aff = _group_affine(layout)
     return _RowPlan(layout, aff, None)
 
@@ -447,8 +459,9 @@ def rms_norm_backward(dy, x, rstd, normalized_shape, weight=None, param_grads=Tr
 # --------------------------------------------------------------------------- #
 # Group and instance norm
 # --------------------------------------------------------------------------- #
-def _group_train(be, x, groups, weight, bias, eps):
-    """``(y, mean, rstd, var)``, the statistics of shape ``(N, groups)``."""
+def _group_train(be, x, groups, weight, bias, eps, want_var=False):
+    """``(y, mean, rstd, var)``, the statistics of shape ``(N, groups)``
+    (``var`` None unless ``want_var``)."""
     nchan = x.shape[1]
     if x.size == 0:
         return (*_empty_train(be, x, (x.shape[0], groups)), None)
@@ -456,7 +469,7 @@ def _group_train(be, x, groups, weight, bias, eps):
     plan = _group_plan(xs)
     ys, mean, rstd, var = _forward(be, xs, plan, weight, bias, eps, False)
     return (be.layout.merge_axes(ys, 1, 2), _kept(be, mean, plan, 0), _kept(be, rstd, plan, 0),
-            _kept(be, var, plan, 0))
+            _kept(be, var, plan, 0) if want_var else None)
 
 
 def _group_backward(be, dy, x, groups, mean, rstd, weight, param_grads):
@@ -646,7 +659,7 @@ def _check_instance_norm(x, running_mean, running_var, weight, bias, use_input_s
 
 def _instance_update(be, x, running_mean, running_var, weight, bias, momentum, eps):
     nchan = x.shape[1]
-    y, mean, rstd, var = _group_train(be, x, nchan, weight, bias, eps)
+    y, mean, rstd, var = _group_train(be, x, nchan, weight, bias, eps, want_var=True)
     # An empty input leaves the running statistics untouched, as batch norm's
     # (PyTorch 2.13 writes NaN into them for an empty batch).
     if running_mean is not None and momentum > 0 and x.size:

@@ -5,7 +5,7 @@ of :mod:`numbabn._gpu.layout` (device arrays).  The per-feature views
 :mod:`numbabn._layout`, which plans them; the axis reshapes the family's
 functions need follow."""
 
-import numpy as np
+from math import prod
 
 from .._layout import (as_3d, as_4d, copy_into, empty_like_3d, empty_like_4d,  # noqa: F401
                        from_3d, kept_to_rows, partial_overlap, rows_to_kept)
@@ -18,7 +18,7 @@ def split_axis(x, axis, parts):
 
 def merge_axes(y, axis, count):
     """``y`` with axes ``axis .. axis + count - 1`` merged into one."""
-    size = int(np.prod(y.shape[axis:axis + count]))
+    size = prod(y.shape[axis:axis + count])
     return y.reshape(y.shape[:axis] + (size,) + y.shape[axis + count:])
 
 

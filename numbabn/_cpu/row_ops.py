@@ -115,8 +115,15 @@ def row_norm_train(x4, weight, bias, aff, eps, rms, y4):
             k.forward_one_run(*args, coef, stats, y4)
         else:
             k.forward_rows(*args, coef, stats, y4)
-    with np.errstate(over="ignore"):
-        return stats[MEAN].astype(dtype), stats[INVSTD].astype(dtype), stats[VAR]
+    return _row_stats(stats, dtype)
+
+
+# np.errstate as a decorator keeps its state per call (NumPy >= 2.0) and saves
+# building a context manager on every call.
+@np.errstate(over="ignore")
+def _row_stats(stats, dtype):
+    """Per-row ``(mean, rstd)`` in ``dtype`` (beyond float32's range: inf) and the float64 var."""
+    return stats[MEAN].astype(dtype), stats[INVSTD].astype(dtype), stats[VAR]
 
 
 def _nchunks_host(geom, M, K):
@@ -166,8 +173,13 @@ def row_norm_backward(dy4, x4, mean, rstd, weight, aff, rms, want_grads, dx4):
             k.backward(*args)
     if not want_grads:
         return None, None
-    with np.errstate(over="ignore"):
-        return grads[0].astype(dtype), grads[1].astype(dtype)
+    return _grads_in(grads, dtype)
+
+
+@np.errstate(over="ignore")
+def _grads_in(grads, dtype):
+    """``(dweight, dbias)`` rows of the float64 ``grads`` in ``dtype``."""
+    return grads[0].astype(dtype), grads[1].astype(dtype)
 
 
 update_instance_running_stats = _core.update_instance_running_stats
