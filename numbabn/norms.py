@@ -245,7 +245,8 @@ def _empty_backward(be, x, param_shape, param_grads):
     dx = _empty_like(be, x)
     if not param_grads:
         return dx, None, None
-    return dx, _full(be, param_shape, x.dtype, 0), _full(be, param_shape, x.dtype, 0)
+    pdt = v.compute_dtype(x.dtype)  # float32 for half inputs
+    return dx, _full(be, param_shape, pdt, 0), _full(be, param_shape, pdt, 0)
 
 
 # --------------------------------------------------------------------------- #
@@ -347,7 +348,7 @@ def layer_norm_train(x, normalized_shape, weight=None, bias=None, eps=1e-5):
 
 
 @half_aware(tensors=("dy",), params=("weight",), stats=("mean", "rstd"),
-            results=("x", "weight", "weight"))
+            results=("x", "weight", "weight"), native=True)
 def layer_norm_backward(dy, x, mean, rstd, normalized_shape, weight=None, param_grads=True):
     """Gradients of :func:`layer_norm_train`.
 
@@ -371,13 +372,14 @@ def layer_norm_backward(dy, x, mean, rstd, normalized_shape, weight=None, param_
     """
     be, (x, dy, mean, rstd, weight) = _backend.select(
         dict(x=x, dy=dy, mean=mean, rstd=rstd, weight=weight))
-    _check_x(x, "x", 1, "(*, *normalized_shape)")
+    _check_x(x, "x", 1, "(*, *normalized_shape)", half=True)
+    cdt = v.compute_dtype(x.dtype)  # float32 for half inputs
     v.check_same_as(dy, "dy", x)
     shape = _check_normalized_shape(normalized_shape, x)
     shapes = _kept_shapes(x.shape, len(shape))
-    _check_saved(mean, "mean", shapes, x.dtype)
-    _check_saved(rstd, "rstd", shapes, x.dtype)
-    _check_param(weight, "weight", shape, x.dtype)
+    _check_saved(mean, "mean", shapes, cdt)
+    _check_saved(rstd, "rstd", shapes, cdt)
+    _check_param(weight, "weight", shape, cdt)
     param_grads = v.check_bool(param_grads, "param_grads")
     if x.size == 0:
         return _empty_backward(be, x, shape, param_grads)
@@ -436,17 +438,18 @@ def rms_norm_train(x, normalized_shape, weight=None, eps=None):
 
 
 @half_aware(tensors=("dy",), params=("weight",), stats=("rstd",),
-            results=("x", "weight"))
+            results=("x", "weight"), native=True)
 def rms_norm_backward(dy, x, rstd, normalized_shape, weight=None, param_grads=True):
     """Gradients of :func:`rms_norm_train`: ``(dx, dweight)`` (``dweight`` is
     ``sum(dy * x * rstd)`` over the rows, None without ``param_grads``)."""
     be, (x, dy, rstd, weight) = _backend.select(dict(x=x, dy=dy, rstd=rstd, weight=weight))
-    _check_x(x, "x", 1, "(*, *normalized_shape)")
+    _check_x(x, "x", 1, "(*, *normalized_shape)", half=True)
+    cdt = v.compute_dtype(x.dtype)  # float32 for half inputs
     v.check_same_as(dy, "dy", x)
     shape = _check_normalized_shape(normalized_shape, x)
     shapes = _kept_shapes(x.shape, len(shape))
-    _check_saved(rstd, "rstd", shapes, x.dtype)
-    _check_param(weight, "weight", shape, x.dtype)
+    _check_saved(rstd, "rstd", shapes, cdt)
+    _check_param(weight, "weight", shape, cdt)
     param_grads = v.check_bool(param_grads, "param_grads")
     if x.size == 0:
         return _empty_backward(be, x, shape, param_grads)[:2]
@@ -529,19 +532,20 @@ def group_norm_train(x, num_groups, weight=None, bias=None, eps=1e-5):
 
 
 @half_aware(tensors=("dy",), params=("weight",), stats=("mean", "rstd"),
-            results=("x", "weight", "weight"))
+            results=("x", "weight", "weight"), native=True)
 def group_norm_backward(dy, x, mean, rstd, num_groups, weight=None, param_grads=True):
     """Gradients of :func:`group_norm_train`: ``(dx, dweight, dbias)``, the
     parameter gradients of shape ``(C,)`` (None without ``param_grads``)."""
     be, (x, dy, mean, rstd, weight) = _backend.select(
         dict(x=x, dy=dy, mean=mean, rstd=rstd, weight=weight))
-    _check_x(x, "x", 2, "(N, C, *)")
+    _check_x(x, "x", 2, "(N, C, *)", half=True)
+    cdt = v.compute_dtype(x.dtype)  # float32 for half inputs
     v.check_same_as(dy, "dy", x)
     groups = _check_num_groups(num_groups, x.shape[1])
     shapes = ((x.shape[0], groups),)
-    _check_saved(mean, "mean", shapes, x.dtype)
-    _check_saved(rstd, "rstd", shapes, x.dtype)
-    _check_param(weight, "weight", (x.shape[1],), x.dtype)
+    _check_saved(mean, "mean", shapes, cdt)
+    _check_saved(rstd, "rstd", shapes, cdt)
+    _check_param(weight, "weight", (x.shape[1],), cdt)
     param_grads = v.check_bool(param_grads, "param_grads")
     return _group_backward(be, dy, x, groups, mean, rstd, weight, param_grads)
 
@@ -567,17 +571,18 @@ def instance_norm_train(x, weight=None, bias=None, eps=1e-5):
 
 
 @half_aware(tensors=("dy",), params=("weight",), stats=("mean", "rstd"),
-            results=("x", "weight", "weight"))
+            results=("x", "weight", "weight"), native=True)
 def instance_norm_backward(dy, x, mean, rstd, weight=None, param_grads=True):
     """Gradients of :func:`instance_norm_train`: ``(dx, dweight, dbias)``."""
     be, (x, dy, mean, rstd, weight) = _backend.select(
         dict(x=x, dy=dy, mean=mean, rstd=rstd, weight=weight))
-    _check_x(x, "x", 3, "(N, C, *spatial) with at least one spatial axis")
+    _check_x(x, "x", 3, "(N, C, *spatial) with at least one spatial axis", half=True)
+    cdt = v.compute_dtype(x.dtype)  # float32 for half inputs
     v.check_same_as(dy, "dy", x)
     shapes = ((x.shape[0], x.shape[1]),)
-    _check_saved(mean, "mean", shapes, x.dtype)
-    _check_saved(rstd, "rstd", shapes, x.dtype)
-    _check_param(weight, "weight", (x.shape[1],), x.dtype)
+    _check_saved(mean, "mean", shapes, cdt)
+    _check_saved(rstd, "rstd", shapes, cdt)
+    _check_param(weight, "weight", (x.shape[1],), cdt)
     param_grads = v.check_bool(param_grads, "param_grads")
     return _group_backward(be, dy, x, x.shape[1], mean, rstd, weight, param_grads)
 

@@ -324,8 +324,8 @@ def _sums_each(dyr, xr, w, hi):
     s2 = 0.0
     s3 = 0.0
     for j in range(xr.shape[0]):
-        gj = np.float64(dyr[j]) * np.float64(w[j])
-        d = np.float64(xr[j]) - hi
+        gj = np.float64(value_of(dyr[j])) * np.float64(w[j])
+        d = np.float64(value_of(xr[j])) - hi
         s1 += gj
         s2 += gj * d
         s3 += d
@@ -339,8 +339,8 @@ def _sums_run(dyr, xr, hi):
     s2 = 0.0
     s3 = 0.0
     for j in range(xr.shape[0]):
-        gj = np.float64(dyr[j])
-        d = np.float64(xr[j]) - hi
+        gj = np.float64(value_of(dyr[j]))
+        d = np.float64(value_of(xr[j])) - hi
         s1 += gj
         s2 += gj * d
         s3 += d
@@ -355,8 +355,8 @@ def _block_sums_each(dyr, xr, w, hi, sc):
     b = hi - hi
     e = hi - hi
     for j in range(xr.shape[0]):
-        gj = dyr[j] * w[j]
-        xc = (xr[j] - hi) * sc
+        gj = value_of(dyr[j]) * w[j]
+        xc = (value_of(xr[j]) - hi) * sc
         a += gj
         b += gj * xc
         e += xc
@@ -368,8 +368,9 @@ def _sums_each_blocked(dyr, xr, w, hi, rstd, block):
     """The three float64 sums of :func:`_sums_each` as batch norm's backward
     takes them: blocks of ``block`` values in the input's dtype with ``x - hi``
     scaled by a power of two near ``rstd`` (exact), each block added in
-    float64 in order.  ``hi`` is the saved mean in the input's dtype."""
-    dt = xr.dtype.type
+    float64 in order.  ``hi`` is the saved mean in the input's dtype; the
+    blocks' dtype is the weight's (x's, or float32 for half inputs)."""
+    dt = w.dtype.type
     hx = dt(hi)
     sc = dt(_pow2_near(rstd))
     s1 = 0.0
@@ -489,21 +490,21 @@ def _store_backward(r, cnt, sg, sgx, sx, hi, rstd, rms, coef, bstat):
 @njit(**CPU_JIT_STRICT)
 def _dx_each(dyr, xr, w, hi, a, b, d, dxr):
     for j in range(xr.shape[0]):
-        dxr[j] = (dyr[j] * w[j] + (xr[j] - hi) * b + d) * a
+        dxr[j] = stored((value_of(dyr[j]) * w[j] + (value_of(xr[j]) - hi) * b + d) * a, dxr)
 
 
 @njit(**CPU_JIT_STRICT)
 def _dx_run(dyr, xr, w, hi, a, b, d, dxr):
     for j in range(xr.shape[0]):
-        dxr[j] = (dyr[j] * w + (xr[j] - hi) * b + d) * a
+        dxr[j] = stored((value_of(dyr[j]) * w + (value_of(xr[j]) - hi) * b + d) * a, dxr)
 
 
 @njit(**CPU_JIT_STRICT)
 def _grads_each(dyr, xr, hi, xs, xo, qw, qb):
     """``qw += dy * xhat``, ``qb += dy`` value by value (float64)."""
     for j in range(xr.shape[0]):
-        gj = np.float64(dyr[j])
-        qw[j] += gj * ((np.float64(xr[j]) - hi) * xs + xo)
+        gj = np.float64(value_of(dyr[j]))
+        qw[j] += gj * ((np.float64(value_of(xr[j])) - hi) * xs + xo)
         qb[j] += gj
 
 
@@ -513,8 +514,8 @@ def _grads_run(dyr, xr, hi, xs, xo):
     tw = 0.0
     tb = 0.0
     for j in range(xr.shape[0]):
-        gj = np.float64(dyr[j])
-        tw += gj * ((np.float64(xr[j]) - hi) * xs + xo)
+        gj = np.float64(value_of(dyr[j]))
+        tw += gj * ((np.float64(value_of(xr[j])) - hi) * xs + xo)
         tb += gj
     return tw, tb
 
@@ -533,7 +534,7 @@ def _dx_one_run(dy, x, n, g, r, aff, coef, bstat, weight, want_grads, qw, qb, dx
     dxr = dx[n, 0, g]
     w = weight[base:base + K]
     for j in range(K):
-        dxr[j] = (dyr[j] * w[j] + (xr[j] - hi) * b + d) * a
+        dxr[j] = stored((value_of(dyr[j]) * w[j] + (value_of(xr[j]) - hi) * b + d) * a, dxr)
     if want_grads:
         _grads_each(dyr, xr, np.float64(hi), bstat[XHAT_SCALE, r], bstat[XHAT_OFFSET, r], qw, qb)
 
@@ -606,23 +607,24 @@ def _dx_grads_4(dy, x, rows, aff, coef, bstat, weight, qw, qb, dx):
                       bstat[XHAT_SCALE, r3])
     o0, o1, o2, o3 = (bstat[XHAT_OFFSET, r0], bstat[XHAT_OFFSET, r1], bstat[XHAT_OFFSET, r2],
                       bstat[XHAT_OFFSET, r3])
-    dt = x0.dtype.type  # xhat = (x - HI) * XHAT_SCALE + XHAT_OFFSET in the input's dtype
+    # xhat = (x - HI) * XHAT_SCALE + XHAT_OFFSET in the input's dtype (float32 for half inputs)
+    dt = coef.dtype.type
     t0, t1, t2, t3 = dt(s0), dt(s1), dt(s2), dt(s3)
     p0, p1, p2, p3 = dt(o0), dt(o1), dt(o2), dt(o3)
     base = (r0 % aff.gmod) * aff.arow
     w = weight[base:base + aff.arow]
     for j in range(x0.shape[0]):
         wj = w[j]
-        c0 = x0[j] - h0
-        c1 = x1[j] - h1
-        c2 = x2[j] - h2
-        c3 = x3[j] - h3
-        d0[j] = (g0[j] * wj + c0 * b0 + e0) * a0
-        d1[j] = (g1[j] * wj + c1 * b1 + e1) * a1
-        d2[j] = (g2[j] * wj + c2 * b2 + e2) * a2
-        d3[j] = (g3[j] * wj + c3 * b3 + e3) * a3
+        c0 = value_of(x0[j]) - h0
+        c1 = value_of(x1[j]) - h1
+        c2 = value_of(x2[j]) - h2
+        c3 = value_of(x3[j]) - h3
+        y0, y1, y2, y3 = value_of(g0[j]), value_of(g1[j]), value_of(g2[j]), value_of(g3[j])
+        d0[j] = stored((y0 * wj + c0 * b0 + e0) * a0, d0)
+        d1[j] = stored((y1 * wj + c1 * b1 + e1) * a1, d1)
+        d2[j] = stored((y2 * wj + c2 * b2 + e2) * a2, d2)
+        d3[j] = stored((y3 * wj + c3 * b3 + e3) * a3, d3)
         # the four rows' dy * xhat and dy in the input's dtype, added to float64
-        y0, y1, y2, y3 = g0[j], g1[j], g2[j], g3[j]
         qw[j] += np.float64((y0 * (c0 * t0 + p0) + y1 * (c1 * t1 + p1))
                             + (y2 * (c2 * t2 + p2) + y3 * (c3 * t3 + p3)))
         qb[j] += np.float64((y0 + y1) + (y2 + y3))
@@ -877,8 +879,8 @@ def backward_cl(dy, x, hi, rstd, weight, G, rms, want_grads, coef, bstat, q, gra
             gr = dy[n, m]
             xr = x[n, m]
             for c in range(C):
-                gj = np.float64(gr[c]) * np.float64(weight[c])
-                d = np.float64(xr[c]) - hic[c]
+                gj = np.float64(value_of(gr[c])) * np.float64(weight[c])
+                d = np.float64(value_of(xr[c])) - hic[c]
                 t1[c] += gj
                 t2[c] += gj * d
                 t3[c] += d
@@ -892,10 +894,10 @@ def backward_cl(dy, x, hi, rstd, weight, G, rms, want_grads, coef, bstat, q, gra
                 b += t2[c]
                 e += t3[c]
             _store_backward(r, cnt, a, b, e, np.float64(hi[r]), rstd[r], rms, coef, bstat)
-        hc = np.empty(C, x.dtype)
-        ac = np.empty(C, x.dtype)
-        bc = np.empty(C, x.dtype)
-        dc = np.empty(C, x.dtype)
+        hc = np.empty(C, coef.dtype)  # x's dtype, or float32 for half inputs
+        ac = np.empty(C, coef.dtype)
+        bc = np.empty(C, coef.dtype)
+        dc = np.empty(C, coef.dtype)
         xs = np.empty(C)
         xo = np.empty(C)
         for c in range(C):
@@ -912,11 +914,13 @@ def backward_cl(dy, x, hi, rstd, weight, G, rms, want_grads, coef, bstat, q, gra
             xr = x[n, m]
             dxr = dx[n, m]
             for c in range(C):
-                dxr[c] = (gr[c] * weight[c] + (xr[c] - hc[c]) * bc[c] + dc[c]) * ac[c]
+                dxr[c] = stored((value_of(gr[c]) * weight[c] + (value_of(xr[c]) - hc[c]) * bc[c]
+                                 + dc[c]) * ac[c], dxr)
             if want_grads:
                 for c in range(C):
-                    gj = np.float64(gr[c])
-                    qw[c] += gj * ((np.float64(xr[c]) - np.float64(hc[c])) * xs[c] + xo[c])
+                    gj = np.float64(value_of(gr[c]))
+                    qw[c] += gj * ((np.float64(value_of(xr[c])) - np.float64(hc[c])) * xs[c]
+                                   + xo[c])
                     qb[c] += gj
     if want_grads:
         # a plain loop: N * C values against the data's M * N * C
@@ -952,7 +956,7 @@ def backward_runs(dy, x, hi, rstd, weight, aff, rms, want_grads, block, coef, bs
         r = np.int64(r_)
         n, g = r // G, r % G
         hr = hi[r]
-        sc = x.dtype.type(_pow2_near(rstd[r]))
+        sc = coef.dtype.type(_pow2_near(rstd[r]))  # x's dtype, or float32 for half inputs
         sc64 = np.float64(sc)
         base = (r % gmod) * arow
         pa = np.empty(arow)

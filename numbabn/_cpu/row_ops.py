@@ -132,15 +132,17 @@ def _nchunks_host(geom, M, K):
 
 def row_norm_backward(dy4, x4, mean, rstd, weight, aff, rms, want_grads, dx4):
     """Write dx into ``dx4``; return float64-accumulated ``(dweight, dbias)`` in
-    x's dtype, laid out as ``aff`` indexes them (None, None without ``want_grads``).
+    x's dtype (float32 for half inputs, whose values the kernels read and write
+    directly), laid out as ``aff`` indexes them (None, None without ``want_grads``).
 
-    ``mean`` (None for RMSNorm) and ``rstd``: per row, row order, x's dtype or
-    float64, as the forward returned them.
+    ``mean`` (None for RMSNorm) and ``rstd``: per row, row order, x's dtype
+    (float32 for half inputs) or float64, as the forward returned them.
     """
     N, M, G, K = x4.shape
-    dtype = x4.dtype
+    dtype = compute_dtype(x4.dtype)
     rows = N * G
-    geom = plan(x4.shape, dtype.itemsize, 2)
+    geom = plan(x4.shape, x4.dtype.itemsize, 2)
+    dy4, x4, dx4 = half.bits_view(dy4), half.bits_view(x4), half.bits_view(dx4)
     k = _kernels(x4)
     nparams = _nparams(aff)
     weight = constant(nparams, dtype, 1) if weight is None else weight

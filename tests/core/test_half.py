@@ -270,6 +270,66 @@ def test_the_wrapper_short_paths_give_the_full_path_bits(rng, dtype, monkeypatch
     assert len(full_calls) == n + 2
 
 
+@pytest.mark.parametrize("shape", [(4, 8, 5, 6), (2, 8, 40, 50)], ids=str)
+@pytest.mark.parametrize("dtype,layout", [
+    pytest.param(p.values[0], lay, id=f"{p.id}-{lay}", marks=p.marks)
+    for p in HALF for lay in ("c", "transposed", "channels_last")])
+def test_family_backward_kernels_give_the_float32_kernels_bits_rounded(rng, dtype, layout,
+                                                                        shape):
+    """The family's backward reads and writes half values in its own kernels
+    (one-run rows, rows of runs, whole runs, channels-last; serial and
+    parallel): dx is the float32 kernels' dx on the widened values, rounded,
+    and the parameter gradients are theirs."""
+    if layout == "channels_last":
+        def relay(a):
+            return np.ascontiguousarray(a.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+    else:
+        def relay(a):
+            return relayout(a, layout)
+    x = relay(half_array(rng, shape, dtype, loc=2))
+    dy = relay(half_array(rng, shape, dtype))
+    x32, dy32 = relay(x.astype(F32)), relay(dy.astype(F32))
+    tail = shape[2:]
+    w = rng.uniform(0.5, 2, tail).astype(F32)
+    cw = rng.uniform(0.5, 2, shape[1]).astype(F32)
+    _, lm, lr = numbabn.layer_norm_train(x32, tail)
+    _, rr = numbabn.rms_norm_train(x32, tail[-1:])
+    _, gm, gr = numbabn.group_norm_train(x32, 4)
+    _, im, ir = numbabn.instance_norm_train(x32)
+    calls = [
+        (numbabn.layer_norm_backward, lambda d, a: (d, a, lm, lr, tail, w)),
+        (numbabn.rms_norm_backward, lambda d, a: (d, a, rr, tail[-1:], w[0])),
+        (numbabn.group_norm_backward, lambda d, a: (d, a, gm, gr, 4, cw)),
+        (numbabn.instance_norm_backward, lambda d, a: (d, a, im, ir, cw)),
+    ]
+    for fn, args in calls:
+        got, want = fn(*args(dy, x)), fn(*args(dy32, x32))
+        assert got[0].dtype == dtype, fn.__name__
+        np.testing.assert_array_equal(got[0].view(np.uint16),
+                                      _rounded(want[0], dtype).view(np.uint16), fn.__name__)
+        for a, b32 in zip(got[1:], want[1:]):
+            assert a.dtype == F32  # the weight's dtype
+            np.testing.assert_array_equal(a, b32, fn.__name__)
+
+
+@pytest.mark.parametrize("dtype", HALF)
+def test_family_backward_two_phase_rows_and_half_weights(rng, dtype):
+    """Few long rows (the two-phase backward, parallel) and half weights
+    (their gradients rounded to the weight's dtype)."""
+    x = half_array(rng, (4, 20000), dtype, loc=3, axis=0)
+    dy = half_array(rng, x.shape, dtype, axis=0)
+    x32, dy32 = x.astype(F32), dy.astype(F32)
+    w = rng.uniform(0.5, 2, 20000).astype(dtype)
+    _, mean, rstd = numbabn.layer_norm_train(x32, 20000)
+    got = numbabn.layer_norm_backward(dy, x, mean, rstd, 20000, w)
+    want = numbabn.layer_norm_backward(dy32, x32, mean, rstd, 20000, w.astype(F32))
+    np.testing.assert_array_equal(got[0].view(np.uint16), _rounded(want[0], dtype).view(np.uint16))
+    assert got[1].dtype == got[2].dtype == dtype
+    np.testing.assert_array_equal(got[1].view(np.uint16), _rounded(want[1], dtype).view(np.uint16))
+    np.testing.assert_array_equal(got[2].view(np.uint16), _rounded(want[2], dtype).view(np.uint16))
+    assert_ulps(got[0], naive.layer_norm_backward(dy, x, (20000,), w)[0], dtype, 4, "dx")
+
+
 def test_conversions_match_numpy_and_ml_dtypes_on_every_value():
     """The CPU conversions, F16C and integer code alike, against NumPy's float16
     and ml_dtypes' bfloat16 casts, on every 16-bit pattern and on float32
