@@ -161,9 +161,7 @@ def _call_vectors(fn, vectors, inplace, results, dtype, kind, args, kwargs):
             if values[k] is not None and what in halves:
                 values[k] = narrow(be, values[k], dtype, kind)
         result = values[0] if single else tuple(values)
-    for name in inplace:
-        if name in halves:
-            narrow(be, wide[name], dtype, kind, out=halves[name])
+    _write_back(be, inplace, halves, wide, dtype, kind)
     return result
 
 

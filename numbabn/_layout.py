@@ -372,9 +372,7 @@ class RowLayout:
     def kept_view(self) -> tuple:
         """``(sizes, inverse)``: the kept axes' sizes in row-numbering order, and
         the transpose that puts them back in axis order (:func:`rows_to_kept`)."""
-        kept = self.kept_perm
-        return (tuple(self.shape[a] for a in kept),
-                tuple(sorted(range(len(kept)), key=kept.__getitem__)))
+        return _unpermute(self.shape, self.kept_perm)
 
     @cached_property
     def unpermuted(self) -> tuple:
@@ -382,16 +380,11 @@ class RowLayout:
         return _unpermute(self.shape, self.perm)
 
 
-def plan_rows(x, nkept: int) -> RowLayout:
-    """Choose the ``(N, M, G, K)`` view of ``x`` whose rows are the first
-    ``nkept`` axes: from its strides when they allow one, else the logical
-    order (which :func:`as_4d` then copies into)."""
-    return _plan_rows(tuple(x.shape), tuple(x.strides), nkept)
-
-
-def plan_rows_strided(shape, strides, nkept: int) -> RowLayout:
-    """:func:`plan_rows` of an array of this ``shape`` and these ``strides``
-    (in elements or bytes: only their order and equality count)."""
+def plan_rows(shape, strides, nkept: int) -> RowLayout:
+    """Choose the ``(N, M, G, K)`` view of an array of this ``shape`` and these
+    ``strides`` whose rows are the first ``nkept`` axes: from the strides when
+    they allow one, else the logical order (which :func:`as_4d` then copies
+    into)."""
     return _plan_rows(tuple(shape), tuple(strides), nkept)
 
 

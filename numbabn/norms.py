@@ -40,9 +40,8 @@ from __future__ import annotations
 
 import numbers
 from collections import namedtuple
-from math import prod
-
 from functools import lru_cache
+from math import prod
 
 import numpy as np
 
@@ -168,7 +167,7 @@ def _layer_plan(x, k):
 
 @lru_cache(maxsize=1024)
 def _layer_plan_of(shape, strides, k):
-    layout = _layout.plan_rows_strided(shape, strides, len(shape) - k)
+    layout = _layout.plan_rows(shape, strides, len(shape) - k)
     wperm = tuple(a - layout.nkept for a in layout.reduced_perm)
     return _RowPlan(layout, Affine(1, layout.reduced, 1), wperm)
 
@@ -181,7 +180,7 @@ def _group_plan(xs):
 
 @lru_cache(maxsize=1024)
 def _group_plan_of(shape, strides):
-    layout = _layout.plan_rows_strided(shape, strides, 2)
+    layout = _layout.plan_rows(shape, strides, 2)
     aff = _group_affine(layout)
     if aff is None:
         layout = _layout.plan_rows_logical(shape, 2)

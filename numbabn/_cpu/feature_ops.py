@@ -25,7 +25,7 @@ import numpy as np
 from .. import _config as cfg
 from .. import _core
 from .._core import compute_dtype
-from .runtime import constant, is_small, num_threads
+from .runtime import astype, astype_quiet, constant, is_small, num_threads
 from . import feature_kernels
 from . import half
 
@@ -193,17 +193,8 @@ def _cast(dtype, table, a, b, may_overflow=True):
     range) skips silencing that warning, which costs more than the cast."""
     if dtype == np.float64:
         return table[a], table[b]
-    rows = (_astype_quiet if may_overflow else _astype)(table[a:b + 1:b - a], dtype)
+    rows = (astype_quiet if may_overflow else astype)(table[a:b + 1:b - a], dtype)
     return rows[0], rows[1]
-
-
-def _astype(a, dtype):
-    return a.astype(dtype)
-
-
-# np.errstate as a decorator keeps its state per call (NumPy >= 2.0: thread and
-# context safe) and saves building a context manager on every call.
-_astype_quiet = np.errstate(over="ignore")(_astype)
 
 
 # The training forward's float32 mean and invstd cannot overflow when eps is at

@@ -9,7 +9,7 @@ import numpy as np
 
 from .. import _config as cfg
 from .. import _core
-from .runtime import constant, is_small
+from .runtime import astype_quiet, constant, is_small
 from .._core import INVSTD, MEAN, NROWSTATS, VAR, compute_dtype
 from . import half, row_kernels
 from .row_kernels import RowGeometry
@@ -115,15 +115,7 @@ def row_norm_train(x4, weight, bias, aff, eps, rms, y4):
             k.forward_one_run(*args, coef, stats, y4)
         else:
             k.forward_rows(*args, coef, stats, y4)
-    return _row_stats(stats, dtype)
-
-
-# np.errstate as a decorator keeps its state per call (NumPy >= 2.0) and saves
-# building a context manager on every call.
-@np.errstate(over="ignore")
-def _row_stats(stats, dtype):
-    """Per-row ``(mean, rstd)`` in ``dtype`` (beyond float32's range: inf) and the float64 var."""
-    return stats[MEAN].astype(dtype), stats[INVSTD].astype(dtype), stats[VAR]
+    return astype_quiet(stats[MEAN], dtype), astype_quiet(stats[INVSTD], dtype), stats[VAR]
 
 
 def _nchunks_host(geom, M, K):
@@ -175,13 +167,7 @@ def row_norm_backward(dy4, x4, mean, rstd, weight, aff, rms, want_grads, dx4):
             k.backward(*args)
     if not want_grads:
         return None, None
-    return _grads_in(grads, dtype)
-
-
-@np.errstate(over="ignore")
-def _grads_in(grads, dtype):
-    """``(dweight, dbias)`` rows of the float64 ``grads`` in ``dtype``."""
-    return grads[0].astype(dtype), grads[1].astype(dtype)
+    return astype_quiet(grads[0], dtype), astype_quiet(grads[1], dtype)
 
 
 update_instance_running_stats = _core.update_instance_running_stats

@@ -40,6 +40,18 @@ def threading_layer():
 _unlocked = contextlib.nullcontext()  # reusable: it holds no state
 
 
+def astype(a, dtype):
+    """``a.astype(dtype)``."""
+    return a.astype(dtype)
+
+
+# ``a.astype(dtype)`` with overflow to inf silenced (a value beyond float32's
+# range becomes inf, its correct float32 value).  np.errstate as a decorator
+# keeps its state per call (NumPy >= 2.0: thread and context safe) and saves
+# building a context manager on every call.
+astype_quiet = np.errstate(over="ignore")(astype)
+
+
 _thread_count = []  # (get, set) from _numba_private, once the pool may start
 
 
