@@ -87,6 +87,12 @@ parameter_grads = njit(**CPU_JIT_STRICT)(_core.parameter_grads)
 _cdiv = njit(**CPU_JIT_STRICT)(_core.cdiv)
 store_statistics = njit(**CPU_JIT_STRICT)(_core.store_statistics)
 
+# The least bytes of each coefficient row per segment of a channel-contiguous
+# elementwise pass (see :func:`_nc_table`).  Each segment is one vectorised loop
+# with its own setup, so short segments (a segment of C values is one vector
+# for C = 16) cost more in setup than in work; four rows of 4 KiB stay in L1.
+NC_SEGMENT_BYTES = 4096
+
 
 @njit(**CPU_JIT_STRICT)
 def _thread_span(t, nth, total):
@@ -193,8 +199,9 @@ def _nc_table(coef, x, flat):
     * ``flat`` (x and the outputs C-contiguous): a block of rows is one run of
       values; its first ``k`` values (up to x's first 64-byte boundary) take
       ``coef`` directly, then segments of ``L`` values (``L`` a multiple of C
-      and of 64 bytes) take ``tab[q, t] = coef[q, (t + k) % C]``, 64-byte
-      aligned like the segments.  Every block of the pass starts on the same
+      and of 64 bytes, and at least ``NC_SEGMENT_BYTES`` of ``tab``'s dtype)
+      take ``tab[q, t] = coef[q, (t + k) % C]``, 64-byte aligned like the
+      segments.  Every block of the pass starts on the same
       offset from a 64-byte boundary as ``x`` (blocks are multiples of 64 bytes,
       see :func:`_elementwise_rows`), so one table serves them all.
     * otherwise (strided rows): ``coef`` itself, each row taken from its start.
@@ -204,8 +211,7 @@ def _nc_table(coef, x, flat):
     if flat:
         k = ((-x.ctypes.data) % 64) // isz
         width = nfeat * (64 // math.gcd(nfeat * isz, 64))
-        if isz == 2:  # half values: segments of at least 512 (the conversions' loop setup)
-            width *= _cdiv(512, width)
+        width *= _cdiv(NC_SEGMENT_BYTES // coef.itemsize, width)
         tab = _aligned_empty((nq, width), coef)
         for q in range(nq):  # copies of coef[q] rotated by k (no division per value)
             row = tab[q]
