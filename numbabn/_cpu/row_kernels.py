@@ -66,9 +66,9 @@ from .._core import (CENTER, DX_SCALE, DY_SHIFT, HI, INVSTD, OFFSET, SCALE, XC_C
                      XHAT_SCALE)
 
 # The statistics core, compiled once for the CPU in numbabn._cpu.feature_kernels.
-from .feature_kernels import (_block_backward_sums, _cdiv, _pow2_near, affine_coefs,
-                              backward_coefs, chan_merge, invstd_of, shifted_moments,
-                              store_statistics, sum_dy_xmu_about)
+from .feature_kernels import (_add_backward_sums_nc4, _block_backward_sums, _cdiv, _pow2_near,
+                              affine_coefs, backward_coefs, chan_merge, invstd_of,
+                              shifted_moments, store_statistics, sum_dy_xmu_about)
 from .half import stored, value_of
 from .runtime import serial_kernels
 
@@ -860,68 +860,82 @@ def forward_cl(x, weight, bias, G, eps, rms, write_y, coef, stats, y):
 
 
 @njit(**CPU_JIT_PARALLEL)
-def backward_cl(dy, x, hi, rstd, weight, G, rms, want_grads, coef, bstat, q, grads, dx):
-    """:func:`backward` of channels-last data (the (N, M, C) views); ``q`` is
-    (2, N, C) float64 scratch for the per-sample parameter-gradient partials,
-    added in sample order into ``grads``."""
+def backward_cl(dy, x, hi, rstd, weight, G, rms, want_grads, block, coef, bstat, q, grads,
+                dx):
+    """:func:`backward` of channels-last data (the (N, M, C) views), one task
+    per sample.  Each channel's ``sum(dy)``, ``sum(dy * xc)`` and ``sum(xc)``
+    (``xc = (x - hi) * sc``, ``sc`` a power of two near rstd) are taken as
+    batch norm's channel-contiguous backward takes them (blocks of ``block``
+    positions in the input's dtype, each block added in float64 in order), then
+    weighted and summed per group in float64 as :func:`backward_runs` does; the
+    parameter-gradient partials come from the same sums.  ``q`` is (2, N, C)
+    float64 scratch for those partials, added in sample order into ``grads``."""
     N, M, C = x.shape
     K = C // G
     cnt = np.float64(M * K)
+    dt = coef.dtype.type  # x's dtype, or float32 for half inputs
     for n_ in prange(N):
         n = np.int64(n_)
-        hic = np.empty(C)
+        hc = np.empty(C, coef.dtype)
+        sc = np.empty(C, coef.dtype)
         for c in range(C):
-            hic[c] = np.float64(hi[n * G + c // K])
-        t1 = np.zeros(C)
-        t2 = np.zeros(C)
-        t3 = np.zeros(C)
-        for m in range(M):
-            gr = dy[n, m]
-            xr = x[n, m]
+            r = n * G + c // K
+            hc[c] = hi[r]
+            sc[c] = dt(_pow2_near(rstd[r]))
+        pa = np.zeros(C)
+        pb = np.zeros(C)
+        pe = np.zeros(C)
+        acc = np.empty((3, C), coef.dtype)
+        dyn = dy[n]
+        xn = x[n]
+        for m0 in range(0, M, block):
+            m1 = min(m0 + block, M)
+            acc[...] = 0.0
+            _add_backward_sums_nc4(dyn, xn, m0, m1, 0, C, hc, sc, acc)
             for c in range(C):
-                gj = np.float64(value_of(gr[c])) * np.float64(weight[c])
-                d = np.float64(value_of(xr[c])) - hic[c]
-                t1[c] += gj
-                t2[c] += gj * d
-                t3[c] += d
+                pa[c] += np.float64(acc[0, c])
+                pb[c] += np.float64(acc[1, c])
+                pe[c] += np.float64(acc[2, c])
+        for c in range(C):
+            inv = 1.0 / np.float64(sc[c])  # a power of two: exact
+            pb[c] *= inv
+            pe[c] *= inv
         for g in range(G):
             r = n * G + g
-            a = 0.0
-            b = 0.0
-            e = 0.0
+            sg = 0.0
+            sgx = 0.0
+            sx = 0.0
             for c in range(g * K, (g + 1) * K):
-                a += t1[c]
-                b += t2[c]
-                e += t3[c]
-            _store_backward(r, cnt, a, b, e, np.float64(hi[r]), rstd[r], rms, coef, bstat)
-        hc = np.empty(C, coef.dtype)  # x's dtype, or float32 for half inputs
+                w = np.float64(weight[c])
+                sg += w * pa[c]
+                sgx += w * pb[c]
+                sx += pe[c]
+            _store_backward(r, cnt, sg, sgx, sx, np.float64(hi[r]), rstd[r], rms, coef, bstat)
         ac = np.empty(C, coef.dtype)
         bc = np.empty(C, coef.dtype)
         dc = np.empty(C, coef.dtype)
-        xs = np.empty(C)
-        xo = np.empty(C)
         for c in range(C):
             r = n * G + c // K
             hc[c] = coef[HI, r]
             ac[c] = coef[DX_SCALE, r]
             bc[c] = coef[XC_COEF, r]
             dc[c] = coef[DY_SHIFT, r]
-            xs[c] = bstat[XHAT_SCALE, r]
-            xo[c] = bstat[XHAT_OFFSET, r]
-        qw, qb = _grad_partials(q, n, want_grads)
         for m in range(M):
-            gr = dy[n, m]
-            xr = x[n, m]
+            gr = dyn[m]
+            xr = xn[m]
             dxr = dx[n, m]
             for c in range(C):
                 dxr[c] = stored((value_of(gr[c]) * weight[c] + (value_of(xr[c]) - hc[c]) * bc[c]
                                  + dc[c]) * ac[c], dxr)
-            if want_grads:
-                for c in range(C):
-                    gj = np.float64(value_of(gr[c]))
-                    qw[c] += gj * ((np.float64(value_of(xr[c])) - np.float64(hc[c])) * xs[c]
-                                   + xo[c])
-                    qb[c] += gj
+        if want_grads:
+            # sum(dy * xhat), xhat = (x - HI) * XHAT_SCALE + XHAT_OFFSET, from the
+            # sums about the saved mean (as in backward_runs)
+            for c in range(C):
+                r = n * G + c // K
+                shift = np.float64(hi[r]) - np.float64(hc[c])
+                q[0, n, c] = bstat[XHAT_SCALE, r] * (pb[c] + shift * pa[c]) + (
+                    bstat[XHAT_OFFSET, r] * pa[c])
+                q[1, n, c] = pa[c]
     if want_grads:
         # a plain loop: N * C values against the data's M * N * C
         for c in range(C):

@@ -151,8 +151,8 @@ def row_norm_backward(dy4, x4, mean, rstd, weight, aff, rms, want_grads, dx4):
                       cfg.BWD_BLOCK, coef, bstat, q, grads, runs[2])
     elif cl is not None:
         q = np.empty((2, N, G * K)) if want_grads else _dummy(3)
-        k.backward_cl(cl[0], cl[1], hi, rstd, weight, G, bool(rms), bool(want_grads), coef, bstat,
-                    q, grads, cl[2])
+        k.backward_cl(cl[0], cl[1], hi, rstd, weight, G, bool(rms), bool(want_grads),
+                      cfg.BWD_NC_ROWS, coef, bstat, q, grads, cl[2])
     else:
         nblk = aff.gmod * -(-(rows // aff.gmod) // geom.grad_rows)
         q = np.empty((2, nblk, aff.arow)) if want_grads else _dummy(3)

@@ -94,8 +94,11 @@ def _channels_last(a):
     return np.ascontiguousarray(a.transpose(perm)).transpose(inv)
 
 
+# the last two have more positions than one block of the channels-last
+# backward's sums (BWD_NC_ROWS), ending in a short block
 GROUPS = [((8, 64, 7, 7), 32, np.float32), ((4, 48, 5, 6), 4, np.float64),
-          ((2, 6, 5, 3), 3, np.float32), ((3, 16, 4, 4, 4), 8, np.float32)]
+          ((2, 6, 5, 3), 3, np.float32), ((3, 16, 4, 4, 4), 8, np.float32),
+          ((2, 32, 12, 11), 8, np.float32), ((3, 24, 10, 9), 24, np.float64)]
 
 
 @pytest.mark.parametrize("layout", ["channels_last", "nchw"])
