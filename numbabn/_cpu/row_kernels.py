@@ -916,7 +916,7 @@ def backward_cl(dy, x, hi, rstd, weight, G, rms, want_grads, block, coef, bstat,
         dc = np.empty(C, coef.dtype)
         for c in range(C):
             r = n * G + c // K
-            hc[c] = coef[HI, r]
+            hc[c] = coef[HI, r]  # from here on the exact mean rounded, no longer the saved one
             ac[c] = coef[DX_SCALE, r]
             bc[c] = coef[XC_COEF, r]
             dc[c] = coef[DY_SHIFT, r]
