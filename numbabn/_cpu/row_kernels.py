@@ -61,7 +61,7 @@ import numpy as np
 from numba import njit, prange
 
 from .. import _cache, _core
-from .._config import CPU_JIT, CPU_JIT_PARALLEL, CPU_JIT_STRICT
+from .._config import CPU_JIT, CPU_JIT_PARALLEL, CPU_JIT_STRICT, CPU_JIT_STRICT_PARALLEL
 from .._core import (CENTER, DX_SCALE, DY_SHIFT, HI, INVSTD, OFFSET, SCALE, XC_COEF, XHAT_OFFSET,
                      XHAT_SCALE)
 
@@ -190,7 +190,7 @@ def _affine_each(xr, hi, s, o, w, b, yr):
         yr[j] = stored(((value_of(xr[j]) - hi) * s + o) * w[j] + b[j], yr)
 
 
-@njit(**CPU_JIT_STRICT)
+@njit(inline="always", **CPU_JIT_STRICT)  # a call per short run costs as much as its values
 def _affine_run(xr, hi, s, o, yr):
     for j in range(xr.shape[0]):
         yr[j] = stored((value_of(xr[j]) - hi) * s + o, yr)
@@ -259,6 +259,23 @@ def _one_run_forward(x, n, g, r, aff, eps, rms, geom, write_y, weight, bias, coe
         yr[j] = stored(((value_of(xr[j]) - hi) * s + o) * w[j] + b[j], yr)
 
 
+@njit(**CPU_JIT_STRICT)
+def _runs_pass(x, n, g, r, aff, coef, stats, weight, bias, y):
+    """:func:`_normalize_region` of a whole row of ``aff.arow`` runs of
+    ``aff.adiv`` values (:func:`_whole_runs` in the host driver): the same
+    coefficients and arithmetic per run, without the run bookkeeping."""
+    hi = coef[HI, r]
+    base = (r % aff.gmod) * aff.arow
+    adiv = aff.adiv
+    xr = x[n, 0, g]
+    yr = y[n, 0, g]
+    for j in range(aff.arow):
+        s, o = affine_coefs(stats[CENTER, r], np.float64(hi), stats[INVSTD, r],
+                            np.float64(weight[base + j]), np.float64(bias[base + j]))
+        _affine_run(xr[j * adiv:(j + 1) * adiv], hi, coef.dtype.type(s), coef.dtype.type(o),
+                    yr[j * adiv:(j + 1) * adiv])
+
+
 # Each path is a kernel of its own (the host drivers choose), so that a call
 # compiles only the loops it runs.
 @njit(**CPU_JIT_PARALLEL)
@@ -287,6 +304,21 @@ def forward_rows(x, weight, bias, aff, eps, rms, geom, write_y, coef, stats, y):
         if write_y:
             _normalize_region(x, n, g, r, np.int64(0), M, np.int64(0), K, aff, coef, stats,
                               weight, bias, y)
+
+
+@njit(**CPU_JIT_PARALLEL)
+def forward_runs(x, weight, bias, aff, eps, rms, geom, write_y, coef, stats, y):
+    """:func:`forward_rows` for rows that are ``aff.arow`` whole runs of
+    ``aff.adiv`` values each (group and instance norm of NCHW data): the same
+    statistics and bits, the elementwise pass run by run (:func:`_runs_pass`)."""
+    N, M, G, K = x.shape
+    for r_ in prange(N * G):
+        r = np.int64(r_)
+        n, g = r // G, r % G
+        cnt, mean, m2 = _row_moments(x, n, g, geom)
+        _store_forward(r, cnt, mean, m2, eps, rms, coef, stats)
+        if write_y:
+            _runs_pass(x, n, g, r, aff, coef, stats, weight, bias, y)
 
 
 @njit(**CPU_JIT_PARALLEL)
@@ -493,7 +525,7 @@ def _dx_each(dyr, xr, w, hi, a, b, d, dxr):
         dxr[j] = stored((value_of(dyr[j]) * w[j] + (value_of(xr[j]) - hi) * b + d) * a, dxr)
 
 
-@njit(**CPU_JIT_STRICT)
+@njit(inline="always", **CPU_JIT_STRICT)  # a call per short run costs as much as its values
 def _dx_run(dyr, xr, w, hi, a, b, d, dxr):
     for j in range(xr.shape[0]):
         dxr[j] = stored((value_of(dyr[j]) * w + (value_of(xr[j]) - hi) * b + d) * a, dxr)
@@ -956,7 +988,7 @@ def backward_cl(dy, x, hi, rstd, weight, G, rms, want_grads, block, coef, bstat,
 # the row's sums, the parameter-gradient partials and the dx pass all follow,
 # one task per row, the row still in cache for its dx pass.
 # =========================================================================== #
-@njit(**CPU_JIT_PARALLEL)
+@njit(**CPU_JIT_STRICT_PARALLEL)  # strict: it inlines the dx pass of each run
 def backward_runs(dy, x, hi, rstd, weight, aff, rms, want_grads, block, coef, bstat, q, grads,
                   dx):
     """:func:`backward` for (N, G, K) views whose rows are ``aff.arow`` runs of

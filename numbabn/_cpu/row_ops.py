@@ -113,6 +113,8 @@ def row_norm_train(x4, weight, bias, aff, eps, rms, y4):
             k.forward_chunks(*args, p, coef, stats, y4)
         elif _one_run(aff, M, K):
             k.forward_one_run(*args, coef, stats, y4)
+        elif _whole_runs(aff, x4, y4) is not None:
+            k.forward_runs(*args, coef, stats, y4)
         else:
             k.forward_rows(*args, coef, stats, y4)
     return astype_quiet(stats[MEAN], dtype), astype_quiet(stats[INVSTD], dtype), stats[VAR]
