@@ -44,7 +44,10 @@ NSUMS = 3
 # Coefficients of the elementwise passes, in the input dtype:
 #   forward:  y  = (x - HI) * SCALE + OFFSET
 #   backward: dx = (dy + (x - HI) * XC_COEF + DY_SHIFT) * DX_SCALE
+# The per-row forward also keeps RSTD, the row's ``1 / sqrt(var + eps)`` rounded to
+# the table's dtype (what the family's forwards return; HI is the mean rounded).
 HI, SCALE, OFFSET = 0, 1, 2
+RSTD = 3
 DX_SCALE, XC_COEF, DY_SHIFT = 1, 2, 3
 NCOEFS = 4
 
@@ -184,7 +187,8 @@ def row_forward_writer(compile, invstd_of, affine_coefs, store_statistics, as_fl
     ``store(r, cnt, mean, m2, eps, rms, coef, stats)`` writes row ``r``'s
     statistics and centre (the mean, or 0 for RMSNorm, whose "variance" is the
     mean square) and the coefficients of ``xhat = (x - HI) * SCALE + OFFSET``,
-    ``HI`` the centre rounded to the table's dtype."""
+    ``HI`` the centre rounded to the table's dtype, and ``RSTD`` the row's
+    ``invstd`` rounded to it."""
 
     def store(r, cnt, mean, m2, eps, rms, coef, stats):
         var = m2 / cnt
@@ -197,6 +201,7 @@ def row_forward_writer(compile, invstd_of, affine_coefs, store_statistics, as_fl
         store_statistics(stats, r, mean, invstd, var, m2)
         stats[CENTER, r] = center
         coef[HI, r] = center
+        coef[RSTD, r] = invstd
         coef[SCALE, r], coef[OFFSET, r] = affine_coefs(center, as_float64(coef[HI, r]), invstd,
                                                        1.0, 0.0)
 

@@ -425,6 +425,8 @@ def _plan_rows(shape, strides, nkept):
 def as_4d(x: np.ndarray, layout: RowLayout, copy_ok: bool = True):
     """``x`` as its ``(N, M, G, K)`` view, copied into ``layout.perm`` order
     when the strides do not merge (``None`` then, with ``copy_ok=False``)."""
+    if layout.perm == _identity(x.ndim) and x.flags.c_contiguous:
+        return x.reshape(layout.shape4)
     xp = x.transpose(layout.perm)
     try:
         return np.reshape(xp, layout.shape4, copy=False)
@@ -445,6 +447,8 @@ def empty_like_4d(layout: RowLayout, dtype):
 def rows_to_kept(v, layout: RowLayout):
     """A per-row vector (row order) as an array of the kept axes' shape."""
     sizes, inverse = layout.kept_view
+    if inverse == _identity(len(inverse)):  # rows numbered in axis order
+        return v.reshape(sizes)
     return v.reshape(sizes).transpose(inverse)
 
 

@@ -71,6 +71,99 @@ a layer-norm weight's axes like the row's values (None: per-channel weights)."""
 
 
 # --------------------------------------------------------------------------- #
+# Remembered calls (as numbabn.functional's for batch norm).  After a first
+# valid call on a plain NumPy array, what depends only on the function, x's
+# shape, strides and dtype and the size argument (normalized_shape, num_groups)
+# is kept as a _Host.  A later call with that key, plain arrays of the right
+# dtype and shape and a Python float eps goes straight to the views and the
+# driver; anything else, including every invalid argument, takes the general
+# path, which validates everything and raises as it always did.
+# --------------------------------------------------------------------------- #
+_Host = namedtuple("_Host", "split plan trailing pshape cdt saved kept")
+"""``split``: the shape x is viewed as before planning (group and instance
+norm: C split into (G, C/G)) or None; ``plan``: its _RowPlan; ``trailing``:
+size-1 axes appended to the returned statistics; ``pshape``: the parameters'
+shape; ``cdt``: their dtype; ``saved``: the accepted shapes of saved
+statistics; ``kept``: the returned statistics' shape when rows are numbered in
+axis order (a reshape makes them), else None."""
+_ndarray = np.ndarray
+_INF = float("inf")
+_F64 = np.dtype(np.float64)
+_hosts = {}
+_MAX_HOSTS = 1024
+
+
+def _host_key(op, x, arg):
+    """The key of a call on ``x`` with size argument ``arg`` (an int or a tuple
+    of ints, never a bool), or None when it is not remembered."""
+    if type(x) is not _ndarray:
+        return None
+    if type(arg) is tuple:
+        if any(type(n) is not int for n in arg):
+            return None
+    elif type(arg) is not int:
+        return None
+    return (op, x.shape, x.strides, x.dtype, arg)
+
+
+def _remember(key, x, split, plan, trailing, pshape, saved):
+    """Keep a validated, non-empty call's host plan under ``key`` (a
+    :func:`_host_key`, or None: nothing to keep)."""
+    if key is None or key in _hosts:
+        return
+    if len(_hosts) >= _MAX_HOSTS:
+        _hosts.clear()
+    sizes, inverse = plan.layout.kept_view
+    kept = sizes + (1,) * trailing if inverse == tuple(range(len(inverse))) else None
+    _hosts[key] = _Host(split, plan, trailing, pshape, v.compute_dtype(x.dtype), saved, kept)
+
+
+def _is_param(p, h):
+    """``p`` is None or a plain array ``_check_param`` passes."""
+    return p is None or (type(p) is _ndarray and p.dtype == h.cdt and p.shape == h.pshape)
+
+
+def _is_eps(eps):
+    """A Python float ``check_eps`` returns unchanged."""
+    return type(eps) is float and 0.0 < eps < _INF
+
+
+def _is_saved(s, h):
+    """A plain array ``_check_saved`` passes."""
+    return type(s) is _ndarray and (s.dtype == h.cdt or s.dtype == _F64) and s.shape in h.saved
+
+
+def _is_dy(dy, x):
+    """A plain array ``check_same_as(dy, "dy", x)`` passes."""
+    return type(dy) is _ndarray and dy.dtype == x.dtype and dy.shape == x.shape
+
+
+def _host_train(h, x, weight, bias, eps, rms):
+    """:func:`_forward` of a remembered call, statistics in their returned shape."""
+    xs = x if h.split is None else x.reshape(h.split)
+    y, mean, rstd, var = _forward(_backend.CPU, xs, h.plan, weight, bias, eps, rms)
+    if h.split is not None:
+        y = y.reshape(x.shape)
+    if h.kept is not None:
+        return y, mean.reshape(h.kept), rstd.reshape(h.kept), var
+    return y, _kept(_backend.CPU, mean, h.plan, h.trailing), \
+        _kept(_backend.CPU, rstd, h.plan, h.trailing), var
+
+
+def _host_backward(h, dy, x, mean, rstd, weight, rms, param_grads):
+    """:func:`_backward` of a remembered call: ``(dx, dweight, dbias)``."""
+    lead = h.saved[-1]
+    shape = x.shape
+    if h.split is not None:
+        x, dy = x.reshape(h.split), dy.reshape(h.split)
+    dx, dweight, dbias = _backward(_backend.CPU, dy, x, h.plan,
+                                   None if mean is None else mean.reshape(lead),
+                                   rstd.reshape(lead), weight, rms, param_grads,
+                                   h.pshape if h.split is None else None)
+    return (dx if h.split is None else dx.reshape(shape)), dweight, dbias
+
+
+# --------------------------------------------------------------------------- #
 # Checks (all before any work)
 # --------------------------------------------------------------------------- #
 def _check_x(x, name, min_ndim, expected, half=False):
@@ -332,6 +425,10 @@ def layer_norm_train(x, normalized_shape, weight=None, bias=None, eps=1e-5):
     >>> y, mean, rstd = numbabn.layer_norm_train(x, 768, weight, bias)
     >>> dx, dweight, dbias = numbabn.layer_norm_backward(dy, x, mean, rstd, 768, weight)
     """
+    key = _host_key("layer", x, normalized_shape)
+    h = _hosts.get(key)
+    if h is not None and _is_param(weight, h) and _is_param(bias, h) and _is_eps(eps):
+        return _host_train(h, x, weight, bias, eps, False)[:3]
     be, (x, weight, bias) = _backend.select(dict(x=x, weight=weight, bias=bias))
     _check_x(x, "x", 1, "(*, *normalized_shape)", half=True)
     shape = _check_normalized_shape(normalized_shape, x)
@@ -343,6 +440,7 @@ def layer_norm_train(x, normalized_shape, weight=None, bias=None, eps=1e-5):
         return _empty_train(be, x, _kept_shapes(x.shape, k)[0])
     plan = _layer_plan(x, k)
     y, mean, rstd, _ = _forward(be, x, plan, weight, bias, eps, False)
+    _remember(key, x, None, plan, k, shape, _kept_shapes(x.shape, k))
     return y, _kept(be, mean, plan, k), _kept(be, rstd, plan, k)
 
 
@@ -369,6 +467,11 @@ def layer_norm_backward(dy, x, mean, rstd, normalized_shape, weight=None, param_
     dweight, dbias : ndarray of shape ``normalized_shape`` and ``x.dtype``, or None
         ``sum(dy * xhat)`` and ``sum(dy)`` over the rows, accumulated in float64.
     """
+    key = _host_key("layer", x, normalized_shape)
+    h = _hosts.get(key)
+    if h is not None and _is_dy(dy, x) and _is_saved(mean, h) and _is_saved(rstd, h) and \
+            _is_param(weight, h) and type(param_grads) is bool:
+        return _host_backward(h, dy, x, mean, rstd, weight, False, param_grads)
     be, (x, dy, mean, rstd, weight) = _backend.select(
         dict(x=x, dy=dy, mean=mean, rstd=rstd, weight=weight))
     _check_x(x, "x", 1, "(*, *normalized_shape)", half=True)
@@ -383,6 +486,7 @@ def layer_norm_backward(dy, x, mean, rstd, normalized_shape, weight=None, param_
     if x.size == 0:
         return _empty_backward(be, x, shape, param_grads)
     plan = _layer_plan(x, len(shape))
+    _remember(key, x, None, plan, len(shape), shape, shapes)
     lead = shapes[1]
     return _backward(be, dy, x, plan, be.layout.reshape_ones(mean, lead),
                      be.layout.reshape_ones(rstd, lead), weight, False, param_grads, shape)
@@ -424,6 +528,11 @@ def rms_norm_train(x, normalized_shape, weight=None, eps=None):
     >>> y, rstd = numbabn.rms_norm_train(x, 768, weight)
     >>> dx, dweight = numbabn.rms_norm_backward(dy, x, rstd, 768, weight)
     """
+    key = _host_key("rms", x, normalized_shape)
+    h = _hosts.get(key)
+    if h is not None and _is_param(weight, h) and (eps is None or _is_eps(eps)):
+        y, _, rstd, _ = _host_train(h, x, weight, None, _rms_eps(eps, h.cdt), True)
+        return y, rstd
     be, (x, weight) = _backend.select(dict(x=x, weight=weight))
     _check_x(x, "x", 1, "(*, *normalized_shape)", half=True)
     shape = _check_normalized_shape(normalized_shape, x)
@@ -433,6 +542,7 @@ def rms_norm_train(x, normalized_shape, weight=None, eps=None):
         return _empty_train(be, x, _kept_shapes(x.shape, len(shape))[0])[::2]
     plan = _layer_plan(x, len(shape))
     y, _, rstd, _ = _forward(be, x, plan, weight, None, eps, True)
+    _remember(key, x, None, plan, len(shape), shape, _kept_shapes(x.shape, len(shape)))
     return y, _kept(be, rstd, plan, len(shape))
 
 
@@ -441,6 +551,11 @@ def rms_norm_train(x, normalized_shape, weight=None, eps=None):
 def rms_norm_backward(dy, x, rstd, normalized_shape, weight=None, param_grads=True):
     """Gradients of :func:`rms_norm_train`: ``(dx, dweight)`` (``dweight`` is
     ``sum(dy * x * rstd)`` over the rows, None without ``param_grads``)."""
+    key = _host_key("rms", x, normalized_shape)
+    h = _hosts.get(key)
+    if h is not None and _is_dy(dy, x) and _is_saved(rstd, h) and _is_param(weight, h) and \
+            type(param_grads) is bool:
+        return _host_backward(h, dy, x, None, rstd, weight, True, param_grads)[:2]
     be, (x, dy, rstd, weight) = _backend.select(dict(x=x, dy=dy, rstd=rstd, weight=weight))
     _check_x(x, "x", 1, "(*, *normalized_shape)", half=True)
     cdt = v.compute_dtype(x.dtype)  # float32 for half inputs
@@ -453,6 +568,7 @@ def rms_norm_backward(dy, x, rstd, normalized_shape, weight=None, param_grads=Tr
     if x.size == 0:
         return _empty_backward(be, x, shape, param_grads)[:2]
     plan = _layer_plan(x, len(shape))
+    _remember(key, x, None, plan, len(shape), shape, shapes)
     dx, dweight, _ = _backward(be, dy, x, plan, None, be.layout.reshape_ones(rstd, shapes[1]),
                                weight, True, param_grads, shape)
     return dx, dweight
@@ -461,26 +577,29 @@ def rms_norm_backward(dy, x, rstd, normalized_shape, weight=None, param_grads=Tr
 # --------------------------------------------------------------------------- #
 # Group and instance norm
 # --------------------------------------------------------------------------- #
-def _group_train(be, x, groups, weight, bias, eps, want_var=False):
+def _group_train(be, x, groups, weight, bias, eps, want_var=False, key=None):
     """``(y, mean, rstd, var)``, the statistics of shape ``(N, groups)``
-    (``var`` None unless ``want_var``)."""
+    (``var`` None unless ``want_var``); the call is remembered under ``key``
+    (a :func:`_host_key`, None: not)."""
     nchan = x.shape[1]
     if x.size == 0:
         return (*_empty_train(be, x, (x.shape[0], groups)), None)
     xs = be.layout.split_axis(x, 1, (groups, nchan // groups))
     plan = _group_plan(xs)
+    _remember(key, x, xs.shape, plan, 0, (nchan,), ((x.shape[0], groups),))
     ys, mean, rstd, var = _forward(be, xs, plan, weight, bias, eps, False)
     return (be.layout.merge_axes(ys, 1, 2), _kept(be, mean, plan, 0), _kept(be, rstd, plan, 0),
             _kept(be, var, plan, 0) if want_var else None)
 
 
-def _group_backward(be, dy, x, groups, mean, rstd, weight, param_grads):
+def _group_backward(be, dy, x, groups, mean, rstd, weight, param_grads, key=None):
     nchan = x.shape[1]
     if x.size == 0:
         return _empty_backward(be, x, (nchan,), param_grads)
     parts = (groups, nchan // groups)
     xs = be.layout.split_axis(x, 1, parts)
     plan = _group_plan(xs)
+    _remember(key, x, xs.shape, plan, 0, (nchan,), ((x.shape[0], groups),))
     dxs, dweight, dbias = _backward(be, be.layout.split_axis(dy, 1, parts), xs, plan, mean, rstd,
                                     weight, False, param_grads, None)
     return be.layout.merge_axes(dxs, 1, 2), dweight, dbias
@@ -520,13 +639,17 @@ def group_norm_train(x, num_groups, weight=None, bias=None, eps=1e-5):
     >>> y, mean, rstd = numbabn.group_norm_train(x, 32, weight, bias)
     >>> dx, dweight, dbias = numbabn.group_norm_backward(dy, x, mean, rstd, 32, weight)
     """
+    key = _host_key("group", x, num_groups)
+    h = _hosts.get(key)
+    if h is not None and _is_param(weight, h) and _is_param(bias, h) and _is_eps(eps):
+        return _host_train(h, x, weight, bias, eps, False)[:3]
     be, (x, weight, bias) = _backend.select(dict(x=x, weight=weight, bias=bias))
     _check_x(x, "x", 2, "(N, C, *)", half=True)
     groups = _check_num_groups(num_groups, x.shape[1])
     _check_param(weight, "weight", (x.shape[1],), v.compute_dtype(x.dtype))
     _check_param(bias, "bias", (x.shape[1],), v.compute_dtype(x.dtype))
     eps = v.check_eps(eps)
-    y, mean, rstd, _ = _group_train(be, x, groups, weight, bias, eps)
+    y, mean, rstd, _ = _group_train(be, x, groups, weight, bias, eps, key=key)
     return y, mean, rstd
 
 
@@ -535,6 +658,11 @@ def group_norm_train(x, num_groups, weight=None, bias=None, eps=1e-5):
 def group_norm_backward(dy, x, mean, rstd, num_groups, weight=None, param_grads=True):
     """Gradients of :func:`group_norm_train`: ``(dx, dweight, dbias)``, the
     parameter gradients of shape ``(C,)`` (None without ``param_grads``)."""
+    key = _host_key("group", x, num_groups)
+    h = _hosts.get(key)
+    if h is not None and _is_dy(dy, x) and _is_saved(mean, h) and _is_saved(rstd, h) and \
+            _is_param(weight, h) and type(param_grads) is bool:
+        return _host_backward(h, dy, x, mean, rstd, weight, False, param_grads)
     be, (x, dy, mean, rstd, weight) = _backend.select(
         dict(x=x, dy=dy, mean=mean, rstd=rstd, weight=weight))
     _check_x(x, "x", 2, "(N, C, *)", half=True)
@@ -546,7 +674,7 @@ def group_norm_backward(dy, x, mean, rstd, num_groups, weight=None, param_grads=
     _check_saved(rstd, "rstd", shapes, cdt)
     _check_param(weight, "weight", (x.shape[1],), cdt)
     param_grads = v.check_bool(param_grads, "param_grads")
-    return _group_backward(be, dy, x, groups, mean, rstd, weight, param_grads)
+    return _group_backward(be, dy, x, groups, mean, rstd, weight, param_grads, key=key)
 
 
 @half_aware(params=("weight", "bias"), results=("x", "f32", "f32"), native=True)
@@ -559,13 +687,17 @@ def instance_norm_train(x, weight=None, bias=None, eps=1e-5):
     >>> y, mean, rstd = numbabn.instance_norm_train(x, weight, bias)
     >>> dx, dweight, dbias = numbabn.instance_norm_backward(dy, x, mean, rstd, weight)
     """
+    key = _host_key("instance", x, 0)
+    h = _hosts.get(key)
+    if h is not None and _is_param(weight, h) and _is_param(bias, h) and _is_eps(eps):
+        return _host_train(h, x, weight, bias, eps, False)[:3]
     be, (x, weight, bias) = _backend.select(dict(x=x, weight=weight, bias=bias))
     _check_x(x, "x", 3, "(N, C, *spatial) with at least one spatial axis", half=True)
     _check_spatial(x)
     _check_param(weight, "weight", (x.shape[1],), v.compute_dtype(x.dtype))
     _check_param(bias, "bias", (x.shape[1],), v.compute_dtype(x.dtype))
     eps = v.check_eps(eps)
-    y, mean, rstd, _ = _group_train(be, x, x.shape[1], weight, bias, eps)
+    y, mean, rstd, _ = _group_train(be, x, x.shape[1], weight, bias, eps, key=key)
     return y, mean, rstd
 
 
@@ -573,6 +705,11 @@ def instance_norm_train(x, weight=None, bias=None, eps=1e-5):
             results=("x", "weight", "weight"), native=True)
 def instance_norm_backward(dy, x, mean, rstd, weight=None, param_grads=True):
     """Gradients of :func:`instance_norm_train`: ``(dx, dweight, dbias)``."""
+    key = _host_key("instance", x, 0)
+    h = _hosts.get(key)
+    if h is not None and _is_dy(dy, x) and _is_saved(mean, h) and _is_saved(rstd, h) and \
+            _is_param(weight, h) and type(param_grads) is bool:
+        return _host_backward(h, dy, x, mean, rstd, weight, False, param_grads)
     be, (x, dy, mean, rstd, weight) = _backend.select(
         dict(x=x, dy=dy, mean=mean, rstd=rstd, weight=weight))
     _check_x(x, "x", 3, "(N, C, *spatial) with at least one spatial axis", half=True)
@@ -583,7 +720,7 @@ def instance_norm_backward(dy, x, mean, rstd, weight=None, param_grads=True):
     _check_saved(rstd, "rstd", shapes, cdt)
     _check_param(weight, "weight", (x.shape[1],), cdt)
     param_grads = v.check_bool(param_grads, "param_grads")
-    return _group_backward(be, dy, x, x.shape[1], mean, rstd, weight, param_grads)
+    return _group_backward(be, dy, x, x.shape[1], mean, rstd, weight, param_grads, key=key)
 
 
 @half_aware(params=("weight", "bias"), inplace=("running_mean", "running_var"))

@@ -1056,6 +1056,16 @@ def backward_runs(dy, x, hi, rstd, weight, aff, rms, want_grads, block, coef, bs
             grads[1, p] = tb
 
 
+@njit(**CPU_JIT_STRICT)
+def narrow(a, out):
+    """``out[...] = a`` for float64 rows ``a``: each value rounded to ``out``'s
+    dtype as a NumPy cast rounds it (beyond its range: inf), without the
+    floating-point warning and the ``np.errstate`` a cast needs to silence it."""
+    for i in range(a.shape[0]):
+        for j in range(a.shape[1]):
+            out[i, j] = a[i, j]
+
+
 # The kernels for inputs of at most SERIAL_MAX_ELEMS values (runtime.is_small).
 serial = serial_kernels(globals())
 

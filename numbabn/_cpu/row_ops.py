@@ -9,8 +9,8 @@ import numpy as np
 
 from .. import _config as cfg
 from .. import _core
-from .runtime import astype_quiet, constant, is_small
-from .._core import INVSTD, MEAN, NROWSTATS, VAR, compute_dtype
+from .runtime import constant, is_small
+from .._core import HI, NROWSTATS, RSTD, VAR, compute_dtype
 from . import half, row_kernels
 from .row_kernels import RowGeometry
 
@@ -86,16 +86,46 @@ def _whole_runs(aff, *arrays):
     return [a[:, 0] for a in arrays]
 
 
+_routes = {}  # (shapes, strides, itemsize, aff, tunables) -> (route, geom)
+
+
+def _forward_route(x4, y4, aff):
+    """Which forward kernel runs ``x4`` (``"cl"``, ``"chunks"``, ``"one_run"``,
+    ``"runs"`` or ``"rows"``) and its geometry: what depends only on the shape,
+    the strides, ``aff`` and the tunables, kept per key."""
+    tunables = (cfg.CHUNK_ELEMS, cfg.FUSE_BYTES, cfg.FUSE_MIN_TASKS, cfg.BWD_BLOCK)
+    key = (x4.shape, x4.strides, y4.strides, x4.dtype.itemsize, aff, tunables)
+    found = _routes.get(key)
+    if found is not None:
+        return found
+    _, M, _, K = x4.shape
+    geom = _plan(x4.shape, x4.dtype.itemsize, 1, tunables)
+    if _channels_last(aff, x4, y4) is not None:
+        route = "cl"
+    elif not geom.fused:
+        route = "chunks"
+    elif _one_run(aff, M, K):
+        route = "one_run"
+    elif _whole_runs(aff, x4, y4) is not None:
+        route = "runs"
+    else:
+        route = "rows"
+    if len(_routes) >= 256:
+        _routes.clear()
+    _routes[key] = found = (route, geom)
+    return found
+
+
 def row_norm_train(x4, weight, bias, aff, eps, rms, y4):
-    """Normalise each row of ``x4`` into ``y4``; return per-row ``(mean, rstd)``
-    in x's dtype (float32 for half inputs, whose values the kernels read and
-    write directly) (row order) and the biased variance in float64.  ``weight``
-    and ``bias`` (or None) have ``gmod * arow`` values laid out as ``aff``
-    indexes them."""
+    """Normalise each row of ``x4`` into ``y4``; return per row (row order) the
+    centre (the mean; 0 for RMS norm) and ``rstd`` in x's dtype (float32 for
+    half inputs, whose values the kernels read and write directly), and the
+    biased variance in float64.  ``weight`` and ``bias`` (or None) have
+    ``gmod * arow`` values laid out as ``aff`` indexes them."""
     N, M, G, K = x4.shape
     dtype = compute_dtype(x4.dtype)
     rows = N * G
-    geom = plan(x4.shape, x4.dtype.itemsize, 1)
+    route, geom = _forward_route(x4, y4, aff)
     x4, y4 = half.bits_view(x4), half.bits_view(y4)
     k = _kernels(x4)
     nparams = _nparams(aff)
@@ -103,21 +133,20 @@ def row_norm_train(x4, weight, bias, aff, eps, rms, y4):
     bias = constant(nparams, dtype, 0) if bias is None else bias
     coef = np.empty((_core.NCOEFS, rows), dtype)
     stats = np.empty((NROWSTATS, rows))
-    cl = _channels_last(aff, x4, y4)
-    if cl is not None:
-        k.forward_cl(cl[0], weight, bias, G, float(eps), bool(rms), True, coef, stats, cl[1])
+    args = (x4, weight, bias, aff, float(eps), bool(rms), geom, True)
+    if route == "cl":
+        x3, y3 = _channels_last(aff, x4, y4)
+        k.forward_cl(x3, weight, bias, G, float(eps), bool(rms), True, coef, stats, y3)
+    elif route == "chunks":
+        p = np.empty((2, rows, _nchunks_host(geom, M, K)))
+        k.forward_chunks(*args, p, coef, stats, y4)
+    elif route == "one_run":
+        k.forward_one_run(*args, coef, stats, y4)
+    elif route == "runs":
+        k.forward_runs(*args, coef, stats, y4)
     else:
-        args = (x4, weight, bias, aff, float(eps), bool(rms), geom, True)
-        if not geom.fused:
-            p = np.empty((2, rows, _nchunks_host(geom, M, K)))
-            k.forward_chunks(*args, p, coef, stats, y4)
-        elif _one_run(aff, M, K):
-            k.forward_one_run(*args, coef, stats, y4)
-        elif _whole_runs(aff, x4, y4) is not None:
-            k.forward_runs(*args, coef, stats, y4)
-        else:
-            k.forward_rows(*args, coef, stats, y4)
-    return astype_quiet(stats[MEAN], dtype), astype_quiet(stats[INVSTD], dtype), stats[VAR]
+        k.forward_rows(*args, coef, stats, y4)
+    return coef[HI], coef[RSTD], stats[VAR]
 
 
 def _nchunks_host(geom, M, K):
@@ -169,7 +198,11 @@ def row_norm_backward(dy4, x4, mean, rstd, weight, aff, rms, want_grads, dx4):
             k.backward(*args)
     if not want_grads:
         return None, None
-    return astype_quiet(grads[0], dtype), astype_quiet(grads[1], dtype)
+    if dtype != grads.dtype:
+        narrowed = np.empty(grads.shape, dtype)
+        k.narrow(grads, narrowed)
+        grads = narrowed
+    return grads[0], grads[1]
 
 
 update_instance_running_stats = _core.update_instance_running_stats

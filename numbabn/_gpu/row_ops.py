@@ -10,7 +10,7 @@ from numba import cuda
 from .. import _config as cfg
 from .. import _core
 from . import row_kernels as k
-from .._core import INVSTD, MEAN, NROWSTATS, VAR, cdiv
+from .._core import HI, NROWSTATS, RSTD, VAR, cdiv
 from .layout import _contiguous
 from .runtime import Kernel, check_threads, constant, dim3
 
@@ -70,7 +70,7 @@ def row_norm_train(x4, weight, bias, aff, eps, rms, y4):
     _MERGE_MOMENTS.launch(_grid(rows, threads), block, p, geom, MK, float(eps), bool(rms), coef,
                          stats)
     _NORMALIZE.launch(dim3(rows * geom.nch), block, x4, weight, bias, aff, coef, stats, geom, y4)
-    return _cast(stats[MEAN], dtype), _cast(stats[INVSTD], dtype), stats[VAR]
+    return coef[HI], coef[RSTD], stats[VAR]  # HI, RSTD: the forward's rows in x's dtype
 
 
 def row_norm_backward(dy4, x4, mean, rstd, weight, aff, rms, want_grads, dx4):
