@@ -260,6 +260,16 @@ def _one_run_forward(x, n, g, r, aff, eps, rms, geom, write_y, weight, bias, coe
 
 
 @njit(**CPU_JIT_STRICT)
+def _row_statistics(x, r, geom, eps, rms, coef, stats):
+    """Row ``r``'s moments (:func:`_row_moments`) stored with its coefficients;
+    returns the row's ``(n, g)``."""
+    n, g = r // x.shape[2], r % x.shape[2]
+    cnt, mean, m2 = _row_moments(x, n, g, geom)
+    _store_forward(r, cnt, mean, m2, eps, rms, coef, stats)
+    return n, g
+
+
+@njit(**CPU_JIT_STRICT)
 def _runs_pass(x, n, g, r, aff, coef, stats, weight, bias, y):
     """:func:`_normalize_region` of a whole row of ``aff.arow`` runs of
     ``aff.adiv`` values (:func:`_whole_runs` in the host driver): the same
@@ -298,9 +308,7 @@ def forward_rows(x, weight, bias, aff, eps, rms, geom, write_y, coef, stats, y):
     N, M, G, K = x.shape
     for r_ in prange(N * G):
         r = np.int64(r_)
-        n, g = r // G, r % G
-        cnt, mean, m2 = _row_moments(x, n, g, geom)
-        _store_forward(r, cnt, mean, m2, eps, rms, coef, stats)
+        n, g = _row_statistics(x, r, geom, eps, rms, coef, stats)
         if write_y:
             _normalize_region(x, n, g, r, np.int64(0), M, np.int64(0), K, aff, coef, stats,
                               weight, bias, y)
@@ -314,9 +322,7 @@ def forward_runs(x, weight, bias, aff, eps, rms, geom, write_y, coef, stats, y):
     N, M, G, K = x.shape
     for r_ in prange(N * G):
         r = np.int64(r_)
-        n, g = r // G, r % G
-        cnt, mean, m2 = _row_moments(x, n, g, geom)
-        _store_forward(r, cnt, mean, m2, eps, rms, coef, stats)
+        n, g = _row_statistics(x, r, geom, eps, rms, coef, stats)
         if write_y:
             _runs_pass(x, n, g, r, aff, coef, stats, weight, bias, y)
 
