@@ -375,6 +375,12 @@ class RowLayout:
         return _unpermute(self.shape, self.kept_perm)
 
     @cached_property
+    def kept_in_order(self) -> bool:
+        """Whether rows are numbered in the kept axes' own order (then
+        :func:`rows_to_kept` is a reshape)."""
+        return self.kept_view[1] == _identity(len(self.kept_view[1]))
+
+    @cached_property
     def unpermuted(self) -> tuple:
         """:func:`_unpermute` of the shape by ``perm`` (:func:`empty_like_4d`)."""
         return _unpermute(self.shape, self.perm)
@@ -447,7 +453,7 @@ def empty_like_4d(layout: RowLayout, dtype):
 def rows_to_kept(v, layout: RowLayout):
     """A per-row vector (row order) as an array of the kept axes' shape."""
     sizes, inverse = layout.kept_view
-    if inverse == _identity(len(inverse)):  # rows numbered in axis order
+    if layout.kept_in_order:
         return v.reshape(sizes)
     return v.reshape(sizes).transpose(inverse)
 

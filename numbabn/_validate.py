@@ -56,6 +56,23 @@ def is_writeable(a) -> bool:
     return a.flags.writeable if isinstance(a, np.ndarray) else True
 
 
+# Predicates of the remembered calls' fast paths (numbabn.functional's batch norm,
+# numbabn.norms' family): true only where the matching check would pass without
+# changing the value; anything else takes the general path and its checks.
+_INF = float("inf")
+
+
+def is_plain(a, dtype, shape) -> bool:
+    """A host ``np.ndarray`` (no subclass) of exactly ``dtype`` (the same dtype
+    object) and ``shape``."""
+    return type(a) is np.ndarray and a.dtype is dtype and a.shape == shape
+
+
+def is_plain_eps(eps) -> bool:
+    """A Python float :func:`check_eps` returns unchanged."""
+    return type(eps) is float and 0.0 < eps < _INF
+
+
 def check_input(x, name="x", allow_empty_batch=False, half=False):
     """``x`` must be a float32/float64 ndarray with ndim >= 2 and no empty axis
     (with ``allow_empty_batch``, only the feature axis must be non-empty: the

@@ -65,7 +65,6 @@ def _prepare(x, axis, allow_empty_batch=False, half=False, **arrays):
 # validates all arguments and raises the errors it always raised.
 # --------------------------------------------------------------------------- #
 _ndarray = np.ndarray
-_INF = float("inf")
 _CPU = _backend.CPU
 _plans = {}  # (shape, strides, dtype, axis) -> _layout.HostPlan
 _MAX_PLANS = 1024
@@ -95,21 +94,14 @@ def _plan_of(x, axis):
 _cdt = v.compute_dtype  # per-feature dtype: x's, float32 for half x
 
 
-def _is_vector(a, dtype, shape):
-    """A host per-feature vector: ``check_vector`` would pass."""
-    return type(a) is _ndarray and a.dtype is dtype and a.shape == shape
+_is_vector = v.is_plain  # a host per-feature vector: check_vector would pass
+_is_eps = v.is_plain_eps
 
 
 def _is_like(a, x):
     """A host array ``check_same_as`` would pass, with ``x``'s strides (so ``x``'s
     plan views it)."""
-    return type(a) is _ndarray and a.dtype is x.dtype and a.shape == x.shape \
-        and a.strides == x.strides
-
-
-def _is_eps(eps):
-    """A Python float ``check_eps`` would return unchanged."""
-    return type(eps) is float and 0.0 < eps < _INF
+    return v.is_plain(a, x.dtype, x.shape) and a.strides == x.strides
 
 
 def _view(be, x, layout):

@@ -87,7 +87,6 @@ shape; ``cdt``: their dtype; ``saved``: the accepted shapes of saved
 statistics; ``kept``: the returned statistics' shape when rows are numbered in
 axis order (a reshape makes them), else None."""
 _ndarray = np.ndarray
-_INF = float("inf")
 _F64 = np.dtype(np.float64)
 _hosts = {}
 _MAX_HOSTS = 1024
@@ -113,29 +112,27 @@ def _remember(key, x, split, plan, trailing, pshape, saved):
         return
     if len(_hosts) >= _MAX_HOSTS:
         _hosts.clear()
-    sizes, inverse = plan.layout.kept_view
-    kept = sizes + (1,) * trailing if inverse == tuple(range(len(inverse))) else None
+    layout = plan.layout
+    kept = layout.kept_view[0] + (1,) * trailing if layout.kept_in_order else None
     _hosts[key] = _Host(split, plan, trailing, pshape, v.compute_dtype(x.dtype), saved, kept)
 
 
 def _is_param(p, h):
     """``p`` is None or a plain array ``_check_param`` passes."""
-    return p is None or (type(p) is _ndarray and p.dtype == h.cdt and p.shape == h.pshape)
+    return p is None or v.is_plain(p, h.cdt, h.pshape)
 
 
-def _is_eps(eps):
-    """A Python float ``check_eps`` returns unchanged."""
-    return type(eps) is float and 0.0 < eps < _INF
+_is_eps = v.is_plain_eps
 
 
 def _is_saved(s, h):
     """A plain array ``_check_saved`` passes."""
-    return type(s) is _ndarray and (s.dtype == h.cdt or s.dtype == _F64) and s.shape in h.saved
+    return type(s) is _ndarray and (s.dtype is h.cdt or s.dtype is _F64) and s.shape in h.saved
 
 
 def _is_dy(dy, x):
     """A plain array ``check_same_as(dy, "dy", x)`` passes."""
-    return type(dy) is _ndarray and dy.dtype == x.dtype and dy.shape == x.shape
+    return v.is_plain(dy, x.dtype, x.shape)
 
 
 def _host_train(h, x, weight, bias, eps, rms):

@@ -196,6 +196,15 @@ def _affine_run(xr, hi, s, o, yr):
         yr[j] = stored((value_of(xr[j]) - hi) * s + o, yr)
 
 
+@njit(inline="always", **CPU_JIT_STRICT)
+def _weight_run_pass(xr, r, a, hi, coef, stats, weight, bias, yr):
+    """``yr`` from ``xr``, a run of row ``r``'s values that share weight and
+    bias ``a``: that run's coefficients (float64, then x's dtype), then the pass."""
+    s, o = affine_coefs(stats[CENTER, r], np.float64(hi), stats[INVSTD, r],
+                        np.float64(weight[a]), np.float64(bias[a]))
+    _affine_run(xr, hi, coef.dtype.type(s), coef.dtype.type(o), yr)
+
+
 @njit(**CPU_JIT_STRICT)
 def _normalize_region(x, n, g, r, m0, m1, k0, k1, aff, coef, stats, weight, bias, y):
     """``y`` over runs ``[m0, m1)``, values ``[k0, k1)`` of row ``r``."""
@@ -223,9 +232,7 @@ def _normalize_region(x, n, g, r, m0, m1, k0, k1, aff, coef, stats, weight, bias
                 _affine_each(xr[k:e], hi, coef[SCALE, r], coef[OFFSET, r], weight[a:a + e - k],
                              bias[a:a + e - k], yr[k:e])
             else:
-                s, o = affine_coefs(stats[CENTER, r], np.float64(hi), stats[INVSTD, r],
-                                    np.float64(weight[a]), np.float64(bias[a]))
-                _affine_run(xr[k:e], hi, coef.dtype.type(s), coef.dtype.type(o), yr[k:e])
+                _weight_run_pass(xr[k:e], r, a, hi, coef, stats, weight, bias, yr[k:e])
             k = e
 
 
@@ -280,10 +287,8 @@ def _runs_pass(x, n, g, r, aff, coef, stats, weight, bias, y):
     xr = x[n, 0, g]
     yr = y[n, 0, g]
     for j in range(aff.arow):
-        s, o = affine_coefs(stats[CENTER, r], np.float64(hi), stats[INVSTD, r],
-                            np.float64(weight[base + j]), np.float64(bias[base + j]))
-        _affine_run(xr[j * adiv:(j + 1) * adiv], hi, coef.dtype.type(s), coef.dtype.type(o),
-                    yr[j * adiv:(j + 1) * adiv])
+        _weight_run_pass(xr[j * adiv:(j + 1) * adiv], r, base + j, hi, coef, stats, weight, bias,
+                         yr[j * adiv:(j + 1) * adiv])
 
 
 # Each path is a kernel of its own (the host drivers choose), so that a call

@@ -28,11 +28,15 @@ def _plan(shape4, itemsize, nread, tunables):
     return RowGeometry(mrows, kcols, int(fused), grad_rows, bwd_block)
 
 
+def _tunables():
+    """The tunables of :mod:`numbabn._config` a row geometry depends on, as they are now."""
+    return cfg.CHUNK_ELEMS, cfg.FUSE_BYTES, cfg.FUSE_MIN_TASKS, cfg.BWD_BLOCK
+
+
 def plan(shape4, itemsize, nread):
     """The geometry of one ``(N, M, G, K)`` shape reading ``nread`` arrays, with
     the tunables of :mod:`numbabn._config` as they are now."""
-    return _plan(tuple(shape4), itemsize, nread,
-                 (cfg.CHUNK_ELEMS, cfg.FUSE_BYTES, cfg.FUSE_MIN_TASKS, cfg.BWD_BLOCK))
+    return _plan(tuple(shape4), itemsize, nread, _tunables())
 
 
 @lru_cache(maxsize=8)
@@ -93,7 +97,7 @@ def _forward_route(x4, y4, aff):
     """Which forward kernel runs ``x4`` (``"cl"``, ``"chunks"``, ``"one_run"``,
     ``"runs"`` or ``"rows"``) and its geometry: what depends only on the shape,
     the strides, ``aff`` and the tunables, kept per key."""
-    tunables = (cfg.CHUNK_ELEMS, cfg.FUSE_BYTES, cfg.FUSE_MIN_TASKS, cfg.BWD_BLOCK)
+    tunables = _tunables()
     key = (x4.shape, x4.strides, y4.strides, x4.dtype.itemsize, aff, tunables)
     found = _routes.get(key)
     if found is not None:
