@@ -70,7 +70,7 @@ from .feature_kernels import (_add_backward_sums_nc4, _block_backward_sums, _cdi
                               affine_coefs, backward_coefs, chan_merge, invstd_of,
                               shifted_moments, store_statistics, sum_dy_xmu_about)
 from .half import stored, value_of
-from .runtime import serial_kernels
+from .runtime import inline_in_serial_code, serial_kernels
 
 RowGeometry = namedtuple("RowGeometry", "mrows kcols fused grad_rows bwd_block")
 """A row's chunks are ``mrows`` runs by ``kcols`` values of its ``(M, K)``
@@ -78,7 +78,7 @@ plane; ``fused``: one task per row; ``grad_rows``: rows per parameter block;
 ``bwd_block``: values per block of the backward sums in the input's dtype."""
 
 
-@njit(**CPU_JIT_STRICT)
+@njit(inline=inline_in_serial_code, **CPU_JIT_STRICT)
 def _chunk_bounds(c, ncb, geom, M, K):
     """Runs ``[m0, m1)`` and values ``[k0, k1)`` of chunk ``c`` of a row."""
     m0 = (c // ncb) * geom.mrows
@@ -86,19 +86,19 @@ def _chunk_bounds(c, ncb, geom, M, K):
     return m0, min(m0 + geom.mrows, M), k0, min(k0 + geom.kcols, K)
 
 
-@njit(**CPU_JIT_STRICT)
+@njit(inline=inline_in_serial_code, **CPU_JIT_STRICT)
 def _nchunks(geom, M, K):
     return _cdiv(M, geom.mrows) * _cdiv(K, geom.kcols), _cdiv(K, geom.kcols)
 
 
-@njit(**CPU_JIT_STRICT)
+@njit(inline=inline_in_serial_code, **CPU_JIT_STRICT)
 def _one_run(x, aff):
     """Whether each row is one run of values with consecutive weights (layer and
     RMS norm of rows contiguous in memory): the loops need no run bookkeeping."""
     return x.shape[1] == 1 and aff.adiv == 1 and aff.arow == x.shape[3]
 
 
-@njit(**CPU_JIT_STRICT)
+@njit(inline=inline_in_serial_code, **CPU_JIT_STRICT)
 def _weight_run(m, k, k1, K, aff):
     """The run of values from ``k`` on that either uses consecutive weights
     (``adiv == 1``) or one weight: its end and its first index within the row's
@@ -139,7 +139,7 @@ def _run_sums(xr, shift):
     return s1, s2
 
 
-@njit(**CPU_JIT_STRICT)
+@njit(inline=inline_in_serial_code, **CPU_JIT_STRICT)
 def _chunk_moments(x, n, g, m0, m1, k0, k1):
     """``(mean, M2)`` of one chunk, about its first value."""
     shift = np.float64(value_of(x[n, m0, g, k0]))
@@ -150,7 +150,7 @@ def _chunk_moments(x, n, g, m0, m1, k0, k1):
     return shifted_moments((m1 - m0) * (k1 - k0), shift, s1, s2)
 
 
-@njit(**CPU_JIT_STRICT)
+@njit(inline=inline_in_serial_code, **CPU_JIT_STRICT)
 def _row_moments(x, n, g, geom):
     """``(count, mean, M2)`` of one row: its chunks merged in chunk order."""
     M, K = x.shape[1], x.shape[3]
@@ -165,7 +165,7 @@ def _row_moments(x, n, g, geom):
     return cnt, mean, m2
 
 
-@njit(**CPU_JIT_STRICT)
+@njit(inline=inline_in_serial_code, **CPU_JIT_STRICT)
 def _merge_chunk_moments(p, r, geom, M, K):
     """As :func:`_row_moments` from the chunk moments ``p[0, r]``, ``p[1, r]``."""
     nch, ncb = _nchunks(geom, M, K)
@@ -184,7 +184,7 @@ _store_forward = _core.row_forward_writer(njit(**CPU_JIT_STRICT), invstd_of, aff
 """Row ``r``'s statistics and the coefficients of ``xhat = (x - HI) * SCALE + OFFSET``."""
 
 
-@njit(**CPU_JIT_STRICT)
+@njit(inline=inline_in_serial_code, **CPU_JIT_STRICT)
 def _affine_each(xr, hi, s, o, w, b, yr):
     for j in range(xr.shape[0]):
         yr[j] = stored(((value_of(xr[j]) - hi) * s + o) * w[j] + b[j], yr)
@@ -205,7 +205,7 @@ def _weight_run_pass(xr, r, a, hi, coef, stats, weight, bias, yr):
     _affine_run(xr, hi, coef.dtype.type(s), coef.dtype.type(o), yr)
 
 
-@njit(**CPU_JIT_STRICT)
+@njit(inline=inline_in_serial_code, **CPU_JIT_STRICT)
 def _normalize_region(x, n, g, r, m0, m1, k0, k1, aff, coef, stats, weight, bias, y):
     """``y`` over runs ``[m0, m1)``, values ``[k0, k1)`` of row ``r``."""
     K = x.shape[3]
@@ -236,7 +236,7 @@ def _normalize_region(x, n, g, r, m0, m1, k0, k1, aff, coef, stats, weight, bias
             k = e
 
 
-@njit(**CPU_JIT_STRICT)
+@njit(inline=inline_in_serial_code, **CPU_JIT_STRICT)
 def _one_run_forward(x, n, g, r, aff, eps, rms, geom, write_y, weight, bias, coef, stats, y):
     """The fused forward of a row that is one run (:func:`_one_run`): the same
     chunks, sums and merge as :func:`_row_moments`, and the pass of
@@ -266,7 +266,7 @@ def _one_run_forward(x, n, g, r, aff, eps, rms, geom, write_y, weight, bias, coe
         yr[j] = stored(((value_of(xr[j]) - hi) * s + o) * w[j] + b[j], yr)
 
 
-@njit(**CPU_JIT_STRICT)
+@njit(inline=inline_in_serial_code, **CPU_JIT_STRICT)
 def _row_statistics(x, r, geom, eps, rms, coef, stats):
     """Row ``r``'s moments (:func:`_row_moments`) stored with its coefficients;
     returns the row's ``(n, g)``."""
@@ -276,7 +276,7 @@ def _row_statistics(x, r, geom, eps, rms, coef, stats):
     return n, g
 
 
-@njit(**CPU_JIT_STRICT)
+@njit(inline=inline_in_serial_code, **CPU_JIT_STRICT)
 def _runs_pass(x, n, g, r, aff, coef, stats, weight, bias, y):
     """:func:`_normalize_region` of a whole row of ``aff.arow`` runs of
     ``aff.adiv`` values (:func:`_whole_runs` in the host driver): the same
@@ -406,7 +406,7 @@ def _block_sums_each(dyr, xr, w, hi, sc):
     return a, b, e
 
 
-@njit(**CPU_JIT_STRICT)
+@njit(inline=inline_in_serial_code, **CPU_JIT_STRICT)
 def _sums_each_blocked(dyr, xr, w, hi, rstd, block):
     """The three float64 sums of :func:`_sums_each` as batch norm's backward
     takes them: blocks of ``block`` values in the input's dtype with ``x - hi``
@@ -429,7 +429,7 @@ def _sums_each_blocked(dyr, xr, w, hi, rstd, block):
     return s1, s2 * inv, s3 * inv
 
 
-@njit(**CPU_JIT_STRICT)
+@njit(inline=inline_in_serial_code, **CPU_JIT_STRICT)
 def _chunk_backward_sums(dy, x, n, g, r, m0, m1, k0, k1, aff, hi, weight, rstd, block):
     K = x.shape[3]
     base = (r % aff.gmod) * aff.arow
@@ -460,7 +460,7 @@ def _chunk_backward_sums(dy, x, n, g, r, m0, m1, k0, k1, aff, hi, weight, rstd, 
     return s1, s2, s3
 
 
-@njit(**CPU_JIT_STRICT)
+@njit(inline=inline_in_serial_code, **CPU_JIT_STRICT)
 def _row_backward_sums(dy, x, n, g, r, geom, aff, hi, weight, rstd, block):
     M, K = x.shape[1], x.shape[3]
     nch, ncb = _nchunks(geom, M, K)
@@ -477,7 +477,7 @@ def _row_backward_sums(dy, x, n, g, r, geom, aff, hi, weight, rstd, block):
     return s1, s2, s3
 
 
-@njit(**CPU_JIT_STRICT)
+@njit(inline=inline_in_serial_code, **CPU_JIT_STRICT)
 def _one_run_sums(dy, x, n, g, r, geom, aff, hi, weight, rstd, block):
     """:func:`_row_backward_sums` of a row that is one run (:func:`_one_run`):
     the same chunks, sums and order, without the runs' bookkeeping."""
@@ -498,7 +498,7 @@ def _one_run_sums(dy, x, n, g, r, geom, aff, hi, weight, rstd, block):
     return s1, s2, s3
 
 
-@njit(**CPU_JIT_STRICT)
+@njit(inline=inline_in_serial_code, **CPU_JIT_STRICT)
 def _sum_chunks(p, r):
     s1 = 0.0
     s2 = 0.0
@@ -510,7 +510,7 @@ def _sum_chunks(p, r):
     return s1, s2, s3
 
 
-@njit(**CPU_JIT_STRICT)
+@njit(inline=inline_in_serial_code, **CPU_JIT_STRICT)
 def _store_backward(r, cnt, sg, sgx, sx, hi, rstd, rms, coef, bstat):
     """Coefficients of ``dx = (g + (x - HI) * XC_COEF + DY_SHIFT) * DX_SCALE``
     about the exact row mean ``hi + sx / cnt`` (``hi``, the saved mean, may have
@@ -530,7 +530,7 @@ def _store_backward(r, cnt, sg, sgx, sx, hi, rstd, rms, coef, bstat):
     bstat[XHAT_SCALE, r], bstat[XHAT_OFFSET, r] = affine_coefs(mean, hi2, rstd, 1.0, 0.0)
 
 
-@njit(**CPU_JIT_STRICT)
+@njit(inline=inline_in_serial_code, **CPU_JIT_STRICT)
 def _dx_each(dyr, xr, w, hi, a, b, d, dxr):
     for j in range(xr.shape[0]):
         dxr[j] = stored((value_of(dyr[j]) * w[j] + (value_of(xr[j]) - hi) * b + d) * a, dxr)
@@ -542,7 +542,7 @@ def _dx_run(dyr, xr, w, hi, a, b, d, dxr):
         dxr[j] = stored((value_of(dyr[j]) * w + (value_of(xr[j]) - hi) * b + d) * a, dxr)
 
 
-@njit(**CPU_JIT_STRICT)
+@njit(inline=inline_in_serial_code, **CPU_JIT_STRICT)
 def _grads_each(dyr, xr, hi, xs, xo, qw, qb):
     """``qw += dy * xhat``, ``qb += dy`` value by value (float64)."""
     for j in range(xr.shape[0]):
@@ -563,7 +563,7 @@ def _grads_run(dyr, xr, hi, xs, xo):
     return tw, tb
 
 
-@njit(**CPU_JIT_STRICT)
+@njit(inline=inline_in_serial_code, **CPU_JIT_STRICT)
 def _dx_one_run(dy, x, n, g, r, aff, coef, bstat, weight, want_grads, qw, qb, dx):
     """:func:`_dx_row` of a row that is one run of consecutive weights (:func:`_one_run`)."""
     K = x.shape[3]
@@ -582,7 +582,7 @@ def _dx_one_run(dy, x, n, g, r, aff, coef, bstat, weight, want_grads, qw, qb, dx
         _grads_each(dyr, xr, np.float64(hi), bstat[XHAT_SCALE, r], bstat[XHAT_OFFSET, r], qw, qb)
 
 
-@njit(**CPU_JIT_STRICT)
+@njit(inline=inline_in_serial_code, **CPU_JIT_STRICT)
 def _dx_row(dy, x, n, g, r, aff, coef, bstat, weight, want_grads, qw, qb, dx):
     """dx of a whole row, and its parameter-gradient terms added to ``qw``/``qb``
     (indexed within the row's affine group)."""
@@ -620,13 +620,13 @@ def _dx_row(dy, x, n, g, r, aff, coef, bstat, weight, want_grads, qw, qb, dx):
             k = e
 
 
-@njit(**CPU_JIT_STRICT)
+@njit(inline=inline_in_serial_code, **CPU_JIT_STRICT)
 def _dense_row(x, r, G):
     """Row ``r`` of an ``(N, 1, G, K)`` view as one contiguous run."""
     return x[r // G, 0, r % G]
 
 
-@njit(**CPU_JIT_STRICT)
+@njit(inline=inline_in_serial_code, **CPU_JIT_STRICT)
 def _dx_grads_4(dy, x, rows, aff, coef, bstat, weight, qw, qb, dx):
     """dx of four rows ``rows`` whose values each use consecutive weights (one
     run per row: ``M == 1``, ``arow == K``), and their parameter-gradient
@@ -673,7 +673,7 @@ def _dx_grads_4(dy, x, rows, aff, coef, bstat, weight, qw, qb, dx):
         qb[j] += np.float64((y0 + y1) + (y2 + y3))
 
 
-@njit(**CPU_JIT_STRICT)
+@njit(inline=inline_in_serial_code, **CPU_JIT_STRICT)
 def _block_rows(blk, nblk_per_group, aff, grad_rows, rows):
     """Group, first and last+1 rank of parameter block ``blk``: rows
     ``t * gmod + group`` for ranks ``t`` in ``[t0, t1)``."""
@@ -682,7 +682,7 @@ def _block_rows(blk, nblk_per_group, aff, grad_rows, rows):
     return group, t0, min(t0 + grad_rows, rows // aff.gmod)
 
 
-@njit(**CPU_JIT_STRICT)
+@njit(inline=inline_in_serial_code, **CPU_JIT_STRICT)
 def _merge_grads(q, group, nblk_per_group, arow, out):
     """Parameter gradients of one affine group: its blocks' partials in block order."""
     for j in range(arow):
@@ -695,7 +695,7 @@ def _merge_grads(q, group, nblk_per_group, arow, out):
             out[1, group * arow + j] += q[1, blk, j]
 
 
-@njit(**CPU_JIT_STRICT)
+@njit(inline=inline_in_serial_code, **CPU_JIT_STRICT)
 def _grad_partials(q, i, want_grads):
     """The zeroed float64 rows ``q[0, i]``, ``q[1, i]`` for a task's
     parameter-gradient partials; ``q`` is a (2, 1, 1) dummy without
@@ -710,7 +710,7 @@ def _grad_partials(q, i, want_grads):
     return qw, qb
 
 
-@njit(**CPU_JIT_STRICT)
+@njit(inline=inline_in_serial_code, **CPU_JIT_STRICT)
 def _backward_block(dy, x, hi, rstd, weight, aff, rms, geom, want_grads, blk, nblk_per_group,
                     coef, bstat, q, dx):
     """dx of the rows of parameter block ``blk`` (with their coefficients on the
@@ -743,7 +743,7 @@ def _backward_block(dy, x, hi, rstd, weight, aff, rms, geom, want_grads, blk, nb
         t += nrows
 
 
-@njit(**CPU_JIT_STRICT)
+@njit(inline=inline_in_serial_code, **CPU_JIT_STRICT)
 def _one_run_block(dy, x, hi, rstd, weight, aff, rms, geom, want_grads, blk, nblk_per_group,
                    coef, bstat, q, dx):
     """:func:`_backward_block` on the fused path for rows that are one run each
@@ -846,7 +846,7 @@ def backward(dy, x, hi, rstd, weight, aff, rms, geom, want_grads, coef, bstat, q
 # Channel ``c = g * K + k`` takes weight[c] (GroupNorm: ``aff`` is (G, K, 1);
 # InstanceNorm: K = 1).
 # =========================================================================== #
-@njit(**CPU_JIT_STRICT)
+@njit(inline=inline_in_serial_code, **CPU_JIT_STRICT)
 def _channel_sums_cl(x, n, s0, s1, s2):
     """Per channel: ``s0`` the first value (the shift), float64 sums of
     ``x - shift`` and its square over the M positions of sample ``n``."""
@@ -1067,7 +1067,7 @@ def backward_runs(dy, x, hi, rstd, weight, aff, rms, want_grads, block, coef, bs
             grads[1, p] = tb
 
 
-@njit(**CPU_JIT_STRICT)
+@njit(inline=inline_in_serial_code, **CPU_JIT_STRICT)
 def narrow(a, out):
     """``out[...] = a`` for float64 rows ``a``: each value rounded to ``out``'s
     dtype as a NumPy cast rounds it (beyond its range: inf), without the

@@ -87,6 +87,48 @@ def is_small(x):
     return x.size <= _config.SERIAL_MAX_ELEMS
 
 
+_twin_options = {}  # serial twins' Python functions -> their jit options
+
+
+def _jit_options(func):
+    """The options of the kernel-module dispatcher compiling ``func`` (a
+    serial twin's included); ``None`` if it is none of ours."""
+    for obj in func.__globals__.values():
+        if getattr(obj, "py_func", None) is func:
+            return obj.targetoptions
+    return _twin_options.get(func)
+
+
+def inline_in_serial_code(expr, caller_ir, callee_ir):
+    """Numba's ``inline=`` cost model for the kernels' helpers: a helper is
+    inlined into a caller compiled without ``parallel`` and with the same
+    fast-math flags, and called as a function of its own anywhere else.
+
+    Numba compiles every function it calls on its own (typing, lowering, LLVM
+    optimisation, machine code) and then links it into each caller, whose
+    module LLVM optimises and emits again with the callee in it; a parallel
+    kernel does that twice more (its outlined loop body, then itself).  A
+    helper tree compiled as one function (the first strict helper a kernel
+    calls, with everything strict below it inlined) goes through that once,
+    and the parallel kernel's loop body stays one call.  Inlining keeps each
+    operation's flags only where the flags are the same, hence the rule; a
+    parallel caller keeps its loop body small (its outlining copies and
+    re-types all of it).  A helper with branches on an optional argument being
+    None is not given this model: Numba prunes those branches by the types of
+    a function's own arguments, and an inlined argument is a local.
+    """
+    caller = _jit_options(caller_ir.func_id.func)
+    callee = _jit_options(callee_ir.func_id.func)
+    if caller is None or callee is None or caller.get("parallel"):
+        return False
+    return _flags(caller) == _flags(callee)
+
+
+def _flags(options):
+    fastmath = options.get("fastmath", False)
+    return frozenset(fastmath) if isinstance(fastmath, (set, frozenset)) else bool(fastmath)
+
+
 def serial_kernels(namespace):
     """The kernels of a kernel module for small inputs, by name: each Numba
     dispatcher of ``namespace``, with every ``parallel=True`` one replaced by its
@@ -115,6 +157,7 @@ def serial_kernels(namespace):
             twin.__qualname__ = f.__qualname__ + "_serial"
             twin.__doc__ = f.__doc__
             obj = numba.njit(**{**options, "fastmath": obj.targetoptions["fastmath"]})(twin)
+            _twin_options[twin] = obj.targetoptions
         out[name] = obj
     return SimpleNamespace(**out)
 
