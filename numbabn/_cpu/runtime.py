@@ -119,7 +119,9 @@ def inline_in_serial_code(expr, caller_ir, callee_ir):
     """
     caller = _jit_options(caller_ir.func_id.func)
     callee = _jit_options(callee_ir.func_id.func)
-    if caller is None or callee is None or caller.get("parallel"):
+    # (Numba pops the options it reads from a ``parallel`` dict, so after a
+    # compile an enabled one may be empty: only False means serial.)
+    if caller is None or callee is None or caller.get("parallel", False) is not False:
         return False
     return _flags(caller) == _flags(callee)
 
