@@ -33,11 +33,30 @@ def compile_key() -> str:
 
 
 def _canonical(value):
+    if hasattr(value, "_get_values"):  # Numba's ParallelOptions: its values
+        value = value._get_values()
     if isinstance(value, dict):
         return sorted((k, _canonical(v)) for k, v in value.items())
     if isinstance(value, (set, frozenset)):
         return sorted(value)
     return value
+
+
+def _parallel_options_read_whole():
+    """Put Numba's own options object (``_numba_private.parallel_options``) in
+    place of each ``parallel=`` dict of :mod:`numbabn._config`'s jit options.
+    Numba pops each option of a dict as it reads it, so the first compile would
+    empty the dict those options share: every later kernel would compile with
+    all parallel options on (loop fusion included), and :func:`compile_key`
+    would change in mid-process.  Runs when this module is imported, which
+    every kernel module does before it declares a kernel."""
+    for name in _config.COMPILE_TIME:
+        value = getattr(_config, name)
+        if isinstance(value, dict) and isinstance(value.get("parallel"), dict):
+            value["parallel"] = _numba_private.parallel_options(**value["parallel"])
+
+
+_parallel_options_read_whole()
 
 
 def _folder(dispatcher) -> Path | None:

@@ -44,7 +44,9 @@ CPU_JIT_STRICT = dict(CPU_JIT, fastmath=set(STRICT_FASTMATH))
 # multiply-adds either.
 CPU_JIT_IEEE_PARALLEL = dict(CPU_JIT, fastmath=False, parallel=True)
 # One kernel may hold several parallel loops (statistics, merge, normalise);
-# they run one after the other and must not be fused by Numba.
+# they run one after the other and must not be fused by Numba.  (numbabn._cache
+# hands these options to Numba as its own options object: Numba empties a
+# ``parallel=`` dict as it reads it.)
 CPU_JIT_PARALLEL = dict(CPU_JIT, parallel=dict(fusion=False))
 # Parallel kernels whose loops inline strict helpers (``inline="always"``: a
 # call per short run costs about as much as its values).  Inlined code takes

@@ -119,8 +119,8 @@ def inline_in_serial_code(expr, caller_ir, callee_ir):
     """
     caller = _jit_options(caller_ir.func_id.func)
     callee = _jit_options(callee_ir.func_id.func)
-    # (Numba pops the options it reads from a ``parallel`` dict, so after a
-    # compile an enabled one may be empty: only False means serial.)
+    # (``parallel`` is Numba's options object, or a dict Numba may have
+    # emptied as it read it: only False, or no option, means serial.)
     if caller is None or callee is None or caller.get("parallel", False) is not False:
         return False
     return _flags(caller) == _flags(callee)

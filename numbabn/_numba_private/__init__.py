@@ -80,6 +80,21 @@ def thread_count_functions():
         return public
 
 
+def parallel_options(**options):
+    """A ``parallel=`` value for ``njit`` that every compile reads whole:
+    Numba's ``numba.core.cpu.ParallelOptions``, which it copies.  A dict is
+    emptied by the first compile that reads it (``ParallelOptions`` pops each
+    option), so every later kernel sharing it would compile with all options
+    on.  On an untested Numba: the dict (that behaviour)."""
+    if SUPPORTED:
+        try:
+            from numba.core.cpu import ParallelOptions
+            return ParallelOptions(dict(options))
+        except (ImportError, TypeError, ValueError, NameError):  # pragma: no cover
+            pass
+    return dict(options)
+
+
 def cgutils():
     """``numba.core.cgutils``, the IR-building helpers the layer kit's register
     tiles are written with (:mod:`numbabn.kit._kernels.tiles`), or ``None`` on an
