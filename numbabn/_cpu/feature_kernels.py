@@ -74,18 +74,18 @@ from .. import _cache, _core
 from .._config import CPU_JIT, CPU_JIT_PARALLEL, CPU_JIT_STRICT, CPU_JIT_STRICT_PARALLEL
 from .._core import (DX_SCALE, DY_SHIFT, HI, OFFSET, SCALE, SUM_DY, SUM_DY_XHI, SUM_XHI, XC_COEF)
 from .half import stored, value_of
-from .runtime import inline_in_serial_code, serial_kernels
+from .runtime import compile_core, inline_in_serial_code, serial_kernels
 
-# The statistics core, compiled for the CPU.
-shifted_moments = njit(**CPU_JIT_STRICT)(_core.shifted_moments)
-chan_merge = njit(**CPU_JIT_STRICT)(_core.chan_merge)
-invstd_of = njit(**CPU_JIT_STRICT)(_core.invstd_of)
-affine_coefs = njit(**CPU_JIT_STRICT)(_core.affine_coefs)
-sum_dy_xmu_about = njit(**CPU_JIT_STRICT)(_core.sum_dy_xmu_about)
-backward_coefs = njit(**CPU_JIT_STRICT)(_core.backward_coefs)
-parameter_grads = njit(**CPU_JIT_STRICT)(_core.parameter_grads)
-_cdiv = njit(**CPU_JIT_STRICT)(_core.cdiv)
-store_statistics = njit(**CPU_JIT_STRICT)(_core.store_statistics)
+# The statistics core, compiled for the CPU (inlined into strict serial callers).
+shifted_moments = compile_core(_core.shifted_moments)
+chan_merge = compile_core(_core.chan_merge)
+invstd_of = compile_core(_core.invstd_of)
+affine_coefs = compile_core(_core.affine_coefs)
+sum_dy_xmu_about = compile_core(_core.sum_dy_xmu_about)
+backward_coefs = compile_core(_core.backward_coefs)
+parameter_grads = compile_core(_core.parameter_grads)
+_cdiv = compile_core(_core.cdiv)
+store_statistics = compile_core(_core.store_statistics)
 
 # The least bytes of each coefficient row per segment of a channel-contiguous
 # elementwise pass (see :func:`_nc_table`).  Each segment is one vectorised loop

@@ -87,16 +87,26 @@ def is_small(x):
     return x.size <= _config.SERIAL_MAX_ELEMS
 
 
-_twin_options = {}  # serial twins' Python functions -> their jit options
+_declared = {}  # Python functions compiled outside their module (serial twins, the
+# statistics core) -> their jit options
 
 
 def _jit_options(func):
     """The options of the kernel-module dispatcher compiling ``func`` (a
-    serial twin's included); ``None`` if it is none of ours."""
+    serial twin's and the statistics core's included); ``None`` if it is none
+    of ours."""
     for obj in func.__globals__.values():
         if getattr(obj, "py_func", None) is func:
             return obj.targetoptions
-    return _twin_options.get(func)
+    return _declared.get(func)
+
+
+def compile_core(func):
+    """A function of the statistics core (:mod:`numbabn._core`) compiled for
+    the CPU: strict, and inlined as :func:`inline_in_serial_code` says."""
+    kernel = numba.njit(inline=inline_in_serial_code, **_config.CPU_JIT_STRICT)(func)
+    _declared[func] = kernel.targetoptions
+    return kernel
 
 
 def inline_in_serial_code(expr, caller_ir, callee_ir):
@@ -159,7 +169,7 @@ def serial_kernels(namespace):
             twin.__qualname__ = f.__qualname__ + "_serial"
             twin.__doc__ = f.__doc__
             obj = numba.njit(**{**options, "fastmath": obj.targetoptions["fastmath"]})(twin)
-            _twin_options[twin] = obj.targetoptions
+            _declared[twin] = obj.targetoptions
         out[name] = obj
     return SimpleNamespace(**out)
 

@@ -25,9 +25,10 @@ def _decide(caller, callee):
     return runtime.inline_in_serial_code(None, _ir(caller), _ir(callee))
 
 
-def _helpers_with_rule(module):
+def _helpers_with_rule(module, own=True):
     return [obj for obj in vars(module).values()
-            if hasattr(obj, "py_func") and obj.py_func.__module__ == module.__name__
+            if hasattr(obj, "py_func")
+            and (obj.py_func.__module__ == module.__name__ or not own)
             and obj.targetoptions.get("inline") is runtime.inline_in_serial_code]
 
 
@@ -69,7 +70,7 @@ def test_unknown_functions_are_not_inlined():
 
 @pytest.mark.parametrize("module", MODULES, ids=lambda m: m.__name__)
 def test_no_helper_with_the_rule_branches_on_none(module):
-    helpers = _helpers_with_rule(module)
+    helpers = _helpers_with_rule(module, own=False)  # the statistics core's too
     assert helpers
     for h in helpers:
         tree = ast.parse(inspect.getsource(h.py_func))
@@ -98,3 +99,11 @@ _serial = numba.njit(fastmath={"contract"})(_serial_caller)
 def test_an_emptied_parallel_option_still_means_parallel():
     assert not runtime.inline_in_serial_code(None, _ir(_emptied), _ir(_plain_jit))
     assert runtime.inline_in_serial_code(None, _ir(_serial), _ir(_plain_jit))
+
+
+def test_the_statistics_core_inlines_into_strict_serial_callers_only():
+    core = feature_kernels.affine_coefs
+    assert core.py_func.__module__ == "numbabn._core"
+    assert _decide(row_kernels._one_run_block, core)
+    assert not _decide(row_kernels.backward_one_run, core)
+    assert not _decide(row_kernels._block_sums_each, core)
