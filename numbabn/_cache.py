@@ -33,8 +33,7 @@ def compile_key() -> str:
 
 
 def _canonical(value):
-    if hasattr(value, "_get_values"):  # Numba's ParallelOptions: its values
-        value = value._get_values()
+    value = _numba_private.plain_options(value)  # Numba's ParallelOptions: its values
     if isinstance(value, dict):
         return sorted((k, _canonical(v)) for k, v in value.items())
     if isinstance(value, (set, frozenset)):

@@ -95,6 +95,13 @@ def parallel_options(**options):
     return dict(options)
 
 
+def plain_options(value):
+    """The values of a :func:`parallel_options` object as a dict (for the cache
+    key); any other value as it is."""
+    get_values = getattr(value, "_get_values", None)
+    return get_values() if SUPPORTED and callable(get_values) else value
+
+
 def cgutils():
     """``numba.core.cgutils``, the IR-building helpers the layer kit's register
     tiles are written with (:mod:`numbabn.kit._kernels.tiles`), or ``None`` on an
