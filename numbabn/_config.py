@@ -39,6 +39,12 @@ STRICT_FASTMATH = FASTMATH - {"reassoc"}
 # division-by-zero branches Python semantics would add to float divisions.
 CPU_JIT = dict(nogil=True, cache=True, error_model="numpy", fastmath=set(FASTMATH))
 CPU_JIT_STRICT = dict(CPU_JIT, fastmath=set(STRICT_FASTMATH))
+# A helper, a function only other kernels call, is compiled without the Python
+# and C entry points Numba otherwise builds, optimises and emits for every
+# function: about a tenth of a first call's compile time.
+NO_ENTRY_POINTS = dict(no_cpython_wrapper=True, no_cfunc_wrapper=True)
+CPU_HELPER = dict(CPU_JIT, **NO_ENTRY_POINTS)
+CPU_HELPER_STRICT = dict(CPU_JIT_STRICT, **NO_ENTRY_POINTS)
 # Elementwise kernels that must give the bits of the NumPy expressions they
 # replace (the optimizer's update): no fast-math flag at all, so no fused
 # multiply-adds either.
@@ -70,7 +76,8 @@ GPU_MAX_THREADS = 256
 # Must divide GPU_ITEMS_PER_THREAD.
 GPU_UNROLL = 4
 
-COMPILE_TIME = ("FASTMATH", "STRICT_FASTMATH", "CPU_JIT", "CPU_JIT_STRICT",
+COMPILE_TIME = ("FASTMATH", "STRICT_FASTMATH", "CPU_JIT", "CPU_JIT_STRICT", "CPU_HELPER",
+                "CPU_HELPER_STRICT",
                 "CPU_JIT_IEEE_PARALLEL", "CPU_JIT_PARALLEL", "CPU_JIT_STRICT_PARALLEL", "GPU_JIT",
                 "GPU_MAX_THREADS", "GPU_UNROLL")
 

@@ -71,7 +71,8 @@ from numba import njit, prange, types
 from numba.extending import overload
 
 from .. import _cache, _core
-from .._config import CPU_JIT, CPU_JIT_PARALLEL, CPU_JIT_STRICT, CPU_JIT_STRICT_PARALLEL
+from .._config import (CPU_HELPER, CPU_HELPER_STRICT, CPU_JIT_PARALLEL, CPU_JIT_STRICT,
+                       CPU_JIT_STRICT_PARALLEL)
 from .._core import (DX_SCALE, DY_SHIFT, HI, OFFSET, SCALE, SUM_DY, SUM_DY_XHI, SUM_XHI, XC_COEF)
 from .half import stored, value_of
 from .runtime import compile_core, inline_in_serial_code, serial_kernels
@@ -94,13 +95,13 @@ store_statistics = compile_core(_core.store_statistics)
 NC_SEGMENT_BYTES = 4096
 
 
-@njit(inline=inline_in_serial_code, **CPU_JIT_STRICT)
+@njit(inline=inline_in_serial_code, **CPU_HELPER_STRICT)
 def _thread_span(t, nth, total):
     """The contiguous range of ``total`` tasks that thread ``t`` of ``nth`` takes."""
     return total * t // nth, total * (t + 1) // nth
 
 
-@njit(inline=inline_in_serial_code, **CPU_JIT_STRICT)
+@njit(inline=inline_in_serial_code, **CPU_HELPER_STRICT)
 def _accumulate(total, part, width):
     for i in range(width):
         total[i] += part[i]
@@ -182,7 +183,7 @@ def _seg1_impl(a, b0, b1):
     return lambda a, b0, b1: a[b0:b1]
 
 
-@njit(inline=inline_in_serial_code, **CPU_JIT_STRICT)
+@njit(inline=inline_in_serial_code, **CPU_HELPER_STRICT)
 def _aligned_empty(shape, dtype_like):
     """An uninitialised (rows, n) array like ``dtype_like`` starting on a 64-byte boundary."""
     per_line = 64 // dtype_like.itemsize
@@ -191,7 +192,7 @@ def _aligned_empty(shape, dtype_like):
     return raw[off:off + shape[0] * shape[1]].reshape(shape)
 
 
-@njit(inline=inline_in_serial_code, **CPU_JIT_STRICT)
+@njit(inline=inline_in_serial_code, **CPU_HELPER_STRICT)
 def _nc_table(coef, x, flat):
     """The coefficients of a channel-contiguous elementwise pass, laid out for
     aligned loads, and the lead ``k``:
@@ -228,7 +229,7 @@ def _nc_table(coef, x, flat):
     return coef, 0
 
 
-@njit(inline=inline_in_serial_code, **CPU_JIT_STRICT)
+@njit(inline=inline_in_serial_code, **CPU_HELPER_STRICT)
 def _elementwise_rows(rows, nfeat, isz):
     """``rows`` rounded up so that a block of rows is a multiple of 64 bytes."""
     per = 64 // math.gcd(nfeat * isz, 64)
@@ -240,7 +241,7 @@ def _elementwise_rows(rows, nfeat, isz):
 # Each writes column c of the float64 ``stats``/``sums`` tables and of the
 # coefficient table ``coef`` in the input's dtype.
 # =========================================================================== #
-@njit(inline=inline_in_serial_code, **CPU_JIT_STRICT)
+@njit(inline=inline_in_serial_code, **CPU_HELPER_STRICT)
 def _store_forward(c, n, mean, m2, eps, weight, bias, coef, stats):
     var = m2 / n
     invstd = invstd_of(var, eps)
@@ -250,8 +251,8 @@ def _store_forward(c, n, mean, m2, eps, weight, bias, coef, stats):
                                                    np.float64(weight[c]), np.float64(bias[c]))
 
 
-@njit(inline=inline_in_serial_code, **CPU_JIT_STRICT)
-def _normalize_coefs(mean, spread, spread_is_var, eps, weight, bias, coef):
+@njit(inline=inline_in_serial_code, **CPU_JIT_STRICT)  # called from Python too
+def normalize_coefs(mean, spread, spread_is_var, eps, weight, bias, coef):
     """Coefficients from a given mean and either var (``spread_is_var``) or invstd."""
     for c in range(mean.shape[0]):
         m = np.float64(mean[c])
@@ -261,7 +262,7 @@ def _normalize_coefs(mean, spread, spread_is_var, eps, weight, bias, coef):
                                                        np.float64(weight[c]), np.float64(bias[c]))
 
 
-@njit(inline=inline_in_serial_code, **CPU_JIT_STRICT)
+@njit(inline=inline_in_serial_code, **CPU_HELPER_STRICT)
 def _store_backward(c, n, sdy, sdyxhi, sxhi, hi, invstd, weight, coef, dwb):
     """Coefficients of dx about the exact batch mean ``hi + sxhi / n`` (``hi``,
     the saved mean, may have been rounded to float32), and the parameter grads."""
@@ -274,8 +275,9 @@ def _store_backward(c, n, sdy, sdyxhi, sxhi, hi, invstd, weight, coef, dwb):
     dwb[0, c], dwb[1, c] = parameter_grads(invstd, sdy, sum_dy_xmu)
 
 
-@njit(inline=inline_in_serial_code, **CPU_JIT_STRICT)
-def _elemt_backward_coefs(n, mean, invstd, weight, sum_dy, sum_dy_xmu, coef):
+@njit(inline=inline_in_serial_code, **CPU_JIT_STRICT)  # called from Python too
+def elemt_backward_coefs(n, mean, invstd, weight, sum_dy, sum_dy_xmu, coef):
+    """dx coefficients from given sums over ``n`` values."""
     for c in range(mean.shape[0]):
         m = np.float64(mean[c])
         coef[HI, c] = m
@@ -284,7 +286,7 @@ def _elemt_backward_coefs(n, mean, invstd, weight, sum_dy, sum_dy_xmu, coef):
             np.float64(weight[c]))
 
 
-@njit(inline=inline_in_serial_code, **CPU_JIT_STRICT)
+@njit(inline=inline_in_serial_code, **CPU_HELPER_STRICT)
 def _pow2_near(v):
     """A power of two near ``v`` (1 when ``v`` is not finite and positive),
     within float32's normal range."""
@@ -294,7 +296,7 @@ def _pow2_near(v):
     return math.ldexp(1.0, max(-120, min(120, e)))
 
 
-@njit(inline=inline_in_serial_code, **CPU_JIT_STRICT)
+@njit(inline=inline_in_serial_code, **CPU_HELPER_STRICT)
 def _backward_scales(invstd):
     """Per feature, a power of two near ``invstd`` in the input's dtype: the
     backward sums take ``xc = (x - hi) * scale`` (exact: a power of two), so
@@ -306,7 +308,7 @@ def _backward_scales(invstd):
     return s
 
 
-@njit(inline=inline_in_serial_code, **CPU_JIT_STRICT)
+@njit(inline=inline_in_serial_code, **CPU_HELPER_STRICT)
 def _unscaled_sums(c, sdy, sdyxc, sxc, scale, sums):
     sc = np.float64(scale[c])
     sums[SUM_DY, c] = sdy
@@ -321,7 +323,7 @@ def _unscaled_sums(c, sdy, sdyxc, sxc, scale, sums):
 # Inner loops index 0-based slices: a loop from a non-zero start would keep
 # Numba's negative-index wraparound and vectorise into gathers (5x slower).
 # =========================================================================== #
-@njit(**CPU_JIT)
+@njit(**CPU_HELPER)
 def _chunk_sums_nchw(x, c, r0, r1, j0, j1, shift, short_run):
     """Float64 sums of ``x - shift`` and its square over one chunk.  Rows of at
     most ``short_run`` values are taken four at a time, ``(d0 + d1) + (d2 +
@@ -354,7 +356,7 @@ def _chunk_sums_nchw(x, c, r0, r1, j0, j1, shift, short_run):
     return s1, s2
 
 
-@njit(inline=inline_in_serial_code, **CPU_JIT_STRICT)
+@njit(inline=inline_in_serial_code, **CPU_HELPER_STRICT)
 def _chunk_moments_nchw(x, c, r0, r1, j0, j1, short_run):
     """``(count, mean, M2)`` of one chunk, about its first value."""
     n = (r1 - r0) * (j1 - j0)
@@ -364,7 +366,7 @@ def _chunk_moments_nchw(x, c, r0, r1, j0, j1, short_run):
     return n, mean, m2
 
 
-@njit(inline=inline_in_serial_code, **CPU_JIT_STRICT)
+@njit(inline=inline_in_serial_code, **CPU_HELPER_STRICT)
 def _chunk_bounds(k, ncb, rows, cols, outer, inner):
     """Bounds of chunk ``k`` of a feature: row block ``k // ncb``, column block ``k % ncb``."""
     r0 = (k // ncb) * rows
@@ -372,7 +374,7 @@ def _chunk_bounds(k, ncb, rows, cols, outer, inner):
     return r0, min(r0 + rows, outer), j0, min(j0 + cols, inner)
 
 
-@njit(inline=inline_in_serial_code, **CPU_JIT_STRICT)
+@njit(inline=inline_in_serial_code, **CPU_HELPER_STRICT)
 def _feature_moments_nchw(x, c, rows, cols, short_run):
     """Moments of feature ``c``: chunk by chunk, merged in chunk order."""
     outer, _, inner = x.shape
@@ -387,7 +389,7 @@ def _feature_moments_nchw(x, c, rows, cols, short_run):
     return n, mean, m2
 
 
-@njit(inline=inline_in_serial_code, **CPU_JIT_STRICT)
+@njit(inline=inline_in_serial_code, **CPU_HELPER_STRICT)
 def _merge_chunk_moments_nchw(p, c, ncb, rows, cols, outer, inner):
     """Chan-merge feature ``c``'s chunk moments ``p[0, c]`` (means), ``p[1, c]``
     (M2s) in chunk order (strict code: the kernels allow reassociation)."""
@@ -401,7 +403,7 @@ def _merge_chunk_moments_nchw(p, c, ncb, rows, cols, outer, inner):
     return n, mean, m2
 
 
-@njit(inline=inline_in_serial_code, **CPU_JIT_STRICT)
+@njit(inline=inline_in_serial_code, **CPU_HELPER_STRICT)
 def _sum_in_order(p):
     s = 0.0
     for k in range(p.shape[0]):
@@ -409,7 +411,7 @@ def _sum_in_order(p):
     return s
 
 
-@njit(inline="always", **CPU_JIT_STRICT)
+@njit(inline="always", **CPU_HELPER_STRICT)
 def _affine_nchw(x, c, r0, r1, j0, j1, coef, zero, y):
     """``y = (x - HI) * SCALE + OFFSET`` over rows [r0, r1) and positions
     [j0, j1) of feature ``c``, then a ReLU unless ``zero`` (a zero of the
@@ -436,7 +438,7 @@ def _block_backward_sums_kernel(masked):
     ``batch_norm_relu``; a NaN ``y`` counts as ``<= 0``, as PyTorch's
     ``threshold_backward``).  ``masked`` is a constant of the compiled code."""
 
-    @njit(**CPU_JIT)
+    @njit(**CPU_HELPER)
     def block_sums(dyr, yr, xr, m, s):
         a = np.float32(0.0)
         b = np.float32(0.0)
@@ -460,7 +462,7 @@ _block_backward_sums = _block_backward_sums_kernel(masked=False)
 _block_backward_sums_masked = _block_backward_sums_kernel(masked=True)
 
 
-@njit(**CPU_JIT_STRICT)  # prunes by a None argument: never inlined
+@njit(**CPU_HELPER_STRICT)  # prunes by a None argument: never inlined
 def _chunk_backward_sums_nchw(dy, x, c, r0, r1, j0, j1, m, s, block, y):
     """Float64 sums of blocks of at most ``block`` values of each row, in order;
     ``dy`` masked by ``y > 0`` unless ``y`` is None (see :func:`backward_nchw`)."""
@@ -482,7 +484,7 @@ def _chunk_backward_sums_nchw(dy, x, c, r0, r1, j0, j1, m, s, block, y):
     return sdy, sdyxc, sxc
 
 
-@njit(inline="always", **CPU_JIT_STRICT)
+@njit(inline="always", **CPU_HELPER_STRICT)
 def _feature_backward_sums_nchw(dy, x, c, rows, cols, m, s, block, y):
     """Feature ``c``'s sums: chunk by chunk, added in chunk order.  (Inlined into
     the per-feature task, with no chunk loop for a feature of one chunk (small
@@ -506,7 +508,7 @@ def _feature_backward_sums_nchw(dy, x, c, rows, cols, m, s, block, y):
     return sdy, sdyxc, sxc
 
 
-@njit(inline="always", **CPU_JIT_STRICT)
+@njit(inline="always", **CPU_HELPER_STRICT)
 def _dx_nchw(dy, x, c, r0, r1, j0, j1, coef, y, dx):
     """dx over rows [r0, r1) and positions [j0, j1) of feature ``c`` (inlined
     into its callers' loops: a call costs about as much as a 7x7 plane's values)."""
@@ -529,7 +531,7 @@ def _dx_nchw(dy, x, c, r0, r1, j0, j1, coef, y, dx):
                 dxr[j] = stored((value_of(dyr[j]) + (value_of(xr[j]) - hi) * b + d) * a, dxr)
 
 
-@njit(inline=inline_in_serial_code, **CPU_JIT_STRICT)
+@njit(inline=inline_in_serial_code, **CPU_HELPER_STRICT)
 def _task_chunk(u, nchunks, ncb, rows, cols, outer, inner):
     """Feature, chunk and bounds of flat task ``u`` = feature * nchunks + chunk."""
     c = u // nchunks
@@ -591,7 +593,7 @@ def normalize_nchw(x, mean, spread, spread_is_var, eps, weight, bias, runs, coef
     bits: walk ``x`` in memory order, in blocks of ``runs`` runs of ``inner``
     values (run ``q`` is ``x[q // C, q % C]``)."""
     outer, nfeat, inner = x.shape
-    _normalize_coefs(mean, spread, spread_is_var, eps, weight, bias, coef)
+    normalize_coefs(mean, spread, spread_is_var, eps, weight, bias, coef)
     nruns = outer * nfeat
     for b_ in prange(_cdiv(nruns, runs)):
         b = np.int64(b_)
@@ -612,7 +614,7 @@ def normalize_nchw(x, mean, spread, spread_is_var, eps, weight, bias, runs, coef
 # block, vectorised along it.  Tasks are (feature block, sample block) pairs.
 # Each value's arithmetic is the per-run pass's, so the bits are the same.
 # =========================================================================== #
-@njit(**CPU_JIT_STRICT)  # prunes by a None argument: never inlined
+@njit(**CPU_HELPER_STRICT)  # prunes by a None argument: never inlined
 def _affine_segment(xb, yb, hi, s, o, zero):
     """``yb = (xb - hi) * s + o`` value by value (then a ReLU unless ``zero`` is
     None); ``hi``, ``s``, ``o`` hold at least ``len(xb)`` per-value coefficients."""
@@ -625,7 +627,7 @@ def _affine_segment(xb, yb, hi, s, o, zero):
             yb[j] = stored((value_of(xb[j]) - hi[j]) * s[j] + o[j], yb)
 
 
-@njit(**CPU_JIT_STRICT)  # prunes by a None argument: never inlined
+@njit(**CPU_HELPER_STRICT)  # prunes by a None argument: never inlined
 def _dx_segment(gb, xb, yb, hi, a, b, d, zero, ob):
     """``ob = (g + (xb - hi) * b + d) * a`` value by value, ``g = gb`` (0 where
     ``yb <= 0`` unless ``yb`` is None); per-value coefficients as in
@@ -639,7 +641,7 @@ def _dx_segment(gb, xb, yb, hi, a, b, d, zero, ob):
             ob[j] = stored((value_of(gb[j]) + (value_of(xb[j]) - hi[j]) * b[j] + d[j]) * a[j], ob)
 
 
-@njit(inline=inline_in_serial_code, **CPU_JIT_STRICT)
+@njit(inline=inline_in_serial_code, **CPU_HELPER_STRICT)
 def _block_table(coef, q0, q1, c0, c1, inner):
     """Rows ``[q0, q1)`` of ``coef`` for features ``[c0, c1)``, each repeated
     over its run: ``tab[q - q0, (c - c0) * inner + j] = coef[q, c]``."""
@@ -654,7 +656,7 @@ def _block_table(coef, q0, q1, c0, c1, inner):
     return tab
 
 
-@njit(inline=inline_in_serial_code, **CPU_JIT_STRICT)
+@njit(inline=inline_in_serial_code, **CPU_HELPER_STRICT)
 def _plane_task(u, nsb, outer, nfeat, fblock):
     """Features ``[c0, c1)`` and samples ``[n0, n1)`` of task ``u``."""
     fb, sb = u // nsb, u % nsb
@@ -705,7 +707,7 @@ def dx_planes(dy2, x2, y2, coef, inner, fblock, nsb, dx2):
                         d, zero, dx2[n, p0:p0 + w])
 
 
-@njit(**CPU_JIT_STRICT)  # prunes by a None argument: never inlined
+@njit(**CPU_HELPER_STRICT)  # prunes by a None argument: never inlined
 def _plane_sums(dy2, x2, y2, hi, scale, inner, c0, c1, nblk, sums):
     """The backward sums of features [c0, c1) of the ``(outer, C * inner)``
     views: per position (vector lanes along the sample), ``dy``, ``dy * xc``
@@ -859,7 +861,7 @@ def backward_nchw_chunks(dy, x, hi, invstd, weight, geom, y, p, sums, coef, dwb,
 # (row block, column).  Each column's sum runs over rows in order (the vector
 # lanes are columns), so the column blocking never changes a result.
 # =========================================================================== #
-@njit(**CPU_JIT)
+@njit(**CPU_HELPER)
 def _chunk_sums_nc(x, r0, r1, c0, c1, s1, s2):
     """Sums of columns [c0, c1) over rows [r0, r1), about row r0 (each column's
     first value in the chunk), into s1[:c1-c0], s2[:c1-c0].
@@ -896,7 +898,7 @@ def _chunk_sums_nc(x, r0, r1, c0, c1, s1, s2):
             s2[i] += d * d
 
 
-@njit(inline=inline_in_serial_code, **CPU_JIT_STRICT)
+@njit(inline=inline_in_serial_code, **CPU_HELPER_STRICT)
 def _chunk_moments_nc(x, r0, r1, c0, c1, means, m2s):
     """Means and M2s of columns [c0, c1) over rows [r0, r1) into ``means``/``m2s``."""
     _chunk_sums_nc(x, r0, r1, c0, c1, means, m2s)
@@ -906,7 +908,7 @@ def _chunk_moments_nc(x, r0, r1, c0, c1, means, m2s):
                                            m2s[i])
 
 
-@njit(inline=inline_in_serial_code, **CPU_JIT_STRICT)
+@njit(inline=inline_in_serial_code, **CPU_HELPER_STRICT)
 def _merge_moments_nc(p, nrows, rows, c0, c1, eps, weight, bias, coef, stats):
     """Chan-merge the row blocks' moments of columns [c0, c1) in row-block order."""
     w = c1 - c0
@@ -924,7 +926,7 @@ def _merge_moments_nc(p, nrows, rows, c0, c1, eps, weight, bias, coef, stats):
         _store_forward(c0 + i, n, mean[i], m2[i], eps, weight, bias, coef, stats)
 
 
-@njit(**CPU_JIT_STRICT)  # prunes by a None argument: never inlined
+@njit(**CPU_HELPER_STRICT)  # prunes by a None argument: never inlined
 def _affine_flat(xf, yf, coef, tab, k, zero):
     """The affine pass over one block of rows seen as the run ``xf`` (see
     :func:`_nc_table`: ``k`` values from ``coef``, then aligned segments)."""
@@ -946,7 +948,7 @@ def _affine_flat(xf, yf, coef, tab, k, zero):
         _affine_segment(xf[b0:b0 + m], yf[b0:b0 + m], hi, s, o, zero)
 
 
-@njit(**CPU_JIT_STRICT)  # prunes by a None argument: never inlined
+@njit(**CPU_HELPER_STRICT)  # prunes by a None argument: never inlined
 def _affine_nc(x, r0, r1, coef, tab, k, zero, y):
     """The affine pass over rows [r0, r1) with the table of :func:`_nc_table`
     (then a ReLU unless ``zero`` is None)."""
@@ -960,7 +962,7 @@ def _affine_nc(x, r0, r1, coef, tab, k, zero, y):
         _affine_segment(x[r], y[r], hi, s, o, zero)
 
 
-@njit(**CPU_JIT)
+@njit(**CPU_HELPER)
 def _add_backward_sums_nc(dy, x, r0, r1, c0, c1, m, sc, acc):
     """Add the three sums of columns [c0, c1) over rows [r0, r1), in the input's
     dtype, to ``acc`` (3, width), one row at a time: every load walks memory in
@@ -980,7 +982,7 @@ def _add_backward_sums_nc(dy, x, r0, r1, c0, c1, m, sc, acc):
             s2[i] += e
 
 
-@njit(**CPU_JIT)
+@njit(**CPU_HELPER)
 def _add_backward_sums_nc4(dy, x, r0, r1, c0, c1, m, sc, acc):
     """As :func:`_add_backward_sums_nc`, four rows at a time as in
     :func:`_chunk_sums_nc` (faster for column blocks and data in cache)."""
@@ -1016,7 +1018,7 @@ def _add_backward_sums_nc4(dy, x, r0, r1, c0, c1, m, sc, acc):
     _add_backward_sums_nc(dy, x, r, r1, c0, c1, m, sc, acc)
 
 
-@njit(**CPU_JIT)
+@njit(**CPU_HELPER)
 def _add_backward_sums_nc_masked(dy, y, x, r0, r1, c0, c1, m, sc, acc):
     """As :func:`_add_backward_sums_nc` with ``dy`` taken as 0 where ``y <= 0``."""
     w = c1 - c0
@@ -1036,7 +1038,7 @@ def _add_backward_sums_nc_masked(dy, y, x, r0, r1, c0, c1, m, sc, acc):
             s2[i] += e
 
 
-@njit(**CPU_JIT_STRICT)  # prunes by a None argument: never inlined
+@njit(**CPU_HELPER_STRICT)  # prunes by a None argument: never inlined
 def _chunk_backward_sums_nc(dy, x, r0, r1, c0, c1, hi, scale, geom, y, sdy, sdyxc, sxc, acc):
     """``sum(dy)``, ``sum(dy * xc)``, ``sum(xc)`` of columns [c0, c1) over rows
     [r0, r1) into ``sdy``, ``sdyxc``, ``sxc`` (float64), ``xc = (x - hi) *
@@ -1064,7 +1066,7 @@ def _chunk_backward_sums_nc(dy, x, r0, r1, c0, c1, hi, scale, geom, y, sdy, sdyx
             sxc[i] += np.float64(acc[2, i])
 
 
-@njit(**CPU_JIT_STRICT)  # prunes by a None argument: never inlined
+@njit(**CPU_HELPER_STRICT)  # prunes by a None argument: never inlined
 def _dx_flat(dyf, xf, yf, coef, tab, k, zero, dxf):
     """The dx pass over one block of rows seen as runs (as :func:`_affine_flat`)."""
     nfeat = coef.shape[1]
@@ -1088,7 +1090,7 @@ def _dx_flat(dyf, xf, yf, coef, tab, k, zero, dxf):
                     dxf[b0:b0 + m])
 
 
-@njit(**CPU_JIT_STRICT)  # prunes by a None argument: never inlined
+@njit(**CPU_HELPER_STRICT)  # prunes by a None argument: never inlined
 def _dx_nc(dy, x, r0, r1, coef, tab, k, y, dx):
     """The dx pass over rows [r0, r1) with the table of :func:`_nc_table`
     (``dy`` masked by ``y > 0`` unless ``y`` is None)."""
@@ -1143,7 +1145,7 @@ def forward_nc(x, weight, bias, eps, geom, zero, p, coef, stats, y):
 def normalize_nc(x, mean, spread, spread_is_var, eps, weight, bias, rows, coef, y):
     """As :func:`normalize_nchw` for (rows, C) data."""
     nrows, nfeat = x.shape
-    _normalize_coefs(mean, spread, spread_is_var, eps, weight, bias, coef)
+    normalize_coefs(mean, spread, spread_is_var, eps, weight, bias, coef)
     tab, k = _nc_table(coef, x, _contiguous(x) and _contiguous(y))
     rows = _elementwise_rows(rows, nfeat, x.itemsize)
     for rb_ in prange(_cdiv(nrows, rows)):
@@ -1204,10 +1206,10 @@ def backward_nc(dy, x, hi, invstd, weight, geom, y, p, sums, coef, dwb, dx):
 def backward_elemt_nc(dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu, count, rows, coef, dx):
     """The dx pass with the sums given (taken about ``mean``, over ``count``
     values: the whole batch, which may span several processes), for (rows, C)
-    data.  (NCHW-like data: :func:`_elemt_backward_coefs`, then
+    data.  (NCHW-like data: :func:`elemt_backward_coefs`, then
     :func:`dx_nchw` or :func:`dx_planes`.)"""
     nrows, nfeat = x.shape
-    _elemt_backward_coefs(count, mean, invstd, weight, sum_dy, sum_dy_xmu, coef)
+    elemt_backward_coefs(count, mean, invstd, weight, sum_dy, sum_dy_xmu, coef)
     tab, k = _nc_table(coef, x, _contiguous(dy) and _contiguous(x) and _contiguous(dx))
     rows = _elementwise_rows(rows, nfeat, x.itemsize)
     for rb_ in prange(_cdiv(nrows, rows)):

@@ -226,7 +226,7 @@ def _normalize(x3, mean, spread, spread_is_var, weight, bias, eps, y3):
         k.normalize_nc(_as2d(x3), mean, spread, spread_is_var, eps, weight, bias, runs, coef,
                        _as2d(y3))
     elif _planes(x3, y3):
-        k._normalize_coefs(mean, spread, spread_is_var, eps, weight, bias, coef)
+        k.normalize_coefs(mean, spread, spread_is_var, eps, weight, bias, coef)
         _affine_planes(x3, coef, None, y3)
     else:
         k.normalize_nchw(x3, mean, spread, spread_is_var, eps, weight, bias, runs, coef, y3)
@@ -330,7 +330,7 @@ def batch_norm_backward_elemt(dy3, x3, mean, invstd, weight, sum_dy, sum_dy_xmu,
                             float(count), runs, coef, _as2d(dx3))
         return
     # the per-run or small-plane dx pass of the backward, with these coefficients
-    k._elemt_backward_coefs(float(count), mean, invstd, w, sum_dy, sum_dy_xmu, coef)
+    k.elemt_backward_coefs(float(count), mean, invstd, w, sum_dy, sum_dy_xmu, coef)
     if _planes(x3, dy3, dx3):
         _dx_planes(dy3, x3, None, coef, dx3)
     else:

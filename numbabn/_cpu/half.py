@@ -24,7 +24,7 @@ from numba import njit, prange, types
 from numba.extending import intrinsic, overload
 
 from .. import _cache, _core
-from .._config import CPU_JIT_STRICT
+from .._config import CPU_HELPER_STRICT, CPU_JIT_STRICT
 from .runtime import is_small, serial_kernels
 
 _JIT = dict(CPU_JIT_STRICT)
@@ -104,7 +104,7 @@ def _float_of(typingctx, bits):
     return types.float32(types.uint32), codegen
 
 
-@njit(**_JIT)
+@njit(**CPU_HELPER_STRICT)
 def _f16_to_f32_bits(h):
     """float16 bits -> float32 bits by the IEEE rules, in integer code."""
     sign = np.uint32(h & 0x8000) << np.uint32(16)
@@ -123,7 +123,7 @@ def _f16_to_f32_bits(h):
     return sign | (e << np.uint32(23)) | ((man & np.uint32(0x3FF)) << np.uint32(13))
 
 
-@njit(**_JIT)
+@njit(**CPU_HELPER_STRICT)
 def _f32_to_f16_bits(u):
     """float32 bits -> float16 bits, round to nearest even, in integer code."""
     sign = np.uint32((u >> np.uint32(16)) & np.uint32(0x8000))
@@ -149,7 +149,7 @@ def _f32_to_f16_bits(u):
     return np.uint16(sign | r)
 
 
-@njit(**_JIT)
+@njit(**CPU_HELPER_STRICT)
 def _bf16_of_bits(u):
     """float32 bits -> bfloat16 bits, round to nearest even; a NaN stays a NaN."""
     if (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):
@@ -158,7 +158,7 @@ def _bf16_of_bits(u):
                      >> np.uint32(16))
 
 
-@njit(**_JIT)
+@njit(**CPU_HELPER_STRICT)
 def _widen_range(src, dst, kind, f16c):
     # 0-based loops over slices: a loop from a non-zero start keeps Numba's
     # negative-index wraparound and does not vectorise
@@ -173,7 +173,7 @@ def _widen_range(src, dst, kind, f16c):
             dst[i] = _f16_to_f32_bits(src[i])
 
 
-@njit(**_JIT)
+@njit(**CPU_HELPER_STRICT)
 def _narrow_range(src, dst, kind, f16c):
     if kind == BFLOAT16:
         for i in range(src.shape[0]):

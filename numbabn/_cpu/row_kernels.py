@@ -61,7 +61,8 @@ import numpy as np
 from numba import njit, prange
 
 from .. import _cache, _core
-from .._config import CPU_JIT, CPU_JIT_PARALLEL, CPU_JIT_STRICT, CPU_JIT_STRICT_PARALLEL
+from .._config import (CPU_HELPER, CPU_HELPER_STRICT, CPU_JIT_PARALLEL, CPU_JIT_STRICT,
+                       CPU_JIT_STRICT_PARALLEL)
 from .._core import (CENTER, DX_SCALE, DY_SHIFT, HI, INVSTD, OFFSET, SCALE, XC_COEF, XHAT_OFFSET,
                      XHAT_SCALE)
 
@@ -78,7 +79,7 @@ plane; ``fused``: one task per row; ``grad_rows``: rows per parameter block;
 ``bwd_block``: values per block of the backward sums in the input's dtype."""
 
 
-@njit(inline=inline_in_serial_code, **CPU_JIT_STRICT)
+@njit(inline=inline_in_serial_code, **CPU_HELPER_STRICT)
 def _chunk_bounds(c, ncb, geom, M, K):
     """Runs ``[m0, m1)`` and values ``[k0, k1)`` of chunk ``c`` of a row."""
     m0 = (c // ncb) * geom.mrows
@@ -86,19 +87,19 @@ def _chunk_bounds(c, ncb, geom, M, K):
     return m0, min(m0 + geom.mrows, M), k0, min(k0 + geom.kcols, K)
 
 
-@njit(inline=inline_in_serial_code, **CPU_JIT_STRICT)
+@njit(inline=inline_in_serial_code, **CPU_HELPER_STRICT)
 def _nchunks(geom, M, K):
     return _cdiv(M, geom.mrows) * _cdiv(K, geom.kcols), _cdiv(K, geom.kcols)
 
 
-@njit(inline=inline_in_serial_code, **CPU_JIT_STRICT)
+@njit(inline=inline_in_serial_code, **CPU_HELPER_STRICT)
 def _one_run(x, aff):
     """Whether each row is one run of values with consecutive weights (layer and
     RMS norm of rows contiguous in memory): the loops need no run bookkeeping."""
     return x.shape[1] == 1 and aff.adiv == 1 and aff.arow == x.shape[3]
 
 
-@njit(inline=inline_in_serial_code, **CPU_JIT_STRICT)
+@njit(inline=inline_in_serial_code, **CPU_HELPER_STRICT)
 def _weight_run(m, k, k1, K, aff):
     """The run of values from ``k`` on that either uses consecutive weights
     (``adiv == 1``) or one weight: its end and its first index within the row's
@@ -114,7 +115,7 @@ def _weight_run(m, k, k1, K, aff):
 # =========================================================================== #
 # Forward
 # =========================================================================== #
-@njit(**CPU_JIT)
+@njit(**CPU_HELPER)
 def _chunk_sums(x, n, g, m0, m1, k0, k1, shift):
     s1 = 0.0
     s2 = 0.0
@@ -127,7 +128,7 @@ def _chunk_sums(x, n, g, m0, m1, k0, k1, shift):
     return s1, s2
 
 
-@njit(**CPU_JIT)
+@njit(**CPU_HELPER)
 def _run_sums(xr, shift):
     """:func:`_chunk_sums` of one run (rows of one run: ``M == 1``)."""
     s1 = 0.0
@@ -139,7 +140,7 @@ def _run_sums(xr, shift):
     return s1, s2
 
 
-@njit(inline=inline_in_serial_code, **CPU_JIT_STRICT)
+@njit(inline=inline_in_serial_code, **CPU_HELPER_STRICT)
 def _chunk_moments(x, n, g, m0, m1, k0, k1):
     """``(mean, M2)`` of one chunk, about its first value."""
     shift = np.float64(value_of(x[n, m0, g, k0]))
@@ -150,7 +151,7 @@ def _chunk_moments(x, n, g, m0, m1, k0, k1):
     return shifted_moments((m1 - m0) * (k1 - k0), shift, s1, s2)
 
 
-@njit(inline=inline_in_serial_code, **CPU_JIT_STRICT)
+@njit(inline=inline_in_serial_code, **CPU_HELPER_STRICT)
 def _row_moments(x, n, g, geom):
     """``(count, mean, M2)`` of one row: its chunks merged in chunk order."""
     M, K = x.shape[1], x.shape[3]
@@ -165,7 +166,7 @@ def _row_moments(x, n, g, geom):
     return cnt, mean, m2
 
 
-@njit(inline=inline_in_serial_code, **CPU_JIT_STRICT)
+@njit(inline=inline_in_serial_code, **CPU_HELPER_STRICT)
 def _merge_chunk_moments(p, r, geom, M, K):
     """As :func:`_row_moments` from the chunk moments ``p[0, r]``, ``p[1, r]``."""
     nch, ncb = _nchunks(geom, M, K)
@@ -179,24 +180,24 @@ def _merge_chunk_moments(p, r, geom, M, K):
     return cnt, mean, m2
 
 
-_store_forward = _core.row_forward_writer(njit(**CPU_JIT_STRICT), invstd_of, affine_coefs,
+_store_forward = _core.row_forward_writer(njit(**CPU_HELPER_STRICT), invstd_of, affine_coefs,
                                           store_statistics, np.float64)
 """Row ``r``'s statistics and the coefficients of ``xhat = (x - HI) * SCALE + OFFSET``."""
 
 
-@njit(inline=inline_in_serial_code, **CPU_JIT_STRICT)
+@njit(inline=inline_in_serial_code, **CPU_HELPER_STRICT)
 def _affine_each(xr, hi, s, o, w, b, yr):
     for j in range(xr.shape[0]):
         yr[j] = stored(((value_of(xr[j]) - hi) * s + o) * w[j] + b[j], yr)
 
 
-@njit(inline="always", **CPU_JIT_STRICT)  # a call per short run costs as much as its values
+@njit(inline="always", **CPU_HELPER_STRICT)  # a call per short run costs as much as its values
 def _affine_run(xr, hi, s, o, yr):
     for j in range(xr.shape[0]):
         yr[j] = stored((value_of(xr[j]) - hi) * s + o, yr)
 
 
-@njit(inline="always", **CPU_JIT_STRICT)
+@njit(inline="always", **CPU_HELPER_STRICT)
 def _weight_run_pass(xr, r, a, hi, coef, stats, weight, bias, yr):
     """``yr`` from ``xr``, a run of row ``r``'s values that share weight and
     bias ``a``: that run's coefficients (float64, then x's dtype), then the pass."""
@@ -205,7 +206,7 @@ def _weight_run_pass(xr, r, a, hi, coef, stats, weight, bias, yr):
     _affine_run(xr, hi, coef.dtype.type(s), coef.dtype.type(o), yr)
 
 
-@njit(inline=inline_in_serial_code, **CPU_JIT_STRICT)
+@njit(inline=inline_in_serial_code, **CPU_HELPER_STRICT)
 def _normalize_region(x, n, g, r, m0, m1, k0, k1, aff, coef, stats, weight, bias, y):
     """``y`` over runs ``[m0, m1)``, values ``[k0, k1)`` of row ``r``."""
     K = x.shape[3]
@@ -236,7 +237,7 @@ def _normalize_region(x, n, g, r, m0, m1, k0, k1, aff, coef, stats, weight, bias
             k = e
 
 
-@njit(inline=inline_in_serial_code, **CPU_JIT_STRICT)
+@njit(inline=inline_in_serial_code, **CPU_HELPER_STRICT)
 def _one_run_forward(x, n, g, r, aff, eps, rms, geom, write_y, weight, bias, coef, stats, y):
     """The fused forward of a row that is one run (:func:`_one_run`): the same
     chunks, sums and merge as :func:`_row_moments`, and the pass of
@@ -266,7 +267,7 @@ def _one_run_forward(x, n, g, r, aff, eps, rms, geom, write_y, weight, bias, coe
         yr[j] = stored(((value_of(xr[j]) - hi) * s + o) * w[j] + b[j], yr)
 
 
-@njit(inline=inline_in_serial_code, **CPU_JIT_STRICT)
+@njit(inline=inline_in_serial_code, **CPU_HELPER_STRICT)
 def _row_statistics(x, r, geom, eps, rms, coef, stats):
     """Row ``r``'s moments (:func:`_row_moments`) stored with its coefficients;
     returns the row's ``(n, g)``."""
@@ -276,7 +277,7 @@ def _row_statistics(x, r, geom, eps, rms, coef, stats):
     return n, g
 
 
-@njit(inline=inline_in_serial_code, **CPU_JIT_STRICT)
+@njit(inline=inline_in_serial_code, **CPU_HELPER_STRICT)
 def _runs_pass(x, n, g, r, aff, coef, stats, weight, bias, y):
     """:func:`_normalize_region` of a whole row of ``aff.arow`` runs of
     ``aff.adiv`` values (:func:`_whole_runs` in the host driver): the same
@@ -360,7 +361,7 @@ def forward_chunks(x, weight, bias, aff, eps, rms, geom, write_y, p, coef, stats
 # =========================================================================== #
 # Backward
 # =========================================================================== #
-@njit(**CPU_JIT)
+@njit(**CPU_HELPER)
 def _sums_each(dyr, xr, w, hi):
     """float64 ``sum(g)``, ``sum(g * (x - hi))``, ``sum(x - hi)`` with ``g = dy * w``."""
     s1 = 0.0
@@ -375,7 +376,7 @@ def _sums_each(dyr, xr, w, hi):
     return s1, s2, s3
 
 
-@njit(**CPU_JIT)
+@njit(**CPU_HELPER)
 def _sums_run(dyr, xr, hi):
     """As :func:`_sums_each` with ``w = 1`` (the caller scales by the run's weight)."""
     s1 = 0.0
@@ -390,7 +391,7 @@ def _sums_run(dyr, xr, hi):
     return s1, s2, s3
 
 
-@njit(**CPU_JIT)
+@njit(**CPU_HELPER)
 def _block_sums_each(dyr, xr, w, hi, sc):
     """``sum(g)``, ``sum(g * xc)``, ``sum(xc)`` with ``g = dy * w`` and ``xc =
     (x - hi) * sc`` in the input's dtype (vector lanes of it) over one block."""
@@ -406,7 +407,7 @@ def _block_sums_each(dyr, xr, w, hi, sc):
     return a, b, e
 
 
-@njit(inline=inline_in_serial_code, **CPU_JIT_STRICT)
+@njit(inline=inline_in_serial_code, **CPU_HELPER_STRICT)
 def _sums_each_blocked(dyr, xr, w, hi, rstd, block):
     """The three float64 sums of :func:`_sums_each` as batch norm's backward
     takes them: blocks of ``block`` values in the input's dtype with ``x - hi``
@@ -429,7 +430,7 @@ def _sums_each_blocked(dyr, xr, w, hi, rstd, block):
     return s1, s2 * inv, s3 * inv
 
 
-@njit(inline=inline_in_serial_code, **CPU_JIT_STRICT)
+@njit(inline=inline_in_serial_code, **CPU_HELPER_STRICT)
 def _chunk_backward_sums(dy, x, n, g, r, m0, m1, k0, k1, aff, hi, weight, rstd, block):
     K = x.shape[3]
     base = (r % aff.gmod) * aff.arow
@@ -460,7 +461,7 @@ def _chunk_backward_sums(dy, x, n, g, r, m0, m1, k0, k1, aff, hi, weight, rstd, 
     return s1, s2, s3
 
 
-@njit(inline=inline_in_serial_code, **CPU_JIT_STRICT)
+@njit(inline=inline_in_serial_code, **CPU_HELPER_STRICT)
 def _row_backward_sums(dy, x, n, g, r, geom, aff, hi, weight, rstd, block):
     M, K = x.shape[1], x.shape[3]
     nch, ncb = _nchunks(geom, M, K)
@@ -477,7 +478,7 @@ def _row_backward_sums(dy, x, n, g, r, geom, aff, hi, weight, rstd, block):
     return s1, s2, s3
 
 
-@njit(inline=inline_in_serial_code, **CPU_JIT_STRICT)
+@njit(inline=inline_in_serial_code, **CPU_HELPER_STRICT)
 def _one_run_sums(dy, x, n, g, r, geom, aff, hi, weight, rstd, block):
     """:func:`_row_backward_sums` of a row that is one run (:func:`_one_run`):
     the same chunks, sums and order, without the runs' bookkeeping."""
@@ -498,7 +499,7 @@ def _one_run_sums(dy, x, n, g, r, geom, aff, hi, weight, rstd, block):
     return s1, s2, s3
 
 
-@njit(inline=inline_in_serial_code, **CPU_JIT_STRICT)
+@njit(inline=inline_in_serial_code, **CPU_HELPER_STRICT)
 def _sum_chunks(p, r):
     s1 = 0.0
     s2 = 0.0
@@ -510,7 +511,7 @@ def _sum_chunks(p, r):
     return s1, s2, s3
 
 
-@njit(inline=inline_in_serial_code, **CPU_JIT_STRICT)
+@njit(inline=inline_in_serial_code, **CPU_HELPER_STRICT)
 def _store_backward(r, cnt, sg, sgx, sx, hi, rstd, rms, coef, bstat):
     """Coefficients of ``dx = (g + (x - HI) * XC_COEF + DY_SHIFT) * DX_SCALE``
     about the exact row mean ``hi + sx / cnt`` (``hi``, the saved mean, may have
@@ -530,19 +531,19 @@ def _store_backward(r, cnt, sg, sgx, sx, hi, rstd, rms, coef, bstat):
     bstat[XHAT_SCALE, r], bstat[XHAT_OFFSET, r] = affine_coefs(mean, hi2, rstd, 1.0, 0.0)
 
 
-@njit(inline=inline_in_serial_code, **CPU_JIT_STRICT)
+@njit(inline=inline_in_serial_code, **CPU_HELPER_STRICT)
 def _dx_each(dyr, xr, w, hi, a, b, d, dxr):
     for j in range(xr.shape[0]):
         dxr[j] = stored((value_of(dyr[j]) * w[j] + (value_of(xr[j]) - hi) * b + d) * a, dxr)
 
 
-@njit(inline="always", **CPU_JIT_STRICT)  # a call per short run costs as much as its values
+@njit(inline="always", **CPU_HELPER_STRICT)  # a call per short run costs as much as its values
 def _dx_run(dyr, xr, w, hi, a, b, d, dxr):
     for j in range(xr.shape[0]):
         dxr[j] = stored((value_of(dyr[j]) * w + (value_of(xr[j]) - hi) * b + d) * a, dxr)
 
 
-@njit(inline=inline_in_serial_code, **CPU_JIT_STRICT)
+@njit(inline=inline_in_serial_code, **CPU_HELPER_STRICT)
 def _grads_each(dyr, xr, hi, xs, xo, qw, qb):
     """``qw += dy * xhat``, ``qb += dy`` value by value (float64)."""
     for j in range(xr.shape[0]):
@@ -551,7 +552,7 @@ def _grads_each(dyr, xr, hi, xs, xo, qw, qb):
         qb[j] += gj
 
 
-@njit(**CPU_JIT)
+@njit(**CPU_HELPER)
 def _grads_run(dyr, xr, hi, xs, xo):
     """``(sum(dy * xhat), sum(dy))`` of a run (float64)."""
     tw = 0.0
@@ -563,7 +564,7 @@ def _grads_run(dyr, xr, hi, xs, xo):
     return tw, tb
 
 
-@njit(inline=inline_in_serial_code, **CPU_JIT_STRICT)
+@njit(inline=inline_in_serial_code, **CPU_HELPER_STRICT)
 def _dx_one_run(dy, x, n, g, r, aff, coef, bstat, weight, want_grads, qw, qb, dx):
     """:func:`_dx_row` of a row that is one run of consecutive weights (:func:`_one_run`)."""
     K = x.shape[3]
@@ -582,7 +583,7 @@ def _dx_one_run(dy, x, n, g, r, aff, coef, bstat, weight, want_grads, qw, qb, dx
         _grads_each(dyr, xr, np.float64(hi), bstat[XHAT_SCALE, r], bstat[XHAT_OFFSET, r], qw, qb)
 
 
-@njit(inline=inline_in_serial_code, **CPU_JIT_STRICT)
+@njit(inline=inline_in_serial_code, **CPU_HELPER_STRICT)
 def _dx_row(dy, x, n, g, r, aff, coef, bstat, weight, want_grads, qw, qb, dx):
     """dx of a whole row, and its parameter-gradient terms added to ``qw``/``qb``
     (indexed within the row's affine group)."""
@@ -620,13 +621,13 @@ def _dx_row(dy, x, n, g, r, aff, coef, bstat, weight, want_grads, qw, qb, dx):
             k = e
 
 
-@njit(inline=inline_in_serial_code, **CPU_JIT_STRICT)
+@njit(inline=inline_in_serial_code, **CPU_HELPER_STRICT)
 def _dense_row(x, r, G):
     """Row ``r`` of an ``(N, 1, G, K)`` view as one contiguous run."""
     return x[r // G, 0, r % G]
 
 
-@njit(inline=inline_in_serial_code, **CPU_JIT_STRICT)
+@njit(inline=inline_in_serial_code, **CPU_HELPER_STRICT)
 def _dx_grads_4(dy, x, rows, aff, coef, bstat, weight, qw, qb, dx):
     """dx of four rows ``rows`` whose values each use consecutive weights (one
     run per row: ``M == 1``, ``arow == K``), and their parameter-gradient
@@ -673,7 +674,7 @@ def _dx_grads_4(dy, x, rows, aff, coef, bstat, weight, qw, qb, dx):
         qb[j] += np.float64((y0 + y1) + (y2 + y3))
 
 
-@njit(inline=inline_in_serial_code, **CPU_JIT_STRICT)
+@njit(inline=inline_in_serial_code, **CPU_HELPER_STRICT)
 def _block_rows(blk, nblk_per_group, aff, grad_rows, rows):
     """Group, first and last+1 rank of parameter block ``blk``: rows
     ``t * gmod + group`` for ranks ``t`` in ``[t0, t1)``."""
@@ -682,7 +683,7 @@ def _block_rows(blk, nblk_per_group, aff, grad_rows, rows):
     return group, t0, min(t0 + grad_rows, rows // aff.gmod)
 
 
-@njit(inline=inline_in_serial_code, **CPU_JIT_STRICT)
+@njit(inline=inline_in_serial_code, **CPU_HELPER_STRICT)
 def _merge_grads(q, group, nblk_per_group, arow, out):
     """Parameter gradients of one affine group: its blocks' partials in block order."""
     for j in range(arow):
@@ -695,7 +696,7 @@ def _merge_grads(q, group, nblk_per_group, arow, out):
             out[1, group * arow + j] += q[1, blk, j]
 
 
-@njit(inline=inline_in_serial_code, **CPU_JIT_STRICT)
+@njit(inline=inline_in_serial_code, **CPU_HELPER_STRICT)
 def _grad_partials(q, i, want_grads):
     """The zeroed float64 rows ``q[0, i]``, ``q[1, i]`` for a task's
     parameter-gradient partials; ``q`` is a (2, 1, 1) dummy without
@@ -710,7 +711,7 @@ def _grad_partials(q, i, want_grads):
     return qw, qb
 
 
-@njit(inline=inline_in_serial_code, **CPU_JIT_STRICT)
+@njit(inline=inline_in_serial_code, **CPU_HELPER_STRICT)
 def _backward_block(dy, x, hi, rstd, weight, aff, rms, geom, want_grads, blk, nblk_per_group,
                     coef, bstat, q, dx):
     """dx of the rows of parameter block ``blk`` (with their coefficients on the
@@ -743,7 +744,7 @@ def _backward_block(dy, x, hi, rstd, weight, aff, rms, geom, want_grads, blk, nb
         t += nrows
 
 
-@njit(inline=inline_in_serial_code, **CPU_JIT_STRICT)
+@njit(inline=inline_in_serial_code, **CPU_HELPER_STRICT)
 def _one_run_block(dy, x, hi, rstd, weight, aff, rms, geom, want_grads, blk, nblk_per_group,
                    coef, bstat, q, dx):
     """:func:`_backward_block` on the fused path for rows that are one run each
@@ -846,7 +847,7 @@ def backward(dy, x, hi, rstd, weight, aff, rms, geom, want_grads, coef, bstat, q
 # Channel ``c = g * K + k`` takes weight[c] (GroupNorm: ``aff`` is (G, K, 1);
 # InstanceNorm: K = 1).
 # =========================================================================== #
-@njit(inline=inline_in_serial_code, **CPU_JIT_STRICT)
+@njit(inline=inline_in_serial_code, **CPU_HELPER_STRICT)
 def _channel_sums_cl(x, n, s0, s1, s2):
     """Per channel: ``s0`` the first value (the shift), float64 sums of
     ``x - shift`` and its square over the M positions of sample ``n``."""

@@ -104,7 +104,7 @@ def _jit_options(func):
 def compile_core(func):
     """A function of the statistics core (:mod:`numbabn._core`) compiled for
     the CPU: strict, and inlined as :func:`inline_in_serial_code` says."""
-    kernel = numba.njit(inline=inline_in_serial_code, **_config.CPU_JIT_STRICT)(func)
+    kernel = numba.njit(inline=inline_in_serial_code, **_config.CPU_HELPER_STRICT)(func)
     _declared[func] = kernel.targetoptions
     return kernel
 

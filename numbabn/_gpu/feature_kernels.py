@@ -516,7 +516,7 @@ def _given_affine_coefs(c, mean, spread, spread_is_var, eps, weight, bias, has_w
                         has_bias, p):
     """Feature ``c``'s forward coefficients into ``p`` (a local array of the input
     dtype, rows HI, SCALE, OFFSET) from a given mean and var (``spread_is_var``)
-    or invstd: the CPU's ``_normalize_coefs``, one feature."""
+    or invstd: the CPU's ``normalize_coefs``, one feature."""
     m = np.float64(mean[c])
     invstd = invstd_of(np.float64(spread[c]), eps) if spread_is_var else np.float64(spread[c])
     p[HI] = m
@@ -822,7 +822,7 @@ def _dx_block_nc(dy, x, c, cl, r0, r1, rows, hi, a, b, d, y, masked, dx):
 def _given_backward_coefs(c, mean, invstd, weight, has_weight, sum_dy, sum_dy_xmu, count, p):
     """Feature ``c``'s dx coefficients into ``p`` (a local array of the input
     dtype, rows HI, DX_SCALE, XC_COEF, DY_SHIFT) from given sums over ``count``
-    values: the CPU's ``_elemt_backward_coefs``, one feature."""
+    values: the CPU's ``elemt_backward_coefs``, one feature."""
     m = np.float64(mean[c])
     p[HI] = m
     p[DX_SCALE], p[XC_COEF], p[DY_SHIFT] = backward_coefs(

@@ -15,7 +15,7 @@ import numpy as np
 from numba import njit, prange
 
 from .. import _cache, _config
-from .._config import CPU_JIT_IEEE_PARALLEL
+from .._config import CPU_JIT_IEEE_PARALLEL, NO_ENTRY_POINTS
 from .._validate import describe
 
 
@@ -183,7 +183,7 @@ class Adam(Optimizer):
         v = self.state["exp_avg_sq"][key]
         if p.dtype in _KERNEL_DTYPES and all(a.flags.c_contiguous for a in (p, g, m, v)):
             t = p.dtype.type
-            kernel = _adam_kernel if p.size > _config.SERIAL_MAX_ELEMS else _adam_kernel_serial
+            kernel = adam_kernel if p.size > _config.SERIAL_MAX_ELEMS else adam_kernel_serial
             kernel(p.reshape(-1), g.reshape(-1), m.reshape(-1), v.reshape(-1),
                          t(b1), t(1.0 - b1), t(b2), t(1.0 - b2),
                          t(self.lr / (1.0 - b1 ** self.step_count)),
@@ -205,9 +205,10 @@ _KERNEL_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 # The serial twin of the parallel kernels: the same flags, one thread.
 _CPU_JIT_IEEE_SERIAL = {**CPU_JIT_IEEE_PARALLEL, "parallel": False}
+_CPU_HELPER_IEEE = {**_CPU_JIT_IEEE_SERIAL, **NO_ENTRY_POINTS}  # (called by the two above)
 
 
-@njit(**_CPU_JIT_IEEE_SERIAL)
+@njit(**_CPU_HELPER_IEEE)
 def _adam_value(p, g, m, v, i, b1, c1, b2, c2, step_size, bc2_sqrt, eps):
     gi = g[i]
     mi = m[i] * b1 + c1 * gi
@@ -219,7 +220,7 @@ def _adam_value(p, g, m, v, i, b1, c1, b2, c2, step_size, bc2_sqrt, eps):
 
 
 @njit(**CPU_JIT_IEEE_PARALLEL)
-def _adam_kernel(p, g, m, v, b1, c1, b2, c2, step_size, bc2_sqrt, eps):
+def adam_kernel(p, g, m, v, b1, c1, b2, c2, step_size, bc2_sqrt, eps):
     """:meth:`Adam._update` in one pass over flat arrays (4 ms of NumPy passes
     for the cnn's 1.2 million parameters), with the same roundings as its NumPy
     expressions: scalars in ``p``'s dtype except ``bc2_sqrt`` (float64, as
@@ -229,8 +230,8 @@ def _adam_kernel(p, g, m, v, b1, c1, b2, c2, step_size, bc2_sqrt, eps):
 
 
 @njit(**_CPU_JIT_IEEE_SERIAL)
-def _adam_kernel_serial(p, g, m, v, b1, c1, b2, c2, step_size, bc2_sqrt, eps):
-    """:func:`_adam_kernel` on the calling thread, for small parameters (the
+def adam_kernel_serial(p, g, m, v, b1, c1, b2, c2, step_size, bc2_sqrt, eps):
+    """:func:`adam_kernel` on the calling thread, for small parameters (the
     same bits): waking the thread pool costs more than their update."""
     for i in range(p.shape[0]):
         _adam_value(p, g, m, v, i, b1, c1, b2, c2, step_size, bc2_sqrt, eps)

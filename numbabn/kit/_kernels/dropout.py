@@ -8,7 +8,7 @@ from numba import njit, prange, types
 from numba.extending import intrinsic
 
 from ... import _cache
-from ..._config import CPU_JIT_PARALLEL, CPU_JIT_STRICT
+from ..._config import CPU_HELPER_STRICT, CPU_JIT_PARALLEL
 
 
 _I64 = ir.IntType(64)
@@ -44,7 +44,7 @@ _PCG_MULT_HI = np.uint64(0x2360ED051FC65DA4)
 _PCG_MULT_LO = np.uint64(0x4385DF649FCCF645)
 
 
-@njit(**CPU_JIT_STRICT)
+@njit(**CPU_HELPER_STRICT)
 def _pcg_advance(s_hi, s_lo, inc_hi, inc_lo, delta):
     """PCG64's state after ``delta`` more steps (``state = state * MULT + inc``),
     in O(log delta) multiplies (pcg_advance_lcg_128)."""
@@ -66,7 +66,7 @@ def _pcg_advance(s_hi, s_lo, inc_hi, inc_lo, delta):
     return _muladd128(acc_m_hi, acc_m_lo, s_hi, s_lo, acc_p_hi, acc_p_lo)
 
 
-@njit(**CPU_JIT_STRICT)
+@njit(**CPU_HELPER_STRICT)
 def _pcg_output(s_hi, s_lo):
     """PCG64's XSL-RR output of a state."""
     x = s_hi ^ s_lo

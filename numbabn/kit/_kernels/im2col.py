@@ -10,7 +10,7 @@ import numpy as np
 from numba import njit, prange
 
 from ... import _cache
-from ..._config import CPU_JIT_PARALLEL, CPU_JIT_STRICT
+from ..._config import CPU_HELPER_STRICT, CPU_JIT_PARALLEL
 from ..._cpu.feature_kernels import _accumulate
 
 
@@ -56,7 +56,7 @@ def col2im(dcols, stride_h, stride_w, pad_h, pad_w, dx):
                                 dx[n, h, w, c] += dcols[n, oh, ow, i, j, c]
 
 
-@njit(**CPU_JIT_STRICT)
+@njit(**CPU_HELPER_STRICT)
 def _add_rows(a, r0, r1, acc):
     for r in range(r0, r1):
         _accumulate(acc, a[r], acc.shape[0])

@@ -33,7 +33,7 @@ from numba.core.registry import CPUDispatcher as Dispatcher
 from numba.extending import intrinsic
 
 from ... import _cache, _numba_private
-from ..._config import CPU_JIT_PARALLEL, CPU_JIT_STRICT
+from ..._config import CPU_HELPER_STRICT, CPU_JIT_PARALLEL
 
 
 @njit(**CPU_JIT_PARALLEL)
@@ -403,7 +403,7 @@ def _dot_tile(typingctx, a, a_base, a_row, b, b_base, b_row, length, c, c_base, 
 #     (12 accumulators, 3 vectors of b and one of a at a time).
 
 
-@njit(**CPU_JIT_STRICT)
+@njit(**CPU_HELPER_STRICT)
 def _vectors(channels):
     """Vectors per tile row for ``channels`` output channels (a multiple of LANES)."""
     if LANES == 16 and channels % 64 == 0:
@@ -413,7 +413,7 @@ def _vectors(channels):
     return 1
 
 
-@njit(**CPU_JIT_STRICT)
+@njit(**CPU_HELPER_STRICT)
 def _max_rows(nv):
     """Rows per tile of ``nv`` vectors a row."""
     if nv == 1:
@@ -423,7 +423,7 @@ def _max_rows(nv):
     return 6
 
 
-@njit(**CPU_JIT_STRICT)
+@njit(**CPU_HELPER_STRICT)
 def _tile_nv(nv, rows, a, a_base, row_off, nseg, a_seg, seg_len, a_k, b, b_base, b_seg, b_k,
              c, c_base, c_row, mode, init, init_base, chain):
     if LANES == 16 and nv == 4:
@@ -440,13 +440,13 @@ def _tile_nv(nv, rows, a, a_base, row_off, nseg, a_seg, seg_len, a_k, b, b_base,
               c, c_base, c_row, mode, init, init_base, chain, rows, 8, 1, LANES)
 
 
-@njit(**CPU_JIT_STRICT)
+@njit(**CPU_HELPER_STRICT)
 def _dot_rows():
     """Rows of ``a`` and of ``b`` per dot-product tile."""
     return (4, 6) if LANES == 16 else (4, 3)
 
 
-@njit(**CPU_JIT_STRICT)
+@njit(**CPU_HELPER_STRICT)
 def _dot(a, a_base, a_row, b, b_base, b_row, length, c, c_base, c_row, mode, init, init_base,
          rows_a, rows_b):
     if LANES == 16:
@@ -457,7 +457,7 @@ def _dot(a, a_base, a_row, b, b_base, b_row, length, c, c_base, c_row, mode, ini
                   init_base, rows_a, rows_b, 4, 3, LANES)
 
 
-@njit(**CPU_JIT_STRICT)
+@njit(**CPU_HELPER_STRICT)
 def _strided(n, step):
     """``[0, step, 2 step, ...]`` (n values, int64)."""
     out = np.empty(n, np.int64)
@@ -466,7 +466,7 @@ def _strided(n, step):
     return out
 
 
-@njit(**CPU_JIT_STRICT)
+@njit(**CPU_HELPER_STRICT)
 def _pad_into(image, pad_h, pad_w, scratch):
     """Copy ``image (H, W, C)`` into the interior of ``scratch`` (whose border is zero)."""
     height, width, chans = image.shape
@@ -476,7 +476,7 @@ def _pad_into(image, pad_h, pad_w, scratch):
                 scratch[pad_h + h, pad_w + w, c] = image[h, w, c]
 
 
-@njit(**CPU_JIT_STRICT)
+@njit(**CPU_HELPER_STRICT)
 def _pixel_offsets(p0, rows, width, pitch, step, out):
     """``out[r] = (h * pitch + w) * step`` for the pixels ``p0 + r = h * width + w``
     (``r < rows``): where a tile's pixels, taken in raster order across rows of
@@ -630,7 +630,7 @@ def conv_weight_grad(x, dy, pad_h, pad_w, block_images, chain, dweight):
         _sum_blocks(partial, r, dwf[r])
 
 
-@njit(**CPU_JIT_STRICT)
+@njit(**CPU_HELPER_STRICT)
 def _sum_blocks(partial, r, out):
     """``out[:] = sum over blocks b, in order, of partial[b, r, :]`` in float64."""
     for o in range(out.shape[0]):
