@@ -29,6 +29,7 @@ _checked = set()
 def compile_key() -> str:
     values = _config.compile_time_values()
     text = repr(sorted((name, _canonical(v)) for name, v in values.items()))
+    text += f"|link_only={LINK_ONLY}"
     return hashlib.sha256(f"{numba.__version__}|{text}".encode()).hexdigest()[:20]
 
 
@@ -56,6 +57,12 @@ def _parallel_options_read_whole():
 
 
 _parallel_options_read_whole()
+
+# Every parallel kernel's loop wrappers are linked into it and never optimised
+# and emitted on their own (``_numba_private.link_parallel_wrappers_only``):
+# about half a parallel kernel's compile time.  Set up here, before any kernel
+# compiles, and part of the key: the kernels' machine code is not the same.
+LINK_ONLY = _numba_private.link_parallel_wrappers_only()
 
 
 def _folder(dispatcher) -> Path | None:

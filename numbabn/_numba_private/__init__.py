@@ -120,3 +120,126 @@ try:  # raised by an intrinsic to ask Numba for literal arguments
     from numba.core.errors import RequireLiteralValue
 except ImportError:  # pragma: no cover - an untested Numba (the tiles are off there)
     RequireLiteralValue = TypeError
+
+
+# --------------------------------------------------------------------------- #
+# Parallel kernels: the outlined loop's wrappers are linked, never emitted.
+# --------------------------------------------------------------------------- #
+# Numba releases on which the patch below was measured and tested.
+LINK_ONLY_TESTED = ((0, 68), (0, 68))
+
+# Names Numba 0.68 gives the two libraries that wrap a ``prange`` loop's
+# outlined body: ``numba.np.ufunc.wrappers._GufuncWrapper`` (``str(self)``) and
+# ``numba.np.ufunc.parallel`` ("parallelgufuncwrapper").
+_WRAPPER_NAMES = ("<numba.np.ufunc.wrappers._GufuncWrapper ", "parallelgufuncwrapper")
+
+
+def _compiling_listener(listener_base):
+    """A ``numba:compile`` listener that keeps the modules of the functions
+    Numba is compiling, innermost last (per thread)."""
+    import threading
+
+    class Compiling(listener_base):
+        def __init__(self):
+            self._local = threading.local()
+
+        def _stack(self):
+            stack = getattr(self._local, "stack", None)
+            if stack is None:
+                stack = self._local.stack = []
+            return stack
+
+        def on_start(self, event):
+            func = getattr(event.data.get("dispatcher"), "py_func", None)
+            self._stack().append(getattr(func, "__module__", None) or "")
+
+        def on_end(self, event):
+            stack = self._stack()
+            if stack:
+                stack.pop()
+
+        def numbabn_kernel(self):
+            stack = self._stack()
+            return bool(stack) and stack[-1].startswith("numbabn.")
+
+    return Compiling()
+
+
+def link_parallel_wrappers_only() -> bool:
+    """Make Numba link, and never optimise and emit on their own, the two
+    libraries that wrap each ``prange`` loop of a numbabn kernel; return
+    whether it is on.
+
+    Numba compiles a parallel kernel as four libraries: the loop's outlined
+    body, a gufunc wrapper linking it, a parallel wrapper linking that, and the
+    kernel linking the last.  Linking a library first finalises it: LLVM
+    optimises the whole of it again and emits its machine code, which nothing
+    calls (the kernel calls its own linked copy).  So the body's code was
+    optimised and emitted at four levels, growing at each (the layer kit's
+    max pool: 929 instructions in the body's own module, 3,516 in the
+    kernel's).  With this on, the two wrappers' libraries are linked as IR and
+    the kernel's module is optimised and emitted once with all of it: the
+    max pool's first call compiles in about half the time.
+
+    Patches ``numba.core.codegen.CPUCodeLibrary.add_linking_library`` and
+    ``_get_module_for_linking`` for those two libraries only, and only while a
+    function of numbabn compiles (Numba's public ``numba:compile`` events say
+    which); everything else, the user's own kernels included, compiles as
+    Numba does.  A wrapper library finalised some other way (a pointer asked
+    for) still is, as Numba does it.  Off, with Numba's behaviour, on a Numba
+    outside ``LINK_ONLY_TESTED`` or without those names."""
+    version = _version()
+    if version is None or not LINK_ONLY_TESTED[0] <= version <= LINK_ONLY_TESTED[1]:
+        return False
+    try:
+        import llvmlite.binding as ll
+        from numba.core import codegen, event
+
+        cls = codegen.CPUCodeLibrary
+        add_linking_library = cls.add_linking_library
+        module_for_linking = cls._get_module_for_linking
+        external = ll.Linkage.external
+        listener_base = event.Listener
+    except (ImportError, AttributeError):  # pragma: no cover - an untested Numba
+        return False
+    if getattr(cls, "_numbabn_patched", False):
+        return True
+    compiling = _compiling_listener(listener_base)
+
+    def link_only(library):
+        return (compiling.numbabn_kernel() and not library._finalized
+                and library.name.startswith(_WRAPPER_NAMES))
+
+    def add_linking_library_(self, library):
+        if library.__dict__.get("_numbabn_link_only") or link_only(library):
+            library._numbabn_link_only = True  # linked as IR: not finalised here
+            self._linking_libraries.append(library)
+            self._reload_init.update(library._reload_init)
+            return
+        add_linking_library(self, library)
+
+    def module_for_linking_(self):
+        if not self.__dict__.get("_numbabn_link_only") or self._finalized:
+            return module_for_linking(self)
+        if self._shared_module is None:
+            # What finalize() links in, on a copy (the library stays as it
+            # was, should it be finalised later), then what
+            # _get_module_for_linking() does: exports made linkonce_odr.
+            mod = self._final_module.clone()
+            seen = set()
+            for library in self._linking_libraries:
+                if library not in seen:
+                    seen.add(library)
+                    self._reload_init.update(library._reload_init)
+                    mod.link_in(library._get_module_for_linking(), preserve=True)
+            for fn in mod.functions:
+                if not fn.is_declaration and fn.linkage == external:
+                    fn.linkage = "linkonce_odr"
+            self._shared_module = mod
+        return self._shared_module
+
+    cls.add_linking_library = add_linking_library_
+    cls._get_module_for_linking = module_for_linking_
+    cls._numbabn_patched = True
+    event.register("numba:compile", compiling)
+    return True
