@@ -41,7 +41,9 @@ CPU_JIT = dict(nogil=True, cache=True, error_model="numpy", fastmath=set(FASTMAT
 CPU_JIT_STRICT = dict(CPU_JIT, fastmath=set(STRICT_FASTMATH))
 # A helper, a function only other kernels call, is compiled without the Python
 # and C entry points Numba otherwise builds, optimises and emits for every
-# function: about a tenth of a first call's compile time.
+# function (up to a tenth of a first call's compile time, measured on the
+# channels-last batch norm).  Called from Python, such a function would crash
+# the process: tests/cpu/test_entry_points.py checks that nothing does.
 NO_ENTRY_POINTS = dict(no_cpython_wrapper=True, no_cfunc_wrapper=True)
 CPU_HELPER = dict(CPU_JIT, **NO_ENTRY_POINTS)
 CPU_HELPER_STRICT = dict(CPU_JIT_STRICT, **NO_ENTRY_POINTS)
