@@ -72,7 +72,7 @@ spec = importlib.util.spec_from_file_location("numbabn._config", "numbabn/_confi
 cfg = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(cfg)
 if sys.argv[1] == "ieee":  # no fused multiply-adds anywhere
-    for name in ("CPU_JIT", "CPU_JIT_STRICT", "CPU_JIT_PARALLEL"):
+    for name in ("CPU_JIT", "CPU_JIT_STRICT", "CPU_JIT_PARALLEL", "CPU_HELPER", "CPU_HELPER_STRICT"):
         setattr(cfg, name, dict(getattr(cfg, name), fastmath=False))
 sys.modules["numbabn._config"] = cfg
 import numpy as np
