@@ -26,7 +26,13 @@ def _version():
         return None
 
 
-SUPPORTED = _version() is not None and TESTED[0] <= _version() <= TESTED[1]
+def _within(tested) -> bool:
+    """Whether the installed Numba's release lies in ``tested`` ([first, last])."""
+    version = _version()
+    return version is not None and tested[0] <= version <= tested[1]
+
+
+SUPPORTED = _within(TESTED)
 
 
 def cache_dir(dispatcher) -> str | None:
@@ -188,8 +194,7 @@ def link_parallel_wrappers_only() -> bool:
     Numba does.  A wrapper library finalised some other way (a pointer asked
     for) still is, as Numba does it.  Off, with Numba's behaviour, on a Numba
     outside ``LINK_ONLY_TESTED`` or without those names."""
-    version = _version()
-    if version is None or not LINK_ONLY_TESTED[0] <= version <= LINK_ONLY_TESTED[1]:
+    if not _within(LINK_ONLY_TESTED):
         return False
     try:
         import llvmlite.binding as ll
@@ -213,6 +218,11 @@ def link_parallel_wrappers_only() -> bool:
     def add_linking_library_(self, library):
         if library.__dict__.get("_numbabn_link_only") or link_only(library):
             library._numbabn_link_only = True  # linked as IR: not finalised here
+            # What finalize() would have gathered from its own links, gathered
+            # now (they are all added before it is linked): self's finalize()
+            # reads it before it asks for the module.
+            for linked in library._linking_libraries:
+                library._reload_init.update(linked._reload_init)
             self._linking_libraries.append(library)
             self._reload_init.update(library._reload_init)
             return
@@ -230,7 +240,6 @@ def link_parallel_wrappers_only() -> bool:
             for library in self._linking_libraries:
                 if library not in seen:
                     seen.add(library)
-                    self._reload_init.update(library._reload_init)
                     mod.link_in(library._get_module_for_linking(), preserve=True)
             for fn in mod.functions:
                 if not fn.is_declaration and fn.linkage == external:
